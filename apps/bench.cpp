@@ -1,0 +1,191 @@
+// `examoe bench`: one MoE layer, forward + backward, under mpirun. Prints tokens/s, the time
+// per phase, and the time of the bare expert GEMMs of the same shapes measured in the same
+// run (the bound the layer is compared against).
+#include "bench.hpp"
+
+#include <examoe/examoe.hpp>
+#include <examoe/impl/kokkos_compat.hpp>
+#include <examoe/impl/random.hpp>
+
+#include <mpi.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <vector>
+
+namespace examoe::app {
+
+void add_bench_command(CLI::App& app, BenchOptions& o) {
+  auto* c = app.add_subcommand("bench", "Time one MoE layer (forward + backward) on this communicator");
+  c->add_option("--d-model", o.d_model, "Model width d")->capture_default_str()->check(CLI::PositiveNumber);
+  c->add_option("--d-hidden", o.d_hidden, "Expert hidden width h")->capture_default_str()->check(CLI::PositiveNumber);
+  c->add_option("--experts", o.num_experts, "Number of experts E (>= ranks)")->capture_default_str()->check(CLI::PositiveNumber);
+  c->add_option("--top-k", o.top_k, "Experts per token k (1 <= k <= E)")->capture_default_str()->check(CLI::PositiveNumber);
+  c->add_option("--tokens", o.tokens, "Tokens per rank T")->capture_default_str()->check(CLI::NonNegativeNumber);
+  c->add_option("--activation", o.activation, "Expert MLP: gelu or swiglu")->capture_default_str()->check(CLI::IsMember({"gelu", "swiglu"}));
+  c->add_option("--precision", o.precision, "float or double")->capture_default_str()->check(CLI::IsMember({"float", "double"}));
+  c->add_option("--steps", o.steps, "Timed steps")->capture_default_str()->check(CLI::PositiveNumber);
+  c->add_option("--warmup", o.warmup, "Untimed warm-up steps")->capture_default_str()->check(CLI::NonNegativeNumber);
+  c->add_option("--temperature", o.temperature, "Router softmax temperature")->capture_default_str();
+  c->add_option("--seed", o.seed, "Seed of inputs and weights")->capture_default_str();
+  c->add_option("--json", o.json, "Append one JSON line with all figures to this file (rank 0)");
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+template <class S>
+using Mat = Kokkos::View<S**, Kokkos::LayoutRight>;
+
+template <class S>
+void fill_uniform(const Mat<S>& m, std::uint64_t seed, std::uint64_t stream) {
+  const int cols = static_cast<int>(m.extent(1));
+  Kokkos::parallel_for(
+      "examoe::bench::fill", Kokkos::RangePolicy<>(0, static_cast<int>(m.size())),
+      KOKKOS_LAMBDA(const int i) {
+        const double u = impl::uniform01(impl::hash_key(seed, stream, 0, static_cast<std::uint64_t>(i)));
+        m(i / cols, i % cols) = static_cast<S>(2 * u - 1);
+      });
+}
+
+/// The bare expert GEMMs of one step (forward and backward) for the given rows per expert:
+/// exactly the GEMM calls, shapes and operand layouts the layer issues, nothing else.
+template <class S>
+double gemm_only_seconds(const std::vector<std::int64_t>& rows, int d, int h, bool swiglu,
+                         int steps) {
+  const auto sp = Kokkos::DefaultExecutionSpace();
+  const int nw = swiglu ? 3 : 2;
+  std::vector<Mat<S>> X, Hm, U, Y, W1, W2, W3, G1, G2, G3, DX;
+  for (std::size_t l = 0; l < rows.size(); ++l) {
+    const int n = static_cast<int>(rows[l]);
+    X.emplace_back("X", n, d); Hm.emplace_back("H", n, h); U.emplace_back("U", n, h);
+    Y.emplace_back("Y", n, d); DX.emplace_back("DX", n, d);
+    W1.emplace_back("W1", d, h); W2.emplace_back("W2", h, d); W3.emplace_back("W3", d, h);
+    G1.emplace_back("G1", d, h); G2.emplace_back("G2", h, d); G3.emplace_back("G3", d, h);
+    fill_uniform(X.back(), 7, l); fill_uniform(W1.back(), 8, l); fill_uniform(W2.back(), 9, l);
+    fill_uniform(W3.back(), 10, l); fill_uniform(Hm.back(), 11, l);
+  }
+  (void)nw;
+  auto once = [&]() {
+    for (std::size_t l = 0; l < rows.size(); ++l) {
+      if (rows[l] == 0) continue;
+      // forward
+      impl::kc::gemm(sp, "N", "N", S(1), X[l], W1[l], S(0), Hm[l]);
+      if (swiglu) impl::kc::gemm(sp, "N", "N", S(1), X[l], W3[l], S(0), U[l]);
+      impl::kc::gemm(sp, "N", "N", S(1), Hm[l], W2[l], S(0), Y[l]);
+      // backward
+      impl::kc::gemm(sp, "N", "T", S(1), Y[l], W2[l], S(0), U[l]);
+      impl::kc::gemm(sp, "T", "N", S(1), Hm[l], Y[l], S(1), G2[l]);
+      impl::kc::gemm(sp, "T", "N", S(1), X[l], U[l], S(1), G1[l]);
+      impl::kc::gemm(sp, "N", "T", S(1), U[l], W1[l], S(0), DX[l]);
+      if (swiglu) {
+        impl::kc::gemm(sp, "T", "N", S(1), X[l], Hm[l], S(1), G3[l]);
+        impl::kc::gemm(sp, "N", "T", S(1), Hm[l], W3[l], S(1), DX[l]);
+      }
+    }
+    sp.fence();
+  };
+  once();  // warm-up
+  const auto t = Clock::now();
+  for (int s = 0; s < steps; ++s) once();
+  return seconds_since(t) / steps;
+}
+
+template <class S>
+int run(const BenchOptions& o) {
+  MPI_Comm comm = MPI_COMM_WORLD;
+  int rank = 0, size = 1;
+  MPI_Comm_rank(comm, &rank);
+  MPI_Comm_size(comm, &size);
+
+  MoEConfig cfg;
+  cfg.d_model = o.d_model;
+  cfg.d_hidden = o.d_hidden;
+  cfg.num_experts = o.num_experts;
+  cfg.top_k = o.top_k;
+  cfg.activation = activation_from_string(o.activation);
+  cfg.router.temperature = o.temperature;
+  cfg.router.seed = o.seed;
+  MoELayer<S> layer(cfg, comm);
+
+  Mat<S> x("examoe::bench::x", o.tokens, o.d_model), out("examoe::bench::out", o.tokens, o.d_model);
+  Mat<S> dout("examoe::bench::dout", o.tokens, o.d_model), dx("examoe::bench::dx", o.tokens, o.d_model);
+  fill_uniform(x, o.seed, 100 + rank);
+  fill_uniform(dout, o.seed, 200 + rank);
+
+  std::array<double, kNumPhases> phase{};
+  double step_time = 0;
+  for (int s = 0; s < o.warmup + o.steps; ++s) {
+    MPI_Barrier(comm);
+    const auto t = Clock::now();
+    layer.forward(x, out);
+    layer.backward(dout, dx);
+    Kokkos::fence();
+    const double dt = seconds_since(t);
+    if (s >= o.warmup) {
+      step_time += dt;
+      for (int p = 0; p < kNumPhases; ++p) phase[p] += layer.stats().seconds[p];
+    }
+  }
+  step_time /= o.steps;
+  for (auto& p : phase) p /= o.steps;
+
+  const LayerStats& st = layer.stats();
+  const double gemm = gemm_only_seconds<S>(st.rows_per_local_expert, o.d_model, o.d_hidden,
+                                           cfg.activation == Activation::swiglu, o.steps);
+  // The slowest rank sets the pace of a collective step.
+  double step_max = 0, gemm_max = 0;
+  MPI_Allreduce(&step_time, &step_max, 1, MPI_DOUBLE, MPI_MAX, comm);
+  MPI_Allreduce(&gemm, &gemm_max, 1, MPI_DOUBLE, MPI_MAX, comm);
+  std::array<double, kNumPhases> phase_max{};
+  MPI_Allreduce(phase.data(), phase_max.data(), kNumPhases, MPI_DOUBLE, MPI_MAX, comm);
+  long long sent = st.bytes_sent_dispatch, sent_sum = 0, rows = st.expert_rows, rows_max = 0;
+  MPI_Allreduce(&sent, &sent_sum, 1, MPI_LONG_LONG, MPI_SUM, comm);
+  MPI_Allreduce(&rows, &rows_max, 1, MPI_LONG_LONG, MPI_MAX, comm);
+  long long mem_rows_local = st.rows_local, local_sum = 0;
+  MPI_Allreduce(&mem_rows_local, &local_sum, 1, MPI_LONG_LONG, MPI_SUM, comm);
+
+  if (rank == 0) {
+    const double tokens = static_cast<double>(o.tokens) * size;
+    const double flops_per_row = 2.0 * o.d_model * o.d_hidden * (cfg.activation == Activation::swiglu ? 3 : 2) * 3;
+    std::printf("examoe bench: %d ranks, %s, d=%d h=%d E=%d k=%d T=%d/rank, %s\n", size,
+                o.precision.c_str(), o.d_model, o.d_hidden, o.num_experts, o.top_k, o.tokens,
+                o.activation.c_str());
+    std::printf("  step (fwd+bwd)      %10.4f s   %12.0f tokens/s\n", step_max, tokens / step_max);
+    for (int p = 0; p < kNumPhases; ++p)
+      std::printf("  %-18s  %10.4f s   %5.1f %%\n", phase_name(static_cast<Phase>(p)), phase_max[p],
+                  100.0 * phase_max[p] / step_max);
+    std::printf("  expert GEMMs alone  %10.4f s   (same shapes, no MoE machinery; %.1f GFLOP/s)\n",
+                gemm_max, flops_per_row * rows_max / gemm_max * 1e-9);
+    std::printf("  layer / GEMM bound  %10.1f %%\n", 100.0 * gemm_max / step_max);
+    std::printf("  dispatch: %lld bytes sent in all (%lld rows stayed local), imbalance %.3f\n",
+                sent_sum, local_sum, st.imbalance);
+    if (!o.json.empty()) {
+      std::ofstream js(o.json, std::ios::app);
+      js << "{\"bench\":\"moe_layer\",\"ranks\":" << size << ",\"precision\":\"" << o.precision
+         << "\",\"d_model\":" << o.d_model << ",\"d_hidden\":" << o.d_hidden
+         << ",\"experts\":" << o.num_experts << ",\"top_k\":" << o.top_k
+         << ",\"tokens_per_rank\":" << o.tokens << ",\"activation\":\"" << o.activation
+         << "\",\"step_s\":" << step_max << ",\"tokens_per_s\":" << tokens / step_max
+         << ",\"gemm_only_s\":" << gemm_max << ",\"fraction_of_gemm_bound\":" << gemm_max / step_max
+         << ",\"bytes_sent\":" << sent_sum << ",\"imbalance\":" << st.imbalance << ",\"phases_s\":{";
+      for (int p = 0; p < kNumPhases; ++p)
+        js << (p ? "," : "") << "\"" << phase_name(static_cast<Phase>(p)) << "\":" << phase_max[p];
+      js << "}}\n";
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+int run_bench(const BenchOptions& o) {
+  return o.precision == "double" ? run<double>(o) : run<float>(o);
+}
+
+}  // namespace examoe::app

@@ -1,0 +1,15 @@
+#pragma once
+#include <CLI/CLI.hpp>
+
+namespace examoe::app {
+struct BenchOptions {
+  int d_model = 512, d_hidden = 2048, num_experts = 8, top_k = 2, tokens = 4096;
+  std::string activation = "gelu", precision = "float";
+  int steps = 5, warmup = 2;
+  double temperature = 1.0;
+  std::uint64_t seed = 1234;
+  std::string json;  // optional JSON-lines output file
+};
+void add_bench_command(CLI::App& app, BenchOptions& opt);
+int run_bench(const BenchOptions& opt);
+}  // namespace examoe::app

@@ -1,0 +1,38 @@
+// The `examoe` command: one binary, one subcommand per job.
+#include "bench.hpp"
+
+#include <examoe/examoe.hpp>
+#include <examoe/impl/kokkos_compat.hpp>
+
+#include <mpi.h>
+
+#include <cstdio>
+
+int main(int argc, char** argv) {
+  MPI_Init(&argc, &argv);
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  const bool own_kokkos = examoe::impl::kc::initialize_if_needed();
+  int rc = 0;
+  {
+    CLI::App app{"ExaMoE: expert-parallel Mixture-of-Experts training for MPI codes"};
+    app.set_version_flag("--version", std::string("examoe ") + EXAMOE_VERSION_STRING);
+    app.require_subcommand(1);
+    examoe::app::BenchOptions bench;
+    examoe::app::add_bench_command(app, bench);
+    try {
+      app.parse(argc, argv);
+      if (app.got_subcommand("bench")) rc = examoe::app::run_bench(bench);
+    } catch (const CLI::ParseError& e) {
+      // Every rank parses the same arguments; only rank 0 prints.
+      if (rank == 0) rc = app.exit(e);
+      else rc = e.get_exit_code();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "examoe: error on rank %d: %s\n", rank, e.what());
+      rc = 1;
+    }
+  }
+  if (own_kokkos) Kokkos::finalize();
+  MPI_Finalize();
+  return rc;
+}

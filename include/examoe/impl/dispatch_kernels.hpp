@@ -1,0 +1,178 @@
+// Dispatch kernels: the stable counting sort that is the position tracking, and the
+// row gathers of dispatch and combine. No atomics: every output row has one writer, and
+// every result is a fixed-order sum, so results are bitwise reproducible.
+#pragma once
+#include <examoe/impl/kokkos_compat.hpp>
+
+namespace examoe::impl {
+
+/// One contiguous block of expert-input rows: rows [dest, dest+count) of local expert `l`
+/// coming from rank `src`. `from` is, for src == me, the first sorted slot (index into perm);
+/// otherwise the first row in the dispatch receive buffer.
+struct RowBlock {
+  int dest, count, from, local;  // local: 1 when the rows come from this rank
+};
+
+/// Stable counting sort of keys[A] in [0, K) in chunks: hist[C][K] per chunk, an exclusive
+/// scan in (key, chunk) order, then every chunk scatters its slots in order.
+/// Out: perm[s] = a (sorted slot -> assignment), inv_perm[a] = s, key_start[K+1].
+template <class Space, class KView, class HView, class PView, class SView>
+void stable_counting_sort(const Space& space, const KView& keys, int K, int chunk,
+                          const HView& hist, const PView& perm, const PView& inv_perm,
+                          const SView& key_start) {
+  const int A = static_cast<int>(keys.extent(0));
+  const int C = (A + chunk - 1) / chunk;
+  Kokkos::parallel_for(
+      "examoe::dispatch::histogram", Kokkos::RangePolicy<Space>(space, 0, C),
+      KOKKOS_LAMBDA(const int c) {
+        for (int key = 0; key < K; ++key) hist(key * C + c) = 0;
+        const int end = kc::min(A, (c + 1) * chunk);
+        for (int a = c * chunk; a < end; ++a) hist(keys(a) * C + c) += 1;
+      });
+  Kokkos::parallel_scan(
+      "examoe::dispatch::scan", Kokkos::RangePolicy<Space>(space, 0, K * C),
+      KOKKOS_LAMBDA(const int i, int& acc, const bool final) {
+        const int v = hist(i);
+        if (final) {
+          hist(i) = acc;
+          if (i % C == 0) key_start(i / C) = acc;
+        }
+        acc += v;
+      });
+  Kokkos::parallel_for(
+      "examoe::dispatch::key_end", Kokkos::RangePolicy<Space>(space, 0, 1),
+      KOKKOS_LAMBDA(const int) { key_start(K) = A; });
+  Kokkos::parallel_for(
+      "examoe::dispatch::scatter", Kokkos::RangePolicy<Space>(space, 0, C),
+      KOKKOS_LAMBDA(const int c) {
+        const int end = kc::min(A, (c + 1) * chunk);
+        for (int a = c * chunk; a < end; ++a) {
+          const int s = hist(keys(a) * C + c)++;
+          perm(s) = a;
+          inv_perm(a) = s;
+        }
+      });
+}
+
+/// Index of the block holding expert row q (blocks sorted by dest; empty blocks skipped).
+template <class BView>
+KOKKOS_INLINE_FUNCTION int find_block(const BView& blocks, int nblocks, int q) {
+  int lo = 0, hi = nblocks;  // first block with dest > q
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (blocks(mid).dest <= q) lo = mid + 1; else hi = mid;
+  }
+  return lo - 1;
+}
+
+/// Dispatch pack: send[p] = scale(a) * x[a / k] for the p-th sorted slot outside this rank's
+/// own block [self_begin, self_begin + self_count). scale = gates when given (backward).
+template <class Space, class XView, class PView, class GView, class BufView>
+void pack_rows(const Space& space, const XView& x, const PView& perm, int k, int self_begin,
+               int self_count, const GView& gates, bool scaled, const BufView& send) {
+  const int n = static_cast<int>(send.extent(0)), d = static_cast<int>(send.extent(1));
+  using team = typename Kokkos::TeamPolicy<Space>::member_type;
+  Kokkos::parallel_for(
+      "examoe::dispatch::pack", Kokkos::TeamPolicy<Space>(space, n, Kokkos::AUTO),
+      KOKKOS_LAMBDA(const team& m) {
+        const int p = m.league_rank();
+        const int s = p < self_begin ? p : p + self_count;
+        const int a = perm(s);
+        const int t = a / k;
+        const auto g = scaled ? gates(t, a % k) : 1;
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(m, d),
+                             [&](const int c) { send(p, c) = g * x(t, c); });
+      });
+}
+
+/// Dispatch regroup: expert-input row q = its block's source row, either a received row or,
+/// for rows that never left this rank, scale(a) * x[a / k] directly.
+template <class Space, class BView, class XView, class PView, class GView, class BufView>
+void gather_expert_rows(const Space& space, const BView& blocks, int nblocks, int nrows,
+                        const XView& x, const PView& perm, int k, const GView& gates, bool scaled,
+                        const BufView& recv, const BufView& xe) {
+  const int d = static_cast<int>(xe.extent(1));
+  using team = typename Kokkos::TeamPolicy<Space>::member_type;
+  Kokkos::parallel_for(
+      "examoe::dispatch::regroup", Kokkos::TeamPolicy<Space>(space, nrows, Kokkos::AUTO),
+      KOKKOS_LAMBDA(const team& m) {
+        const int q = m.league_rank();
+        const RowBlock b = blocks(find_block(blocks, nblocks, q));
+        const int i = b.from + (q - b.dest);
+        if (b.local) {
+          const int a = perm(i);
+          const int t = a / k;
+          const auto g = scaled ? gates(t, a % k) : 1;
+          Kokkos::parallel_for(Kokkos::TeamThreadRange(m, d),
+                               [&](const int c) { xe(q, c) = g * x(t, c); });
+        } else {
+          Kokkos::parallel_for(Kokkos::TeamThreadRange(m, d),
+                               [&](const int c) { xe(q, c) = recv(i, c); });
+        }
+      });
+}
+
+/// Combine pack: rows of remote blocks go back to their source rank, in the layout they
+/// arrived in (the receive buffer's layout).
+template <class Space, class BView, class BufView>
+void pack_back_rows(const Space& space, const BView& blocks, int nblocks, int nrows,
+                    const BufView& ye, const BufView& back_send) {
+  const int d = static_cast<int>(ye.extent(1));
+  using team = typename Kokkos::TeamPolicy<Space>::member_type;
+  Kokkos::parallel_for(
+      "examoe::combine::pack", Kokkos::TeamPolicy<Space>(space, nrows, Kokkos::AUTO),
+      KOKKOS_LAMBDA(const team& m) {
+        const int q = m.league_rank();
+        const RowBlock b = blocks(find_block(blocks, nblocks, q));
+        if (b.local) return;
+        const int i = b.from + (q - b.dest);
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(m, d),
+                             [&](const int c) { back_send(i, c) = ye(q, c); });
+      });
+}
+
+/// Where the result row of assignment a lives after the reverse exchange: loc >= 0 is a row
+/// of this rank's expert output, loc < 0 is row -1-loc of the combine receive buffer.
+
+/// Combine: out[t] = beta_out * out[t] + sum_j w(t,j) * row(loc[t*k+j]), in order j = 0..k-1,
+/// with w = gates (forward) or 1 (backward dx).
+template <class Space, class LView, class GView, class BufView, class OView>
+void combine_rows(const Space& space, const LView& loc, int k, const GView& gates, bool weighted,
+                  const BufView& ye, const BufView& back_recv, bool accumulate, const OView& out) {
+  const int T = static_cast<int>(out.extent(0)), d = static_cast<int>(out.extent(1));
+  using team = typename Kokkos::TeamPolicy<Space>::member_type;
+  Kokkos::parallel_for(
+      "examoe::combine::gather", Kokkos::TeamPolicy<Space>(space, T, Kokkos::AUTO),
+      KOKKOS_LAMBDA(const team& m) {
+        const int t = m.league_rank();
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(m, d), [&](const int c) {
+          auto acc = accumulate ? out(t, c) : 0;
+          for (int j = 0; j < k; ++j) {
+            const int l = loc(t * k + j);
+            const auto v = l >= 0 ? ye(l, c) : back_recv(-1 - l, c);
+            acc += weighted ? gates(t, j) * v : v;
+          }
+          out(t, c) = acc;
+        });
+      });
+}
+
+/// Gate gradients: dg[t][j] = <dout[t], row(loc[t*k+j])>.
+template <class Space, class LView, class BufView, class DView, class GView>
+void gate_grads(const Space& space, const LView& loc, int k, const BufView& ye,
+                const BufView& back_recv, const DView& dout, const GView& dg) {
+  const int T = static_cast<int>(dout.extent(0)), d = static_cast<int>(dout.extent(1));
+  Kokkos::parallel_for(
+      "examoe::combine::gate_grads", Kokkos::RangePolicy<Space>(space, 0, T * k),
+      KOKKOS_LAMBDA(const int a) {
+        const int t = a / k, l = loc(a);
+        typename GView::non_const_value_type s = 0;
+        if (l >= 0)
+          for (int c = 0; c < d; ++c) s += dout(t, c) * ye(l, c);
+        else
+          for (int c = 0; c < d; ++c) s += dout(t, c) * back_recv(-1 - l, c);
+        dg(t, a % k) = s;
+      });
+}
+
+}  // namespace examoe::impl

@@ -1,0 +1,97 @@
+// The one place where differences between Kokkos 3.4 (Debian/Trilinos 13.2) and
+// Kokkos >= 4.7 (upstream, Spack) are absorbed. Everything else in ExaMoE calls these.
+#pragma once
+
+#include <Kokkos_Core.hpp>
+#include <KokkosBlas3_gemm.hpp>
+
+#include <string>
+
+#if KOKKOS_VERSION >= 40000
+#define EXAMOE_KOKKOS4 1
+#else
+#define EXAMOE_KOKKOS4 0
+#endif
+
+namespace examoe::impl::kc {
+
+// ---- math functions: Kokkos::Experimental:: in 3.x, Kokkos:: in 4.x ----
+#if EXAMOE_KOKKOS4
+using Kokkos::cos;
+using Kokkos::erf;
+using Kokkos::exp;
+using Kokkos::fabs;
+using Kokkos::isfinite;
+using Kokkos::log;
+using Kokkos::sqrt;
+using Kokkos::tanh;
+#else
+using Kokkos::Experimental::cos;
+using Kokkos::Experimental::erf;
+using Kokkos::Experimental::exp;
+using Kokkos::Experimental::fabs;
+using Kokkos::Experimental::isfinite;
+using Kokkos::Experimental::log;
+using Kokkos::Experimental::sqrt;
+using Kokkos::Experimental::tanh;
+#endif
+
+// ---- min/max: Kokkos::Experimental::min in 3.x (partially), Kokkos::min in 4.x ----
+template <class T>
+KOKKOS_INLINE_FUNCTION constexpr const T& min(const T& a, const T& b) {
+  return b < a ? b : a;
+}
+template <class T>
+KOKKOS_INLINE_FUNCTION constexpr const T& max(const T& a, const T& b) {
+  return a < b ? b : a;
+}
+
+// ---- initialization: InitArguments (3.x) vs InitializationSettings (4.x) ----
+/// Initializes Kokkos unless the host code already did. Returns true when this call
+/// initialized it (and the caller then owns finalize).
+inline bool initialize_if_needed(int num_threads = -1, int device_id = -1) {
+  if (Kokkos::is_initialized()) return false;
+#if EXAMOE_KOKKOS4
+  Kokkos::InitializationSettings s;
+  if (num_threads > 0) s.set_num_threads(num_threads);
+  if (device_id >= 0) s.set_device_id(device_id);
+  Kokkos::initialize(s);
+#else
+  Kokkos::InitArguments a;
+  a.num_threads = num_threads;
+  a.device_id = device_id;
+  Kokkos::initialize(a);
+#endif
+  return true;
+}
+
+// ---- profiling regions ----
+inline void push_region(const std::string& name) { Kokkos::Profiling::pushRegion(name); }
+inline void pop_region() { Kokkos::Profiling::popRegion(); }
+
+/// RAII profiling region, visible to Kokkos Tools (e.g. the space-time stack).
+class ScopedRegion {
+ public:
+  explicit ScopedRegion(const std::string& name) { push_region(name); }
+  ~ScopedRegion() { pop_region(); }
+  ScopedRegion(const ScopedRegion&) = delete;
+  ScopedRegion& operator=(const ScopedRegion&) = delete;
+};
+
+// ---- GEMM on an execution-space instance ----
+// Kokkos Kernels 4.x takes the instance as first argument; 3.4 runs on the default
+// instance of the views' space, so we fence the caller's instance first.
+template <class ExecSpace, class A, class B, class C>
+void gemm(const ExecSpace& space, const char* ta, const char* tb,
+          typename C::const_value_type alpha, const A& a, const B& b,
+          typename C::const_value_type beta, const C& c) {
+  if (c.extent(0) == 0 || c.extent(1) == 0) return;
+#if EXAMOE_KOKKOS4
+  KokkosBlas::gemm(space, ta, tb, alpha, a, b, beta, c);
+#else
+  space.fence();
+  KokkosBlas::gemm(ta, tb, alpha, a, b, beta, c);
+#endif
+}
+
+}  // namespace examoe::impl::kc

@@ -1,0 +1,45 @@
+#pragma once
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace examoe {
+
+/// Phases of one layer step, in the order they run.
+enum class Phase : int {
+  router = 0,      ///< router GEMM, softmax, top-k, loss statistics
+  plan,            ///< counting sort, count exchange, displacements
+  pack,            ///< gather rows into send buffers
+  alltoall,        ///< forward dispatch exchange
+  experts,         ///< expert forward GEMMs + activation
+  combine,         ///< reverse exchange + gate-weighted gather
+  bwd_combine,     ///< backward of combine: gate gradients, dispatch of dy
+  bwd_alltoall,    ///< both all-to-alls of backward
+  bwd_experts,     ///< expert backward GEMMs
+  bwd_router,      ///< gather of dx, router backward, dWr reduction
+  count
+};
+constexpr int kNumPhases = static_cast<int>(Phase::count);
+const char* phase_name(Phase p);
+
+/// Counters of the most recent forward/backward of one layer on this rank.
+struct LayerStats {
+  // Dispatch plan (forward; backward moves the same rows in both directions).
+  std::int64_t tokens = 0;             ///< local tokens T
+  std::int64_t assignments = 0;        ///< T * k
+  std::int64_t rows_local = 0;         ///< assignments whose expert lives on this rank (copied)
+  std::int64_t rows_sent = 0;          ///< rows sent to other ranks by dispatch
+  std::int64_t rows_received = 0;      ///< rows received from other ranks by dispatch
+  std::int64_t expert_rows = 0;        ///< rows processed by this rank's experts
+  std::int64_t bytes_sent_dispatch = 0;   ///< rows_sent * d * sizeof(scalar)
+  std::int64_t bytes_recv_dispatch = 0;
+  std::int64_t bytes_sent_combine = 0;    ///< rows_received * d * sizeof(scalar)
+  std::int64_t bytes_recv_combine = 0;
+  std::vector<std::int64_t> rows_per_local_expert;   ///< rows each local expert processed
+  std::vector<std::int64_t> tokens_per_expert;       ///< global, all E experts (from the router)
+  std::array<double, kNumPhases> seconds{};          ///< time per phase of the last step
+  double imbalance = 1.0;   ///< max over ranks / mean of rows per rank (global, from counts)
+};
+
+}  // namespace examoe

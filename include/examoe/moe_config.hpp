@@ -1,0 +1,50 @@
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace examoe {
+
+enum class Activation {
+  gelu,   ///< y = W2^T gelu(W1^T x), exact (erf) GELU
+  swiglu  ///< y = W2^T (silu(W1^T x) * (W3^T x))
+};
+std::string to_string(Activation a);
+Activation activation_from_string(const std::string& s);
+
+/// Router settings. Equations: docs/moe-layer.md.
+struct RouterConfig {
+  double temperature = 1.0;   ///< u = z / temperature (+ jitter noise)
+  bool renormalize = true;    ///< gates of the k chosen experts rescaled to sum to 1
+  double jitter = 0.0;        ///< std-dev of Gaussian noise added to u in training (0 = off)
+  std::uint64_t seed = 0;     ///< seed of the jitter noise and of parameter init
+  double aux_loss_coef = 1e-2;  ///< alpha of the Switch load-balancing loss
+  double z_loss_coef = 1e-3;    ///< beta of the router z-loss
+};
+
+/// Everything that defines one MoE layer. Must be identical on every rank of the
+/// communicator (checked collectively at construction).
+struct MoEConfig {
+  int d_model = 0;
+  int d_hidden = 0;
+  int num_experts = 0;
+  int top_k = 1;
+  Activation activation = Activation::gelu;
+  RouterConfig router;
+  /// Optional explicit placement: owner rank of each expert (size num_experts). Empty means
+  /// balanced contiguous blocks.
+  std::vector<int> placement;
+  /// Sum the router-weight gradient over the communicator in backward (every rank then holds
+  /// the full dWr). Turn off when an outer layer (FSDP) reduces it.
+  bool reduce_router_grad = true;
+  /// Fence and time each phase (router, plan, pack, all-to-all, experts, combine, backward).
+  bool time_phases = true;
+
+  /// Local validity checks; throws examoe::Error naming the bad field.
+  void validate() const;
+  /// Stable 64-bit hash of every field (used to detect configs that differ between ranks).
+  std::uint64_t hash() const;
+  std::string to_string() const;
+};
+
+}  // namespace examoe

@@ -1,0 +1,98 @@
+#pragma once
+#include <examoe/comm.hpp>
+#include <examoe/metrics.hpp>
+#include <examoe/moe_config.hpp>
+#include <examoe/placement.hpp>
+
+#include <Kokkos_Core.hpp>
+
+#include <memory>
+
+namespace examoe {
+
+/// Losses of the router, global over the communicator (identical on every rank).
+struct RouterLosses {
+  double aux = 0.0;  ///< alpha * E * sum_i f_i P_i
+  double z = 0.0;    ///< beta * mean_t logsumexp(u_t)^2
+};
+
+/// One expert-parallel Mixture-of-Experts layer.
+///
+/// Each rank passes its own tokens x[T][d] (T may differ between ranks and may be 0) and gets
+/// out[T][d] = sum_j gate[t][j] * expert_{e_j}(x[t]). Experts are spread over the ranks of
+/// the communicator by a Placement; the router weight is replicated. Forward runs ONE
+/// variable-size all-to-all per direction, and so does backward. Parameter gradients
+/// accumulate (+=) until zero_grad(). Equations: docs/moe-layer.md.
+///
+/// All Kokkos work runs on the execution-space instance given at construction. Views are
+/// LayoutRight in the default execution space's memory space. `x` must stay unchanged
+/// between forward() and the matching backward().
+template <class Scalar>
+class MoELayer {
+ public:
+  using scalar_type = Scalar;
+  using execution_space = Kokkos::DefaultExecutionSpace;
+  using memory_space = execution_space::memory_space;
+  using matrix = Kokkos::View<Scalar**, Kokkos::LayoutRight, memory_space>;
+  using const_matrix = Kokkos::View<const Scalar**, Kokkos::LayoutRight, memory_space>;
+  using tensor3 = Kokkos::View<Scalar***, Kokkos::LayoutRight, memory_space>;
+
+  /// Builds the layer on a duplicate of `comm`. Collective: every rank must pass an
+  /// identical config; a difference, or an invalid config on any rank, throws examoe::Error
+  /// on every rank.
+  MoELayer(const MoEConfig& config, MPI_Comm comm,
+           const execution_space& space = execution_space());
+  ~MoELayer();
+  MoELayer(const MoELayer&) = delete;
+  MoELayer& operator=(const MoELayer&) = delete;
+  MoELayer(MoELayer&&) noexcept;
+  MoELayer& operator=(MoELayer&&) noexcept;
+
+  /// Deterministic init from a seed, by global expert id: the same model at any rank count.
+  /// Router and expert weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+  void init_parameters(std::uint64_t seed);
+
+  /// Forward. x: [T][d] (T >= 0), out: [T][d]. `training` enables the jitter noise.
+  /// Collective over the communicator.
+  void forward(const const_matrix& x, const matrix& out, bool training = true);
+  /// Backward of the last forward, for loss L = L_outer(out) + aux + z: given dL/dout, writes
+  /// dL/dx into dx and accumulates the router and expert weight gradients. Collective.
+  void backward(const const_matrix& dout, const matrix& dx);
+  void zero_grad();
+
+  RouterLosses losses() const;
+  const LayerStats& stats() const;
+  const Placement& placement() const;
+  const MoEConfig& config() const;
+  Communicator& communicator();
+  const execution_space& space() const;
+
+  /// Replicated router weight Wr[d][E] and its gradient.
+  matrix router_weight() const;
+  matrix router_grad() const;
+  /// Local expert weights, first index = local expert (see placement().global_expert()).
+  /// w1: [n_local][d][h], w3 (SwiGLU only, else extent 0): [n_local][d][h], w2: [n_local][h][d].
+  tensor3 w1() const;
+  tensor3 w2() const;
+  tensor3 w3() const;
+  tensor3 w1_grad() const;
+  tensor3 w2_grad() const;
+  tensor3 w3_grad() const;
+  int num_local_experts() const;
+
+  /// Router decisions of the last forward: expert ids [T][k] and gates [T][k].
+  Kokkos::View<int**, Kokkos::LayoutRight, memory_space> topk_experts() const;
+  matrix gates() const;
+
+  /// Number of times the layer's workspace grew (a steady-state step adds none).
+  std::int64_t workspace_allocations() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+extern template class MoELayer<float>;
+extern template class MoELayer<double>;
+
+}  // namespace examoe

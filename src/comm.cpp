@@ -1,0 +1,132 @@
+#include <examoe/comm.hpp>
+#include <examoe/error.hpp>
+
+#include <climits>
+
+namespace examoe {
+
+namespace {
+MPI_Datatype mpi_type(DataType t) {
+  switch (t) {
+    case DataType::f32: return MPI_FLOAT;
+    case DataType::f64: return MPI_DOUBLE;
+    case DataType::i32: return MPI_INT32_T;
+    case DataType::i64: return MPI_INT64_T;
+  }
+  return MPI_DATATYPE_NULL;
+}
+
+void check(int rc, const char* where) {
+  if (rc != MPI_SUCCESS) {
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    MPI_Error_string(rc, msg, &len);
+    throw Error(std::string("examoe::MpiCommunicator::") + where + ": " + std::string(msg, len));
+  }
+}
+}  // namespace
+
+std::size_t size_of(DataType t) {
+  switch (t) {
+    case DataType::f32: return 4;
+    case DataType::f64: return 8;
+    case DataType::i32: return 4;
+    case DataType::i64: return 8;
+  }
+  return 0;
+}
+
+MpiCommunicator::MpiCommunicator(MPI_Comm comm) {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (!initialized)
+    throw Error("examoe::MpiCommunicator: MPI is not initialized; call MPI_Init first");
+  if (comm == MPI_COMM_NULL) throw Error("examoe::MpiCommunicator: communicator is MPI_COMM_NULL");
+  check(MPI_Comm_dup(comm, &comm_), "MPI_Comm_dup");
+  MPI_Comm_rank(comm_, &rank_);
+  MPI_Comm_size(comm_, &size_);
+}
+
+MpiCommunicator::~MpiCommunicator() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (finalized) return;
+  if (row_type_ != MPI_DATATYPE_NULL) MPI_Type_free(&row_type_);
+  if (comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
+}
+
+MPI_Datatype MpiCommunicator::row_type(int row_elems, DataType type) {
+  if (row_type_ == MPI_DATATYPE_NULL || row_type_elems_ != row_elems || row_type_base_ != type) {
+    if (row_type_ != MPI_DATATYPE_NULL) MPI_Type_free(&row_type_);
+    check(MPI_Type_contiguous(row_elems, mpi_type(type), &row_type_), "MPI_Type_contiguous");
+    check(MPI_Type_commit(&row_type_), "MPI_Type_commit");
+    row_type_elems_ = row_elems;
+    row_type_base_ = type;
+  }
+  return row_type_;
+}
+
+void MpiCommunicator::alltoall_int(const int* send, int* recv, int n) {
+  check(MPI_Alltoall(send, n, MPI_INT, recv, n, MPI_INT, comm_), "MPI_Alltoall");
+}
+
+void MpiCommunicator::alltoallv_rows(const void* send, const int* send_counts,
+                                     const int* send_displs, void* recv, const int* recv_counts,
+                                     const int* recv_displs, int row_elems, DataType type) {
+  MPI_Datatype t = row_type(row_elems, type);
+  check(MPI_Alltoallv(send, send_counts, send_displs, t, recv, recv_counts, recv_displs, t, comm_),
+        "MPI_Alltoallv");
+}
+
+void MpiCommunicator::allreduce_sum(void* buf, std::size_t count, DataType type) {
+  // Chunk so that no count overflows int.
+  const std::size_t chunk = static_cast<std::size_t>(INT_MAX / 2);
+  char* p = static_cast<char*>(buf);
+  for (std::size_t off = 0; off < count; off += chunk) {
+    const int n = static_cast<int>(std::min(chunk, count - off));
+    check(MPI_Allreduce(MPI_IN_PLACE, p + off * size_of(type), n, mpi_type(type), MPI_SUM, comm_),
+          "MPI_Allreduce");
+  }
+}
+
+bool MpiCommunicator::all_ok(bool ok) {
+  int v = ok ? 1 : 0;
+  check(MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_INT, MPI_LAND, comm_), "MPI_Allreduce");
+  return v != 0;
+}
+
+std::string MpiCommunicator::first_error(const std::string& local_error) {
+  int bad = local_error.empty() ? size_ : rank_;
+  check(MPI_Allreduce(MPI_IN_PLACE, &bad, 1, MPI_INT, MPI_MIN, comm_), "MPI_Allreduce");
+  if (bad == size_) return {};
+  std::string msg = rank_ == bad ? local_error : std::string();
+  int len = static_cast<int>(msg.size());
+  check(MPI_Bcast(&len, 1, MPI_INT, bad, comm_), "MPI_Bcast");
+  msg.resize(static_cast<std::size_t>(len));
+  check(MPI_Bcast(msg.data(), len, MPI_CHAR, bad, comm_), "MPI_Bcast");
+  if (size_ > 1) msg += " [reported by rank " + std::to_string(bad) + "]";
+  return msg;
+}
+
+void throw_if_any(Communicator& comm, const std::string& local_error) {
+  std::string msg = comm.first_error(local_error);
+  if (!msg.empty()) throw Error(msg);
+}
+
+void MpiCommunicator::broadcast(void* buf, std::size_t bytes, int root) {
+  check(MPI_Bcast(buf, static_cast<int>(bytes), MPI_BYTE, root, comm_), "MPI_Bcast");
+}
+
+long long MpiCommunicator::exscan_sum(long long v) {
+  long long out = 0;
+  check(MPI_Exscan(&v, &out, 1, MPI_LONG_LONG, MPI_SUM, comm_), "MPI_Exscan");
+  return rank_ == 0 ? 0 : out;
+}
+
+void MpiCommunicator::barrier() { check(MPI_Barrier(comm_), "MPI_Barrier"); }
+
+std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm) {
+  return std::make_unique<MpiCommunicator>(comm);
+}
+
+}  // namespace examoe

@@ -1,0 +1,640 @@
+// The expert-parallel MoE layer: router -> dispatch plan -> dispatch -> experts -> combine,
+// and the mirror image in backward. Data flow and conventions: ../shared DESIGN.md and
+// docs/moe-layer.md.
+#include <examoe/error.hpp>
+#include <examoe/impl/dispatch_kernels.hpp>
+#include <examoe/impl/expert_kernels.hpp>
+#include <examoe/impl/kokkos_compat.hpp>
+#include <examoe/impl/random.hpp>
+#include <examoe/impl/router_kernels.hpp>
+#include <examoe/impl/workspace.hpp>
+#include <examoe/moe_layer.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <cmath>
+#include <sstream>
+
+namespace examoe {
+
+namespace {
+constexpr int kSortChunk = 256;  // assignments per chunk of the counting sort
+}
+
+template <class Scalar>
+struct MoELayer<Scalar>::Impl {
+  using Space = execution_space;
+  using Mem = memory_space;
+  using IView1 = Kokkos::View<int*, Mem>;
+  using IView2 = Kokkos::View<int**, Kokkos::LayoutRight, Mem>;
+  using SView1 = Kokkos::View<Scalar*, Mem>;
+  using DView1 = Kokkos::View<double*, Mem>;
+  using BlockView = Kokkos::View<impl::RowBlock*, Mem>;
+
+  MoEConfig cfg;
+  Space space;
+  std::unique_ptr<Communicator> comm;
+  Placement placement;
+  int P = 1, me = 0, E = 0, k = 1, d = 0, h = 0, nloc = 0;
+  bool swiglu = false;
+
+  // Parameters and gradients.
+  matrix Wr, dWr;
+  tensor3 W1, W2, W3, dW1, dW2, dW3;
+
+  // Small constant tables (device).
+  IView1 key_of_expert;   // [E]
+
+  // Router state of the last forward.
+  matrix probs, dz, gates, dgate, dWr_step;
+  SView1 lse;
+  IView2 topk;
+  DView1 aux_coef;  // [E]: alpha E f_e / T_g
+  typename DView1::HostMirror aux_coef_h;
+  RouterLosses losses;
+  double zcoef = 0;  // 2 beta / T_g
+  impl::RouterParams rparams;
+  std::uint64_t step = 0;
+
+  // Plan of the last forward.
+  IView1 keys, perm, inv_perm, loc, hist, key_start;
+  typename IView1::HostMirror key_start_h;
+  BlockView blocks;
+  typename BlockView::HostMirror blocks_h;
+  int nblocks = 0, nrows = 0, T = 0, A = 0, self_begin = 0, self_count = 0;
+  int rows_send = 0, rows_recv = 0;
+  std::vector<int> send_mat, recv_mat;  // [P][max_local]
+  std::vector<int> scount, sdispl, rcount, rdispl;
+  std::vector<double> red;  // router statistics allreduce buffer
+
+  // Row buffers.
+  matrix send_buf, recv_buf, xe, ye, back_send, back_recv;
+  matrix hbuf, ubuf, abuf, dabuf, dubuf, dye, dxe;
+  std::vector<int> expert_offset;  // [nloc+1] row offsets of local experts in xe
+
+  const_matrix x_saved;
+  bool have_forward = false;
+
+  LayerStats stats;
+  impl::Workspace ws{"examoe::moe::"};
+
+  // ---------------------------------------------------------------- timing
+  std::chrono::steady_clock::time_point t0;
+  void tic() {
+    if (cfg.time_phases) {
+      space.fence();
+      t0 = std::chrono::steady_clock::now();
+    }
+  }
+  void toc(Phase ph) {
+    if (cfg.time_phases) {
+      space.fence();
+      stats.seconds[static_cast<int>(ph)] +=
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      t0 = std::chrono::steady_clock::now();
+    }
+  }
+
+  Impl(const MoEConfig& c, MPI_Comm mpi_comm, const Space& s) : cfg(c), space(s) {
+    comm = make_mpi_communicator(mpi_comm);
+    P = comm->size();
+    me = comm->rank();
+    // 1. Every rank validates its own config; errors are agreed before anyone throws.
+    std::string err;
+    try {
+      cfg.validate();
+      placement = cfg.placement.empty() ? Placement::balanced(cfg.num_experts, P)
+                                        : Placement::from_owners(cfg.placement, P);
+    } catch (const Error& e) {
+      err = std::string("examoe::MoELayer::MoELayer: ") + e.what();
+    }
+    throw_if_any(*comm, err);
+    // 2. The config must be identical on every rank.
+    check_same_config();
+
+    E = cfg.num_experts;
+    k = cfg.top_k;
+    d = cfg.d_model;
+    h = cfg.d_hidden;
+    swiglu = cfg.activation == Activation::swiglu;
+    nloc = placement.num_local(me);
+    rparams.inv_temperature = 1.0 / cfg.router.temperature;
+    rparams.renormalize = cfg.router.renormalize;
+    rparams.seed = cfg.router.seed;
+
+    const std::string p = "examoe::moe::";
+    Wr = matrix(p + "Wr", d, E);
+    dWr = matrix(p + "dWr", d, E);
+    dWr_step = matrix(p + "dWr_step", d, E);
+    W1 = tensor3(p + "W1", nloc, d, h);
+    W2 = tensor3(p + "W2", nloc, h, d);
+    W3 = tensor3(p + "W3", swiglu ? nloc : 0, d, h);
+    dW1 = tensor3(p + "dW1", nloc, d, h);
+    dW2 = tensor3(p + "dW2", nloc, h, d);
+    dW3 = tensor3(p + "dW3", swiglu ? nloc : 0, d, h);
+
+    key_of_expert = IView1(p + "key_of_expert", E);
+    auto koe = Kokkos::create_mirror_view(key_of_expert);
+    for (int e = 0; e < E; ++e) koe(e) = placement.key(e);
+    Kokkos::deep_copy(key_of_expert, koe);
+    aux_coef = DView1(p + "aux_coef", E);
+    aux_coef_h = Kokkos::create_mirror_view(aux_coef);
+    key_start = IView1(p + "key_start", E + 1);
+    key_start_h = Kokkos::create_mirror_view(key_start);
+    blocks = BlockView(p + "blocks", static_cast<std::size_t>(std::max(1, nloc * P)));
+    blocks_h = Kokkos::create_mirror_view(blocks);
+
+    const int ml = std::max(1, placement.max_local());
+    send_mat.assign(static_cast<std::size_t>(P) * ml, 0);
+    recv_mat.assign(static_cast<std::size_t>(P) * ml, 0);
+    scount.assign(P, 0); sdispl.assign(P, 0); rcount.assign(P, 0); rdispl.assign(P, 0);
+    red.assign(2 * static_cast<std::size_t>(E) + 3, 0.0);
+    expert_offset.assign(nloc + 1, 0);
+    stats.rows_per_local_expert.assign(nloc, 0);
+    stats.tokens_per_expert.assign(E, 0);
+    init_parameters(cfg.router.seed);
+  }
+
+  void check_same_config() {
+    const std::string mine = cfg.to_string();
+    std::string root = mine;
+    int len = static_cast<int>(root.size());
+    comm->broadcast(&len, sizeof(len), 0);
+    root.resize(static_cast<std::size_t>(len));
+    comm->broadcast(root.data(), static_cast<std::size_t>(len), 0);
+    std::string err;
+    if (root != mine) {
+      std::istringstream a(root), b(mine);
+      std::string la, lb, fields;
+      while (std::getline(a, la) && std::getline(b, lb))
+        if (la != lb) {
+          if (!fields.empty()) fields += ", ";
+          fields += lb.substr(0, lb.find('=')) + " (" + la.substr(la.find('=') + 1) +
+                    " on rank 0, " + lb.substr(lb.find('=') + 1) + " here)";
+        }
+      err = "examoe::MoELayer::MoELayer: the MoE config differs between ranks: rank " +
+            std::to_string(me) + " disagrees with rank 0 on " + fields;
+    }
+    throw_if_any(*comm, err);
+  }
+
+  void init_parameters(std::uint64_t seed) {
+    const int Ed = E, dd = d, hh = h;
+    auto W = Wr;
+    const double sr = 1.0 / std::sqrt(static_cast<double>(d));
+    Kokkos::parallel_for(
+        "examoe::moe::init_router", Kokkos::RangePolicy<Space>(space, 0, d * E),
+        KOKKOS_LAMBDA(const int i) {
+          const double u = impl::uniform01(impl::hash_key(seed, 1, 0, static_cast<std::uint64_t>(i)));
+          W(i / Ed, i % Ed) = static_cast<Scalar>(sr * (2 * u - 1));
+        });
+    IView1 gids("examoe::moe::global_ids", std::max(1, nloc));
+    auto gh = Kokkos::create_mirror_view(gids);
+    for (int l = 0; l < nloc; ++l) gh(l) = placement.global_expert(me, l);
+    Kokkos::deep_copy(gids, gh);
+    auto init3 = [&](const tensor3& w, std::uint64_t tensor_id, double scale) {
+      const int n1 = static_cast<int>(w.extent(1)), n2 = static_cast<int>(w.extent(2));
+      const int total = static_cast<int>(w.extent(0)) * n1 * n2;
+      Kokkos::parallel_for(
+          "examoe::moe::init_experts", Kokkos::RangePolicy<Space>(space, 0, total),
+          KOKKOS_LAMBDA(const int i) {
+            const int l = i / (n1 * n2), r = i % (n1 * n2);
+            const double u = impl::uniform01(impl::hash_key(
+                seed, tensor_id, static_cast<std::uint64_t>(gids(l)), static_cast<std::uint64_t>(r)));
+            w(l, r / n2, r % n2) = static_cast<Scalar>(scale * (2 * u - 1));
+          });
+    };
+    init3(W1, 2, 1.0 / std::sqrt(static_cast<double>(dd)));
+    init3(W2, 3, 1.0 / std::sqrt(static_cast<double>(hh)));
+    init3(W3, 4, 1.0 / std::sqrt(static_cast<double>(dd)));
+    space.fence();
+  }
+
+  // ------------------------------------------------------------------ forward
+  void forward(const const_matrix& x, const matrix& out, bool training) {
+    impl::kc::ScopedRegion region("examoe::MoELayer::forward");
+    for (auto& s : stats.seconds) s = 0;
+    tic();
+    // Shape errors are local: agree on them inside the router statistics allreduce below,
+    // so a bad rank does not leave the others waiting in a collective.
+    std::string err;
+    if (x.extent(1) != static_cast<std::size_t>(d) || out.extent(1) != static_cast<std::size_t>(d) ||
+        out.extent(0) != x.extent(0))
+      err = "examoe::MoELayer::forward: expected x and out of shape [T][" + std::to_string(d) +
+            "], got x [" + std::to_string(x.extent(0)) + "][" + std::to_string(x.extent(1)) +
+            "] and out [" + std::to_string(out.extent(0)) + "][" + std::to_string(out.extent(1)) + "]";
+    else if (static_cast<long long>(x.extent(0)) * k > INT_MAX / 2)
+      err = "examoe::MoELayer::forward: T * top_k = " + std::to_string(x.extent(0) * k) +
+            " assignments exceed the supported 2^30";
+    throw_if_any(*comm, err);
+
+    T = static_cast<int>(x.extent(0));
+    A = T * k;
+    x_saved = x;
+    ++step;
+    rparams.step = step;
+    rparams.jitter = training ? cfg.router.jitter : 0.0;
+    rparams.token_offset = rparams.jitter > 0 ? comm->exscan_sum(T) : 0;
+
+    // ---- router
+    ws.reserve(probs, "probs", T, E);
+    ws.reserve(lse, "lse", T);
+    ws.reserve(topk, "topk", T, k);
+    ws.reserve(gates, "gates", T, k);
+    auto p = impl::rows_of(probs, T);
+    auto l = impl::head(lse, T);
+    auto tk = impl::rows_of(topk, T);
+    auto g = impl::rows_of(gates, T);
+    impl::kc::gemm(space, "N", "N", Scalar(1), x, Wr, Scalar(0), p);
+    impl::router_softmax_topk(space, rparams, p, l, tk, g);
+    std::fill(red.begin(), red.end(), 0.0);
+    if (T > 0) {
+      impl::RouterStatsFunctor<Space, decltype(p), decltype(l)> f(p, l);
+      Kokkos::parallel_reduce("examoe::router::stats", Kokkos::RangePolicy<Space>(space, 0, T), f,
+                              red.data() + E);
+    }
+    toc(Phase::router);
+
+    // ---- plan: stable sort by (owner rank, local expert)
+    ws.reserve(keys, "keys", A);
+    ws.reserve(perm, "perm", A);
+    ws.reserve(inv_perm, "inv_perm", A);
+    ws.reserve(loc, "loc", A);
+    const int C = (A + kSortChunk - 1) / kSortChunk;
+    ws.reserve(hist, "hist", static_cast<std::size_t>(C) * E);
+    {
+      auto kv = keys; auto koe = key_of_expert; const int kk = k;
+      Kokkos::parallel_for(
+          "examoe::dispatch::keys", Kokkos::RangePolicy<Space>(space, 0, A),
+          KOKKOS_LAMBDA(const int a) { kv(a) = koe(tk(a / kk, a % kk)); });
+    }
+    impl::stable_counting_sort(space, impl::head(keys, A), E, kSortChunk, hist,
+                               impl::head(perm, A), impl::head(inv_perm, A), key_start);
+    Kokkos::deep_copy(space, key_start_h, key_start);
+    space.fence();
+
+    // Global router statistics (and agreement that every rank got here): one allreduce of
+    // [counts E | prob sums E | lse^2 sum | T | 0].
+    for (int e = 0; e < E; ++e) {
+      const int key = placement.key(e);
+      red[e] = key_start_h(key + 1) - key_start_h(key);
+    }
+    red[2 * E + 1] = T;
+    comm->allreduce_sum(red.data(), red.size(), DataType::f64);
+    const double Tg = red[2 * E + 1];
+    {
+      const double alpha = cfg.router.aux_loss_coef, beta = cfg.router.z_loss_coef;
+      double aux = 0;
+      for (int e = 0; e < E; ++e) {
+        stats.tokens_per_expert[e] = static_cast<std::int64_t>(red[e]);
+        const double f = Tg > 0 ? red[e] / (k * Tg) : 0.0;
+        const double Pe = Tg > 0 ? red[E + e] / Tg : 0.0;
+        aux += f * Pe;
+        aux_coef_h(e) = Tg > 0 ? alpha * E * f / Tg : 0.0;
+      }
+      losses.aux = alpha * E * aux;
+      losses.z = Tg > 0 ? beta * red[2 * E] / Tg : 0.0;
+      zcoef = Tg > 0 ? 2.0 * beta / Tg : 0.0;
+      Kokkos::deep_copy(space, aux_coef, aux_coef_h);
+      // Imbalance of expert rows per rank, from the global counts.
+      double mx = 0, sum = 0;
+      for (int r = 0; r < P; ++r) {
+        double rr = 0;
+        for (int lx = 0; lx < placement.num_local(r); ++lx) rr += red[placement.global_expert(r, lx)];
+        mx = std::max(mx, rr);
+        sum += rr;
+      }
+      stats.imbalance = sum > 0 ? mx / (sum / P) : 1.0;
+    }
+    build_plan();
+    toc(Phase::plan);
+
+    // ---- dispatch
+    ws.reserve(send_buf, "send_buf", rows_send, d);
+    ws.reserve(recv_buf, "recv_buf", rows_recv, d);
+    ws.reserve(xe, "xe", nrows, d);
+    auto sb = impl::rows_of(send_buf, rows_send);
+    impl::pack_rows(space, x, perm, k, self_begin, self_count, g, false, sb);
+    toc(Phase::pack);
+    exchange(send_buf, recv_buf, scount, sdispl, rcount, rdispl);
+    toc(Phase::alltoall);
+    impl::gather_expert_rows(space, blocks, nblocks, nrows, x, perm, k, g, false, recv_buf, xe);
+    toc(Phase::pack);
+
+    // ---- experts
+    ws.reserve(hbuf, "h", nrows, h);
+    ws.reserve(abuf, "a", nrows, h);
+    if (swiglu) ws.reserve(ubuf, "u", nrows, h);
+    ws.reserve(ye, "ye", nrows, d);
+    expert_forward();
+    toc(Phase::experts);
+
+    // ---- combine
+    ws.reserve(back_send, "back_send", rows_recv, d);
+    ws.reserve(back_recv, "back_recv", rows_send, d);
+    impl::pack_back_rows(space, blocks, nblocks, nrows, ye, back_send);
+    exchange(back_send, back_recv, rcount, rdispl, scount, sdispl);
+    impl::combine_rows(space, impl::head(loc, A), k, g, true, ye, back_recv, false, out);
+    toc(Phase::combine);
+    have_forward = true;
+  }
+
+  /// From key_start (sorted slot ranges per key): counts exchange, displacements, the
+  /// expert-row blocks and every assignment's return location.
+  void build_plan() {
+    const int ml = std::max(1, placement.max_local());
+    std::fill(send_mat.begin(), send_mat.end(), 0);
+    for (int r = 0; r < P; ++r)
+      for (int lx = 0; lx < placement.num_local(r); ++lx) {
+        const int key = placement.rank_offset(r) + lx;
+        send_mat[static_cast<std::size_t>(r) * ml + lx] = key_start_h(key + 1) - key_start_h(key);
+      }
+    comm->alltoall_int(send_mat.data(), recv_mat.data(), ml);
+
+    self_begin = key_start_h(placement.rank_offset(me));
+    self_count = key_start_h(placement.rank_offset(me) + nloc) - self_begin;
+    rows_send = rows_recv = 0;
+    for (int r = 0; r < P; ++r) {
+      int sr = 0, rr = 0;
+      for (int lx = 0; lx < ml; ++lx) {
+        sr += send_mat[static_cast<std::size_t>(r) * ml + lx];
+        rr += recv_mat[static_cast<std::size_t>(r) * ml + lx];
+      }
+      // Rows that stay on this rank are copied, never sent.
+      scount[r] = r == me ? 0 : sr;
+      rcount[r] = r == me ? 0 : rr;
+      sdispl[r] = key_start_h(placement.rank_offset(r)) - (r > me ? self_count : 0);
+      rdispl[r] = rows_recv;
+      rows_send += scount[r];
+      rows_recv += rcount[r];
+    }
+    // Expert-row blocks in (local expert, source rank) order.
+    nblocks = nloc * P;
+    int q = 0;
+    for (int lx = 0; lx < nloc; ++lx) {
+      expert_offset[lx] = q;
+      for (int src = 0; src < P; ++src) {
+        impl::RowBlock b;
+        b.dest = q;
+        b.count = recv_mat[static_cast<std::size_t>(src) * ml + lx];
+        b.local = src == me ? 1 : 0;
+        if (src == me) {
+          b.from = key_start_h(placement.rank_offset(me) + lx);
+        } else {
+          int off = rdispl[src];
+          for (int l2 = 0; l2 < lx; ++l2) off += recv_mat[static_cast<std::size_t>(src) * ml + l2];
+          b.from = off;
+        }
+        blocks_h(lx * P + src) = b;
+        q += b.count;
+      }
+      stats.rows_per_local_expert[lx] = q - expert_offset[lx];
+    }
+    expert_offset[nloc] = q;
+    nrows = q;
+    Kokkos::deep_copy(space, blocks, blocks_h);
+
+    // Return location of every assignment.
+    {
+      auto lc = loc; auto kv = keys; auto ip = inv_perm; auto ks = key_start; auto bl = blocks;
+      const int my_first = placement.rank_offset(me), my_last = my_first + nloc;
+      const int sbeg = self_begin, scnt = self_count, PP = P, mme = me;
+      Kokkos::parallel_for(
+          "examoe::dispatch::return_locations", Kokkos::RangePolicy<Space>(space, 0, A),
+          KOKKOS_LAMBDA(const int a) {
+            const int key = kv(a), s = ip(a);
+            if (key >= my_first && key < my_last) {
+              const int lx = key - my_first;
+              lc(a) = bl(lx * PP + mme).dest + (s - ks(key));
+            } else {
+              lc(a) = -1 - (s < sbeg ? s : s - scnt);
+            }
+          });
+    }
+
+    const std::int64_t row_bytes = static_cast<std::int64_t>(d) * sizeof(Scalar);
+    stats.tokens = T;
+    stats.assignments = A;
+    stats.rows_local = self_count;
+    stats.rows_sent = rows_send;
+    stats.rows_received = rows_recv;
+    stats.expert_rows = nrows;
+    stats.bytes_sent_dispatch = rows_send * row_bytes;
+    stats.bytes_recv_dispatch = rows_recv * row_bytes;
+    stats.bytes_sent_combine = rows_recv * row_bytes;
+    stats.bytes_recv_combine = rows_send * row_bytes;
+  }
+
+  /// ONE variable-size all-to-all of rows (counts and displacements in rows).
+  void exchange(const matrix& send, const matrix& recv, const std::vector<int>& sc,
+                const std::vector<int>& sd, const std::vector<int>& rc,
+                const std::vector<int>& rd) {
+    space.fence();
+    comm->alltoallv_rows(send.data(), sc.data(), sd.data(), recv.data(), rc.data(), rd.data(), d,
+                         data_type_of<Scalar>());
+  }
+
+  template <class V>
+  static auto rows(const V& v, int b, int e) {
+    return Kokkos::subview(v, Kokkos::make_pair(b, e), Kokkos::ALL);
+  }
+  auto expert_w(const tensor3& w, int lx) const {
+    return Kokkos::subview(w, lx, Kokkos::ALL, Kokkos::ALL);
+  }
+
+  void expert_forward() {
+    auto H = impl::rows_of(hbuf, nrows);
+    auto Aa = impl::rows_of(abuf, nrows);
+    for (int lx = 0; lx < nloc; ++lx) {
+      const int b = expert_offset[lx], e = expert_offset[lx + 1];
+      if (b == e) continue;
+      impl::kc::gemm(space, "N", "N", Scalar(1), rows(xe, b, e), expert_w(W1, lx), Scalar(0),
+                     rows(hbuf, b, e));
+      if (swiglu)
+        impl::kc::gemm(space, "N", "N", Scalar(1), rows(xe, b, e), expert_w(W3, lx), Scalar(0),
+                       rows(ubuf, b, e));
+    }
+    if (swiglu)
+      impl::swiglu_forward(space, H, impl::rows_of(ubuf, nrows), Aa);
+    else
+      impl::gelu_forward(space, H, Aa);
+    for (int lx = 0; lx < nloc; ++lx) {
+      const int b = expert_offset[lx], e = expert_offset[lx + 1];
+      if (b == e) continue;
+      impl::kc::gemm(space, "N", "N", Scalar(1), rows(abuf, b, e), expert_w(W2, lx), Scalar(0),
+                     rows(ye, b, e));
+    }
+  }
+
+  // ----------------------------------------------------------------- backward
+  void backward(const const_matrix& dout, const matrix& dx) {
+    impl::kc::ScopedRegion region("examoe::MoELayer::backward");
+    std::string err;
+    if (!have_forward)
+      err = "examoe::MoELayer::backward: called without a preceding forward";
+    else if (dout.extent(0) != static_cast<std::size_t>(T) || dout.extent(1) != static_cast<std::size_t>(d) ||
+             dx.extent(0) != static_cast<std::size_t>(T) || dx.extent(1) != static_cast<std::size_t>(d))
+      err = "examoe::MoELayer::backward: expected dout and dx of shape [" + std::to_string(T) +
+            "][" + std::to_string(d) + "] (the last forward's x), got dout [" +
+            std::to_string(dout.extent(0)) + "][" + std::to_string(dout.extent(1)) + "] and dx [" +
+            std::to_string(dx.extent(0)) + "][" + std::to_string(dx.extent(1)) + "]";
+    throw_if_any(*comm, err);
+    tic();
+    auto g = impl::rows_of(gates, T);
+    ws.reserve(dgate, "dgate", T, k);
+    auto dg = impl::rows_of(dgate, T);
+    // ---- combine^T: gate gradients, then dy = gate * dout dispatched like x
+    impl::gate_grads(space, impl::head(loc, A), k, ye, back_recv, dout, dg);
+    auto sb = impl::rows_of(send_buf, rows_send);
+    impl::pack_rows(space, dout, perm, k, self_begin, self_count, g, true, sb);
+    toc(Phase::bwd_combine);
+    exchange(send_buf, recv_buf, scount, sdispl, rcount, rdispl);
+    toc(Phase::bwd_alltoall);
+    ws.reserve(dye, "dye", nrows, d);
+    impl::gather_expert_rows(space, blocks, nblocks, nrows, dout, perm, k, g, true, recv_buf, dye);
+    toc(Phase::bwd_combine);
+
+    // ---- experts
+    ws.reserve(dabuf, "da", nrows, h);
+    if (swiglu) ws.reserve(dubuf, "du", nrows, h);
+    ws.reserve(dxe, "dxe", nrows, d);
+    expert_backward();
+    toc(Phase::bwd_experts);
+
+    // ---- dispatch^T: dx rows go home
+    impl::pack_back_rows(space, blocks, nblocks, nrows, dxe, back_send);
+    exchange(back_send, back_recv, rcount, rdispl, scount, sdispl);
+    toc(Phase::bwd_alltoall);
+
+    // ---- router backward
+    ws.reserve(dz, "dz", T, E);
+    auto dzv = impl::rows_of(dz, T);
+    impl::router_backward(space, rparams, impl::rows_of(probs, T), impl::head(lse, T),
+                          impl::rows_of(topk, T), g, dg, aux_coef, zcoef, dzv);
+    if (T > 0)
+      impl::kc::gemm(space, "T", "N", Scalar(1), x_saved, dzv, Scalar(0), dWr_step);
+    else
+      Kokkos::deep_copy(space, dWr_step, Scalar(0));
+    if (cfg.reduce_router_grad) {
+      space.fence();
+      comm->allreduce_sum(dWr_step.data(), dWr_step.size(), data_type_of<Scalar>());
+    }
+    {
+      auto a = dWr; auto b = dWr_step; const int n = static_cast<int>(dWr.size());
+      const int EE = E;
+      Kokkos::parallel_for(
+          "examoe::router::accumulate_dWr", Kokkos::RangePolicy<Space>(space, 0, n),
+          KOKKOS_LAMBDA(const int i) { a(i / EE, i % EE) += b(i / EE, i % EE); });
+    }
+    impl::kc::gemm(space, "N", "T", Scalar(1), dzv, Wr, Scalar(0), dx);
+    impl::combine_rows(space, impl::head(loc, A), k, g, false, dxe, back_recv, true, dx);
+    toc(Phase::bwd_router);
+  }
+
+  void expert_backward() {
+    // da = dy W2^T, dW2 += a^T dy
+    for (int lx = 0; lx < nloc; ++lx) {
+      const int b = expert_offset[lx], e = expert_offset[lx + 1];
+      if (b == e) continue;
+      impl::kc::gemm(space, "N", "T", Scalar(1), rows(dye, b, e), expert_w(W2, lx), Scalar(0),
+                     rows(dabuf, b, e));
+      impl::kc::gemm(space, "T", "N", Scalar(1), rows(abuf, b, e), rows(dye, b, e), Scalar(1),
+                     expert_w(dW2, lx));
+    }
+    auto H = impl::rows_of(hbuf, nrows);
+    auto dA = impl::rows_of(dabuf, nrows);
+    if (swiglu)
+      impl::swiglu_backward(space, H, impl::rows_of(ubuf, nrows), dA, impl::rows_of(dubuf, nrows));
+    else
+      impl::gelu_backward(space, H, dA);
+    for (int lx = 0; lx < nloc; ++lx) {
+      const int b = expert_offset[lx], e = expert_offset[lx + 1];
+      if (b == e) continue;
+      impl::kc::gemm(space, "T", "N", Scalar(1), rows(xe, b, e), rows(dabuf, b, e), Scalar(1),
+                     expert_w(dW1, lx));
+      impl::kc::gemm(space, "N", "T", Scalar(1), rows(dabuf, b, e), expert_w(W1, lx), Scalar(0),
+                     rows(dxe, b, e));
+      if (swiglu) {
+        impl::kc::gemm(space, "T", "N", Scalar(1), rows(xe, b, e), rows(dubuf, b, e), Scalar(1),
+                       expert_w(dW3, lx));
+        impl::kc::gemm(space, "N", "T", Scalar(1), rows(dubuf, b, e), expert_w(W3, lx), Scalar(1),
+                       rows(dxe, b, e));
+      }
+    }
+  }
+};
+
+// ------------------------------------------------------------------- MoELayer
+template <class S>
+MoELayer<S>::MoELayer(const MoEConfig& config, MPI_Comm comm, const execution_space& space)
+    : impl_(std::make_unique<Impl>(config, comm, space)) {}
+template <class S>
+MoELayer<S>::~MoELayer() = default;
+template <class S>
+MoELayer<S>::MoELayer(MoELayer&&) noexcept = default;
+template <class S>
+MoELayer<S>& MoELayer<S>::operator=(MoELayer&&) noexcept = default;
+
+template <class S>
+void MoELayer<S>::init_parameters(std::uint64_t seed) { impl_->init_parameters(seed); }
+template <class S>
+void MoELayer<S>::forward(const const_matrix& x, const matrix& out, bool training) {
+  impl_->forward(x, out, training);
+}
+template <class S>
+void MoELayer<S>::backward(const const_matrix& dout, const matrix& dx) {
+  impl_->backward(dout, dx);
+}
+template <class S>
+void MoELayer<S>::zero_grad() {
+  Kokkos::deep_copy(impl_->space, impl_->dWr, S(0));
+  Kokkos::deep_copy(impl_->space, impl_->dW1, S(0));
+  Kokkos::deep_copy(impl_->space, impl_->dW2, S(0));
+  Kokkos::deep_copy(impl_->space, impl_->dW3, S(0));
+}
+template <class S>
+RouterLosses MoELayer<S>::losses() const { return impl_->losses; }
+template <class S>
+const LayerStats& MoELayer<S>::stats() const { return impl_->stats; }
+template <class S>
+const Placement& MoELayer<S>::placement() const { return impl_->placement; }
+template <class S>
+const MoEConfig& MoELayer<S>::config() const { return impl_->cfg; }
+template <class S>
+Communicator& MoELayer<S>::communicator() { return *impl_->comm; }
+template <class S>
+auto MoELayer<S>::space() const -> const execution_space& { return impl_->space; }
+template <class S>
+auto MoELayer<S>::router_weight() const -> matrix { return impl_->Wr; }
+template <class S>
+auto MoELayer<S>::router_grad() const -> matrix { return impl_->dWr; }
+template <class S>
+auto MoELayer<S>::w1() const -> tensor3 { return impl_->W1; }
+template <class S>
+auto MoELayer<S>::w2() const -> tensor3 { return impl_->W2; }
+template <class S>
+auto MoELayer<S>::w3() const -> tensor3 { return impl_->W3; }
+template <class S>
+auto MoELayer<S>::w1_grad() const -> tensor3 { return impl_->dW1; }
+template <class S>
+auto MoELayer<S>::w2_grad() const -> tensor3 { return impl_->dW2; }
+template <class S>
+auto MoELayer<S>::w3_grad() const -> tensor3 { return impl_->dW3; }
+template <class S>
+int MoELayer<S>::num_local_experts() const { return impl_->nloc; }
+template <class S>
+auto MoELayer<S>::topk_experts() const -> Kokkos::View<int**, Kokkos::LayoutRight, memory_space> {
+  return impl::rows_of(impl_->topk, impl_->T);
+}
+template <class S>
+auto MoELayer<S>::gates() const -> matrix {
+  return impl::rows_of(impl_->gates, impl_->T);
+}
+template <class S>
+std::int64_t MoELayer<S>::workspace_allocations() const { return impl_->ws.allocations(); }
+
+template class MoELayer<float>;
+template class MoELayer<double>;
+
+}  // namespace examoe

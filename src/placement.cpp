@@ -1,0 +1,61 @@
+#include <examoe/error.hpp>
+#include <examoe/placement.hpp>
+
+#include <algorithm>
+#include <sstream>
+
+namespace examoe {
+
+Placement Placement::balanced(int num_experts, int num_ranks) {
+  if (num_ranks <= 0)
+    throw Error("examoe::Placement::balanced: the number of ranks must be positive (got " +
+                std::to_string(num_ranks) + ")");
+  if (num_experts < num_ranks)
+    throw Error("examoe::Placement::balanced: " + std::to_string(num_experts) +
+                " experts cannot be spread over " + std::to_string(num_ranks) +
+                " expert-parallel ranks (every rank must own at least one expert); "
+                "use at most " + std::to_string(num_experts) + " ranks or more experts");
+  std::vector<int> owner(num_experts);
+  const int base = num_experts / num_ranks, extra = num_experts % num_ranks;
+  int e = 0;
+  for (int r = 0; r < num_ranks; ++r)
+    for (int i = 0; i < base + (r < extra ? 1 : 0); ++i) owner[e++] = r;
+  return from_owners(owner, num_ranks);
+}
+
+Placement Placement::from_owners(const std::vector<int>& owner, int num_ranks) {
+  if (num_ranks <= 0)
+    throw Error("examoe::Placement::from_owners: the number of ranks must be positive");
+  if (owner.empty()) throw Error("examoe::Placement::from_owners: the owner table is empty");
+  Placement p;
+  const int E = static_cast<int>(owner.size());
+  p.owner_ = owner;
+  p.local_.assign(E, 0);
+  std::vector<int> count(num_ranks, 0);
+  for (int e = 0; e < E; ++e) {
+    const int r = owner[e];
+    if (r < 0 || r >= num_ranks)
+      throw Error("examoe::Placement::from_owners: expert " + std::to_string(e) +
+                  " is assigned to rank " + std::to_string(r) + ", outside [0, " +
+                  std::to_string(num_ranks) + ")");
+    p.local_[e] = count[r]++;
+  }
+  p.rank_offset_.assign(num_ranks + 1, 0);
+  for (int r = 0; r < num_ranks; ++r) p.rank_offset_[r + 1] = p.rank_offset_[r] + count[r];
+  p.by_key_.assign(E, 0);
+  for (int e = 0; e < E; ++e) p.by_key_[p.rank_offset_[owner[e]] + p.local_[e]] = e;
+  p.max_local_ = *std::max_element(count.begin(), count.end());
+  return p;
+}
+
+std::string Placement::to_string() const {
+  std::ostringstream os;
+  for (int r = 0; r < num_ranks(); ++r) {
+    os << "rank " << r << ":";
+    for (int l = 0; l < num_local(r); ++l) os << ' ' << global_expert(r, l);
+    os << '\n';
+  }
+  return os.str();
+}
+
+}  // namespace examoe
