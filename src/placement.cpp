@@ -11,7 +11,7 @@ Placement Placement::balanced(int num_experts, int num_ranks) {
     throw Error("examoe::Placement::balanced: the number of ranks must be positive (got " +
                 std::to_string(num_ranks) + ")");
   if (num_experts < num_ranks)
-    throw Error("examoe::Placement::balanced: " + std::to_string(num_experts) +
+    throw Error("examoe::Placement::balanced: num_experts = " + std::to_string(num_experts) +
                 " experts cannot be spread over " + std::to_string(num_ranks) +
                 " expert-parallel ranks (every rank must own at least one expert); "
                 "use at most " + std::to_string(num_experts) + " ranks or more experts");

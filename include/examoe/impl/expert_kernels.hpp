@@ -5,37 +5,35 @@
 namespace examoe::impl {
 
 template <class S>
-KOKKOS_INLINE_FUNCTION S gelu(S s) {
-  return S(0.5) * s * (S(1) + kc::erf(s * S(0.70710678118654752440)));
-}
-template <class S>
-KOKKOS_INLINE_FUNCTION S gelu_grad(S s) {
-  return S(0.5) * (S(1) + kc::erf(s * S(0.70710678118654752440))) +
-         s * kc::exp(S(-0.5) * s * s) * S(0.39894228040143267794);
-}
-template <class S>
 KOKKOS_INLINE_FUNCTION S sigmoid(S s) {
   return S(1) / (S(1) + kc::exp(-s));
 }
 
-/// a = gelu(hpre), element-wise over [n][h].
+/// a = gelu(hpre), and hpre is overwritten with gelu'(hpre): backward needs only the
+/// derivative, and erf is evaluated once per element for both.
 template <class Space, class V>
 void gelu_forward(const Space& space, const V& hpre, const V& a) {
+  using S = typename V::non_const_value_type;
   const int n = static_cast<int>(hpre.extent(0)), h = static_cast<int>(hpre.extent(1));
   Kokkos::parallel_for(
       "examoe::experts::gelu", Kokkos::RangePolicy<Space>(space, 0, n),
       KOKKOS_LAMBDA(const int i) {
-        for (int c = 0; c < h; ++c) a(i, c) = gelu(hpre(i, c));
+        for (int c = 0; c < h; ++c) {
+          const S s = hpre(i, c);
+          const S cdf = S(0.5) * (S(1) + kc::erf(s * S(0.70710678118654752440)));
+          a(i, c) = s * cdf;
+          hpre(i, c) = cdf + s * kc::exp(S(-0.5) * s * s) * S(0.39894228040143267794);
+        }
       });
 }
-/// da *= gelu'(hpre) (in place: da becomes d hpre).
+/// da *= gelu'(s), with gelu'(s) as stored by gelu_forward (in place: da becomes ds).
 template <class Space, class V>
-void gelu_backward(const Space& space, const V& hpre, const V& da) {
-  const int n = static_cast<int>(hpre.extent(0)), h = static_cast<int>(hpre.extent(1));
+void gelu_backward(const Space& space, const V& gelu_grad, const V& da) {
+  const int n = static_cast<int>(da.extent(0)), h = static_cast<int>(da.extent(1));
   Kokkos::parallel_for(
       "examoe::experts::gelu_bwd", Kokkos::RangePolicy<Space>(space, 0, n),
       KOKKOS_LAMBDA(const int i) {
-        for (int c = 0; c < h; ++c) da(i, c) *= gelu_grad(hpre(i, c));
+        for (int c = 0; c < h; ++c) da(i, c) *= gelu_grad(i, c);
       });
 }
 /// a = silu(g) * u.

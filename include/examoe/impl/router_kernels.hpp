@@ -60,10 +60,9 @@ void router_softmax_topk(const Space& space, const RouterParams& rp, const PView
           gates(t, j) = p(t, best);
           chosen += p(t, best);
         }
-        if (r.renormalize) {
-          const S invc = S(1) / chosen;
-          for (int j = 0; j < k; ++j) gates(t, j) *= invc;
-        }
+        // Divide (not multiply by 1/chosen): with k = 1 the gate is then exactly 1.
+        if (r.renormalize)
+          for (int j = 0; j < k; ++j) gates(t, j) /= chosen;
       });
 }
 

@@ -1,0 +1,225 @@
+// Dense double-precision reference of docs/moe-layer.md. See reference.hpp.
+#include "reference.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <stdexcept>
+
+namespace examoe::test {
+
+namespace {
+
+constexpr double kSqrt2 = 1.4142135623730950488;
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;  // 1/sqrt(2 pi)
+
+double gelu(double s) { return 0.5 * s * (1.0 + std::erf(s / kSqrt2)); }
+double gelu_grad(double s) {
+  return 0.5 * (1.0 + std::erf(s / kSqrt2)) + s * kInvSqrt2Pi * std::exp(-0.5 * s * s);
+}
+double sigmoid(double s) { return 1.0 / (1.0 + std::exp(-s)); }
+double silu(double s) { return s * sigmoid(s); }
+double silu_grad(double s) {
+  const double sg = sigmoid(s);
+  return sg * (1.0 + s * (1.0 - sg));
+}
+
+}  // namespace
+
+RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in) {
+  const int T = in.T, d = cfg.d_model, h = cfg.d_hidden, E = cfg.num_experts, k = cfg.top_k;
+  const bool swiglu = cfg.activation == Activation::swiglu;
+  const double temp = cfg.router.temperature;
+  const double alpha = cfg.router.aux_loss_coef, beta = cfg.router.z_loss_coef;
+  if (static_cast<int>(in.x.size()) != T * d || static_cast<int>(in.dout.size()) != T * d ||
+      static_cast<int>(in.Wr.size()) != d * E || static_cast<int>(in.W1.size()) != E * d * h ||
+      static_cast<int>(in.W2.size()) != E * h * d ||
+      (swiglu && static_cast<int>(in.W3.size()) != E * d * h) || k < 1 || k > E)
+    throw std::invalid_argument("reference_moe: inconsistent input sizes");
+
+  RefResult r;
+  r.out.assign(T * d, 0.0);
+  r.probs.assign(T * E, 0.0);
+  r.lse.assign(T, 0.0);
+  r.topk.assign(T * k, -1);
+  r.gates.assign(T * k, 0.0);
+  r.counts.assign(E, 0);
+  r.dx.assign(T * d, 0.0);
+  r.dWr.assign(d * E, 0.0);
+  r.dW1.assign(E * d * h, 0.0);
+  r.dW2.assign(E * h * d, 0.0);
+  if (swiglu) r.dW3.assign(E * d * h, 0.0);
+  r.min_topk_gap = std::numeric_limits<double>::infinity();
+
+  // Per (token, slot) expert intermediates, kept for backward.
+  std::vector<double> s1(T * k * h), s3(swiglu ? T * k * h : 0), act(T * k * h), y(T * k * d);
+
+  // ---------------- router ----------------
+  for (int t = 0; t < T; ++t) {
+    const double* xt = &in.x[t * d];
+    std::vector<double> u(E);
+    for (int e = 0; e < E; ++e) {
+      double z = 0.0;
+      for (int i = 0; i < d; ++i) z += xt[i] * in.Wr[i * E + e];
+      u[e] = z / temp;
+    }
+    const double m = *std::max_element(u.begin(), u.end());
+    double sum = 0.0;
+    for (int e = 0; e < E; ++e) sum += std::exp(u[e] - m);
+    for (int e = 0; e < E; ++e) r.probs[t * E + e] = std::exp(u[e] - m) / sum;
+    r.lse[t] = m + std::log(sum);
+
+    // top-k: descending probability, ties to the lower expert id.
+    std::vector<int> order(E);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return u[a] > u[b]; });
+    if (k < E) r.min_topk_gap = std::min(r.min_topk_gap, u[order[k - 1]] - u[order[k]]);
+    double S = 0.0;
+    for (int j = 0; j < k; ++j) {
+      r.topk[t * k + j] = order[j];
+      S += r.probs[t * E + order[j]];
+      r.counts[order[j]] += 1;
+    }
+    for (int j = 0; j < k; ++j) {
+      const double p = r.probs[t * E + order[j]];
+      r.gates[t * k + j] = cfg.router.renormalize ? p / S : p;
+    }
+  }
+
+  // ---------------- losses ----------------
+  const double Tg = static_cast<double>(T);
+  std::vector<double> f(E, 0.0), P(E, 0.0);
+  if (T > 0) {
+    for (int e = 0; e < E; ++e) {
+      f[e] = static_cast<double>(r.counts[e]) / (static_cast<double>(k) * Tg);
+      double s = 0.0;
+      for (int t = 0; t < T; ++t) s += r.probs[t * E + e];
+      P[e] = s / Tg;
+    }
+    double a = 0.0;
+    for (int e = 0; e < E; ++e) a += f[e] * P[e];
+    r.aux = alpha * E * a;
+    double zz = 0.0;
+    for (int t = 0; t < T; ++t) zz += r.lse[t] * r.lse[t];
+    r.z = beta * zz / Tg;
+  }
+
+  // ---------------- experts + combine ----------------
+  for (int t = 0; t < T; ++t) {
+    const double* xt = &in.x[t * d];
+    for (int j = 0; j < k; ++j) {
+      const int e = r.topk[t * k + j];
+      const int tj = t * k + j;
+      const double* W1e = &in.W1[static_cast<std::size_t>(e) * d * h];
+      const double* W2e = &in.W2[static_cast<std::size_t>(e) * h * d];
+      for (int c = 0; c < h; ++c) {
+        double a1 = 0.0;
+        for (int i = 0; i < d; ++i) a1 += xt[i] * W1e[i * h + c];
+        s1[tj * h + c] = a1;
+        if (swiglu) {
+          const double* W3e = &in.W3[static_cast<std::size_t>(e) * d * h];
+          double a3 = 0.0;
+          for (int i = 0; i < d; ++i) a3 += xt[i] * W3e[i * h + c];
+          s3[tj * h + c] = a3;
+          act[tj * h + c] = silu(a1) * a3;
+        } else {
+          act[tj * h + c] = gelu(a1);
+        }
+      }
+      for (int o = 0; o < d; ++o) {
+        double v = 0.0;
+        for (int c = 0; c < h; ++c) v += act[tj * h + c] * W2e[c * d + o];
+        y[tj * d + o] = v;
+      }
+    }
+    for (int j = 0; j < k; ++j)
+      for (int o = 0; o < d; ++o) r.out[t * d + o] += r.gates[t * k + j] * y[(t * k + j) * d + o];
+  }
+
+  // ---------------- backward ----------------
+  for (int t = 0; t < T; ++t) {
+    const double* xt = &in.x[t * d];
+    const double* dot = &in.dout[t * d];
+    double* dxt = &r.dx[t * d];
+    std::vector<double> dg(k, 0.0), dp(E, 0.0), du(E, 0.0);
+
+    for (int j = 0; j < k; ++j) {
+      const int e = r.topk[t * k + j];
+      const int tj = t * k + j;
+      const double g = r.gates[tj];
+      const double* W1e = &in.W1[static_cast<std::size_t>(e) * d * h];
+      const double* W2e = &in.W2[static_cast<std::size_t>(e) * h * d];
+      double* dW1e = &r.dW1[static_cast<std::size_t>(e) * d * h];
+      double* dW2e = &r.dW2[static_cast<std::size_t>(e) * h * d];
+      // dg = <dout, y>, dy = g dout
+      double acc = 0.0;
+      for (int o = 0; o < d; ++o) acc += dot[o] * y[tj * d + o];
+      dg[j] = acc;
+      std::vector<double> dy(d), da(h);
+      for (int o = 0; o < d; ++o) dy[o] = g * dot[o];
+      // dW2 += a^T dy, da = dy W2^T
+      for (int c = 0; c < h; ++c) {
+        double v = 0.0;
+        for (int o = 0; o < d; ++o) {
+          dW2e[c * d + o] += act[tj * h + c] * dy[o];
+          v += dy[o] * W2e[c * d + o];
+        }
+        da[c] = v;
+      }
+      if (!swiglu) {
+        for (int c = 0; c < h; ++c) {
+          const double ds = da[c] * gelu_grad(s1[tj * h + c]);
+          for (int i = 0; i < d; ++i) {
+            dW1e[i * h + c] += xt[i] * ds;
+            dxt[i] += ds * W1e[i * h + c];
+          }
+        }
+      } else {
+        const double* W3e = &in.W3[static_cast<std::size_t>(e) * d * h];
+        double* dW3e = &r.dW3[static_cast<std::size_t>(e) * d * h];
+        for (int c = 0; c < h; ++c) {
+          const double a1 = s1[tj * h + c], a3 = s3[tj * h + c];
+          const double ds1 = da[c] * a3 * silu_grad(a1);
+          const double ds3 = da[c] * silu(a1);
+          for (int i = 0; i < d; ++i) {
+            dW1e[i * h + c] += xt[i] * ds1;
+            dW3e[i * h + c] += xt[i] * ds3;
+            dxt[i] += ds1 * W1e[i * h + c] + ds3 * W3e[i * h + c];
+          }
+        }
+      }
+    }
+
+    // gates -> dp
+    if (cfg.router.renormalize) {
+      double S = 0.0, dgg = 0.0;
+      for (int j = 0; j < k; ++j) {
+        S += r.probs[t * E + r.topk[t * k + j]];
+        dgg += dg[j] * r.gates[t * k + j];
+      }
+      for (int j = 0; j < k; ++j) dp[r.topk[t * k + j]] += (dg[j] - dgg) / S;
+    } else {
+      for (int j = 0; j < k; ++j) dp[r.topk[t * k + j]] += dg[j];
+    }
+    // aux
+    for (int e = 0; e < E; ++e) dp[e] += alpha * E * f[e] / Tg;
+    // softmax
+    double pdp = 0.0;
+    for (int e = 0; e < E; ++e) pdp += r.probs[t * E + e] * dp[e];
+    for (int e = 0; e < E; ++e) du[e] = r.probs[t * E + e] * (dp[e] - pdp);
+    // z-loss
+    for (int e = 0; e < E; ++e) du[e] += 2.0 * beta * r.lse[t] * r.probs[t * E + e] / Tg;
+    // dz, dWr, dx
+    for (int e = 0; e < E; ++e) {
+      const double dz = du[e] / temp;
+      for (int i = 0; i < d; ++i) {
+        r.dWr[i * E + e] += xt[i] * dz;
+        dxt[i] += dz * in.Wr[i * E + e];
+      }
+    }
+  }
+  return r;
+}
+
+}  // namespace examoe::test

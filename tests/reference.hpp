@@ -1,0 +1,50 @@
+// Independent single-process dense reference of one MoE layer, in double precision.
+//
+// Written from docs/moe-layer.md with plain loops over tokens and their k experts. Uses no
+// library code besides the config structs (it only reads their fields). Jitter is ignored
+// (the reference is the jitter-free model).
+#pragma once
+
+#include <examoe/moe_config.hpp>
+
+#include <cstdint>
+#include <vector>
+
+namespace examoe::test {
+
+/// Global inputs of one layer step, row-major.
+struct RefInputs {
+  int T = 0;                  ///< global token count T_g
+  std::vector<double> x;      ///< [T][d]
+  std::vector<double> Wr;     ///< [d][E]
+  std::vector<double> W1;     ///< [E][d][h]
+  std::vector<double> W3;     ///< [E][d][h] (SwiGLU only; empty otherwise)
+  std::vector<double> W2;     ///< [E][h][d]
+  std::vector<double> dout;   ///< [T][d]
+};
+
+struct RefResult {
+  // forward
+  std::vector<double> out;     ///< [T][d]
+  std::vector<double> probs;   ///< [T][E] softmax of u
+  std::vector<double> lse;     ///< [T]
+  std::vector<int> topk;       ///< [T][k]
+  std::vector<double> gates;   ///< [T][k]
+  std::vector<std::int64_t> counts;  ///< [E] c_i
+  double aux = 0.0;
+  double z = 0.0;
+  /// min over tokens of u[k-th largest] - u[(k+1)-th largest] (infinity when k == E): how
+  /// far the top-k decision is from flipping.
+  double min_topk_gap = 0.0;
+  // backward of L = <dout, out> + aux + z
+  std::vector<double> dx;    ///< [T][d]
+  std::vector<double> dWr;   ///< [d][E]
+  std::vector<double> dW1;   ///< [E][d][h]
+  std::vector<double> dW3;   ///< [E][d][h] (SwiGLU only)
+  std::vector<double> dW2;   ///< [E][h][d]
+};
+
+/// Forward and backward of the dense reference.
+RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in);
+
+}  // namespace examoe::test
