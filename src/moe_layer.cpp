@@ -251,8 +251,10 @@ struct MoELayer<Scalar>::Impl {
     std::fill(red.begin(), red.end(), 0.0);
     if (T > 0) {
       impl::RouterStatsFunctor<Space, decltype(p), decltype(l)> f(p, l);
+      Kokkos::View<double*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> result(
+          red.data() + E, static_cast<std::size_t>(E) + 1);
       Kokkos::parallel_reduce("examoe::router::stats", Kokkos::RangePolicy<Space>(space, 0, T), f,
-                              red.data() + E);
+                              result);
     }
     toc(Phase::router);
 
