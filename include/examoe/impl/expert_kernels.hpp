@@ -2,11 +2,73 @@
 #pragma once
 #include <examoe/impl/kokkos_compat.hpp>
 
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
 namespace examoe::impl {
+
+// ---- float erf and exp in plain arithmetic (no library calls), so the element-wise loops
+// vectorize on CPUs (libm's erff + expf cost ~14 ns per element here, these ~1 ns) and stay
+// branch-free on GPUs. Accuracy: a few float ulps (checked against std::erf/std::exp in the
+// tests). Double precision keeps the library functions.
+
+/// exp(x) for float: Cephes range reduction x = n ln2 + r and a degree-6 polynomial.
+KOKKOS_INLINE_FUNCTION float exp_fast(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float t = x * 1.44269504088896341f;
+  const int n = static_cast<int>(t + (t >= 0.0f ? 0.5f : -0.5f));
+  const float fn = static_cast<float>(n);
+  float r = x - fn * 0.693359375f;
+  r = r + fn * 2.12194440e-4f;
+  const float r2 = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  const std::int32_t bits = static_cast<std::int32_t>(n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+/// erf(x) for float: odd/even rational minimax approximation on [-4, 4] (erf is +-1 in
+/// float beyond).
+KOKKOS_INLINE_FUNCTION float erf_fast(float x) {
+  x = x < -4.0f ? -4.0f : (x > 4.0f ? 4.0f : x);
+  const float x2 = x * x;
+  float p = -2.72614225801306e-10f;
+  p = p * x2 + 2.77068142495902e-08f;
+  p = p * x2 + -2.10102402082508e-06f;
+  p = p * x2 + -5.69250639462346e-05f;
+  p = p * x2 + -7.34990630326855e-04f;
+  p = p * x2 + -2.95459980854025e-03f;
+  p = p * x2 + -1.60960333262415e-02f;
+  float q = -1.45660718464996e-05f;
+  q = q * x2 + -2.13374055278905e-04f;
+  q = q * x2 + -1.68282697438203e-03f;
+  q = q * x2 + -7.37332916720468e-03f;
+  q = q * x2 + -1.42647390514189e-02f;
+  return x * p / q;
+}
+
+template <class S>
+KOKKOS_INLINE_FUNCTION S erf_(S x) {
+  if constexpr (std::is_same<S, float>::value) return erf_fast(x);
+  else return kc::erf(x);
+}
+template <class S>
+KOKKOS_INLINE_FUNCTION S exp_(S x) {
+  if constexpr (std::is_same<S, float>::value) return exp_fast(x);
+  else return kc::exp(x);
+}
 
 template <class S>
 KOKKOS_INLINE_FUNCTION S sigmoid(S s) {
-  return S(1) / (S(1) + kc::exp(-s));
+  return S(1) / (S(1) + exp_(-s));
 }
 
 /// a = gelu(hpre), and hpre is overwritten with gelu'(hpre): backward needs only the
@@ -20,9 +82,9 @@ void gelu_forward(const Space& space, const V& hpre, const V& a) {
       KOKKOS_LAMBDA(const int i) {
         for (int c = 0; c < h; ++c) {
           const S s = hpre(i, c);
-          const S cdf = S(0.5) * (S(1) + kc::erf(s * S(0.70710678118654752440)));
+          const S cdf = S(0.5) * (S(1) + erf_(s * S(0.70710678118654752440)));
           a(i, c) = s * cdf;
-          hpre(i, c) = cdf + s * kc::exp(S(-0.5) * s * s) * S(0.39894228040143267794);
+          hpre(i, c) = cdf + s * exp_(S(-0.5) * s * s) * S(0.39894228040143267794);
         }
       });
 }
