@@ -156,13 +156,14 @@ int run(const BenchOptions& o) {
     std::printf("examoe bench: %d ranks, %s, d=%d h=%d E=%d k=%d T=%d/rank, %s\n", size,
                 o.precision.c_str(), o.d_model, o.d_hidden, o.num_experts, o.top_k, o.tokens,
                 o.activation.c_str());
-    std::printf("  step (fwd+bwd)      %10.4f s   %12.0f tokens/s\n", step_max, tokens / step_max);
+    std::printf("  step (fwd+bwd)      %10.4f s   %12.0f tokens/s\n", step_max,
+                step_max > 0 ? tokens / step_max : 0.0);
     for (int p = 0; p < kNumPhases; ++p)
       std::printf("  %-18s  %10.4f s   %5.1f %%\n", phase_name(static_cast<Phase>(p)), phase_max[p],
                   100.0 * phase_max[p] / step_max);
     std::printf("  expert GEMMs alone  %10.4f s   (same shapes, no MoE machinery; %.1f GFLOP/s)\n",
-                gemm_max, flops_per_row * rows_max / gemm_max * 1e-9);
-    std::printf("  layer / GEMM bound  %10.1f %%\n", 100.0 * gemm_max / step_max);
+                gemm_max, gemm_max > 0 ? flops_per_row * rows_max / gemm_max * 1e-9 : 0.0);
+    std::printf("  layer / GEMM bound  %10.1f %%\n", step_max > 0 ? 100.0 * gemm_max / step_max : 0.0);
     std::printf("  dispatch: %lld bytes sent in all (%lld rows stayed local), imbalance %.3f\n",
                 sent_sum, local_sum, st.imbalance);
     if (!o.json.empty()) {
