@@ -1,0 +1,4 @@
+// Training data: synthetic addition corpus and byte files.
+#pragma once
+
+namespace examoe {}

@@ -1,0 +1,1 @@
+#include <examoe/data.hpp>

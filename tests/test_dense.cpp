@@ -1,0 +1,1 @@
+#include <examoe/impl/dense_kernels.hpp>
