@@ -89,6 +89,25 @@ void MpiCommunicator::allreduce_sum(void* buf, std::size_t count, DataType type)
   }
 }
 
+void MpiCommunicator::allgather(const void* send, void* recv, std::size_t count, DataType type) {
+  if (count > static_cast<std::size_t>(INT_MAX))
+    throw Error("examoe::MpiCommunicator::allgather: block of " + std::to_string(count) +
+                " elements exceeds INT_MAX");
+  check(MPI_Allgather(send, static_cast<int>(count), mpi_type(type), recv, static_cast<int>(count),
+                      mpi_type(type), comm_),
+        "MPI_Allgather");
+}
+
+void MpiCommunicator::reduce_scatter_sum(const void* send, void* recv, std::size_t count,
+                                         DataType type) {
+  if (count > static_cast<std::size_t>(INT_MAX))
+    throw Error("examoe::MpiCommunicator::reduce_scatter_sum: block of " + std::to_string(count) +
+                " elements exceeds INT_MAX");
+  check(MPI_Reduce_scatter_block(send, recv, static_cast<int>(count), mpi_type(type), MPI_SUM,
+                                 comm_),
+        "MPI_Reduce_scatter_block");
+}
+
 bool MpiCommunicator::all_ok(bool ok) {
   int v = ok ? 1 : 0;
   check(MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_INT, MPI_LAND, comm_), "MPI_Allreduce");

@@ -35,6 +35,8 @@ struct MoELayer<Scalar>::Impl {
   MoEConfig cfg;
   Space space;
   std::unique_ptr<Communicator> comm;
+  std::unique_ptr<Communicator> stats_comm_owned;
+  Communicator* scomm = nullptr;  // router statistics and error agreement (comm or wider)
   Placement placement;
   int P = 1, me = 0, E = 0, k = 1, d = 0, h = 0, nloc = 0;
   bool swiglu = false;
@@ -56,6 +58,7 @@ struct MoELayer<Scalar>::Impl {
   double zcoef = 0;  // 2 beta / T_g
   impl::RouterParams rparams;
   std::uint64_t step = 0;
+  bool step_set = false;
 
   // Plan of the last forward.
   IView1 keys, perm, inv_perm, loc, hist, key_start;
@@ -96,8 +99,14 @@ struct MoELayer<Scalar>::Impl {
     }
   }
 
-  Impl(const MoEConfig& c, MPI_Comm mpi_comm, const Space& s) : cfg(c), space(s) {
+  Impl(const MoEConfig& c, MPI_Comm mpi_comm, MPI_Comm stats_mpi_comm, const Space& s)
+      : cfg(c), space(s) {
     comm = make_mpi_communicator(mpi_comm);
+    scomm = comm.get();
+    if (stats_mpi_comm != MPI_COMM_NULL) {
+      stats_comm_owned = make_mpi_communicator(stats_mpi_comm);
+      scomm = stats_comm_owned.get();
+    }
     P = comm->size();
     me = comm->rank();
     // 1. Every rank validates its own config; errors are agreed before anyone throws.
@@ -109,7 +118,7 @@ struct MoELayer<Scalar>::Impl {
     } catch (const Error& e) {
       err = std::string("examoe::MoELayer::MoELayer: ") + e.what();
     }
-    throw_if_any(*comm, err);
+    throw_if_any(*scomm, err);
     // 2. The config must be identical on every rank.
     check_same_config();
 
@@ -160,9 +169,9 @@ struct MoELayer<Scalar>::Impl {
     const std::string mine = cfg.to_string();
     std::string root = mine;
     int len = static_cast<int>(root.size());
-    comm->broadcast(&len, sizeof(len), 0);
+    scomm->broadcast(&len, sizeof(len), 0);
     root.resize(static_cast<std::size_t>(len));
-    comm->broadcast(root.data(), static_cast<std::size_t>(len), 0);
+    scomm->broadcast(root.data(), static_cast<std::size_t>(len), 0);
     std::string err;
     if (root != mine) {
       std::istringstream a(root), b(mine);
@@ -174,9 +183,9 @@ struct MoELayer<Scalar>::Impl {
                     " on rank 0, " + lb.substr(lb.find('=') + 1) + " here)";
         }
       err = "examoe::MoELayer::MoELayer: the MoE config differs between ranks: rank " +
-            std::to_string(me) + " disagrees with rank 0 on " + fields;
+            std::to_string(scomm->rank()) + " disagrees with rank 0 on " + fields;
     }
-    throw_if_any(*comm, err);
+    throw_if_any(*scomm, err);
   }
 
   void init_parameters(std::uint64_t seed) {
@@ -227,15 +236,16 @@ struct MoELayer<Scalar>::Impl {
     else if (static_cast<long long>(x.extent(0)) * k > INT_MAX / 2)
       err = "examoe::MoELayer::forward: T * top_k = " + std::to_string(x.extent(0) * k) +
             " assignments exceed the supported 2^30";
-    throw_if_any(*comm, err);
+    throw_if_any(*scomm, err);
 
     T = static_cast<int>(x.extent(0));
     A = T * k;
     x_saved = x;
-    ++step;
+    if (!step_set) ++step;
+    step_set = false;
     rparams.step = step;
     rparams.jitter = training ? cfg.router.jitter : 0.0;
-    rparams.token_offset = rparams.jitter > 0 ? comm->exscan_sum(T) : 0;
+    rparams.token_offset = rparams.jitter > 0 ? scomm->exscan_sum(T) : 0;
 
     // ---- router
     ws.reserve(probs, "probs", T, E);
@@ -283,7 +293,7 @@ struct MoELayer<Scalar>::Impl {
       red[e] = key_start_h(key + 1) - key_start_h(key);
     }
     red[2 * E + 1] = T;
-    comm->allreduce_sum(red.data(), red.size(), DataType::f64);
+    scomm->allreduce_sum(red.data(), red.size(), DataType::f64);
     const double Tg = red[2 * E + 1];
     {
       const double alpha = cfg.router.aux_loss_coef, beta = cfg.router.z_loss_coef;
@@ -481,7 +491,7 @@ struct MoELayer<Scalar>::Impl {
             "][" + std::to_string(d) + "] (the last forward's x), got dout [" +
             std::to_string(dout.extent(0)) + "][" + std::to_string(dout.extent(1)) + "] and dx [" +
             std::to_string(dx.extent(0)) + "][" + std::to_string(dx.extent(1)) + "]";
-    throw_if_any(*comm, err);
+    throw_if_any(*scomm, err);
     tic();
     auto g = impl::rows_of(gates, T);
     ws.reserve(dgate, "dgate", T, k);
@@ -570,7 +580,16 @@ struct MoELayer<Scalar>::Impl {
 // ------------------------------------------------------------------- MoELayer
 template <class S>
 MoELayer<S>::MoELayer(const MoEConfig& config, MPI_Comm comm, const execution_space& space)
-    : impl_(std::make_unique<Impl>(config, comm, space)) {}
+    : impl_(std::make_unique<Impl>(config, comm, MPI_COMM_NULL, space)) {}
+template <class S>
+MoELayer<S>::MoELayer(const MoEConfig& config, MPI_Comm comm, MPI_Comm stats_comm,
+                      const execution_space& space)
+    : impl_(std::make_unique<Impl>(config, comm, stats_comm, space)) {}
+template <class S>
+void MoELayer<S>::set_step(std::uint64_t step) {
+  impl_->step = step;
+  impl_->step_set = true;
+}
 template <class S>
 MoELayer<S>::~MoELayer() = default;
 template <class S>

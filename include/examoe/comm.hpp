@@ -42,6 +42,11 @@ class Communicator {
                               int row_elems, DataType type) = 0;
   /// In-place sum over all ranks.
   virtual void allreduce_sum(void* buf, std::size_t count, DataType type) = 0;
+  /// Every rank contributes `count` elements; recv holds size()*count, rank r's at r*count.
+  virtual void allgather(const void* send, void* recv, std::size_t count, DataType type) = 0;
+  /// Sums size()*count elements of `send` over ranks; rank r receives block r (count elements).
+  virtual void reduce_scatter_sum(const void* send, void* recv, std::size_t count,
+                                  DataType type) = 0;
   /// Logical AND of `ok` over all ranks (used to agree on errors before throwing).
   virtual bool all_ok(bool ok) = 0;
   /// Collective error agreement: returns "" when `local_error` is empty on every rank,
@@ -74,6 +79,8 @@ class MpiCommunicator final : public Communicator {
                       const int* recv_counts, const int* recv_displs, int row_elems,
                       DataType type) override;
   void allreduce_sum(void* buf, std::size_t count, DataType type) override;
+  void allgather(const void* send, void* recv, std::size_t count, DataType type) override;
+  void reduce_scatter_sum(const void* send, void* recv, std::size_t count, DataType type) override;
   bool all_ok(bool ok) override;
   std::string first_error(const std::string& local_error) override;
   void broadcast(void* buf, std::size_t bytes, int root) override;

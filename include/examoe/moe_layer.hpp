@@ -42,6 +42,12 @@ class MoELayer {
   /// on every rank.
   MoELayer(const MoEConfig& config, MPI_Comm comm,
            const execution_space& space = execution_space());
+  /// As above, with the router statistics (aux and z losses, their gradients, token counts,
+  /// error agreement in forward/backward) reduced over `stats_comm`, a communicator that
+  /// contains `comm`: with data-parallel replicas of the expert-parallel group, pass the
+  /// world so the losses are those of the global batch at any dp x ep split.
+  MoELayer(const MoEConfig& config, MPI_Comm comm, MPI_Comm stats_comm,
+           const execution_space& space = execution_space());
   ~MoELayer();
   MoELayer(const MoELayer&) = delete;
   MoELayer& operator=(const MoELayer&) = delete;
@@ -59,6 +65,10 @@ class MoELayer {
   /// dL/dx into dx and accumulates the router and expert weight gradients. Collective.
   void backward(const const_matrix& dout, const matrix& dx);
   void zero_grad();
+  /// Sets the step that keys the jitter noise of the next forward (by default every forward
+  /// advances it by one). Recomputing a forward (activation checkpointing) with the same
+  /// step reproduces it exactly.
+  void set_step(std::uint64_t step);
 
   RouterLosses losses() const;
   const LayerStats& stats() const;

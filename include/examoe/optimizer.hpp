@@ -1,0 +1,66 @@
+#pragma once
+#include <Kokkos_Core.hpp>
+
+#include <cstdint>
+#include <vector>
+
+namespace examoe {
+
+struct AdamWConfig {
+  double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1;
+};
+
+/// AdamW with decoupled weight decay over flat tensors this rank owns (FSDP shards, local
+/// experts). State (m, v) exists only for what was added: optimizer memory is 2x the
+/// rank's own parameters.
+template <class S>
+class AdamW {
+ public:
+  using execution_space = Kokkos::DefaultExecutionSpace;
+  using memory_space = execution_space::memory_space;
+  using vector = Kokkos::View<S*, memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+
+  explicit AdamW(const AdamWConfig& cfg, const execution_space& space = execution_space())
+      : cfg_(cfg), space_(space) {}
+
+  /// Registers a parameter with its gradient (same size). `decay_mask` (same size, 1/0) or,
+  /// when its extent is 0, `decay` applies to every element.
+  void add(const vector& param, const vector& grad, const vector& decay_mask, bool decay);
+
+  /// One update with learning rate `lr`; gradients are multiplied by `grad_scale` first
+  /// (global-norm clipping). Increments the step count.
+  void step(double lr, double grad_scale);
+
+  /// Sum of squares of the registered gradients (for the global norm).
+  double grad_sum_squares() const;
+  std::size_t state_bytes() const;
+  std::int64_t steps() const { return t_; }
+
+  /// Moment views of tensor i (for checkpoints and tests).
+  Kokkos::View<S*, memory_space> m(int i) const { return tensors_[i].m; }
+  Kokkos::View<S*, memory_space> v(int i) const { return tensors_[i].v; }
+
+ private:
+  struct Tensor {
+    vector p, g, mask;
+    bool decay;
+    Kokkos::View<S*, memory_space> m, v;
+  };
+  AdamWConfig cfg_;
+  execution_space space_;
+  std::vector<Tensor> tensors_;
+  std::int64_t t_ = 0;
+};
+
+/// Learning rate at `step` (0-based): linear warmup to `lr` over `warmup` steps, then cosine
+/// decay to `min_lr` at `total`.
+double lr_schedule(std::int64_t step, std::int64_t total, std::int64_t warmup, double lr, double min_lr);
+
+/// Sum of squares of a flat view (deterministic reduction).
+template <class V>
+double sum_squares(const V& v);
+
+extern template class AdamW<float>;
+extern template class AdamW<double>;
+
+}  // namespace examoe
