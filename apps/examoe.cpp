@@ -1,5 +1,6 @@
 // The `examoe` command: one binary, one subcommand per job.
 #include "bench.hpp"
+#include "train_cmd.hpp"
 
 #include <examoe/examoe.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
@@ -19,10 +20,13 @@ int main(int argc, char** argv) {
     app.set_version_flag("--version", std::string("examoe ") + EXAMOE_VERSION_STRING);
     app.require_subcommand(1);
     examoe::app::BenchOptions bench;
+    examoe::app::TrainCli train;
+    examoe::app::add_train_command(app, train);
     examoe::app::add_bench_command(app, bench);
     try {
       app.parse(argc, argv);
       if (app.got_subcommand("bench")) rc = examoe::app::run_bench(bench);
+      if (app.got_subcommand("train")) rc = examoe::app::run_train(app, train);
     } catch (const CLI::ParseError& e) {
       // Every rank parses the same arguments; only rank 0 prints.
       if (rank == 0) rc = app.exit(e);

@@ -1,0 +1,131 @@
+#pragma once
+#include <examoe/data.hpp>
+#include <examoe/fsdp.hpp>
+#include <examoe/mesh.hpp>
+#include <examoe/moe_layer.hpp>
+
+#include <Kokkos_Core.hpp>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace examoe {
+
+/// The MoE decoder: byte embedding + learned positions, L pre-norm blocks
+/// `h = x + Attn(RMSNorm(x)); x = h + MoE(RMSNorm(h))`, final RMSNorm, LM head.
+/// Equations, parameter names, shapes and init: docs/model.md.
+struct ModelConfig {
+  int vocab = 256;  ///< bytes
+  int d_model = 64;
+  int n_layers = 2;
+  int n_heads = 4;
+  int seq_len = 32;
+  int d_hidden = 128;  ///< expert hidden width
+  int num_experts = 4;
+  int top_k = 2;
+  Activation activation = Activation::gelu;
+  RouterConfig router;
+  double norm_eps = 1e-5;
+  void validate() const;
+};
+
+struct ParallelConfig {
+  int ep = 0;                         ///< expert-parallel degree; 0 = world size (dp = 1)
+  bool reshard_after_forward = true;  ///< FSDP: free gathered units after their forward
+  bool activation_checkpointing = false;  ///< recompute each block in backward
+};
+
+/// Per-rank memory accounting, in bytes.
+struct MemoryReport {
+  std::size_t dense_total_params = 0;  ///< all dense parameters (numbers, unsharded)
+  std::size_t expert_total_params = 0; ///< all expert parameters of the model (numbers)
+  std::size_t dense_shard = 0;         ///< this rank's FSDP shards
+  std::size_t dense_grad_shard = 0;
+  std::size_t gathered_unit_max = 0;   ///< largest gathered unit
+  std::size_t gathered_peak = 0;       ///< gathered units alive at once, peak so far
+  std::size_t grad_buffer = 0;         ///< full-size gradient buffer of one unit
+  std::size_t experts = 0;             ///< local expert weights
+  std::size_t expert_grads = 0;
+  std::size_t optimizer = 0;           ///< AdamW moments of the shards and local experts
+  std::size_t activations = 0;         ///< saved dense activations of one step
+  std::size_t activations_without_checkpointing = 0;
+};
+
+struct StepStats {
+  double ce_sum = 0;          ///< local cross-entropy sum
+  long long valid = 0;        ///< local valid targets
+  long long correct = 0;      ///< local argmax-correct targets
+  double aux = 0, z = 0;      ///< router losses summed over layers (global)
+};
+
+/// One model replica's slice on this rank: FSDP shards of the dense parameters, the local
+/// experts of every MoE layer, and the buffers of one step.
+template <class S>
+class Model {
+ public:
+  using execution_space = Kokkos::DefaultExecutionSpace;
+  using memory_space = execution_space::memory_space;
+  using matrix = Kokkos::View<S**, Kokkos::LayoutRight, memory_space>;
+  using vector = Kokkos::View<S*, memory_space>;
+  using ivector = Kokkos::View<int*, memory_space>;
+
+  Model(const ModelConfig& cfg, const ParallelConfig& par, Mesh& mesh, std::uint64_t seed);
+  ~Model();
+
+  /// Forward + backward of this rank's sequences (`local.batch` may be 0). The loss is
+  /// L = sum(CE) / global_valid + sum over layers (aux + z); gradients land in the FSDP
+  /// shard gradients and the local expert gradients (reduced over the expert-data-parallel
+  /// group). `step` keys the router noise. Collective over the world.
+  StepStats forward_backward(const Batch& local, long long global_valid, std::uint64_t step);
+  /// Forward only (no router noise); `correct` gets 1 per argmax-correct target row.
+  StepStats evaluate(const Batch& local, std::vector<int>* correct = nullptr);
+
+  Fsdp<S>& fsdp() { return *fsdp_; }
+  MoELayer<S>& moe(int layer) { return *moe_[layer]; }
+  int n_layers() const { return cfg_.n_layers; }
+  const ModelConfig& config() const { return cfg_; }
+  const ParallelConfig& parallel() const { return par_; }
+  Mesh& mesh() { return mesh_; }
+  MemoryReport memory() const;
+
+  /// Parameter ids in the FSDP registry.
+  struct BlockParams { int attn_norm, wq, wk, wv, wo, moe_norm, router; };
+  int unit_embed() const { return u_embed_; }
+  int unit_block(int l) const { return u_block_[l]; }
+  int unit_head() const { return u_head_; }
+  const BlockParams& block_params(int l) const { return bp_[l]; }
+  int param_wte() const { return p_wte_; }
+  int param_wpe() const { return p_wpe_; }
+  int param_final_norm() const { return p_fnorm_; }
+  int param_lm_head() const { return p_head_; }
+
+ private:
+  struct Acts;
+  void prepare(const Batch& b);
+  void block_forward(int l, Acts& a, bool training);
+  StepStats run(const Batch& local, long long global_valid, bool training, std::uint64_t step,
+                std::vector<int>* correct);
+
+  ModelConfig cfg_;
+  ParallelConfig par_;
+  Mesh& mesh_;
+  std::unique_ptr<Fsdp<S>> fsdp_;
+  std::vector<std::unique_ptr<MoELayer<S>>> moe_;
+  int u_embed_ = -1, u_head_ = -1, p_wte_ = -1, p_wpe_ = -1, p_fnorm_ = -1, p_head_ = -1;
+  std::vector<int> u_block_;
+  std::vector<BlockParams> bp_;
+  std::vector<std::unique_ptr<Acts>> acts_;  // per layer (or one shared with checkpointing)
+  std::vector<matrix> xin_;                  // block inputs (checkpointing)
+  matrix x_, dx_, t1_, t2_, f_, logits_;
+  vector rf_;
+  ivector tokens_, targets_, correct_;
+  matrix dq_, dk_, dv_, do_;
+  int rows_ = 0, batch_ = 0;
+  std::int64_t allocations_ = 0;
+};
+
+extern template class Model<float>;
+extern template class Model<double>;
+
+}  // namespace examoe

@@ -1,0 +1,78 @@
+#pragma once
+#include <examoe/model.hpp>
+
+#include <mpi.h>
+
+#include <functional>
+#include <iosfwd>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace examoe {
+
+struct TrainOptions {
+  int steps = 400;
+  int batch = 32;           ///< global batch, sequences per step (split over all ranks)
+  double lr = 3e-3, min_lr = 3e-4;
+  int warmup = 40;
+  double weight_decay = 0.05, beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
+  double clip = 1.0;        ///< global gradient-norm clip (0 = off)
+  std::uint64_t seed = 1;
+  std::string precision = "float";  ///< float or double
+};
+struct DataOptions {
+  std::string path;         ///< empty: the built-in addition corpus
+  int digits = 2;           ///< addition corpus: digits per operand
+  int val_problems = 256;
+  double val_fraction = 0.1;  ///< file corpus: tail kept for validation
+};
+struct LogOptions {
+  int interval = 20;        ///< progress line every N steps
+  int eval_interval = 100;  ///< validation every N steps (and at the end)
+  std::string metrics;      ///< JSON-lines file (rank 0), empty = none
+  bool quiet = false;
+};
+
+struct TrainConfig {
+  ModelConfig model;
+  ParallelConfig parallel;
+  TrainOptions train;
+  DataOptions data;
+  LogOptions log;
+  void validate() const;
+};
+
+/// Every config key once: name ("model.d_model"), help, and how to read/write it as text.
+/// The command line, the JSON config file and the printed config all come from this table.
+struct ConfigKey {
+  std::string name, help;
+  std::function<std::string(const TrainConfig&)> get;
+  std::function<void(TrainConfig&, const std::string&)> set;  ///< throws examoe::Error
+};
+const std::vector<ConfigKey>& config_keys();
+/// Applies a JSON object (nested {"model": {"d_model": 64}} or flat {"model.d_model": 64}).
+/// Unknown keys are errors naming the closest valid key.
+void apply_json_config(TrainConfig& cfg, const std::string& json_text, const std::string& source);
+std::string closest_key(const std::string& name);
+
+struct EvalResult {
+  double loss = 0;          ///< mean cross-entropy per target (nats)
+  double accuracy = -1;     ///< exact-match accuracy on held-out problems, -1 if none
+  long long targets = 0;
+};
+
+struct TrainResult {
+  std::vector<double> losses;  ///< total loss (CE + aux + z) of every step
+  std::vector<double> ce;      ///< cross-entropy part of every step
+  EvalResult initial, final;
+  double unigram_entropy = 0;
+  double seconds = 0, tokens_per_second = 0;
+  MemoryReport memory;
+};
+
+/// Trains with `cfg` on `comm` (any size that cfg.parallel.ep divides). Rank 0 writes
+/// progress to `out` (may be null). Collective; errors are examoe::Error on every rank.
+TrainResult train(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out);
+
+}  // namespace examoe

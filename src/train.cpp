@@ -1,0 +1,523 @@
+// Training loop: data sharded over all ranks, FSDP + expert parallelism, AdamW with global
+// norm clipping and warmup + cosine schedule, validation, progress and JSON-lines metrics.
+#include <examoe/error.hpp>
+#include <examoe/optimizer.hpp>
+#include <examoe/train.hpp>
+
+#include <nlohmann/json.hpp>
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iomanip>
+#include <ostream>
+#include <sstream>
+
+namespace examoe {
+
+// ------------------------------------------------------------------ config table
+namespace {
+
+std::string fmt_double(double v) {
+  std::ostringstream os;
+  os << std::setprecision(17) << v;
+  std::string s = os.str();
+  return s;
+}
+
+int parse_int(const std::string& key, const std::string& v) {
+  try {
+    std::size_t pos = 0;
+    const long long x = std::stoll(v, &pos);
+    if (pos != v.size() || x < INT32_MIN || x > INT32_MAX) throw std::invalid_argument(v);
+    return static_cast<int>(x);
+  } catch (const std::exception&) {
+    throw Error("examoe::config: " + key + " must be an integer, got '" + v + "'");
+  }
+}
+std::uint64_t parse_u64(const std::string& key, const std::string& v) {
+  try {
+    std::size_t pos = 0;
+    if (!v.empty() && v[0] == '-') throw std::invalid_argument(v);
+    const unsigned long long x = std::stoull(v, &pos);
+    if (pos != v.size()) throw std::invalid_argument(v);
+    return x;
+  } catch (const std::exception&) {
+    throw Error("examoe::config: " + key + " must be a non-negative integer, got '" + v + "'");
+  }
+}
+double parse_double(const std::string& key, const std::string& v) {
+  try {
+    std::size_t pos = 0;
+    const double x = std::stod(v, &pos);
+    if (pos != v.size()) throw std::invalid_argument(v);
+    return x;
+  } catch (const std::exception&) {
+    throw Error("examoe::config: " + key + " must be a number, got '" + v + "'");
+  }
+}
+bool parse_bool(const std::string& key, const std::string& v) {
+  if (v == "true" || v == "1" || v == "on" || v == "yes") return true;
+  if (v == "false" || v == "0" || v == "off" || v == "no") return false;
+  throw Error("examoe::config: " + key + " must be true or false, got '" + v + "'");
+}
+
+#define EXAMOE_KEY_INT(NAME, FIELD, HELP)                                                        \
+  ConfigKey{NAME, HELP, [](const TrainConfig& c) { return std::to_string(c.FIELD); },           \
+            [](TrainConfig& c, const std::string& v) { c.FIELD = parse_int(NAME, v); }}
+#define EXAMOE_KEY_U64(NAME, FIELD, HELP)                                                        \
+  ConfigKey{NAME, HELP, [](const TrainConfig& c) { return std::to_string(c.FIELD); },           \
+            [](TrainConfig& c, const std::string& v) { c.FIELD = parse_u64(NAME, v); }}
+#define EXAMOE_KEY_DBL(NAME, FIELD, HELP)                                                        \
+  ConfigKey{NAME, HELP, [](const TrainConfig& c) { return fmt_double(c.FIELD); },               \
+            [](TrainConfig& c, const std::string& v) { c.FIELD = parse_double(NAME, v); }}
+#define EXAMOE_KEY_BOOL(NAME, FIELD, HELP)                                                       \
+  ConfigKey{NAME, HELP, [](const TrainConfig& c) { return std::string(c.FIELD ? "true" : "false"); }, \
+            [](TrainConfig& c, const std::string& v) { c.FIELD = parse_bool(NAME, v); }}
+#define EXAMOE_KEY_STR(NAME, FIELD, HELP)                                                        \
+  ConfigKey{NAME, HELP, [](const TrainConfig& c) { return c.FIELD; },                          \
+            [](TrainConfig& c, const std::string& v) { c.FIELD = v; }}
+
+std::size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<std::size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j)
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+}  // namespace
+
+const std::vector<ConfigKey>& config_keys() {
+  static const std::vector<ConfigKey> keys = {
+      EXAMOE_KEY_INT("model.d_model", model.d_model, "Model width d"),
+      EXAMOE_KEY_INT("model.n_layers", model.n_layers, "Number of decoder blocks L"),
+      EXAMOE_KEY_INT("model.n_heads", model.n_heads, "Attention heads (must divide d_model)"),
+      EXAMOE_KEY_INT("model.seq_len", model.seq_len, "Tokens per sequence (context length)"),
+      EXAMOE_KEY_INT("model.d_hidden", model.d_hidden, "Expert MLP hidden width"),
+      EXAMOE_KEY_INT("model.num_experts", model.num_experts, "Experts per MoE layer E (>= ep)"),
+      EXAMOE_KEY_INT("model.top_k", model.top_k, "Experts per token k (1 <= k <= E)"),
+      ConfigKey{"model.activation", "Expert MLP: gelu or swiglu",
+                [](const TrainConfig& c) { return to_string(c.model.activation); },
+                [](TrainConfig& c, const std::string& v) {
+                  try {
+                    c.model.activation = activation_from_string(v);
+                  } catch (const Error&) {
+                    throw Error("examoe::config: model.activation must be gelu or swiglu, got '" + v + "'");
+                  }
+                }},
+      EXAMOE_KEY_DBL("model.router.temperature", model.router.temperature, "Router softmax temperature (> 0)"),
+      EXAMOE_KEY_BOOL("model.router.renormalize", model.router.renormalize, "Renormalise the k gates to sum to 1"),
+      EXAMOE_KEY_DBL("model.router.jitter", model.router.jitter, "Std-dev of training noise on router logits (0 = off)"),
+      EXAMOE_KEY_DBL("model.router.aux_loss_coef", model.router.aux_loss_coef, "Load-balancing loss weight alpha"),
+      EXAMOE_KEY_DBL("model.router.z_loss_coef", model.router.z_loss_coef, "Router z-loss weight beta"),
+      EXAMOE_KEY_DBL("model.norm_eps", model.norm_eps, "RMSNorm epsilon"),
+      EXAMOE_KEY_INT("parallel.ep", parallel.ep, "Expert-parallel degree; dp = world / ep (0 = world)"),
+      EXAMOE_KEY_BOOL("parallel.reshard_after_forward", parallel.reshard_after_forward, "FSDP: free gathered parameters after each unit's forward"),
+      EXAMOE_KEY_BOOL("parallel.activation_checkpointing", parallel.activation_checkpointing, "Recompute each block in backward instead of storing it"),
+      EXAMOE_KEY_INT("train.steps", train.steps, "Optimizer steps"),
+      EXAMOE_KEY_INT("train.batch", train.batch, "Global batch in sequences (split over all ranks)"),
+      EXAMOE_KEY_DBL("train.lr", train.lr, "Peak learning rate"),
+      EXAMOE_KEY_DBL("train.min_lr", train.min_lr, "Learning rate at the end of the cosine decay"),
+      EXAMOE_KEY_INT("train.warmup", train.warmup, "Linear warmup steps"),
+      EXAMOE_KEY_DBL("train.weight_decay", train.weight_decay, "AdamW decoupled weight decay (matrices only)"),
+      EXAMOE_KEY_DBL("train.beta1", train.beta1, "AdamW beta1"),
+      EXAMOE_KEY_DBL("train.beta2", train.beta2, "AdamW beta2"),
+      EXAMOE_KEY_DBL("train.eps", train.eps, "AdamW epsilon"),
+      EXAMOE_KEY_DBL("train.clip", train.clip, "Global gradient-norm clip (0 = off)"),
+      EXAMOE_KEY_U64("train.seed", train.seed, "Seed of parameters and data"),
+      EXAMOE_KEY_STR("train.precision", train.precision, "float or double"),
+      EXAMOE_KEY_STR("data.path", data.path, "Train a byte-level model on this file (empty: built-in addition corpus)"),
+      EXAMOE_KEY_INT("data.digits", data.digits, "Addition corpus: digits per operand (1-6)"),
+      EXAMOE_KEY_INT("data.val_problems", data.val_problems, "Addition corpus: held-out problems for accuracy"),
+      EXAMOE_KEY_DBL("data.val_fraction", data.val_fraction, "File corpus: fraction kept for validation (0, 0.5]"),
+      EXAMOE_KEY_INT("log.interval", log.interval, "Progress line every N steps"),
+      EXAMOE_KEY_INT("log.eval_interval", log.eval_interval, "Validation every N steps (and at the end)"),
+      EXAMOE_KEY_STR("log.metrics", log.metrics, "Append JSON lines of metrics to this file (rank 0)"),
+      EXAMOE_KEY_BOOL("log.quiet", log.quiet, "Only the summary"),
+  };
+  return keys;
+}
+
+std::string closest_key(const std::string& name) {
+  std::string best;
+  std::size_t bd = ~std::size_t(0);
+  for (const auto& k : config_keys()) {
+    // Compare with the full name and with its last component (users often drop the prefix).
+    const std::string last = k.name.substr(k.name.rfind('.') + 1);
+    const std::size_t d = std::min(edit_distance(name, k.name), edit_distance(name, last));
+    if (d < bd) {
+      bd = d;
+      best = k.name;
+    }
+  }
+  return best;
+}
+
+void apply_json_config(TrainConfig& cfg, const std::string& text, const std::string& source) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const std::exception& e) {
+    throw Error("examoe::config: " + source + " is not valid JSON: " + e.what());
+  }
+  if (!j.is_object()) throw Error("examoe::config: " + source + " must hold a JSON object");
+  std::vector<std::pair<std::string, nlohmann::json>> flat;
+  std::function<void(const std::string&, const nlohmann::json&)> walk =
+      [&](const std::string& prefix, const nlohmann::json& o) {
+        for (auto it = o.begin(); it != o.end(); ++it) {
+          const std::string name = prefix.empty() ? it.key() : prefix + "." + it.key();
+          bool is_key = false;
+          for (const auto& k : config_keys()) is_key = is_key || k.name == name;
+          if (it->is_object() && !is_key) walk(name, *it);
+          else flat.emplace_back(name, *it);
+        }
+      };
+  walk("", j);
+  for (const auto& [name, value] : flat) {
+    const ConfigKey* key = nullptr;
+    for (const auto& k : config_keys())
+      if (k.name == name) key = &k;
+    if (!key)
+      throw Error("examoe::config: unknown key '" + name + "' in " + source + " (did you mean '" +
+                  closest_key(name) + "'?)");
+    std::string v;
+    if (value.is_string()) v = value.get<std::string>();
+    else if (value.is_boolean()) v = value.get<bool>() ? "true" : "false";
+    else if (value.is_number_integer()) v = std::to_string(value.get<long long>());
+    else if (value.is_number()) v = fmt_double(value.get<double>());
+    else throw Error("examoe::config: key '" + name + "' in " + source + " has an unsupported value " + value.dump());
+    key->set(cfg, v);
+  }
+}
+
+void TrainConfig::validate() const {
+  const std::string f = "examoe::TrainConfig: ";
+  model.validate();
+  if (train.steps < 0) throw Error(f + "train.steps must be >= 0");
+  if (train.batch <= 0) throw Error(f + "train.batch must be positive");
+  if (!(train.lr > 0) || !std::isfinite(train.lr)) throw Error(f + "train.lr must be positive");
+  if (!(train.min_lr >= 0) || train.min_lr > train.lr) throw Error(f + "train.min_lr must be in [0, train.lr]");
+  if (train.warmup < 0) throw Error(f + "train.warmup must be >= 0");
+  if (!(train.weight_decay >= 0)) throw Error(f + "train.weight_decay must be >= 0");
+  if (!(train.beta1 >= 0 && train.beta1 < 1)) throw Error(f + "train.beta1 must be in [0, 1)");
+  if (!(train.beta2 >= 0 && train.beta2 < 1)) throw Error(f + "train.beta2 must be in [0, 1)");
+  if (!(train.eps > 0)) throw Error(f + "train.eps must be positive");
+  if (!(train.clip >= 0)) throw Error(f + "train.clip must be >= 0");
+  if (train.precision != "float" && train.precision != "double")
+    throw Error(f + "train.precision must be float or double, got '" + train.precision + "'");
+  if (parallel.ep < 0) throw Error(f + "parallel.ep must be >= 0");
+  if (data.val_problems <= 0) throw Error(f + "data.val_problems must be positive");
+  if (log.interval <= 0) throw Error(f + "log.interval must be positive");
+  if (log.eval_interval <= 0) throw Error(f + "log.eval_interval must be positive");
+}
+
+// ------------------------------------------------------------------ training
+namespace {
+
+/// [first, first+count) of n items split as evenly as possible over `parts`.
+std::pair<int, int> split(int n, int parts, int part) {
+  const int base = n / parts, extra = n % parts;
+  const int first = part * base + std::min(part, extra);
+  return {first, base + (part < extra ? 1 : 0)};
+}
+
+std::size_t peak_rss_bytes() {
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<std::size_t>(ru.ru_maxrss) * 1024;
+}
+
+std::string human_bytes(double b) {
+  const char* u[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int i = 0;
+  while (b >= 1024 && i < 4) {
+    b /= 1024;
+    ++i;
+  }
+  char s[32];
+  std::snprintf(s, sizeof s, "%.1f %s", b, u[i]);
+  return s;
+}
+
+std::string human_time(double s) {
+  char buf[32];
+  if (s < 60) std::snprintf(buf, sizeof buf, "%.0fs", s);
+  else if (s < 3600) std::snprintf(buf, sizeof buf, "%dm%02ds", static_cast<int>(s) / 60, static_cast<int>(s) % 60);
+  else std::snprintf(buf, sizeof buf, "%dh%02dm", static_cast<int>(s) / 3600, (static_cast<int>(s) / 60) % 60);
+  return buf;
+}
+
+template <class S>
+EvalResult evaluate(Model<S>& model, const Corpus& corpus, int seq_len) {
+  Mesh& mesh = model.mesh();
+  const int nseq = corpus.num_val_sequences(seq_len);
+  const auto [first, count] = split(nseq, mesh.world_size(), mesh.world_rank());
+  Batch b;
+  corpus.val_batch(first, count, seq_len, b);
+  std::vector<int> correct;
+  StepStats st = model.evaluate(b, &correct);
+  const int np = corpus.num_val_problems();
+  // Per problem: number of target rows and of correct ones (problems never span ranks, but
+  // summing over ranks does not need that).
+  std::vector<double> red(2 + 2 * static_cast<std::size_t>(np), 0.0);
+  red[0] = st.ce_sum;
+  red[1] = static_cast<double>(st.valid);
+  for (std::size_t i = 0; i < correct.size(); ++i) {
+    const int p = b.sample_of_row.empty() ? -1 : b.sample_of_row[i];
+    if (p >= 0 && b.targets[i] >= 0) {
+      red[2 + 2 * p] += 1;
+      red[3 + 2 * p] += correct[i];
+    }
+  }
+  mesh.world().allreduce_sum(red.data(), red.size(), DataType::f64);
+  EvalResult r;
+  r.targets = static_cast<long long>(red[1]);
+  r.loss = red[1] > 0 ? red[0] / red[1] : 0.0;
+  if (np > 0) {
+    int exact = 0;
+    for (int p = 0; p < np; ++p) exact += (red[2 + 2 * p] > 0 && red[3 + 2 * p] == red[2 + 2 * p]) ? 1 : 0;
+    r.accuracy = static_cast<double>(exact) / np;
+  }
+  return r;
+}
+
+template <class S>
+TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
+  using Clock = std::chrono::steady_clock;
+  Mesh mesh(comm, cfg.parallel.ep);
+  const bool root = mesh.world_rank() == 0;
+  std::ostream* log = root ? out : nullptr;
+
+  // Data: errors (missing file, too short, ...) are agreed before anything else.
+  std::unique_ptr<Corpus> corpus;
+  std::string err;
+  try {
+    if (cfg.data.path.empty())
+      corpus = std::make_unique<AdditionCorpus>(cfg.train.seed, cfg.data.digits, cfg.data.val_problems);
+    else
+      corpus = std::make_unique<FileCorpus>(cfg.data.path, cfg.train.seed, cfg.data.val_fraction);
+    corpus->check(cfg.model.seq_len);
+  } catch (const Error& e) {
+    err = e.what();
+  }
+  throw_if_any(mesh.world(), err);
+
+  Model<S> model(cfg.model, cfg.parallel, mesh, cfg.train.seed);
+  AdamWConfig ac;
+  ac.beta1 = cfg.train.beta1;
+  ac.beta2 = cfg.train.beta2;
+  ac.eps = cfg.train.eps;
+  ac.weight_decay = cfg.train.weight_decay;
+  AdamW<S> opt(ac);
+  using U = typename AdamW<S>::vector;
+  auto& F = model.fsdp();
+  for (int u = 0; u < F.num_units(); ++u)
+    opt.add(U(F.shard(u).data(), F.shard_numel(u)), U(F.shard_grad(u).data(), F.shard_numel(u)),
+            U(F.shard_decay_mask(u).data(), F.shard_numel(u)), true);
+  std::vector<U> expert_grads;
+  for (int l = 0; l < model.n_layers(); ++l) {
+    auto& m = model.moe(l);
+    const std::pair<typename MoELayer<S>::tensor3, typename MoELayer<S>::tensor3> pg[] = {
+        {m.w1(), m.w1_grad()}, {m.w2(), m.w2_grad()}, {m.w3(), m.w3_grad()}};
+    for (const auto& [p, g] : pg) {
+      if (p.size() == 0) continue;
+      opt.add(U(p.data(), p.size()), U(g.data(), g.size()), U(), true);
+      expert_grads.emplace_back(g.data(), g.size());
+    }
+  }
+
+  TrainResult res;
+  res.unigram_entropy = corpus->unigram_entropy();
+  const int seq = cfg.model.seq_len;
+  const auto [first, count] = split(cfg.train.batch, mesh.world_size(), mesh.world_rank());
+  if (log && !cfg.log.quiet) {
+    *log << "examoe train: " << mesh.world_size() << " ranks (dp " << mesh.dp_size() << " x ep "
+         << mesh.ep_size() << "), " << cfg.train.precision << ", " << corpus->describe() << "\n";
+    *log << "  model: d=" << cfg.model.d_model << " L=" << cfg.model.n_layers << " heads="
+         << cfg.model.n_heads << " seq=" << seq << " E=" << cfg.model.num_experts << " k="
+         << cfg.model.top_k << " h=" << cfg.model.d_hidden << " " << to_string(cfg.model.activation)
+         << "; batch " << cfg.train.batch << " x " << seq << " tokens, " << cfg.train.steps << " steps\n";
+  }
+  res.initial = evaluate(model, *corpus, seq);
+  {
+    const MemoryReport mr = model.memory();
+    if (log && !cfg.log.quiet) {
+      *log << "  memory per rank: dense shards " << human_bytes(static_cast<double>(mr.dense_shard))
+           << " (of " << human_bytes(static_cast<double>(mr.dense_total_params * sizeof(S)))
+           << " dense in all), largest gathered unit " << human_bytes(static_cast<double>(mr.gathered_unit_max))
+           << ", local experts " << human_bytes(static_cast<double>(mr.experts)) << " (of "
+           << human_bytes(static_cast<double>(mr.expert_total_params * sizeof(S))) << "), optimizer state "
+           << human_bytes(static_cast<double>(mr.optimizer)) << ", activations "
+           << human_bytes(static_cast<double>(mr.activations))
+           << (cfg.parallel.activation_checkpointing
+                   ? " (checkpointing; " + human_bytes(static_cast<double>(mr.activations_without_checkpointing)) + " without)"
+                   : std::string()) << "\n";
+      *log << "  before training: val loss " << std::fixed << std::setprecision(4) << res.initial.loss
+           << " nats (unigram entropy " << res.unigram_entropy << ")";
+      if (res.initial.accuracy >= 0) *log << ", exact match " << std::setprecision(1) << 100 * res.initial.accuracy << " %";
+      *log << std::defaultfloat << "\n";
+    }
+  }
+  std::ofstream metrics;
+  if (root && !cfg.log.metrics.empty()) {
+    metrics.open(cfg.log.metrics, std::ios::app);
+    if (!metrics) err = "examoe::train: cannot open metrics file '" + cfg.log.metrics + "'";
+  }
+  throw_if_any(mesh.world(), err);
+
+  const auto t_start = Clock::now();
+  auto t_interval = t_start;
+  double interval_tokens = 0;
+  Batch b;
+  for (int step = 0; step < cfg.train.steps; ++step) {
+    corpus->train_batch(static_cast<std::uint64_t>(step), first, count, seq, b);
+    long long valid = 0;
+    for (int t : b.targets) valid += t >= 0 ? 1 : 0;
+    long long gvalid = valid;
+    mesh.world().allreduce_sum(&gvalid, 1, DataType::i64);
+    const StepStats st = model.forward_backward(b, gvalid, static_cast<std::uint64_t>(step));
+
+    // Global gradient norm over every shard and every expert (experts counted once: on the
+    // first replica of each expert-parallel group).
+    double sq[2] = {0, st.ce_sum};
+    for (int u = 0; u < F.num_units(); ++u) sq[0] += sum_squares(U(F.shard_grad(u).data(), F.shard_numel(u)));
+    if (mesh.dp_rank() == 0)
+      for (const auto& g : expert_grads) sq[0] += sum_squares(g);
+    mesh.world().allreduce_sum(sq, 2, DataType::f64);
+    const double gnorm = std::sqrt(sq[0]);
+    const double scale = (cfg.train.clip > 0 && gnorm > cfg.train.clip) ? cfg.train.clip / gnorm : 1.0;
+    const double lr = lr_schedule(step, cfg.train.steps, cfg.train.warmup, cfg.train.lr, cfg.train.min_lr);
+    opt.step(lr, scale);
+
+    const double ce = gvalid > 0 ? sq[1] / static_cast<double>(gvalid) : 0.0;
+    const double loss = ce + st.aux + st.z;
+    res.losses.push_back(loss);
+    res.ce.push_back(ce);
+    interval_tokens += static_cast<double>(cfg.train.batch) * seq;
+
+    const bool last = step + 1 == cfg.train.steps;
+    const bool do_log = (step + 1) % cfg.log.interval == 0 || last;
+    const bool do_eval = (step + 1) % cfg.log.eval_interval == 0 || last;
+    EvalResult ev;
+    if (do_eval) ev = evaluate(model, *corpus, seq);
+    if (do_log || do_eval) {
+      // Load statistics of the last step, every layer.
+      double imb = 0;
+      long long bytes = 0;
+      std::array<double, kNumPhases> ph{};
+      for (int l = 0; l < model.n_layers(); ++l) {
+        const LayerStats& ls = model.moe(l).stats();
+        imb = std::max(imb, ls.imbalance);
+        bytes += ls.bytes_sent_dispatch + ls.bytes_sent_combine;
+        for (int p = 0; p < kNumPhases; ++p) ph[p] += ls.seconds[p];
+      }
+      long long gbytes = bytes;
+      mesh.world().allreduce_sum(&gbytes, 1, DataType::i64);
+      const double now = std::chrono::duration<double>(Clock::now() - t_start).count();
+      const double dt = std::chrono::duration<double>(Clock::now() - t_interval).count();
+      const double tps = dt > 0 ? interval_tokens / dt : 0.0;
+      const double eta = (step + 1) > 0 ? now / (step + 1) * (cfg.train.steps - step - 1) : 0.0;
+      t_interval = Clock::now();
+      interval_tokens = 0;
+      if (log && !cfg.log.quiet && do_log) {
+        char line[256];
+        std::snprintf(line, sizeof line,
+                      "step %*d/%d | loss %.4f | aux %.4f | lr %.2e | %.0f tok/s | imbalance %.2f | ETA %s",
+                      static_cast<int>(std::to_string(cfg.train.steps).size()), step + 1,
+                      cfg.train.steps, loss, st.aux, lr, tps, imb, human_time(eta).c_str());
+        *log << line;
+        if (do_eval) {
+          std::snprintf(line, sizeof line, " | val %.4f", ev.loss);
+          *log << line;
+          if (ev.accuracy >= 0) {
+            std::snprintf(line, sizeof line, " acc %.1f%%", 100 * ev.accuracy);
+            *log << line;
+          }
+        }
+        *log << std::endl;
+      }
+      if (metrics.is_open()) {
+        nlohmann::json j;
+        j["step"] = step + 1;
+        j["loss"] = loss;
+        j["ce"] = ce;
+        j["aux"] = st.aux;
+        j["z"] = st.z;
+        j["lr"] = lr;
+        j["grad_norm"] = gnorm;
+        j["tokens_per_s"] = tps;
+        j["imbalance"] = imb;
+        j["bytes_moved"] = gbytes;
+        j["peak_rss_bytes"] = peak_rss_bytes();
+        nlohmann::json tpe = nlohmann::json::array();
+        for (int l = 0; l < model.n_layers(); ++l) tpe.push_back(model.moe(l).stats().tokens_per_expert);
+        j["tokens_per_expert"] = tpe;
+        nlohmann::json phs;
+        for (int p = 0; p < kNumPhases; ++p) phs[phase_name(static_cast<Phase>(p))] = ph[p];
+        j["moe_phase_s"] = phs;
+        if (do_eval) {
+          j["val_loss"] = ev.loss;
+          if (ev.accuracy >= 0) j["val_accuracy"] = ev.accuracy;
+        }
+        metrics << j.dump() << "\n";
+        metrics.flush();
+      }
+    }
+    if (last) res.final = ev;
+  }
+  if (cfg.train.steps == 0) res.final = res.initial;
+  res.seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
+  res.tokens_per_second = res.seconds > 0 ? static_cast<double>(cfg.train.batch) * seq * cfg.train.steps / res.seconds : 0;
+  res.memory = model.memory();
+  if (log) {
+    *log << std::fixed << std::setprecision(4) << "summary: " << cfg.train.steps << " steps in "
+         << std::setprecision(1) << res.seconds << " s (" << std::setprecision(0) << res.tokens_per_second
+         << " tokens/s); val loss " << std::setprecision(4) << res.initial.loss << " -> " << res.final.loss
+         << " nats (unigram entropy " << res.unigram_entropy << ")";
+    if (res.final.accuracy >= 0)
+      *log << "; exact match on " << corpus->num_val_problems() << " held-out problems "
+           << std::setprecision(1) << 100 * res.initial.accuracy << " % -> " << 100 * res.final.accuracy << " %";
+    *log << std::defaultfloat << "; peak RSS " << human_bytes(static_cast<double>(peak_rss_bytes())) << "\n";
+  }
+  if (metrics.is_open()) {
+    nlohmann::json j;
+    j["summary"] = true;
+    j["steps"] = cfg.train.steps;
+    j["seconds"] = res.seconds;
+    j["tokens_per_s"] = res.tokens_per_second;
+    j["val_loss_initial"] = res.initial.loss;
+    j["val_loss_final"] = res.final.loss;
+    j["unigram_entropy"] = res.unigram_entropy;
+    if (res.final.accuracy >= 0) j["val_accuracy"] = res.final.accuracy;
+    metrics << j.dump() << "\n";
+  }
+  return res;
+}
+
+}  // namespace
+
+TrainResult train(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
+  // Validation errors are identical on every rank for an identical config; a config that
+  // differs between ranks is caught by the layers' collective config check.
+  {
+    auto c = make_mpi_communicator(comm);
+    std::string err;
+    try {
+      cfg.validate();
+    } catch (const Error& e) {
+      err = e.what();
+    }
+    throw_if_any(*c, err);
+  }
+  return cfg.train.precision == "double" ? run<double>(cfg, comm, out) : run<float>(cfg, comm, out);
+}
+
+}  // namespace examoe
