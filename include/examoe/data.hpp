@@ -1,4 +1,170 @@
 // Training data: synthetic addition corpus and byte files.
+//
+// The model is a byte-level language model (vocabulary 256). Every step the training app
+// samples a global batch of `batch` sequences of `seq_len` tokens; sequence i of the global
+// batch of step s goes to whichever rank holds it. All randomness is a counter-based hash of
+// (seed, step, global sequence index, ...), so a sequence never depends on the rank count, on
+// which rank asks for it, or on the order of the calls: train_batch(s, 0, 8) is exactly the
+// concatenation of train_batch(s, 0, 3) and train_batch(s, 3, 5).
+//
+// Targets are next-byte predictions; target -1 means "no loss at this position".
 #pragma once
 
-namespace examoe {}
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace examoe {
+
+/// splitmix64 finalizer (Steele, Lea, Flood 2014): a bijective 64-bit mixer. All randomness
+/// of the data pipeline is built from it (counter-based, no generator state).
+std::uint64_t splitmix64(std::uint64_t x) noexcept;
+
+/// A batch of `batch` sequences of `seq_len` tokens, row-major [sequence][position].
+struct Batch {
+  int batch = 0, seq_len = 0;      // sequences in this batch, tokens per sequence
+  std::vector<int> tokens;         // [batch*seq_len], byte values 0..255
+  std::vector<int> targets;        // [batch*seq_len], next byte or -1 (ignored)
+  std::vector<int> sample_of_row;  // [batch*seq_len]: for eval batches, index of the problem a
+                                   // target row belongs to, else -1
+};
+
+class Corpus {
+ public:
+  virtual ~Corpus() = default;
+  virtual std::string name() const = 0;
+  /// Throws examoe::Error if sequences of `seq_len` tokens cannot be produced. The batch
+  /// functions call it too; calling it once up front gives the error before training starts.
+  /// The default accepts any seq_len >= 1.
+  virtual void check(int seq_len) const;
+  /// Training sequences [first, first+count) of the global batch of `step` (deterministic
+  /// from the seed). `out` is resized to count x seq_len.
+  virtual void train_batch(std::uint64_t step, int first, int count, int seq_len,
+                           Batch& out) const = 0;
+  /// Validation set: a fixed list of sequences (same on every rank), num_val_sequences() of
+  /// them; val_batch fills [first, first+count).
+  virtual int num_val_sequences(int seq_len) const = 0;
+  virtual void val_batch(int first, int count, int seq_len, Batch& out) const = 0;
+  /// Entropy (nats) of the unigram distribution of the training TARGET bytes: the loss of a
+  /// model that ignores context.
+  virtual double unigram_entropy() const = 0;
+  /// Number of held-out problems in the validation set for exact-match accuracy, 0 if none.
+  virtual int num_val_problems() const = 0;
+  virtual std::string describe() const = 0;  // one line for people
+};
+
+/// Synthetic multi-digit addition. A problem is "a+b=c\n" with a, b uniform in
+/// [0, 10^digits), written in decimal without leading zeros, and c = a+b written with its
+/// digits REVERSED (least significant first), e.g. "57+68=521\n", "5+5=01\n", "0+0=0\n".
+///
+/// Training sequences are problems concatenated back to back: a sequence starts at a problem
+/// boundary, problems are appended while they fit completely, and the tail is padded with '\n'
+/// (target -1). Targets are set only on the answer: the target at the '=' is c's first
+/// (least significant) digit, ..., the target at c's last digit is the final '\n'; all other
+/// targets are -1.
+///
+/// Held-out problems: (a, b) is held out iff
+///   splitmix64(seed_mix ^ (a * 10^digits + b)) % 10 == 0,   seed_mix = splitmix64(seed ^ C)
+/// (10% of the problem space). Training never produces a held-out problem (a held-out draw
+/// is replaced by a deterministic redraw). The validation set is num_val_problems distinct
+/// held-out problems chosen deterministically from the seed, packed like training sequences
+/// (in problem order, as many whole problems per sequence as fit); sample_of_row holds the
+/// problem index (0..num_val_problems-1) at each target row of that problem and -1
+/// elsewhere, so exact match of problem p = every row with sample_of_row == p predicted
+/// correctly (teacher-forced argmax, equal to greedy decoding exact match).
+/// seq_len must be at least max_problem_length() = 3*digits + 4.
+class AdditionCorpus : public Corpus {
+ public:
+  explicit AdditionCorpus(std::uint64_t seed, int digits = 2, int num_val_problems = 256);
+
+  std::string name() const override { return "addition"; }
+  void check(int seq_len) const override;
+  void train_batch(std::uint64_t step, int first, int count, int seq_len,
+                   Batch& out) const override;
+  int num_val_sequences(int seq_len) const override;
+  void val_batch(int first, int count, int seq_len, Batch& out) const override;
+  double unigram_entropy() const override { return entropy_; }
+  int num_val_problems() const override { return static_cast<int>(val_problems_.size()); }
+  std::string describe() const override;
+
+  int digits() const { return digits_; }
+  /// Length in bytes of the longest problem, "99+99=891\n" for 2 digits: 3*digits + 4.
+  int max_problem_length() const { return 3 * digits_ + 4; }
+  /// Whether (a, b) is a held-out (validation-only) problem.
+  bool is_held_out(std::int64_t a, std::int64_t b) const;
+  /// Validation problem i (0 <= i < num_val_problems()) as (a, b).
+  std::pair<std::int64_t, std::int64_t> val_problem(int i) const;
+  /// The text "a+b=reversed(a+b)\n".
+  static std::string format_problem(std::int64_t a, std::int64_t b);
+  /// Entropy computed exactly over the whole non-held-out problem space (digits <= 3) or from
+  /// a deterministic sample of 2^20 training problems (digits >= 4).
+  bool entropy_is_exact() const { return digits_ <= 3; }
+
+ private:
+  std::pair<std::int64_t, std::int64_t> train_problem(std::uint64_t step, std::uint64_t seq,
+                                                      std::uint64_t k) const;
+  const std::vector<int>& val_starts(int seq_len) const;  // first problem of each val sequence
+  void check_seq_len(const char* fn, int seq_len) const;
+
+  std::uint64_t seed_;
+  int digits_;
+  std::int64_t base_;       // 10^digits
+  std::uint64_t seed_mix_;  // held-out hash key
+  std::uint64_t seed_train_;
+  std::int64_t num_held_out_ = -1;  // exact count for digits <= 3, else -1 (about 10%)
+  std::vector<std::pair<std::int64_t, std::int64_t>> val_problems_;
+  double entropy_ = 0.0;
+  mutable std::mutex cache_mutex_;
+  mutable std::map<int, std::vector<int>> val_starts_cache_;
+};
+
+/// Any file as bytes. The first bytes (all but ceil(size * val_fraction)) are the training
+/// part, the rest the validation part. A training sequence is a window of seq_len+1 bytes at
+/// a pseudo-random offset (hash of seed, step, global sequence index) inside the training
+/// part: tokens are its first seq_len bytes, targets the next byte at every position.
+/// Validation sequences are consecutive windows of the validation part whose tokens do not
+/// overlap (stride seq_len, each reading seq_len+1 bytes), (val_bytes-1)/seq_len of them;
+/// every validation byte but the first is a target exactly once (except the tail that does
+/// not fill a window). The file is read in the constructor.
+class FileCorpus : public Corpus {
+ public:
+  FileCorpus(const std::string& path, std::uint64_t seed, double val_fraction = 0.1);
+
+  std::string name() const override { return "file"; }
+  /// Both parts must hold at least seq_len+1 bytes; the message says the minimum file size.
+  void check(int seq_len) const override;
+  void train_batch(std::uint64_t step, int first, int count, int seq_len,
+                   Batch& out) const override;
+  int num_val_sequences(int seq_len) const override;
+  void val_batch(int first, int count, int seq_len, Batch& out) const override;
+  /// Entropy of the byte histogram of the training part.
+  double unigram_entropy() const override { return entropy_; }
+  int num_val_problems() const override { return 0; }
+  std::string describe() const override;
+
+  const std::string& path() const { return path_; }
+  std::size_t size() const { return data_.size(); }
+  std::size_t train_bytes() const { return train_bytes_; }
+  std::size_t val_bytes() const { return data_.size() - train_bytes_; }
+  /// Offset in the file of training sequence `seq` of step `step` (a window of seq_len+1).
+  std::size_t train_offset(std::uint64_t step, std::uint64_t seq, int seq_len) const;
+  /// Smallest file size for which check(seq_len) passes with this val_fraction.
+  std::size_t min_file_size(int seq_len) const;
+
+ private:
+  void check_seq_len(const char* fn, int seq_len) const;
+  std::size_t val_part_size(std::size_t file_size) const;  // ceil(file_size * val_fraction)
+
+  std::string path_;
+  std::uint64_t seed_;
+  double val_fraction_;
+  std::vector<unsigned char> data_;
+  std::size_t train_bytes_ = 0;
+  double entropy_ = 0.0;
+};
+
+}  // namespace examoe
