@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh Debian 12 machine:
-#   ./cmake/dev.sh run    install what is missing, build, run the main job (examoe bench, 2 ranks)
+#   ./cmake/dev.sh run    install what is missing, build, run the main job (examoe train, 2 ranks)
 #   ./cmake/dev.sh test   install what is missing, build, run the whole test suite (ctest)
 #   ./cmake/dev.sh deps   only install the Debian packages
 # Safe to run again: packages already installed are skipped, the build is incremental.
@@ -41,7 +41,7 @@ case "${1:-}" in
   run)
     install_deps
     build
-    mpiexec -n "${EXAMOE_RANKS:-2}" ./build/apps/examoe bench
+    mpiexec -n "${EXAMOE_RANKS:-2}" ./build/apps/examoe train
     ;;
   test)
     install_deps

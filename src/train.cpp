@@ -406,19 +406,23 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
     const bool last = step + 1 == cfg.train.steps;
     const bool do_log = (step + 1) % cfg.log.interval == 0 || last;
     const bool do_eval = (step + 1) % cfg.log.eval_interval == 0 || last;
-    EvalResult ev;
-    if (do_eval) ev = evaluate(model, *corpus, seq);
+    // Load statistics of this training step, every layer (before validation overwrites them).
+    double imb = 0;
+    long long bytes = 0;
+    std::array<double, kNumPhases> ph{};
+    std::vector<std::vector<std::int64_t>> tpe;
     if (do_log || do_eval) {
-      // Load statistics of the last step, every layer.
-      double imb = 0;
-      long long bytes = 0;
-      std::array<double, kNumPhases> ph{};
       for (int l = 0; l < model.n_layers(); ++l) {
         const LayerStats& ls = model.moe(l).stats();
         imb = std::max(imb, ls.imbalance);
         bytes += ls.bytes_sent_dispatch + ls.bytes_sent_combine;
         for (int p = 0; p < kNumPhases; ++p) ph[p] += ls.seconds[p];
+        tpe.push_back(ls.tokens_per_expert);
       }
+    }
+    EvalResult ev;
+    if (do_eval) ev = evaluate(model, *corpus, seq);
+    if (do_log || do_eval) {
       long long gbytes = bytes;
       mesh.world().allreduce_sum(&gbytes, 1, DataType::i64);
       const double now = std::chrono::duration<double>(Clock::now() - t_start).count();
@@ -457,8 +461,6 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
         j["imbalance"] = imb;
         j["bytes_moved"] = gbytes;
         j["peak_rss_bytes"] = peak_rss_bytes();
-        nlohmann::json tpe = nlohmann::json::array();
-        for (int l = 0; l < model.n_layers(); ++l) tpe.push_back(model.moe(l).stats().tokens_per_expert);
         j["tokens_per_expert"] = tpe;
         nlohmann::json phs;
         for (int p = 0; p < kNumPhases; ++p) phs[phase_name(static_cast<Phase>(p))] = ph[p];

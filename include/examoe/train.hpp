@@ -12,10 +12,10 @@
 namespace examoe {
 
 struct TrainOptions {
-  int steps = 400;
+  int steps = 3000;
   int batch = 32;           ///< global batch, sequences per step (split over all ranks)
   double lr = 3e-3, min_lr = 3e-4;
-  int warmup = 40;
+  int warmup = 60;
   double weight_decay = 0.05, beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
   double clip = 1.0;        ///< global gradient-norm clip (0 = off)
   std::uint64_t seed = 1;
@@ -28,8 +28,8 @@ struct DataOptions {
   double val_fraction = 0.1;  ///< file corpus: tail kept for validation
 };
 struct LogOptions {
-  int interval = 20;        ///< progress line every N steps
-  int eval_interval = 100;  ///< validation every N steps (and at the end)
+  int interval = 100;       ///< progress line every N steps
+  int eval_interval = 500;  ///< validation every N steps (and at the end)
   std::string metrics;      ///< JSON-lines file (rank 0), empty = none
   bool quiet = false;
 };
