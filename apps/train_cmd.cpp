@@ -24,7 +24,9 @@ void add_train_command(CLI::App& app, TrainCli& cli) {
   c->add_flag("--print-config", cli.print_config, "Print the resolved config as JSON and exit");
   const TrainConfig defaults;
   for (const auto& k : config_keys()) {
-    c->add_option("--" + k.name, cli.values[k.name], k.help)->default_str(k.get(defaults));
+    c->add_option("--" + k.name, cli.values[k.name], k.help)
+        ->default_str(k.get(defaults))
+        ->type_name(k.type);
   }
 }
 

@@ -21,11 +21,14 @@ namespace examoe {
 // ------------------------------------------------------------------ config table
 namespace {
 
+/// Shortest decimal text that reads back as exactly v.
 std::string fmt_double(double v) {
-  std::ostringstream os;
-  os << std::setprecision(17) << v;
-  std::string s = os.str();
-  return s;
+  for (int prec = 6; prec <= 17; ++prec) {
+    std::ostringstream os;
+    os << std::setprecision(prec) << v;
+    if (std::stod(os.str()) == v || prec == 17) return os.str();
+  }
+  return std::to_string(v);
 }
 
 int parse_int(const std::string& key, const std::string& v) {
@@ -66,19 +69,19 @@ bool parse_bool(const std::string& key, const std::string& v) {
 }
 
 #define EXAMOE_KEY_INT(NAME, FIELD, HELP)                                                        \
-  ConfigKey{NAME, HELP, [](const TrainConfig& c) { return std::to_string(c.FIELD); },           \
+  ConfigKey{NAME, HELP, "INT", [](const TrainConfig& c) { return std::to_string(c.FIELD); },           \
             [](TrainConfig& c, const std::string& v) { c.FIELD = parse_int(NAME, v); }}
 #define EXAMOE_KEY_U64(NAME, FIELD, HELP)                                                        \
-  ConfigKey{NAME, HELP, [](const TrainConfig& c) { return std::to_string(c.FIELD); },           \
+  ConfigKey{NAME, HELP, "UINT", [](const TrainConfig& c) { return std::to_string(c.FIELD); },           \
             [](TrainConfig& c, const std::string& v) { c.FIELD = parse_u64(NAME, v); }}
 #define EXAMOE_KEY_DBL(NAME, FIELD, HELP)                                                        \
-  ConfigKey{NAME, HELP, [](const TrainConfig& c) { return fmt_double(c.FIELD); },               \
+  ConfigKey{NAME, HELP, "FLOAT", [](const TrainConfig& c) { return fmt_double(c.FIELD); },               \
             [](TrainConfig& c, const std::string& v) { c.FIELD = parse_double(NAME, v); }}
 #define EXAMOE_KEY_BOOL(NAME, FIELD, HELP)                                                       \
-  ConfigKey{NAME, HELP, [](const TrainConfig& c) { return std::string(c.FIELD ? "true" : "false"); }, \
+  ConfigKey{NAME, HELP, "BOOL", [](const TrainConfig& c) { return std::string(c.FIELD ? "true" : "false"); }, \
             [](TrainConfig& c, const std::string& v) { c.FIELD = parse_bool(NAME, v); }}
 #define EXAMOE_KEY_STR(NAME, FIELD, HELP)                                                        \
-  ConfigKey{NAME, HELP, [](const TrainConfig& c) { return c.FIELD; },                          \
+  ConfigKey{NAME, HELP, "TEXT", [](const TrainConfig& c) { return c.FIELD; },                          \
             [](TrainConfig& c, const std::string& v) { c.FIELD = v; }}
 
 std::size_t edit_distance(const std::string& a, const std::string& b) {
@@ -104,7 +107,7 @@ const std::vector<ConfigKey>& config_keys() {
       EXAMOE_KEY_INT("model.d_hidden", model.d_hidden, "Expert MLP hidden width"),
       EXAMOE_KEY_INT("model.num_experts", model.num_experts, "Experts per MoE layer E (>= ep)"),
       EXAMOE_KEY_INT("model.top_k", model.top_k, "Experts per token k (1 <= k <= E)"),
-      ConfigKey{"model.activation", "Expert MLP: gelu or swiglu",
+      ConfigKey{"model.activation", "Expert MLP: gelu or swiglu", "gelu|swiglu",
                 [](const TrainConfig& c) { return to_string(c.model.activation); },
                 [](TrainConfig& c, const std::string& v) {
                   try {

@@ -46,7 +46,7 @@ struct TrainConfig {
 /// Every config key once: name ("model.d_model"), help, and how to read/write it as text.
 /// The command line, the JSON config file and the printed config all come from this table.
 struct ConfigKey {
-  std::string name, help;
+  std::string name, help, type;  ///< type: INT, UINT, FLOAT, BOOL, TEXT or the choices
   std::function<std::string(const TrainConfig&)> get;
   std::function<void(TrainConfig&, const std::string&)> set;  ///< throws examoe::Error
 };
