@@ -14,7 +14,7 @@ Fsdp<S>::Fsdp(Communicator& world, bool reshard_after_forward, const execution_s
 template <class S>
 int Fsdp<S>::add_unit(const std::string& name) {
   if (finalized_) throw Error("examoe::Fsdp::add_unit: already finalized");
-  units_.push_back(Unit{});
+  units_.emplace_back();
   units_.back().name = name;
   return static_cast<int>(units_.size()) - 1;
 }

@@ -59,6 +59,7 @@ void add(const A& a, const B& b, const Y& y) {
 /// Saved activations of one block (rows = batch * seq).
 template <class S>
 struct Model<S>::Acts {
+  Acts() {}  // see Fsdp::Unit: never value-initialise an aggregate holding Views
   matrix a, q, k, v, o, h, m, p;
   vector r1, r2;
   int cap = 0;

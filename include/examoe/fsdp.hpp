@@ -90,7 +90,11 @@ class Fsdp {
     ParamInit init;
     bool decay;
   };
+  // Structs holding Views get a user-provided constructor: value-initialising an aggregate
+  // that holds a View (Unit{}) zero-fills the View's tracker with the mdspan-based View of
+  // Kokkos develop (4.6.99), which then crashes on copy.
   struct Unit {
+    Unit() {}
     std::string name;
     std::vector<int> params;
     std::size_t numel = 0, padded = 0, shard = 0;

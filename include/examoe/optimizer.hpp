@@ -42,6 +42,7 @@ class AdamW {
 
  private:
   struct Tensor {
+    Tensor() {}  // see Fsdp::Unit: never value-initialise an aggregate holding Views
     vector p, g, mask;
     bool decay;
     Kokkos::View<S*, memory_space> m, v;
