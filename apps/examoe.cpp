@@ -13,8 +13,8 @@ int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  const bool own_kokkos = examoe::impl::kc::initialize_if_needed();
   int rc = 0;
+  bool own_kokkos = false;
   {
     CLI::App app{"ExaMoE: expert-parallel Mixture-of-Experts training for MPI codes"};
     app.set_version_flag("--version", std::string("examoe ") + EXAMOE_VERSION_STRING);
@@ -25,6 +25,8 @@ int main(int argc, char** argv) {
     examoe::app::add_bench_command(app, bench);
     try {
       app.parse(argc, argv);
+      // Kokkos starts only for real work: --help and --version run on nodes without a GPU.
+      own_kokkos = examoe::impl::kc::initialize_if_needed();
       if (app.got_subcommand("bench")) rc = examoe::app::run_bench(bench);
       if (app.got_subcommand("train")) rc = examoe::app::run_train(app, train);
     } catch (const CLI::ParseError& e) {
