@@ -10,7 +10,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PACKAGES=(cmake make g++ pkg-config
           libtrilinos-kokkos-dev libtrilinos-kokkos-kernels-dev
           mpich libmpich-dev libhdf5-mpich-dev hdf5-tools libopenblas-dev
-          libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev)
+          libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev
+          python3 slurm-wlm munge)
 
 install_deps() {
   local missing=()
