@@ -21,6 +21,9 @@ void add_train_command(CLI::App& app, TrainCli& cli) {
       "held-out problems.");
   c->add_option("--config", cli.config_file, "JSON config file (nested or dotted keys)");
   c->add_option("--data", cli.data, "Train a byte-level model on this file (same as --data.path)");
+  c->add_option("--resume", cli.resume,
+                 "Continue from a checkpoint: a path, or 'latest' in checkpoint.dir "
+                 "(same as --checkpoint.resume)");
   c->add_flag("--print-config", cli.print_config, "Print the resolved config as JSON and exit");
   const TrainConfig defaults;
   for (const auto& k : config_keys()) {
@@ -47,6 +50,7 @@ int run_train(CLI::App& app, const TrainCli& cli) {
     for (const auto& k : config_keys())
       if (sub->count("--" + k.name) > 0) k.set(cfg, cli.values.at(k.name));
     if (!cli.data.empty()) cfg.data.path = cli.data;
+    if (!cli.resume.empty()) cfg.checkpoint.resume = cli.resume;
   } catch (const Error& e) {
     err = e.what();
   }

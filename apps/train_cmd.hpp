@@ -6,7 +6,7 @@
 
 namespace examoe::app {
 struct TrainCli {
-  std::string config_file, data;
+  std::string config_file, data, resume;
   bool print_config = false;
   std::map<std::string, std::string> values;  // key -> value given on the command line
 };

@@ -1,8 +1,12 @@
 // Training loop: data sharded over all ranks, FSDP + expert parallelism, AdamW with global
 // norm clipping and warmup + cosine schedule, validation, progress and JSON-lines metrics.
+#include <examoe/checkpoint.hpp>
 #include <examoe/error.hpp>
 #include <examoe/optimizer.hpp>
 #include <examoe/train.hpp>
+
+#include <csignal>
+#include <sys/stat.h>
 
 #include <nlohmann/json.hpp>
 #include <sys/resource.h>
@@ -145,6 +149,10 @@ const std::vector<ConfigKey>& config_keys() {
       EXAMOE_KEY_INT("log.eval_interval", log.eval_interval, "Validation every N steps (and at the end)"),
       EXAMOE_KEY_STR("log.metrics", log.metrics, "Append JSON lines of metrics to this file (rank 0)"),
       EXAMOE_KEY_BOOL("log.quiet", log.quiet, "Only the summary"),
+      EXAMOE_KEY_STR("checkpoint.dir", checkpoint.dir, "Directory of the step-<N>.h5 checkpoints"),
+      EXAMOE_KEY_INT("checkpoint.interval", checkpoint.interval, "Checkpoint every N steps (0 = only on SIGTERM/SIGUSR1)"),
+      EXAMOE_KEY_INT("checkpoint.keep", checkpoint.keep, "Keep the newest K checkpoints"),
+      EXAMOE_KEY_STR("checkpoint.resume", checkpoint.resume, "Resume from this checkpoint, or 'latest' in checkpoint.dir"),
   };
   return keys;
 }
@@ -220,10 +228,45 @@ void TrainConfig::validate() const {
   if (data.val_problems <= 0) throw Error(f + "data.val_problems must be positive");
   if (log.interval <= 0) throw Error(f + "log.interval must be positive");
   if (log.eval_interval <= 0) throw Error(f + "log.eval_interval must be positive");
+  if (checkpoint.interval < 0) throw Error(f + "checkpoint.interval must be >= 0");
+  if (checkpoint.keep < 1) throw Error(f + "checkpoint.keep must be >= 1");
+  if (checkpoint.dir.empty()) throw Error(f + "checkpoint.dir must not be empty");
 }
 
 // ------------------------------------------------------------------ training
 namespace {
+
+// SIGTERM / SIGUSR1 (what Slurm sends before a time limit) ask for a checkpoint and a clean
+// stop at the end of the current step. Installed after MPI_Init, so they replace MPICH's
+// own SIGUSR1 handler for the duration of train(); the previous handlers come back after.
+volatile std::sig_atomic_t g_stop_signal = 0;
+extern "C" void examoe_on_signal(int sig) { g_stop_signal = sig; }
+struct SignalGuard {
+  struct sigaction old_term {}, old_usr1 {};
+  SignalGuard() {
+    g_stop_signal = 0;
+    struct sigaction sa {};
+    sa.sa_handler = examoe_on_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGTERM, &sa, &old_term);
+    sigaction(SIGUSR1, &sa, &old_usr1);
+  }
+  ~SignalGuard() {
+    sigaction(SIGTERM, &old_term, nullptr);
+    sigaction(SIGUSR1, &old_usr1, nullptr);
+  }
+};
+
+void make_dirs(const std::string& dir) {
+  std::string cur;
+  for (std::size_t i = 0; i <= dir.size(); ++i) {
+    if (i == dir.size() || dir[i] == '/') {
+      if (!cur.empty()) ::mkdir(cur.c_str(), 0755);
+    }
+    if (i < dir.size()) cur += dir[i];
+  }
+}
 
 /// [first, first+count) of n items split as evenly as possible over `parts`.
 std::pair<int, int> split(int n, int parts, int part) {
@@ -330,8 +373,10 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
     auto& m = model.moe(l);
     const std::pair<typename MoELayer<S>::tensor3, typename MoELayer<S>::tensor3> pg[] = {
         {m.w1(), m.w1_grad()}, {m.w2(), m.w2_grad()}, {m.w3(), m.w3_grad()}};
-    for (const auto& [p, g] : pg) {
-      if (p.size() == 0) continue;
+    // Always w1, w2 (and w3 for SwiGLU), also when this rank owns no expert: the checkpoint
+    // code relies on this order.
+    for (int t = 0; t < (cfg.model.activation == Activation::swiglu ? 3 : 2); ++t) {
+      const auto& [p, g] = pg[t];
       opt.add(U(p.data(), p.size()), U(g.data(), g.size()), U(), true);
       expert_grads.emplace_back(g.data(), g.size());
     }
@@ -340,6 +385,52 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
   TrainResult res;
   res.unigram_entropy = corpus->unigram_entropy();
   const int seq = cfg.model.seq_len;
+  SignalGuard signals;
+  // Cumulative tokens per expert, [layer][expert] (global counts, identical on every rank).
+  std::vector<std::vector<long long>> tokens_cum(
+      model.n_layers(), std::vector<long long>(cfg.model.num_experts, 0));
+  long long start_step = 0;
+  if (!cfg.checkpoint.resume.empty()) {
+    std::string path = cfg.checkpoint.resume;
+    std::string rerr;
+    if (path == "latest") {
+      path = root ? latest_checkpoint(cfg.checkpoint.dir) : std::string();
+      int len = static_cast<int>(path.size());
+      mesh.world().broadcast(&len, sizeof len, 0);
+      path.resize(static_cast<std::size_t>(len));
+      mesh.world().broadcast(path.data(), path.size(), 0);
+      if (path.empty())
+        rerr = "examoe::train: --resume latest: no checkpoint step-<N>.h5 in '" + cfg.checkpoint.dir + "'";
+    }
+    throw_if_any(mesh.world(), rerr);
+    const CheckpointInfo info = load_checkpoint(path, model, opt, cfg);
+    start_step = info.step;
+    for (int l = 0; l < model.n_layers() && l < static_cast<int>(info.tokens_per_expert.size()); ++l)
+      for (int e = 0; e < cfg.model.num_experts && e < static_cast<int>(info.tokens_per_expert[l].size()); ++e)
+        tokens_cum[l][e] = info.tokens_per_expert[l][e];
+    if (log && !cfg.log.quiet)
+      *log << "  resumed from " << path << " at step " << start_step << " (written by " << info.world_size
+           << " ranks, dp " << info.dp << " x ep " << info.ep << ")\n";
+  }
+  res.first_step = start_step;
+  auto write_checkpoint = [&](long long step_done) {
+    std::string cerr;
+    if (root) {
+      make_dirs(cfg.checkpoint.dir);
+      struct stat st;
+      if (::stat(cfg.checkpoint.dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
+        cerr = "examoe::train: cannot create checkpoint directory '" + cfg.checkpoint.dir + "'";
+    }
+    throw_if_any(mesh.world(), cerr);
+    const std::string path = checkpoint_path(cfg.checkpoint.dir, step_done);
+    const auto t0 = Clock::now();
+    save_checkpoint(path, model, opt, cfg, step_done, tokens_cum);
+    if (root) prune_checkpoints(cfg.checkpoint.dir, cfg.checkpoint.keep);
+    res.last_checkpoint = path;
+    if (log && !cfg.log.quiet)
+      *log << "  checkpoint " << path << " written in "
+           << std::chrono::duration<double>(Clock::now() - t0).count() << " s\n";
+  };
   const auto [first, count] = split(cfg.train.batch, mesh.world_size(), mesh.world_rank());
   if (log && !cfg.log.quiet) {
     *log << "examoe train: " << mesh.world_size() << " ranks (dp " << mesh.dp_size() << " x ep "
@@ -380,7 +471,7 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
   auto t_interval = t_start;
   double interval_tokens = 0;
   Batch b;
-  for (int step = 0; step < cfg.train.steps; ++step) {
+  for (int step = static_cast<int>(start_step); step < cfg.train.steps; ++step) {
     corpus->train_batch(static_cast<std::uint64_t>(step), first, count, seq, b);
     long long valid = 0;
     for (int t : b.targets) valid += t >= 0 ? 1 : 0;
@@ -390,15 +481,19 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
 
     // Global gradient norm over every shard and every expert (experts counted once: on the
     // first replica of each expert-parallel group).
-    double sq[2] = {0, st.ce_sum};
+    // [grad norm^2 | CE sum | stop signal seen on any rank]
+    double sq[3] = {0, st.ce_sum, g_stop_signal ? 1.0 : 0.0};
     for (int u = 0; u < F.num_units(); ++u) sq[0] += sum_squares(U(F.shard_grad(u).data(), F.shard_numel(u)));
     if (mesh.dp_rank() == 0)
       for (const auto& g : expert_grads) sq[0] += sum_squares(g);
-    mesh.world().allreduce_sum(sq, 2, DataType::f64);
+    mesh.world().allreduce_sum(sq, 3, DataType::f64);
     const double gnorm = std::sqrt(sq[0]);
     const double scale = (cfg.train.clip > 0 && gnorm > cfg.train.clip) ? cfg.train.clip / gnorm : 1.0;
     const double lr = lr_schedule(step, cfg.train.steps, cfg.train.warmup, cfg.train.lr, cfg.train.min_lr);
     opt.step(lr, scale);
+    for (int l = 0; l < model.n_layers(); ++l)  // before validation overwrites the stats
+      for (int e = 0; e < cfg.model.num_experts; ++e)
+        tokens_cum[l][e] += model.moe(l).stats().tokens_per_expert[e];
 
     const double ce = gvalid > 0 ? sq[1] / static_cast<double>(gvalid) : 0.0;
     const double loss = ce + st.aux + st.z;
@@ -431,7 +526,8 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
       const double now = std::chrono::duration<double>(Clock::now() - t_start).count();
       const double dt = std::chrono::duration<double>(Clock::now() - t_interval).count();
       const double tps = dt > 0 ? interval_tokens / dt : 0.0;
-      const double eta = (step + 1) > 0 ? now / (step + 1) * (cfg.train.steps - step - 1) : 0.0;
+      const double done = static_cast<double>(step + 1 - start_step);
+      const double eta = done > 0 ? now / done * (cfg.train.steps - step - 1) : 0.0;
       t_interval = Clock::now();
       interval_tokens = 0;
       if (log && !cfg.log.quiet && do_log) {
@@ -476,14 +572,26 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
         metrics.flush();
       }
     }
+    res.last_step = step + 1;
+    const bool stop = sq[2] > 0;
+    if ((cfg.checkpoint.interval > 0 && (step + 1) % cfg.checkpoint.interval == 0) || stop)
+      write_checkpoint(step + 1);
     if (last) res.final = ev;
+    if (stop && !last) {
+      if (log)
+        *log << "stopping at step " << step + 1 << " on a signal; resume with --resume latest\n";
+      res.stopped_by_signal = true;
+      res.final = evaluate(model, *corpus, seq);
+      break;
+    }
   }
-  if (cfg.train.steps == 0) res.final = res.initial;
+  if (res.last_step == 0) res.last_step = start_step;
+  if (start_step >= cfg.train.steps) res.final = res.initial;
   res.seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
-  res.tokens_per_second = res.seconds > 0 ? static_cast<double>(cfg.train.batch) * seq * cfg.train.steps / res.seconds : 0;
+  res.tokens_per_second = res.seconds > 0 ? static_cast<double>(cfg.train.batch) * seq * (res.last_step - start_step) / res.seconds : 0;
   res.memory = model.memory();
   if (log) {
-    *log << std::fixed << std::setprecision(4) << "summary: " << cfg.train.steps << " steps in "
+    *log << std::fixed << std::setprecision(4) << "summary: " << res.last_step - start_step << " steps in "
          << std::setprecision(1) << res.seconds << " s (" << std::setprecision(0) << res.tokens_per_second
          << " tokens/s); val loss " << std::setprecision(4) << res.initial.loss << " -> " << res.final.loss
          << " nats (unigram entropy " << res.unigram_entropy << ")";

@@ -35,6 +35,9 @@ class AdamW {
   double grad_sum_squares() const;
   std::size_t state_bytes() const;
   std::int64_t steps() const { return t_; }
+  /// Restores the step count (bias correction) from a checkpoint.
+  void set_steps(std::int64_t t) { t_ = t; }
+  int num_tensors() const { return static_cast<int>(tensors_.size()); }
 
   /// Moment views of tensor i (for checkpoints and tests).
   Kokkos::View<S*, memory_space> m(int i) const { return tensors_[i].m; }

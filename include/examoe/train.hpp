@@ -34,12 +34,20 @@ struct LogOptions {
   bool quiet = false;
 };
 
+struct CheckpointOptions {
+  std::string dir = "checkpoints";  ///< where step-<N>.h5 files go
+  int interval = 0;                 ///< write every N steps (0 = only on SIGTERM/SIGUSR1)
+  int keep = 3;                     ///< keep the newest K checkpoints
+  std::string resume;               ///< "", a checkpoint path, or "latest" (newest in dir)
+};
+
 struct TrainConfig {
   ModelConfig model;
   ParallelConfig parallel;
   TrainOptions train;
   DataOptions data;
   LogOptions log;
+  CheckpointOptions checkpoint;
   void validate() const;
 };
 
@@ -63,7 +71,11 @@ struct EvalResult {
 };
 
 struct TrainResult {
-  std::vector<double> losses;  ///< total loss (CE + aux + z) of every step
+  long long first_step = 0;    ///< 0, or the step a resumed run started from
+  long long last_step = 0;     ///< steps done when training stopped
+  bool stopped_by_signal = false;
+  std::string last_checkpoint; ///< path of the newest checkpoint written, if any
+  std::vector<double> losses;  ///< total loss (CE + aux + z) of every step run
   std::vector<double> ce;      ///< cross-entropy part of every step
   EvalResult initial, final;
   double unigram_entropy = 0;

@@ -1,0 +1,595 @@
+// Parallel-HDF5 checkpoints: one file, every tensor in global order, readable at any rank
+// count. Layout: docs/checkpoint-format.md.
+#include <examoe/checkpoint.hpp>
+#include <examoe/config.hpp>
+#include <examoe/error.hpp>
+#include <examoe/impl/random.hpp>
+
+#if EXAMOE_ENABLE_HDF5
+#include <hdf5.h>
+#endif
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <dirent.h>
+#include <sys/stat.h>
+
+namespace examoe {
+
+#if EXAMOE_ENABLE_HDF5
+
+namespace {
+
+/// RAII for HDF5 handles.
+class Hid {
+ public:
+  Hid() = default;
+  Hid(hid_t id, herr_t (*close)(hid_t)) : id_(id), close_(close) {}
+  Hid(const Hid&) = delete;
+  Hid& operator=(const Hid&) = delete;
+  Hid(Hid&& o) noexcept : id_(o.id_), close_(o.close_) { o.id_ = -1; }
+  Hid& operator=(Hid&& o) noexcept {
+    reset();
+    id_ = o.id_;
+    close_ = o.close_;
+    o.id_ = -1;
+    return *this;
+  }
+  ~Hid() { reset(); }
+  void reset() {
+    if (id_ >= 0 && close_) close_(id_);
+    id_ = -1;
+  }
+  operator hid_t() const { return id_; }
+  bool ok() const { return id_ >= 0; }
+
+ private:
+  hid_t id_ = -1;
+  herr_t (*close_)(hid_t) = nullptr;
+};
+
+[[noreturn]] void fail(const std::string& what) { throw Error("examoe::checkpoint: " + what); }
+hid_t need(hid_t id, const std::string& what) {
+  if (id < 0) fail(what);
+  return id;
+}
+void need(herr_t rc, const std::string& what, int) {
+  if (rc < 0) fail(what);
+}
+
+template <class S>
+hid_t h5type() {
+  return std::is_same<S, float>::value ? H5T_NATIVE_FLOAT : H5T_NATIVE_DOUBLE;
+}
+
+/// Order-independent checksum of a tensor: sum over elements of a hash of (flat index, bits).
+template <class S>
+std::uint64_t element_hash(std::uint64_t flat, S v) {
+  std::uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(S));
+  return impl::splitmix64(flat * 0x9E3779B97F4A7C15ull ^ bits ^ 0xC0FFEEull);
+}
+
+void write_attr_string(hid_t obj, const char* name, const std::string& value) {
+  Hid type(H5Tcopy(H5T_C_S1), H5Tclose);
+  H5Tset_size(type, std::max<std::size_t>(1, value.size()));
+  H5Tset_strpad(type, H5T_STR_NULLPAD);
+  Hid space(H5Screate(H5S_SCALAR), H5Sclose);
+  Hid a(need(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT), std::string("cannot create attribute ") + name), H5Aclose);
+  std::string v = value.empty() ? std::string(1, '\0') : value;
+  need(H5Awrite(a, type, v.data()), std::string("cannot write attribute ") + name, 0);
+}
+std::string read_attr_string(hid_t obj, const char* name) {
+  if (H5Aexists(obj, name) <= 0) fail(std::string("attribute '") + name + "' is missing");
+  Hid a(need(H5Aopen(obj, name, H5P_DEFAULT), std::string("cannot open attribute ") + name), H5Aclose);
+  Hid type(H5Aget_type(a), H5Tclose);
+  if (H5Tget_class(type) != H5T_STRING) fail(std::string("attribute '") + name + "' is not a string");
+  const std::size_t n = H5Tget_size(type);
+  std::string v(n, '\0');
+  need(H5Aread(a, type, v.data()), std::string("cannot read attribute ") + name, 0);
+  v.erase(std::find(v.begin(), v.end(), '\0'), v.end());
+  return v;
+}
+template <class T>
+void write_attr(hid_t obj, const char* name, T value, hid_t type) {
+  Hid space(H5Screate(H5S_SCALAR), H5Sclose);
+  Hid a(need(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT), std::string("cannot create attribute ") + name), H5Aclose);
+  need(H5Awrite(a, type, &value), std::string("cannot write attribute ") + name, 0);
+}
+template <class T>
+T read_attr(hid_t obj, const char* name, hid_t type) {
+  if (H5Aexists(obj, name) <= 0) fail(std::string("attribute '") + name + "' is missing");
+  Hid a(need(H5Aopen(obj, name, H5P_DEFAULT), std::string("cannot open attribute ") + name), H5Aclose);
+  T v{};
+  need(H5Aread(a, type, &v), std::string("cannot read attribute ") + name, 0);
+  return v;
+}
+
+Hid make_group(hid_t parent, const std::string& name) {
+  return Hid(need(H5Gcreate2(parent, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create group " + name), H5Gclose);
+}
+
+/// Selects the flat (row-major) element range [lo, hi) of a dataspace of rank 1..3 as a
+/// union of hyperslabs (at most one partial row, one block of full rows, one partial row,
+/// applied recursively over leading dimensions for rank 3 by treating it as [n0*n1][n2]).
+void add_flat_range(hid_t space, const std::vector<hsize_t>& dims, hsize_t lo, hsize_t hi,
+                    bool& first) {
+  if (lo >= hi) return;
+  const int rank = static_cast<int>(dims.size());
+  if (rank == 1) {
+    hsize_t start = lo, count = hi - lo;
+    H5Sselect_hyperslab(space, first ? H5S_SELECT_SET : H5S_SELECT_OR, &start, nullptr, &count, nullptr);
+    first = false;
+    return;
+  }
+  const hsize_t cols = dims.back();
+  hsize_t rows_total = 1;
+  for (int i = 0; i + 1 < rank; ++i) rows_total *= dims[i];
+  auto add = [&](hsize_t row, hsize_t c0, hsize_t nrows, hsize_t ncols, bool& first) {  // NOLINT
+    // row in [0, rows_total) of the flattened leading dims
+    std::vector<hsize_t> start(rank, 0), count(rank, 1);
+    if (rank == 2) {
+      start[0] = row;
+      count[0] = nrows;
+    } else {  // rank 3: split rows over dims[0] x dims[1]; callers pass nrows within one dims[1] block
+      start[0] = row / dims[1];
+      start[1] = row % dims[1];
+      count[1] = nrows;
+    }
+    start[rank - 1] = c0;
+    count[rank - 1] = ncols;
+    H5Sselect_hyperslab(space, first ? H5S_SELECT_SET : H5S_SELECT_OR, start.data(), nullptr,
+                        count.data(), nullptr);
+    first = false;
+  };
+  hsize_t pos = lo;
+  while (pos < hi) {
+    const hsize_t row = pos / cols, c0 = pos % cols;
+    if (c0 != 0 || hi - pos < cols) {  // partial row
+      const hsize_t n = std::min(cols - c0, hi - pos);
+      add(row, c0, 1, n, first);
+      pos += n;
+    } else {  // full rows (for rank 3, within one block of dims[1] rows)
+      hsize_t nrows = (hi - pos) / cols;
+      if (rank == 3) nrows = std::min(nrows, dims[1] - row % dims[1]);
+      add(row, 0, nrows, cols, first);
+      pos += nrows * cols;
+    }
+  }
+  (void)rows_total;
+}
+void select_flat_range(hid_t space, const std::vector<hsize_t>& dims, hsize_t lo, hsize_t hi) {
+  H5Sselect_none(space);
+  bool first = true;
+  add_flat_range(space, dims, lo, hi, first);
+}
+
+struct Transfer {
+  Hid dxpl;
+  explicit Transfer(bool collective) : dxpl(H5Pcreate(H5P_DATASET_XFER), H5Pclose) {
+    H5Pset_dxpl_mpio(dxpl, collective ? H5FD_MPIO_COLLECTIVE : H5FD_MPIO_INDEPENDENT);
+  }
+};
+
+Hid open_file_parallel(const std::string& path, MPI_Comm comm, bool create) {
+  Hid fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+  H5Pset_fapl_mpio(fapl, comm, MPI_INFO_NULL);
+  hid_t f = create ? H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl)
+                   : H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl);
+  return Hid(f, H5Fclose);
+}
+
+/// Before any collective open: rank 0 checks the file and everyone agrees on the verdict.
+void precheck_readable(const std::string& path, Communicator& comm) {
+  std::string err;
+  if (comm.rank() == 0) {
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0)
+      err = "examoe::checkpoint: cannot read '" + path + "': " + std::strerror(errno);
+    else if (!S_ISREG(st.st_mode))
+      err = "examoe::checkpoint: '" + path + "' is not a regular file";
+    else {
+      H5E_BEGIN_TRY {
+#if H5_VERSION_GE(1, 12, 0)
+        htri_t is = H5Fis_accessible(path.c_str(), H5P_DEFAULT);
+#else
+        htri_t is = H5Fis_hdf5(path.c_str());
+#endif
+        if (is <= 0)
+          err = "examoe::checkpoint: '" + path + "' is not a readable HDF5 file (truncated or corrupt?)";
+        else {
+          hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+          if (f < 0) err = "examoe::checkpoint: '" + path + "' cannot be opened as HDF5 (truncated or corrupt?)";
+          else H5Fclose(f);
+        }
+      }
+      H5E_END_TRY;
+    }
+  }
+  throw_if_any(comm, err);
+}
+
+std::vector<hsize_t> dims_of(const std::vector<int>& shape) {
+  std::vector<hsize_t> d;
+  for (int s : shape) d.push_back(static_cast<hsize_t>(s));
+  return d;
+}
+
+/// One flat piece this rank owns: elements [lo, hi) of a tensor, at `mem` in host memory.
+template <class S>
+struct Piece {
+  hsize_t lo = 0, hi = 0;
+  S* mem = nullptr;
+};
+
+/// Writes (collectively) or reads (independently) one dataset from per-rank flat pieces and
+/// checks/produces its checksum. `pieces` are disjoint and ascending.
+template <class S>
+void io_dataset(hid_t parent, const std::string& name, const std::vector<hsize_t>& dims,
+                const std::vector<Piece<S>>& pieces, bool write, Communicator& comm) {
+  Hid space(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), H5Sclose);
+  Hid ds;
+  if (write) {
+    ds = Hid(need(H5Dcreate2(parent, name.c_str(), h5type<S>(), space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create dataset " + name), H5Dclose);
+  } else {
+    if (H5Lexists(parent, name.c_str(), H5P_DEFAULT) <= 0) fail("dataset '" + name + "' is missing");
+    ds = Hid(need(H5Dopen2(parent, name.c_str(), H5P_DEFAULT), "cannot open dataset " + name), H5Dclose);
+    Hid fs(H5Dget_space(ds), H5Sclose);
+    std::vector<hsize_t> got(H5Sget_simple_extent_ndims(fs));
+    H5Sget_simple_extent_dims(fs, got.data(), nullptr);
+    if (got != dims) {
+      std::string a, b;
+      for (auto v : got) a += "[" + std::to_string(v) + "]";
+      for (auto v : dims) b += "[" + std::to_string(v) + "]";
+      fail("dataset '" + name + "' has shape " + a + " but the model needs " + b);
+    }
+  }
+  // Selection: union of the pieces.
+  Hid fspace(H5Scopy(space), H5Sclose);
+  H5Sselect_none(fspace);
+  hsize_t total = 0;
+  for (const auto& pc : pieces) total += pc.hi - pc.lo;
+  std::vector<S> buf(static_cast<std::size_t>(total));
+  {
+    bool first = true;
+    std::size_t off = 0;
+    for (const auto& pc : pieces) {
+      add_flat_range(fspace, dims, pc.lo, pc.hi, first);
+      if (write) std::copy(pc.mem, pc.mem + (pc.hi - pc.lo), buf.begin() + off);
+      off += pc.hi - pc.lo;
+    }
+  }
+  const hsize_t mcount = std::max<hsize_t>(total, 1);
+  Hid mspace(H5Screate_simple(1, &mcount, nullptr), H5Sclose);
+  if (total == 0) H5Sselect_none(mspace);
+  std::uint64_t sum = 0;
+  if (write) {
+    Transfer t(true);
+    need(H5Dwrite(ds, h5type<S>(), mspace, fspace, t.dxpl, total ? buf.data() : nullptr), "cannot write dataset " + name, 0);
+  } else {
+    Transfer t(false);
+    std::string err;
+    if (total > 0 && H5Dread(ds, h5type<S>(), mspace, fspace, t.dxpl, buf.data()) < 0)
+      err = "examoe::checkpoint: cannot read dataset '" + name + "' (truncated or corrupt file?)";
+    throw_if_any(comm, err);
+  }
+  {
+    std::size_t off = 0;
+    for (const auto& pc : pieces) {
+      for (hsize_t i = pc.lo; i < pc.hi; ++i) sum += element_hash<S>(i, buf[off + (i - pc.lo)]);
+      if (!write) std::copy(buf.begin() + off, buf.begin() + off + (pc.hi - pc.lo), pc.mem);
+      off += pc.hi - pc.lo;
+    }
+  }
+  std::int64_t s = static_cast<std::int64_t>(sum);
+  comm.allreduce_sum(&s, 1, DataType::i64);  // wraps modulo 2^64, like the sum itself
+  if (write) {
+    write_attr<std::uint64_t>(ds, "examoe_checksum", static_cast<std::uint64_t>(s), H5T_NATIVE_UINT64);
+  } else {
+    const auto want = read_attr<std::uint64_t>(ds, "examoe_checksum", H5T_NATIVE_UINT64);
+    if (want != static_cast<std::uint64_t>(s))
+      fail("dataset '" + name + "' fails its checksum: the file is corrupt");
+  }
+}
+
+template <class S>
+std::vector<S> to_host(const Kokkos::View<S*, Kokkos::DefaultExecutionSpace::memory_space>& v) {
+  auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), v);
+  return std::vector<S>(h.data(), h.data() + h.size());
+}
+template <class S, class V>
+void from_host(const std::vector<S>& h, const V& v) {
+  Kokkos::View<const S*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> hv(h.data(), h.size());
+  Kokkos::View<S*, typename V::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>> dv(v.data(), h.size());
+  Kokkos::deep_copy(dv, hv);
+}
+
+/// Moves every tensor of the model (and AdamW moments) between memory and the open file.
+/// `which`: 0 = parameters, 1 = AdamW m, 2 = AdamW v.
+template <class S>
+void io_tensors(hid_t file, Model<S>& model, const AdamW<S>* opt_w, AdamW<S>* opt_r, bool write,
+                int which) {
+  Mesh& mesh = model.mesh();
+  Communicator& comm = mesh.world();
+  auto& F = model.fsdp();
+  const char* root = which == 0 ? "params" : which == 1 ? "adam_m" : "adam_v";
+  Hid g;
+  if (write) g = make_group(file, root);
+  else {
+    if (H5Lexists(file, root, H5P_DEFAULT) <= 0) fail(std::string("group '") + root + "' is missing");
+    g = Hid(need(H5Gopen2(file, root, H5P_DEFAULT), std::string("cannot open group ") + root), H5Gclose);
+  }
+  const int me = comm.rank();
+  // Dense: pieces of every parameter from this rank's shard of its unit.
+  for (int u = 0; u < F.num_units(); ++u) {
+    using V = Kokkos::View<S*, Kokkos::DefaultExecutionSpace::memory_space>;
+    V src = which == 0 ? F.shard(u) : which == 1 ? (write ? opt_w->m(u) : opt_r->m(u)) : (write ? opt_w->v(u) : opt_r->v(u));
+    std::vector<S> shard = to_host<S>(src);
+    const std::size_t sh = F.shard_numel(u), first = static_cast<std::size_t>(me) * sh;
+    for (int p = 0; p < F.num_params(); ++p) {
+      if (F.param_unit(p) != u) continue;
+      std::size_t n = 1;
+      for (int s : F.param_shape(p)) n *= static_cast<std::size_t>(s);
+      const std::size_t o = F.param_offset(p);
+      const std::size_t lo = std::max(o, first), hi = std::min(o + n, first + sh);
+      std::vector<Piece<S>> pieces;
+      if (lo < hi) pieces.push_back({lo - o, hi - o, shard.data() + (lo - first)});
+      io_dataset<S>(g, F.param_name(p), dims_of(F.param_shape(p)), pieces, write, comm);
+    }
+    if (!write) from_host(shard, src);
+  }
+  // Experts: [E][a][b] per tensor and layer, written by the first replica's owners.
+  const int E = model.config().num_experts;
+  int ti = F.num_units();
+  for (int l = 0; l < model.n_layers(); ++l) {
+    auto& m = model.moe(l);
+    const std::pair<const char*, typename MoELayer<S>::tensor3> ts[] = {{"w1", m.w1()}, {"w2", m.w2()}, {"w3", m.w3()}};
+    for (const auto& [tname, w] : ts) {
+      if (model.config().activation != Activation::swiglu && std::string(tname) == "w3") continue;
+      using V = Kokkos::View<S*, Kokkos::DefaultExecutionSpace::memory_space>;
+      V src = which == 0 ? V(w.data(), w.size())
+                         : which == 1 ? (write ? opt_w->m(ti) : opt_r->m(ti)) : (write ? opt_w->v(ti) : opt_r->v(ti));
+      std::vector<S> local = src.size() ? to_host<S>(src) : std::vector<S>();
+      const std::size_t a = w.extent(1), b = w.extent(2), per = a * b;
+      std::vector<Piece<S>> pieces;
+      const bool participate = write ? mesh.dp_rank() == 0 : true;
+      if (participate)
+        for (int lx = 0; lx < m.num_local_experts(); ++lx) {
+          const std::size_t gexp = static_cast<std::size_t>(m.placement().global_expert(m.communicator().rank(), lx));
+          pieces.push_back({gexp * per, (gexp + 1) * per, local.data() + lx * per});
+        }
+      // Pieces must be ascending: local experts follow increasing global id.
+      const std::string name = "layer" + std::to_string(l) + "." + tname;
+      // On read every replica reads its experts, but only the first replica's count in the
+      // checksum; io_dataset sums all pieces, so other replicas read with a separate pass.
+      if (!write && mesh.dp_rank() != 0) {
+        std::vector<Piece<S>> none;
+        io_dataset<S>(g, name, {static_cast<hsize_t>(E), a, b}, none, false, comm);
+        Hid ds(H5Dopen2(g, name.c_str(), H5P_DEFAULT), H5Dclose);
+        Transfer t(false);
+        for (const auto& pc : pieces) {
+          Hid fs(H5Dget_space(ds), H5Sclose);
+          std::vector<hsize_t> d3{static_cast<hsize_t>(E), a, b};
+          select_flat_range(fs, d3, pc.lo, pc.hi);
+          const hsize_t cnt = pc.hi - pc.lo;
+          Hid ms(H5Screate_simple(1, &cnt, nullptr), H5Sclose);
+          if (H5Dread(ds, h5type<S>(), ms, fs, t.dxpl, pc.mem) < 0) fail("cannot read dataset " + name);
+        }
+      } else {
+        io_dataset<S>(g, name, {static_cast<hsize_t>(E), a, b}, pieces, write, comm);
+      }
+      if (!write && src.size()) from_host(local, src);
+      ++ti;
+    }
+  }
+}
+
+}  // namespace
+
+#endif  // EXAMOE_ENABLE_HDF5
+
+std::string checkpoint_path(const std::string& dir, long long step) {
+  char name[64];
+  std::snprintf(name, sizeof name, "step-%08lld.h5", step);
+  return dir.empty() ? std::string(name) : dir + "/" + name;
+}
+
+std::string latest_checkpoint(const std::string& dir) {
+  DIR* d = opendir(dir.c_str());
+  if (!d) return {};
+  long long best = -1;
+  std::string path;
+  while (dirent* e = readdir(d)) {
+    long long s = 0;
+    char tail[8] = {0};
+    if (std::sscanf(e->d_name, "step-%lld.h%2s", &s, tail) == 2 && std::string(tail) == "5" &&
+        std::string(e->d_name).size() == 16 && s > best) {
+      best = s;
+      path = dir + "/" + e->d_name;
+    }
+  }
+  closedir(d);
+  return path;
+}
+
+void prune_checkpoints(const std::string& dir, int keep) {
+  std::vector<std::pair<long long, std::string>> all;
+  if (DIR* d = opendir(dir.c_str())) {
+    while (dirent* e = readdir(d)) {
+      long long s = 0;
+      if (std::sscanf(e->d_name, "step-%lld.h5", &s) == 1 && std::string(e->d_name).size() == 16)
+        all.emplace_back(s, dir + "/" + e->d_name);
+    }
+    closedir(d);
+  }
+  std::sort(all.rbegin(), all.rend());
+  for (std::size_t i = static_cast<std::size_t>(std::max(keep, 1)); i < all.size(); ++i)
+    std::remove(all[i].second.c_str());
+}
+
+#if EXAMOE_ENABLE_HDF5
+template <class S>
+void save_checkpoint(const std::string& path, Model<S>& model, const AdamW<S>& opt,
+                     const TrainConfig& cfg, long long step,
+                     const std::vector<std::vector<long long>>& tokens_per_expert) {
+  Mesh& mesh = model.mesh();
+  Communicator& comm = mesh.world();
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  const std::string tmp = path + ".tmp";
+  std::string err;
+  Hid f = open_file_parallel(tmp, comm.mpi_comm(), true);
+  if (!f.ok()) err = "examoe::checkpoint: cannot create '" + tmp + "' (directory missing or not writable?)";
+  throw_if_any(comm, err);
+  {
+    write_attr<int>(f, "format_version", kCheckpointFormatVersion, H5T_NATIVE_INT);
+    write_attr<long long>(f, "step", step, H5T_NATIVE_LLONG);
+    write_attr<long long>(f, "adam_step", opt.steps(), H5T_NATIVE_LLONG);
+    write_attr_string(f, "precision", std::is_same<S, float>::value ? "float" : "double");
+    write_attr<int>(f, "world_size", mesh.world_size(), H5T_NATIVE_INT);
+    write_attr<int>(f, "dp", mesh.dp_size(), H5T_NATIVE_INT);
+    write_attr<int>(f, "ep", mesh.ep_size(), H5T_NATIVE_INT);
+    write_attr_string(f, "producer", "ExaMoE " EXAMOE_VERSION_STRING);
+    Hid g = make_group(f, "config");
+    for (const auto& k : config_keys()) write_attr_string(g, k.name.c_str(), k.get(cfg));
+    // Placement and cumulative tokens per expert: [L][E], identical on every rank.
+    const int L = model.n_layers(), E = model.config().num_experts;
+    std::vector<int> pl(static_cast<std::size_t>(L) * E);
+    std::vector<long long> tk(static_cast<std::size_t>(L) * E, 0);
+    for (int l = 0; l < L; ++l)
+      for (int e = 0; e < E; ++e) {
+        pl[l * E + e] = model.moe(l).placement().owner(e);
+        if (l < static_cast<int>(tokens_per_expert.size()) && e < static_cast<int>(tokens_per_expert[l].size()))
+          tk[l * E + e] = tokens_per_expert[l][e];
+      }
+    hsize_t dims[2] = {static_cast<hsize_t>(L), static_cast<hsize_t>(E)};
+    Hid sp(H5Screate_simple(2, dims, nullptr), H5Sclose);
+    Transfer t(true);
+    Hid d1(need(H5Dcreate2(f, "placement", H5T_NATIVE_INT, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create placement"), H5Dclose);
+    Hid d2(need(H5Dcreate2(f, "tokens_per_expert", H5T_NATIVE_LLONG, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create tokens_per_expert"), H5Dclose);
+    Hid ms(H5Screate_simple(2, dims, nullptr), H5Sclose);
+    Hid fs(H5Scopy(sp), H5Sclose);
+    if (comm.rank() != 0) {
+      H5Sselect_none(ms);
+      H5Sselect_none(fs);
+    }
+    need(H5Dwrite(d1, H5T_NATIVE_INT, ms, fs, t.dxpl, pl.data()), "cannot write placement", 0);
+    need(H5Dwrite(d2, H5T_NATIVE_LLONG, ms, fs, t.dxpl, tk.data()), "cannot write tokens_per_expert", 0);
+    write_attr<long long>(f, "parameters", static_cast<long long>(model.memory().dense_total_params + model.memory().expert_total_params), H5T_NATIVE_LLONG);
+  }
+  for (int which = 0; which < 3; ++which) io_tensors<S>(f, model, &opt, nullptr, true, which);
+  need(H5Fflush(f, H5F_SCOPE_GLOBAL), "cannot flush " + tmp, 0);
+  f.reset();
+  comm.barrier();
+  if (comm.rank() == 0 && std::rename(tmp.c_str(), path.c_str()) != 0)
+    err = "examoe::checkpoint: cannot rename '" + tmp + "' to '" + path + "': " + std::strerror(errno);
+  throw_if_any(comm, err);
+}
+
+CheckpointInfo read_checkpoint_info(const std::string& path, MPI_Comm mpi_comm) {
+  auto comm = make_mpi_communicator(mpi_comm);
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  precheck_readable(path, *comm);
+  CheckpointInfo info;
+  std::string err;
+  try {
+    Hid f = open_file_parallel(path, comm->mpi_comm(), false);
+    if (!f.ok()) fail("'" + path + "' cannot be opened");
+    if (H5Aexists(f, "format_version") <= 0)
+      fail("'" + path + "' is not an ExaMoE checkpoint (no format_version)");
+    info.format_version = read_attr<int>(f, "format_version", H5T_NATIVE_INT);
+    if (info.format_version != kCheckpointFormatVersion)
+      fail("'" + path + "' has format version " + std::to_string(info.format_version) +
+           "; this ExaMoE reads version " + std::to_string(kCheckpointFormatVersion));
+    info.step = read_attr<long long>(f, "step", H5T_NATIVE_LLONG);
+    info.precision = read_attr_string(f, "precision");
+    info.world_size = read_attr<int>(f, "world_size", H5T_NATIVE_INT);
+    info.dp = read_attr<int>(f, "dp", H5T_NATIVE_INT);
+    info.ep = read_attr<int>(f, "ep", H5T_NATIVE_INT);
+    info.parameters = read_attr<long long>(f, "parameters", H5T_NATIVE_LLONG);
+    if (H5Lexists(f, "config", H5P_DEFAULT) <= 0) fail("'" + path + "' has no config group");
+    Hid g(H5Gopen2(f, "config", H5P_DEFAULT), H5Gclose);
+    for (const auto& k : config_keys())
+      if (H5Aexists(g, k.name.c_str()) > 0) info.config.emplace_back(k.name, read_attr_string(g, k.name.c_str()));
+    for (const char* dsname : {"placement", "tokens_per_expert"}) {
+      if (H5Lexists(f, dsname, H5P_DEFAULT) <= 0) fail(std::string("dataset '") + dsname + "' is missing");
+      Hid ds(H5Dopen2(f, dsname, H5P_DEFAULT), H5Dclose);
+      Hid sp(H5Dget_space(ds), H5Sclose);
+      hsize_t dims[2] = {0, 0};
+      if (H5Sget_simple_extent_ndims(sp) != 2) fail(std::string("dataset '") + dsname + "' is not [layers][experts]");
+      H5Sget_simple_extent_dims(sp, dims, nullptr);
+      std::vector<long long> v(dims[0] * dims[1]);
+      Transfer t(false);
+      if (H5Dread(ds, H5T_NATIVE_LLONG, H5S_ALL, H5S_ALL, t.dxpl, v.data()) < 0)
+        fail(std::string("cannot read dataset '") + dsname + "'");
+      for (hsize_t l = 0; l < dims[0]; ++l) {
+        if (std::string(dsname) == "placement") {
+          info.placement.emplace_back();
+          for (hsize_t e = 0; e < dims[1]; ++e) info.placement.back().push_back(static_cast<int>(v[l * dims[1] + e]));
+        } else {
+          info.tokens_per_expert.emplace_back(v.begin() + l * dims[1], v.begin() + (l + 1) * dims[1]);
+        }
+      }
+    }
+  } catch (const Error& e) {
+    err = e.what();
+  }
+  throw_if_any(*comm, err);
+  return info;
+}
+
+template <class S>
+CheckpointInfo load_checkpoint(const std::string& path, Model<S>& model, AdamW<S>& opt,
+                               const TrainConfig& cfg) {
+  Communicator& comm = model.mesh().world();
+  CheckpointInfo info = read_checkpoint_info(path, comm.mpi_comm());
+  // Compatibility: the model's shape and the precision must match.
+  std::string err;
+  const std::string prec = std::is_same<S, float>::value ? "float" : "double";
+  if (info.precision != prec)
+    err = "examoe::checkpoint: '" + path + "' holds " + info.precision + " parameters; this run uses " + prec +
+          " (set train.precision=" + info.precision + ")";
+  for (const auto& [key, value] : info.config) {
+    if (key.rfind("model.", 0) != 0 || key.rfind("model.router.", 0) == 0 || key == "model.norm_eps") continue;
+    for (const auto& k : config_keys())
+      if (k.name == key && k.get(cfg) != value && err.empty())
+        err = "examoe::checkpoint: '" + path + "' was written for " + key + " = " + value +
+              ", this run has " + key + " = " + k.get(cfg) + ": the model shapes differ";
+  }
+  throw_if_any(comm, err);
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  Hid f = open_file_parallel(path, comm.mpi_comm(), false);
+  try {
+    if (!f.ok()) fail("'" + path + "' cannot be opened");
+    opt.set_steps(read_attr<long long>(f, "adam_step", H5T_NATIVE_LLONG));
+    for (int which = 0; which < 3; ++which) io_tensors<S>(f, model, nullptr, &opt, false, which);
+  } catch (const Error& e) {
+    err = e.what();
+  }
+  throw_if_any(comm, err);
+  Kokkos::fence();
+  return info;
+}
+
+#else  // built without HDF5
+
+template <class S>
+void save_checkpoint(const std::string&, Model<S>&, const AdamW<S>&, const TrainConfig&, long long,
+                     const std::vector<std::vector<long long>>&) {
+  throw Error("examoe::checkpoint: this ExaMoE was built without parallel HDF5 (ExaMoE_ENABLE_HDF5=OFF)");
+}
+template <class S>
+CheckpointInfo load_checkpoint(const std::string&, Model<S>&, AdamW<S>&, const TrainConfig&) {
+  throw Error("examoe::checkpoint: this ExaMoE was built without parallel HDF5 (ExaMoE_ENABLE_HDF5=OFF)");
+}
+CheckpointInfo read_checkpoint_info(const std::string&, MPI_Comm) {
+  throw Error("examoe::checkpoint: this ExaMoE was built without parallel HDF5 (ExaMoE_ENABLE_HDF5=OFF)");
+}
+#endif  // EXAMOE_ENABLE_HDF5
+
+template void save_checkpoint<float>(const std::string&, Model<float>&, const AdamW<float>&, const TrainConfig&, long long, const std::vector<std::vector<long long>>&);
+template void save_checkpoint<double>(const std::string&, Model<double>&, const AdamW<double>&, const TrainConfig&, long long, const std::vector<std::vector<long long>>&);
+template CheckpointInfo load_checkpoint<float>(const std::string&, Model<float>&, AdamW<float>&, const TrainConfig&);
+template CheckpointInfo load_checkpoint<double>(const std::string&, Model<double>&, AdamW<double>&, const TrainConfig&);
+
+}  // namespace examoe
