@@ -1,6 +1,7 @@
 // The `examoe` command: one binary, one subcommand per job.
 #include "bench.hpp"
 #include "train_cmd.hpp"
+#include "inspect_cmd.hpp"
 
 #include <examoe/examoe.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
@@ -23,12 +24,15 @@ int main(int argc, char** argv) {
     examoe::app::TrainCli train;
     examoe::app::add_train_command(app, train);
     examoe::app::add_bench_command(app, bench);
+    examoe::app::InspectCli inspect;
+    examoe::app::add_inspect_command(app, inspect);
     try {
       app.parse(argc, argv);
       // Kokkos starts only for real work: --help and --version run on nodes without a GPU.
       own_kokkos = examoe::impl::kc::initialize_if_needed();
       if (app.got_subcommand("bench")) rc = examoe::app::run_bench(bench);
       if (app.got_subcommand("train")) rc = examoe::app::run_train(app, train);
+      if (app.got_subcommand("inspect")) rc = examoe::app::run_inspect(inspect);
     } catch (const CLI::ParseError& e) {
       // Every rank parses the same arguments; only rank 0 prints.
       if (rank == 0) rc = app.exit(e);

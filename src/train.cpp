@@ -389,30 +389,6 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
   // Cumulative tokens per expert, [layer][expert] (global counts, identical on every rank).
   std::vector<std::vector<long long>> tokens_cum(
       model.n_layers(), std::vector<long long>(cfg.model.num_experts, 0));
-  long long start_step = 0;
-  if (!cfg.checkpoint.resume.empty()) {
-    std::string path = cfg.checkpoint.resume;
-    std::string rerr;
-    if (path == "latest") {
-      path = root ? latest_checkpoint(cfg.checkpoint.dir) : std::string();
-      int len = static_cast<int>(path.size());
-      mesh.world().broadcast(&len, sizeof len, 0);
-      path.resize(static_cast<std::size_t>(len));
-      mesh.world().broadcast(path.data(), path.size(), 0);
-      if (path.empty())
-        rerr = "examoe::train: --resume latest: no checkpoint step-<N>.h5 in '" + cfg.checkpoint.dir + "'";
-    }
-    throw_if_any(mesh.world(), rerr);
-    const CheckpointInfo info = load_checkpoint(path, model, opt, cfg);
-    start_step = info.step;
-    for (int l = 0; l < model.n_layers() && l < static_cast<int>(info.tokens_per_expert.size()); ++l)
-      for (int e = 0; e < cfg.model.num_experts && e < static_cast<int>(info.tokens_per_expert[l].size()); ++e)
-        tokens_cum[l][e] = info.tokens_per_expert[l][e];
-    if (log && !cfg.log.quiet)
-      *log << "  resumed from " << path << " at step " << start_step << " (written by " << info.world_size
-           << " ranks, dp " << info.dp << " x ep " << info.ep << ")\n";
-  }
-  res.first_step = start_step;
   auto write_checkpoint = [&](long long step_done) {
     std::string cerr;
     if (root) {
@@ -440,6 +416,30 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
          << cfg.model.top_k << " h=" << cfg.model.d_hidden << " " << to_string(cfg.model.activation)
          << "; batch " << cfg.train.batch << " x " << seq << " tokens, " << cfg.train.steps << " steps\n";
   }
+  long long start_step = 0;
+  if (!cfg.checkpoint.resume.empty()) {
+    std::string path = cfg.checkpoint.resume;
+    std::string rerr;
+    if (path == "latest") {
+      path = root ? latest_checkpoint(cfg.checkpoint.dir) : std::string();
+      int len = static_cast<int>(path.size());
+      mesh.world().broadcast(&len, sizeof len, 0);
+      path.resize(static_cast<std::size_t>(len));
+      mesh.world().broadcast(path.data(), path.size(), 0);
+      if (path.empty())
+        rerr = "examoe::train: --resume latest: no checkpoint step-<N>.h5 in '" + cfg.checkpoint.dir + "'";
+    }
+    throw_if_any(mesh.world(), rerr);
+    const CheckpointInfo info = load_checkpoint(path, model, opt, cfg);
+    start_step = info.step;
+    for (int l = 0; l < model.n_layers() && l < static_cast<int>(info.tokens_per_expert.size()); ++l)
+      for (int e = 0; e < cfg.model.num_experts && e < static_cast<int>(info.tokens_per_expert[l].size()); ++e)
+        tokens_cum[l][e] = info.tokens_per_expert[l][e];
+    if (log && !cfg.log.quiet)
+      *log << "  resumed from " << path << " at step " << start_step << " (written by " << info.world_size
+           << " ranks, dp " << info.dp << " x ep " << info.ep << ")\n";
+  }
+  res.first_step = start_step;
   res.initial = evaluate(model, *corpus, seq);
   {
     const MemoryReport mr = model.memory();
