@@ -37,13 +37,14 @@ void ModelConfig::validate() const {
 namespace {
 namespace dk = impl::dense;
 
+// First n rows / entries of a grow-only buffer.
 template <class V>
 auto rows(const V& v, int n) {
-  return Kokkos::subview(v, Kokkos::make_pair(0, n), Kokkos::ALL);
+  return impl::rows_of(v, static_cast<std::size_t>(n));
 }
 template <class V>
 auto head(const V& v, int n) {
-  return Kokkos::subview(v, Kokkos::make_pair(0, n));
+  return impl::head(v, static_cast<std::size_t>(n));
 }
 /// y = a + b (element-wise); y may alias a.
 template <class A, class B, class Y>

@@ -1,5 +1,7 @@
 // Checkpoints: exact resume (bitwise at the same rank count, 1e-10 across rank counts and
 // dp x ep splits), and clear errors on every rank for bad files, never damaging a good one.
+#include "test_util.hpp"
+
 #include <examoe/checkpoint.hpp>
 #include <examoe/config.hpp>
 #include <examoe/error.hpp>
@@ -24,16 +26,8 @@
 #if EXAMOE_ENABLE_HDF5
 namespace {
 
-int rank_() {
-  int r = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
-int size_() {
-  int s = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &s);
-  return s;
-}
+int rank_() { return examoe::test::world_rank(); }
+int size_() { return examoe::test::world_size(); }
 
 /// A directory name shared by all ranks (rank 0's pid), fresh per test.
 std::string shared_dir(const std::string& tag) {

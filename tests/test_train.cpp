@@ -1,5 +1,7 @@
 // Training on the dp x ep mesh: FSDP sharding, loss sequences that do not depend on the
 // parallel decomposition, learning, memory accounting and bad input.
+#include "test_util.hpp"
+
 #include <examoe/error.hpp>
 #include <examoe/fsdp.hpp>
 #include <examoe/mesh.hpp>
@@ -19,16 +21,8 @@
 
 namespace {
 
-int world_rank() {
-  int r = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
-int world_size() {
-  int s = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &s);
-  return s;
-}
+using examoe::test::world_rank;
+using examoe::test::world_size;
 
 template <class V>
 std::vector<double> to_host(const V& v) {
