@@ -432,7 +432,8 @@ void prune_checkpoints(const std::string& dir, int keep) {
 template <class S>
 void save_checkpoint(const std::string& path, Model<S>& model, const AdamW<S>& opt,
                      const TrainConfig& cfg, long long step,
-                     const std::vector<std::vector<long long>>& tokens_per_expert) {
+                     const std::vector<std::vector<long long>>& tokens_per_expert,
+                     const std::string& placement_history_json) {
   Mesh& mesh = model.mesh();
   Communicator& comm = mesh.world();
   H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
@@ -450,6 +451,7 @@ void save_checkpoint(const std::string& path, Model<S>& model, const AdamW<S>& o
     write_attr<int>(f, "dp", mesh.dp_size(), H5T_NATIVE_INT);
     write_attr<int>(f, "ep", mesh.ep_size(), H5T_NATIVE_INT);
     write_attr_string(f, "producer", "ExaMoE " EXAMOE_VERSION_STRING);
+    write_attr_string(f, "placement_history", placement_history_json);
     Hid g = make_group(f, "config");
     for (const auto& k : config_keys()) write_attr_string(g, k.name.c_str(), k.get(cfg));
     // Placement and cumulative tokens per expert: [L][E], identical on every rank.
@@ -507,6 +509,7 @@ CheckpointInfo read_checkpoint_info(const std::string& path, MPI_Comm mpi_comm) 
     info.dp = read_attr<int>(f, "dp", H5T_NATIVE_INT);
     info.ep = read_attr<int>(f, "ep", H5T_NATIVE_INT);
     info.parameters = read_attr<long long>(f, "parameters", H5T_NATIVE_LLONG);
+    info.placement_history = H5Aexists(f, "placement_history") > 0 ? read_attr_string(f, "placement_history") : "[]";
     if (H5Lexists(f, "config", H5P_DEFAULT) <= 0) fail("'" + path + "' has no config group");
     Hid g(H5Gopen2(f, "config", H5P_DEFAULT), H5Gclose);
     for (const auto& k : config_keys())
@@ -575,7 +578,7 @@ CheckpointInfo load_checkpoint(const std::string& path, Model<S>& model, AdamW<S
 
 template <class S>
 void save_checkpoint(const std::string&, Model<S>&, const AdamW<S>&, const TrainConfig&, long long,
-                     const std::vector<std::vector<long long>>&) {
+                     const std::vector<std::vector<long long>>&, const std::string&) {
   throw Error("examoe::checkpoint: this ExaMoE was built without parallel HDF5 (ExaMoE_ENABLE_HDF5=OFF)");
 }
 template <class S>
@@ -587,8 +590,8 @@ CheckpointInfo read_checkpoint_info(const std::string&, MPI_Comm) {
 }
 #endif  // EXAMOE_ENABLE_HDF5
 
-template void save_checkpoint<float>(const std::string&, Model<float>&, const AdamW<float>&, const TrainConfig&, long long, const std::vector<std::vector<long long>>&);
-template void save_checkpoint<double>(const std::string&, Model<double>&, const AdamW<double>&, const TrainConfig&, long long, const std::vector<std::vector<long long>>&);
+template void save_checkpoint<float>(const std::string&, Model<float>&, const AdamW<float>&, const TrainConfig&, long long, const std::vector<std::vector<long long>>&, const std::string&);
+template void save_checkpoint<double>(const std::string&, Model<double>&, const AdamW<double>&, const TrainConfig&, long long, const std::vector<std::vector<long long>>&, const std::string&);
 template CheckpointInfo load_checkpoint<float>(const std::string&, Model<float>&, AdamW<float>&, const TrainConfig&);
 template CheckpointInfo load_checkpoint<double>(const std::string&, Model<double>&, AdamW<double>&, const TrainConfig&);
 

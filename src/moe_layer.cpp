@@ -127,7 +127,6 @@ struct MoELayer<Scalar>::Impl {
     d = cfg.d_model;
     h = cfg.d_hidden;
     swiglu = cfg.activation == Activation::swiglu;
-    nloc = placement.num_local(me);
     rparams.inv_temperature = 1.0 / cfg.router.temperature;
     rparams.renormalize = cfg.router.renormalize;
     rparams.seed = cfg.router.seed;
@@ -136,33 +135,112 @@ struct MoELayer<Scalar>::Impl {
     Wr = matrix(p + "Wr", d, E);
     dWr = matrix(p + "dWr", d, E);
     dWr_step = matrix(p + "dWr_step", d, E);
+    key_of_expert = IView1(p + "key_of_expert", E);
+    aux_coef = DView1(p + "aux_coef", E);
+    aux_coef_h = Kokkos::create_mirror_view(aux_coef);
+    key_start = IView1(p + "key_start", E + 1);
+    key_start_h = Kokkos::create_mirror_view(key_start);
+    scount.assign(P, 0); sdispl.assign(P, 0); rcount.assign(P, 0); rdispl.assign(P, 0);
+    red.assign(2 * static_cast<std::size_t>(E) + 3, 0.0);
+    stats.tokens_per_expert.assign(E, 0);
+    apply_placement(placement);
     W1 = tensor3(p + "W1", nloc, d, h);
     W2 = tensor3(p + "W2", nloc, h, d);
     W3 = tensor3(p + "W3", swiglu ? nloc : 0, d, h);
     dW1 = tensor3(p + "dW1", nloc, d, h);
     dW2 = tensor3(p + "dW2", nloc, h, d);
     dW3 = tensor3(p + "dW3", swiglu ? nloc : 0, d, h);
+    init_parameters(cfg.router.seed);
+  }
 
-    key_of_expert = IView1(p + "key_of_expert", E);
+  /// Everything that depends on the placement except the expert tensors themselves.
+  void apply_placement(const Placement& np) {
+    placement = np;
+    nloc = placement.num_local(me);
     auto koe = Kokkos::create_mirror_view(key_of_expert);
     for (int e = 0; e < E; ++e) koe(e) = placement.key(e);
     Kokkos::deep_copy(key_of_expert, koe);
-    aux_coef = DView1(p + "aux_coef", E);
-    aux_coef_h = Kokkos::create_mirror_view(aux_coef);
-    key_start = IView1(p + "key_start", E + 1);
-    key_start_h = Kokkos::create_mirror_view(key_start);
-    blocks = BlockView(p + "blocks", static_cast<std::size_t>(std::max(1, nloc * P)));
-    blocks_h = Kokkos::create_mirror_view(blocks);
-
+    if (blocks.extent(0) < static_cast<std::size_t>(std::max(1, nloc * P))) {
+      blocks = BlockView("examoe::moe::blocks", static_cast<std::size_t>(std::max(1, nloc * P)));
+      blocks_h = Kokkos::create_mirror_view(blocks);
+    }
     const int ml = std::max(1, placement.max_local());
     send_mat.assign(static_cast<std::size_t>(P) * ml, 0);
     recv_mat.assign(static_cast<std::size_t>(P) * ml, 0);
-    scount.assign(P, 0); sdispl.assign(P, 0); rcount.assign(P, 0); rdispl.assign(P, 0);
-    red.assign(2 * static_cast<std::size_t>(E) + 3, 0.0);
     expert_offset.assign(nloc + 1, 0);
     stats.rows_per_local_expert.assign(nloc, 0);
-    stats.tokens_per_expert.assign(E, 0);
-    init_parameters(cfg.router.seed);
+    have_forward = false;  // a plan built for the old placement is void
+  }
+
+  /// Moves blocks of `block` elements per expert from the current to the new owners.
+  /// `t` holds this rank's experts in local order; returns the new local tensor.
+  Kokkos::View<Scalar*, Mem> migrate_flat(const Placement& to, const Scalar* t, std::size_t block) {
+    const Placement& from = placement;
+    const int nnew = to.num_local(me);
+    Kokkos::View<Scalar*, Mem> out("examoe::moe::migrated", static_cast<std::size_t>(nnew) * block);
+    std::vector<int> sc(P, 0), sd(P, 0), rc(P, 0), rd(P, 0);
+    for (int e = 0; e < E; ++e) {
+      const int a = from.owner(e), b = to.owner(e);
+      if (a == b) continue;
+      if (a == me) ++sc[b];
+      if (b == me) ++rc[a];
+    }
+    int ns = 0, nr = 0;
+    for (int r = 0; r < P; ++r) {
+      sd[r] = ns; ns += sc[r];
+      rd[r] = nr; nr += rc[r];
+    }
+    Kokkos::View<Scalar*, Mem> sendb("examoe::moe::migrate_send", std::max<std::size_t>(1, ns * block));
+    Kokkos::View<Scalar*, Mem> recvb("examoe::moe::migrate_recv", std::max<std::size_t>(1, nr * block));
+    using U = Kokkos::View<const Scalar*, Mem, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+    auto blk = [&](const auto& v, std::size_t i) {
+      return Kokkos::subview(v, Kokkos::make_pair(i * block, (i + 1) * block));
+    };
+    const U old(t, static_cast<std::size_t>(from.num_local(me)) * block);
+    std::vector<int> fill(P, 0);
+    for (int e = 0; e < E; ++e) {  // increasing global id on both sides
+      const int a = from.owner(e), b = to.owner(e);
+      if (a == me && b != me) Kokkos::deep_copy(space, blk(sendb, sd[b] + fill[b]++), blk(old, from.local_index(e)));
+    }
+    space.fence();
+    comm->alltoallv_rows(sendb.data(), sc.data(), sd.data(), recvb.data(), rc.data(), rd.data(),
+                         static_cast<int>(block), data_type_of<Scalar>());
+    std::fill(fill.begin(), fill.end(), 0);
+    for (int e = 0; e < E; ++e) {
+      const int a = from.owner(e), b = to.owner(e);
+      if (b != me) continue;
+      if (a == me) Kokkos::deep_copy(space, blk(out, to.local_index(e)), blk(old, from.local_index(e)));
+      else Kokkos::deep_copy(space, blk(out, to.local_index(e)), blk(recvb, rd[a] + fill[a]++));
+    }
+    space.fence();
+    return out;
+  }
+
+  void set_placement(const Placement& np, std::vector<Kokkos::View<Scalar*, Mem>>& state) {
+    std::string err;
+    if (np.num_experts() != E || np.num_ranks() != P)
+      err = "examoe::MoELayer::set_placement: the placement is for " + std::to_string(np.num_experts()) +
+            " experts on " + std::to_string(np.num_ranks()) + " ranks; the layer has " + std::to_string(E) +
+            " experts on " + std::to_string(P) + " ranks";
+    throw_if_any(*comm, err);
+    const std::size_t block = static_cast<std::size_t>(d) * h;
+    auto move3 = [&](tensor3& w, bool present) {
+      if (!present) return;
+      auto flat = migrate_flat(np, w.data(), block);
+      tensor3 nw(Kokkos::view_alloc(Kokkos::WithoutInitializing, w.label()), np.num_local(me), w.extent(1), w.extent(2));
+      Kokkos::deep_copy(space, Kokkos::View<Scalar*, Mem, Kokkos::MemoryTraits<Kokkos::Unmanaged>>(nw.data(), nw.size()), flat);
+      w = nw;
+    };
+    move3(W1, true);
+    move3(W2, true);
+    move3(W3, swiglu);
+    for (auto& t : state) t = migrate_flat(np, t.data(), block);
+    const int nn = np.num_local(me);
+    dW1 = tensor3("examoe::moe::dW1", nn, d, h);
+    dW2 = tensor3("examoe::moe::dW2", nn, h, d);
+    dW3 = tensor3("examoe::moe::dW3", swiglu ? nn : 0, d, h);
+    apply_placement(np);
+    space.fence();
   }
 
   void check_same_config() {
@@ -585,6 +663,15 @@ template <class S>
 MoELayer<S>::MoELayer(const MoEConfig& config, MPI_Comm comm, MPI_Comm stats_comm,
                       const execution_space& space)
     : impl_(std::make_unique<Impl>(config, comm, stats_comm, space)) {}
+template <class S>
+void MoELayer<S>::set_placement(const Placement& p, std::vector<flat_vector>& state) {
+  impl_->set_placement(p, state);
+}
+template <class S>
+void MoELayer<S>::set_placement(const Placement& p) {
+  std::vector<flat_vector> none;
+  impl_->set_placement(p, none);
+}
 template <class S>
 void MoELayer<S>::set_step(std::uint64_t step) {
   impl_->step = step;

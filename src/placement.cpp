@@ -48,6 +48,45 @@ Placement Placement::from_owners(const std::vector<int>& owner, int num_ranks) {
   return p;
 }
 
+Placement Placement::rebalance_lpt(const std::vector<double>& load, int num_ranks) {
+  const int E = static_cast<int>(load.size());
+  if (num_ranks <= 0 || E < num_ranks)
+    throw Error("examoe::Placement::rebalance_lpt: need at least as many experts as ranks (" +
+                std::to_string(E) + " experts, " + std::to_string(num_ranks) + " ranks)");
+  std::vector<int> order(E);
+  for (int e = 0; e < E; ++e) order[e] = e;
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return load[a] > load[b]; });
+  std::vector<double> rl(num_ranks, 0.0);
+  std::vector<int> cnt(num_ranks, 0), owner(E, 0);
+  int left = E;
+  for (int e : order) {
+    // Keep one expert for every rank that still has none while experts remain.
+    int empty = 0;
+    for (int r = 0; r < num_ranks; ++r) empty += cnt[r] == 0 ? 1 : 0;
+    int best = -1;
+    for (int r = 0; r < num_ranks; ++r) {
+      if (left == empty && cnt[r] > 0) continue;
+      if (best < 0 || rl[r] < rl[best]) best = r;
+    }
+    owner[e] = best;
+    rl[best] += load[e];
+    ++cnt[best];
+    --left;
+  }
+  return from_owners(owner, num_ranks);
+}
+
+double Placement::imbalance(const std::vector<double>& load) const {
+  std::vector<double> rl(num_ranks(), 0.0);
+  double sum = 0;
+  for (int e = 0; e < num_experts(); ++e) {
+    rl[owner_[e]] += load[e];
+    sum += load[e];
+  }
+  const double mx = *std::max_element(rl.begin(), rl.end());
+  return sum > 0 ? mx * num_ranks() / sum : 1.0;
+}
+
 std::string Placement::to_string() const {
   std::ostringstream os;
   for (int r = 0; r < num_ranks(); ++r) {

@@ -152,6 +152,8 @@ const std::vector<ConfigKey>& config_keys() {
       EXAMOE_KEY_STR("checkpoint.dir", checkpoint.dir, "Directory of the step-<N>.h5 checkpoints"),
       EXAMOE_KEY_INT("checkpoint.interval", checkpoint.interval, "Checkpoint every N steps (0 = only on SIGTERM/SIGUSR1)"),
       EXAMOE_KEY_INT("checkpoint.keep", checkpoint.keep, "Keep the newest K checkpoints"),
+      EXAMOE_KEY_INT("placement.rebalance_interval", placement.rebalance_interval, "Rebalance experts over ranks every N steps from their load (0 = never)"),
+      EXAMOE_KEY_DBL("placement.ema", placement.ema, "Decay of the per-expert load average used by the rebalancer"),
       EXAMOE_KEY_STR("checkpoint.resume", checkpoint.resume, "Resume from this checkpoint, or 'latest' in checkpoint.dir"),
   };
   return keys;
@@ -229,6 +231,8 @@ void TrainConfig::validate() const {
   if (log.interval <= 0) throw Error(f + "log.interval must be positive");
   if (log.eval_interval <= 0) throw Error(f + "log.eval_interval must be positive");
   if (checkpoint.interval < 0) throw Error(f + "checkpoint.interval must be >= 0");
+  if (placement.rebalance_interval < 0) throw Error(f + "placement.rebalance_interval must be >= 0");
+  if (!(placement.ema >= 0 && placement.ema < 1)) throw Error(f + "placement.ema must be in [0, 1)");
   if (checkpoint.keep < 1) throw Error(f + "checkpoint.keep must be >= 1");
   if (checkpoint.dir.empty()) throw Error(f + "checkpoint.dir must not be empty");
 }
@@ -389,6 +393,65 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
   // Cumulative tokens per expert, [layer][expert] (global counts, identical on every rank).
   std::vector<std::vector<long long>> tokens_cum(
       model.n_layers(), std::vector<long long>(cfg.model.num_experts, 0));
+  std::ofstream metrics;
+  if (root && !cfg.log.metrics.empty()) {
+    metrics.open(cfg.log.metrics, std::ios::app);
+    if (!metrics) err = "examoe::train: cannot open metrics file '" + cfg.log.metrics + "'";
+  }
+  throw_if_any(mesh.world(), err);
+  nlohmann::json placement_history = nlohmann::json::array();
+  // Dynamic expert placement: greedy LPT on the EMA of the tokens each expert received;
+  // weights and AdamW moments move with their expert. Outputs do not depend on placement.
+  std::vector<std::vector<double>> load_ema(model.n_layers(), std::vector<double>(cfg.model.num_experts, 0.0));
+  const int tensors_per_layer = cfg.model.activation == Activation::swiglu ? 3 : 2;
+  /// Moves layer l's experts (weights and AdamW moments) to `np`; returns the old owners.
+  auto move_layer = [&](int l, const Placement& np) {
+    auto& m = model.moe(l);
+    std::vector<int> old_owner = m.placement().owners();
+    std::vector<typename MoELayer<S>::flat_vector> state;
+    const int base = F.num_units() + l * tensors_per_layer;
+    for (int t = 0; t < tensors_per_layer; ++t) {
+      state.push_back(opt.m(base + t));
+      state.push_back(opt.v(base + t));
+    }
+    m.set_placement(np, state);
+    const std::pair<typename MoELayer<S>::tensor3, typename MoELayer<S>::tensor3> pg[] = {
+        {m.w1(), m.w1_grad()}, {m.w2(), m.w2_grad()}, {m.w3(), m.w3_grad()}};
+    for (int t = 0; t < tensors_per_layer; ++t) {
+      const auto& [p, g] = pg[t];
+      opt.rebind(base + t, U(p.data(), p.size()), U(g.data(), g.size()), state[2 * t], state[2 * t + 1]);
+      expert_grads[l * tensors_per_layer + t] = U(g.data(), g.size());
+    }
+    return old_owner;
+  };
+  auto rebalance = [&](long long step_done) {
+    for (int l = 0; l < model.n_layers(); ++l) {
+      auto& m = model.moe(l);
+      const Placement np = Placement::rebalance_lpt(load_ema[l], mesh.ep_size());
+      if (np == m.placement()) continue;
+      const double before = m.placement().imbalance(load_ema[l]), after = np.imbalance(load_ema[l]);
+      const std::vector<int> old_owner = move_layer(l, np);
+      ++res.migrations;
+      res.imbalance_before.push_back(before);
+      res.imbalance_after.push_back(after);
+      nlohmann::json j;
+      j["migration"] = true;
+      j["step"] = step_done;
+      j["layer"] = l;
+      j["imbalance_before"] = before;
+      j["imbalance_after"] = after;
+      nlohmann::json moved = nlohmann::json::array();
+      for (int e = 0; e < cfg.model.num_experts; ++e)
+        if (old_owner[e] != np.owner(e)) moved.push_back({{"expert", e}, {"from", old_owner[e]}, {"to", np.owner(e)}});
+      j["moved"] = moved;
+      j["placement"] = np.owners();
+      placement_history.push_back(j);
+      if (log && !cfg.log.quiet)
+        *log << "  rebalanced layer " << l << " at step " << step_done << ": imbalance " << before << " -> "
+             << after << " (" << moved.size() << " experts moved)\n";
+      if (metrics.is_open()) metrics << j.dump() << "\n";
+    }
+  };
   auto write_checkpoint = [&](long long step_done) {
     std::string cerr;
     if (root) {
@@ -400,7 +463,7 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
     throw_if_any(mesh.world(), cerr);
     const std::string path = checkpoint_path(cfg.checkpoint.dir, step_done);
     const auto t0 = Clock::now();
-    save_checkpoint(path, model, opt, cfg, step_done, tokens_cum);
+    save_checkpoint(path, model, opt, cfg, step_done, tokens_cum, placement_history.dump());
     if (root) prune_checkpoints(cfg.checkpoint.dir, cfg.checkpoint.keep);
     res.last_checkpoint = path;
     if (log && !cfg.log.quiet)
@@ -430,6 +493,20 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
         rerr = "examoe::train: --resume latest: no checkpoint step-<N>.h5 in '" + cfg.checkpoint.dir + "'";
     }
     throw_if_any(mesh.world(), rerr);
+    {
+      // Same expert-parallel size: take over the saved placement (other sizes rebalance anew).
+      const CheckpointInfo head = read_checkpoint_info(path, mesh.world().mpi_comm());
+      if (head.ep == mesh.ep_size() && static_cast<int>(head.placement.size()) == model.n_layers())
+        for (int l = 0; l < model.n_layers(); ++l) {
+          const Placement saved = Placement::from_owners(head.placement[l], mesh.ep_size());
+          if (saved != model.moe(l).placement()) move_layer(l, saved);
+        }
+      try {
+        placement_history = nlohmann::json::parse(head.placement_history);
+      } catch (const std::exception&) {
+        placement_history = nlohmann::json::array();
+      }
+    }
     const CheckpointInfo info = load_checkpoint(path, model, opt, cfg);
     start_step = info.step;
     for (int l = 0; l < model.n_layers() && l < static_cast<int>(info.tokens_per_expert.size()); ++l)
@@ -460,12 +537,6 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
       *log << std::defaultfloat << "\n";
     }
   }
-  std::ofstream metrics;
-  if (root && !cfg.log.metrics.empty()) {
-    metrics.open(cfg.log.metrics, std::ios::app);
-    if (!metrics) err = "examoe::train: cannot open metrics file '" + cfg.log.metrics + "'";
-  }
-  throw_if_any(mesh.world(), err);
 
   const auto t_start = Clock::now();
   auto t_interval = t_start;
@@ -492,8 +563,13 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
     const double lr = lr_schedule(step, cfg.train.steps, cfg.train.warmup, cfg.train.lr, cfg.train.min_lr);
     opt.step(lr, scale);
     for (int l = 0; l < model.n_layers(); ++l)  // before validation overwrites the stats
-      for (int e = 0; e < cfg.model.num_experts; ++e)
+      for (int e = 0; e < cfg.model.num_experts; ++e) {
+        const double t = static_cast<double>(model.moe(l).stats().tokens_per_expert[e]);
         tokens_cum[l][e] += model.moe(l).stats().tokens_per_expert[e];
+        load_ema[l][e] = step == start_step ? t : cfg.placement.ema * load_ema[l][e] + (1 - cfg.placement.ema) * t;
+      }
+    if (cfg.placement.rebalance_interval > 0 && (step + 1) % cfg.placement.rebalance_interval == 0)
+      rebalance(step + 1);
 
     const double ce = gvalid > 0 ? sq[1] / static_cast<double>(gvalid) : 0.0;
     const double loss = ce + st.aux + st.z;

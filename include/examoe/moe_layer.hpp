@@ -94,6 +94,15 @@ class MoELayer {
   Kokkos::View<int**, Kokkos::LayoutRight, memory_space> topk_experts() const;
   matrix gates() const;
 
+  using flat_vector = Kokkos::View<Scalar*, memory_space>;
+  /// Moves the experts to a new placement (collective; the dynamic rebalancer calls it).
+  /// Expert weights travel to their new owners; gradients are zeroed. `state` holds further
+  /// per-expert tensors in the layout of w1 (local experts x d x h, e.g. optimizer moments):
+  /// each is migrated the same way and replaced by the new local tensor. Outputs do not depend
+  /// on the placement.
+  void set_placement(const Placement& placement, std::vector<flat_vector>& state);
+  void set_placement(const Placement& placement);
+
   /// Number of times the layer's workspace grew (a steady-state step adds none).
   std::int64_t workspace_allocations() const;
 

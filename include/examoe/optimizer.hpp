@@ -39,6 +39,15 @@ class AdamW {
   void set_steps(std::int64_t t) { t_ = t; }
   int num_tensors() const { return static_cast<int>(tensors_.size()); }
 
+  /// Points tensor i at new parameter/gradient memory with the given moments (after the
+  /// experts it holds moved to other ranks).
+  void rebind(int i, const vector& param, const vector& grad, const Kokkos::View<S*, memory_space>& m,
+              const Kokkos::View<S*, memory_space>& v) {
+    tensors_[i].p = param;
+    tensors_[i].g = grad;
+    tensors_[i].m = m;
+    tensors_[i].v = v;
+  }
   /// Moment views of tensor i (for checkpoints and tests).
   Kokkos::View<S*, memory_space> m(int i) const { return tensors_[i].m; }
   Kokkos::View<S*, memory_space> v(int i) const { return tensors_[i].v; }

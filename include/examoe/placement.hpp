@@ -18,6 +18,14 @@ class Placement {
   /// floor(E/P). Requires E >= P (every rank owns at least one expert).
   static Placement balanced(int num_experts, int num_ranks);
 
+  /// Greedy LPT: experts in decreasing load (ties: lower id) go to the rank with the least
+  /// load so far (ties: lower rank). Minimises the maximum per-rank load to within 4/3 of the
+  /// optimum; ranks may get different numbers of experts (at least one each while E >= P).
+  /// Deterministic: every rank computes the same table from the same loads.
+  static Placement rebalance_lpt(const std::vector<double>& load, int num_ranks);
+  /// max over ranks / mean of the summed load of the experts each rank owns.
+  double imbalance(const std::vector<double>& load) const;
+
   /// Any explicit owner table (owner[e] in [0, P)); ranks may own zero experts.
   static Placement from_owners(const std::vector<int>& owner, int num_ranks);
 

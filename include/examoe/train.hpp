@@ -41,6 +41,11 @@ struct CheckpointOptions {
   std::string resume;               ///< "", a checkpoint path, or "latest" (newest in dir)
 };
 
+struct PlacementOptions {
+  int rebalance_interval = 0;  ///< rebalance the experts every N steps (0 = never)
+  double ema = 0.9;            ///< decay of the per-expert load average
+};
+
 struct TrainConfig {
   ModelConfig model;
   ParallelConfig parallel;
@@ -48,6 +53,7 @@ struct TrainConfig {
   DataOptions data;
   LogOptions log;
   CheckpointOptions checkpoint;
+  PlacementOptions placement;
   void validate() const;
 };
 
@@ -76,6 +82,8 @@ struct TrainResult {
   bool stopped_by_signal = false;
   std::string last_checkpoint; ///< path of the newest checkpoint written, if any
   std::vector<double> losses;  ///< total loss (CE + aux + z) of every step run
+  int migrations = 0;          ///< placement changes applied (all layers)
+  std::vector<double> imbalance_before, imbalance_after;  ///< of the EMA load, per migration
   std::vector<double> ce;      ///< cross-entropy part of every step
   EvalResult initial, final;
   double unigram_entropy = 0;
