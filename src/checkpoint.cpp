@@ -433,7 +433,8 @@ template <class S>
 void save_checkpoint(const std::string& path, Model<S>& model, const AdamW<S>& opt,
                      const TrainConfig& cfg, long long step,
                      const std::vector<std::vector<long long>>& tokens_per_expert,
-                     const std::string& placement_history_json) {
+                     const std::string& placement_history_json,
+                     const std::vector<std::vector<double>>& expert_load_ema) {
   Mesh& mesh = model.mesh();
   Communicator& comm = mesh.world();
   H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
@@ -458,6 +459,9 @@ void save_checkpoint(const std::string& path, Model<S>& model, const AdamW<S>& o
     const int L = model.n_layers(), E = model.config().num_experts;
     std::vector<int> pl(static_cast<std::size_t>(L) * E);
     std::vector<long long> tk(static_cast<std::size_t>(L) * E, 0);
+    std::vector<double> ema(static_cast<std::size_t>(L) * E, 0.0);
+    for (int l = 0; l < L && l < static_cast<int>(expert_load_ema.size()); ++l)
+      for (int e = 0; e < E && e < static_cast<int>(expert_load_ema[l].size()); ++e) ema[l * E + e] = expert_load_ema[l][e];
     for (int l = 0; l < L; ++l)
       for (int e = 0; e < E; ++e) {
         pl[l * E + e] = model.moe(l).placement().owner(e);
@@ -477,6 +481,8 @@ void save_checkpoint(const std::string& path, Model<S>& model, const AdamW<S>& o
     }
     need(H5Dwrite(d1, H5T_NATIVE_INT, ms, fs, t.dxpl, pl.data()), "cannot write placement", 0);
     need(H5Dwrite(d2, H5T_NATIVE_LLONG, ms, fs, t.dxpl, tk.data()), "cannot write tokens_per_expert", 0);
+    Hid d3(need(H5Dcreate2(f, "expert_load_ema", H5T_NATIVE_DOUBLE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create expert_load_ema"), H5Dclose);
+    need(H5Dwrite(d3, H5T_NATIVE_DOUBLE, ms, fs, t.dxpl, ema.data()), "cannot write expert_load_ema", 0);
     write_attr<long long>(f, "parameters", static_cast<long long>(model.memory().dense_total_params + model.memory().expert_total_params), H5T_NATIVE_LLONG);
   }
   for (int which = 0; which < 3; ++which) io_tensors<S>(f, model, &opt, nullptr, true, which);
@@ -514,6 +520,17 @@ CheckpointInfo read_checkpoint_info(const std::string& path, MPI_Comm mpi_comm) 
     Hid g(H5Gopen2(f, "config", H5P_DEFAULT), H5Gclose);
     for (const auto& k : config_keys())
       if (H5Aexists(g, k.name.c_str()) > 0) info.config.emplace_back(k.name, read_attr_string(g, k.name.c_str()));
+    if (H5Lexists(f, "expert_load_ema", H5P_DEFAULT) > 0) {
+      Hid ds(H5Dopen2(f, "expert_load_ema", H5P_DEFAULT), H5Dclose);
+      Hid sp(H5Dget_space(ds), H5Sclose);
+      hsize_t dims[2] = {0, 0};
+      if (H5Sget_simple_extent_ndims(sp) != 2) fail("dataset 'expert_load_ema' is not [layers][experts]");
+      H5Sget_simple_extent_dims(sp, dims, nullptr);
+      std::vector<double> v(dims[0] * dims[1]);
+      Transfer t(false);
+      if (H5Dread(ds, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, t.dxpl, v.data()) < 0) fail("cannot read dataset 'expert_load_ema'");
+      for (hsize_t l = 0; l < dims[0]; ++l) info.expert_load_ema.emplace_back(v.begin() + l * dims[1], v.begin() + (l + 1) * dims[1]);
+    }
     for (const char* dsname : {"placement", "tokens_per_expert"}) {
       if (H5Lexists(f, dsname, H5P_DEFAULT) <= 0) fail(std::string("dataset '") + dsname + "' is missing");
       Hid ds(H5Dopen2(f, dsname, H5P_DEFAULT), H5Dclose);
@@ -578,7 +595,8 @@ CheckpointInfo load_checkpoint(const std::string& path, Model<S>& model, AdamW<S
 
 template <class S>
 void save_checkpoint(const std::string&, Model<S>&, const AdamW<S>&, const TrainConfig&, long long,
-                     const std::vector<std::vector<long long>>&, const std::string&) {
+                     const std::vector<std::vector<long long>>&, const std::string&,
+                     const std::vector<std::vector<double>>&) {
   throw Error("examoe::checkpoint: this ExaMoE was built without parallel HDF5 (ExaMoE_ENABLE_HDF5=OFF)");
 }
 template <class S>
@@ -590,8 +608,8 @@ CheckpointInfo read_checkpoint_info(const std::string&, MPI_Comm) {
 }
 #endif  // EXAMOE_ENABLE_HDF5
 
-template void save_checkpoint<float>(const std::string&, Model<float>&, const AdamW<float>&, const TrainConfig&, long long, const std::vector<std::vector<long long>>&, const std::string&);
-template void save_checkpoint<double>(const std::string&, Model<double>&, const AdamW<double>&, const TrainConfig&, long long, const std::vector<std::vector<long long>>&, const std::string&);
+template void save_checkpoint<float>(const std::string&, Model<float>&, const AdamW<float>&, const TrainConfig&, long long, const std::vector<std::vector<long long>>&, const std::string&, const std::vector<std::vector<double>>&);
+template void save_checkpoint<double>(const std::string&, Model<double>&, const AdamW<double>&, const TrainConfig&, long long, const std::vector<std::vector<long long>>&, const std::string&, const std::vector<std::vector<double>>&);
 template CheckpointInfo load_checkpoint<float>(const std::string&, Model<float>&, AdamW<float>&, const TrainConfig&);
 template CheckpointInfo load_checkpoint<double>(const std::string&, Model<double>&, AdamW<double>&, const TrainConfig&);
 

@@ -403,6 +403,7 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
   // Dynamic expert placement: greedy LPT on the EMA of the tokens each expert received;
   // weights and AdamW moments move with their expert. Outputs do not depend on placement.
   std::vector<std::vector<double>> load_ema(model.n_layers(), std::vector<double>(cfg.model.num_experts, 0.0));
+  bool have_ema = false;  // load_ema holds an average (from training or a checkpoint)
   const int tensors_per_layer = cfg.model.activation == Activation::swiglu ? 3 : 2;
   /// Moves layer l's experts (weights and AdamW moments) to `np`; returns the old owners.
   auto move_layer = [&](int l, const Placement& np) {
@@ -463,7 +464,7 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
     throw_if_any(mesh.world(), cerr);
     const std::string path = checkpoint_path(cfg.checkpoint.dir, step_done);
     const auto t0 = Clock::now();
-    save_checkpoint(path, model, opt, cfg, step_done, tokens_cum, placement_history.dump());
+    save_checkpoint(path, model, opt, cfg, step_done, tokens_cum, placement_history.dump(), load_ema);
     if (root) prune_checkpoints(cfg.checkpoint.dir, cfg.checkpoint.keep);
     res.last_checkpoint = path;
     if (log && !cfg.log.quiet)
@@ -512,6 +513,10 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
     for (int l = 0; l < model.n_layers() && l < static_cast<int>(info.tokens_per_expert.size()); ++l)
       for (int e = 0; e < cfg.model.num_experts && e < static_cast<int>(info.tokens_per_expert[l].size()); ++e)
         tokens_cum[l][e] = info.tokens_per_expert[l][e];
+    for (int l = 0; l < model.n_layers() && l < static_cast<int>(info.expert_load_ema.size()); ++l)
+      for (int e = 0; e < cfg.model.num_experts && e < static_cast<int>(info.expert_load_ema[l].size()); ++e)
+        load_ema[l][e] = info.expert_load_ema[l][e];
+    have_ema = !info.expert_load_ema.empty();
     if (log && !cfg.log.quiet)
       *log << "  resumed from " << path << " at step " << start_step << " (written by " << info.world_size
            << " ranks, dp " << info.dp << " x ep " << info.ep << ")\n";
@@ -566,8 +571,9 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
       for (int e = 0; e < cfg.model.num_experts; ++e) {
         const double t = static_cast<double>(model.moe(l).stats().tokens_per_expert[e]);
         tokens_cum[l][e] += model.moe(l).stats().tokens_per_expert[e];
-        load_ema[l][e] = step == start_step ? t : cfg.placement.ema * load_ema[l][e] + (1 - cfg.placement.ema) * t;
+        load_ema[l][e] = !have_ema ? t : cfg.placement.ema * load_ema[l][e] + (1 - cfg.placement.ema) * t;
       }
+    have_ema = true;
     if (cfg.placement.rebalance_interval > 0 && (step + 1) % cfg.placement.rebalance_interval == 0)
       rebalance(step + 1);
 

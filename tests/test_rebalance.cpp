@@ -3,7 +3,10 @@
 #include "test_util.hpp"
 
 #include <examoe/placement.hpp>
+#include <examoe/checkpoint.hpp>
 #include <examoe/train.hpp>
+
+#include <unistd.h>
 
 #include <gtest/gtest.h>
 
@@ -197,4 +200,23 @@ TEST(TrainRebalance, MigrationsLeaveTheLossSequenceAlone) {
   if (world_size() > 1) EXPECT_GT(moving.migrations, 0) << "no migration happened: the test is vacuous";
   for (std::size_t i = 0; i < moving.imbalance_after.size(); ++i)
     EXPECT_LE(moving.imbalance_after[i], moving.imbalance_before[i] + 1e-12);
+
+  // Stop at step 5 (checkpoint) and resume: the saved placement, load average and AdamW
+  // state come back, so the continuation is bitwise the uninterrupted run.
+  int pid = static_cast<int>(getpid());
+  MPI_Bcast(&pid, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  c.checkpoint.dir = "/tmp/examoe_rebalance_" + std::to_string(pid) + "_np" + std::to_string(world_size());
+  c.checkpoint.interval = 5;
+  const auto with_ckpt = examoe::train(c, MPI_COMM_WORLD, nullptr);
+  EXPECT_EQ(with_ckpt.losses, moving.losses);
+  c.checkpoint.interval = 0;
+  c.checkpoint.resume = c.checkpoint.dir + "/step-00000005.h5";
+  const auto resumed = examoe::train(c, MPI_COMM_WORLD, nullptr);
+  ASSERT_EQ(resumed.losses.size(), 5u);
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(resumed.losses[i], moving.losses[5 + i]) << "step " << 5 + i;
+  const auto info = examoe::read_checkpoint_info(c.checkpoint.resume, MPI_COMM_WORLD);
+  EXPECT_EQ(info.expert_load_ema.size(), 2u);
+  if (world_size() > 1) EXPECT_NE(info.placement_history, "[]") << "migrations missing from the checkpoint";
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (world_rank() == 0) std::system(("rm -rf " + c.checkpoint.dir).c_str());
 }

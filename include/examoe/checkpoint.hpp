@@ -22,6 +22,7 @@ struct CheckpointInfo {
   std::vector<std::vector<long long>> tokens_per_expert;     ///< [layer][expert], cumulative
   long long parameters = 0;
   std::string placement_history;  ///< JSON array of the migrations so far
+  std::vector<std::vector<double>> expert_load_ema;  ///< [layer][expert], the rebalancer's input
 };
 
 /// Writes `path` collectively (parallel HDF5, MPI-IO): every tensor in global order, dense
@@ -34,7 +35,8 @@ template <class S>
 void save_checkpoint(const std::string& path, Model<S>& model, const AdamW<S>& opt,
                      const TrainConfig& cfg, long long step,
                      const std::vector<std::vector<long long>>& tokens_per_expert,
-                     const std::string& placement_history_json = "[]");
+                     const std::string& placement_history_json = "[]",
+                     const std::vector<std::vector<double>>& expert_load_ema = {});
 
 /// Restores parameters, AdamW moments and step count from `path` into a model of the same
 /// shape on any mesh. Errors (missing, truncated, corrupt, other format version, other model
