@@ -26,6 +26,8 @@ int main(int argc, char** argv) {
     examoe::app::add_bench_command(app, bench);
     examoe::app::InspectCli inspect;
     examoe::app::add_inspect_command(app, inspect);
+    examoe::app::EvalCli eval;
+    examoe::app::add_eval_command(app, eval);
     try {
       app.parse(argc, argv);
       // Kokkos starts only for real work: --help and --version run on nodes without a GPU.
@@ -33,6 +35,7 @@ int main(int argc, char** argv) {
       if (app.got_subcommand("bench")) rc = examoe::app::run_bench(bench);
       if (app.got_subcommand("train")) rc = examoe::app::run_train(app, train);
       if (app.got_subcommand("inspect")) rc = examoe::app::run_inspect(inspect);
+      if (app.got_subcommand("eval")) rc = examoe::app::run_eval(eval);
     } catch (const CLI::ParseError& e) {
       // Every rank parses the same arguments; only rank 0 prints.
       if (rank == 0) rc = app.exit(e);

@@ -2,6 +2,7 @@
 #include "inspect_cmd.hpp"
 
 #include <examoe/checkpoint.hpp>
+#include <examoe/train.hpp>
 
 #include <mpi.h>
 #include <nlohmann/json.hpp>
@@ -75,6 +76,23 @@ int run_inspect(const InspectCli& cli) {
       std::printf("\n");
     }
   }
+  return 0;
+}
+
+void add_eval_command(CLI::App& app, EvalCli& cli) {
+  auto* c = app.add_subcommand(
+      "eval",
+      "Run a checkpoint's model over token sequences from an HDF5 file and write the logits to "
+      "HDF5 (input: dataset 'tokens' int [N][seq_len], optional 'targets'; output: dataset "
+      "'logits' float [N][seq_len][256]; see docs/checkpoint-format.md)");
+  c->add_option("checkpoint", cli.checkpoint, "Checkpoint file (step-<N>.h5)")->required();
+  c->add_option("--input", cli.input, "HDF5 file with dataset 'tokens'")->required();
+  c->add_option("--output", cli.output, "HDF5 file to write dataset 'logits' to")->required();
+  c->add_option("--parallel.ep", cli.ep, "Expert-parallel degree (0 = all ranks)")->capture_default_str();
+}
+
+int run_eval(const EvalCli& cli) {
+  eval_file(cli.checkpoint, cli.input, cli.output, cli.ep, MPI_COMM_WORLD, &std::cout);
   return 0;
 }
 

@@ -10,4 +10,11 @@ struct InspectCli {
 };
 void add_inspect_command(CLI::App& app, InspectCli& cli);
 int run_inspect(const InspectCli& cli);
+
+struct EvalCli {
+  std::string checkpoint, input, output;
+  int ep = 0;
+};
+void add_eval_command(CLI::App& app, EvalCli& cli);
+int run_eval(const EvalCli& cli);
 }  // namespace examoe::app

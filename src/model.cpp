@@ -199,13 +199,15 @@ StepStats Model<S>::forward_backward(const Batch& local, long long global_valid,
 }
 
 template <class S>
-StepStats Model<S>::evaluate(const Batch& local, std::vector<int>* correct) {
-  return run(local, 0, false, 0, correct);
+StepStats Model<S>::evaluate(const Batch& local, std::vector<int>* correct,
+                             std::vector<float>* logits) {
+  return run(local, 0, false, 0, correct, logits);
 }
 
 template <class S>
 StepStats Model<S>::run(const Batch& local, long long global_valid, bool training,
-                        std::uint64_t step, std::vector<int>* correct) {
+                        std::uint64_t step, std::vector<int>* correct,
+                        std::vector<float>* logits_out) {
   std::string err;
   try {
     prepare(local);
@@ -239,6 +241,10 @@ StepStats Model<S>::run(const Batch& local, long long global_valid, bool trainin
   impl::kc::gemm(sp, "N", "N", S(1), rows(f_, n), F.param2(p_head_), S(0), lg);
   const double scale = global_valid > 0 ? 1.0 / static_cast<double>(global_valid) : 0.0;
   long long valid = 0;
+  if (logits_out) {  // before cross_entropy turns them into gradients in place
+    auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), lg);
+    logits_out->assign(h.data(), h.data() + static_cast<std::size_t>(n) * cfg_.vocab);
+  }
   st.ce_sum = n > 0 ? dk::cross_entropy(sp, lg, head(targets_, n), scale, lg, head(correct_, n), &valid) : 0.0;
   st.valid = valid;
   if (n > 0) {

@@ -5,8 +5,13 @@
 #include <examoe/optimizer.hpp>
 #include <examoe/train.hpp>
 
+#include <examoe/config.hpp>
+
 #include <csignal>
 #include <sys/stat.h>
+#if EXAMOE_ENABLE_HDF5
+#include <hdf5.h>
+#endif
 
 #include <nlohmann/json.hpp>
 #include <sys/resource.h>
@@ -339,6 +344,40 @@ EvalResult evaluate(Model<S>& model, const Corpus& corpus, int seq_len) {
   return r;
 }
 
+/// AdamW settings of a training config.
+AdamWConfig adamw_config(const TrainConfig& cfg) {
+  AdamWConfig ac;
+  ac.beta1 = cfg.train.beta1;
+  ac.beta2 = cfg.train.beta2;
+  ac.eps = cfg.train.eps;
+  ac.weight_decay = cfg.train.weight_decay;
+  return ac;
+}
+
+/// Registers every parameter with the optimizer: the dense unit shards first, then per layer
+/// w1, w2 (and w3 for SwiGLU), also where this rank owns no expert (the checkpoint code relies
+/// on this order). Returns the expert gradient views (for the global norm).
+template <class S>
+std::vector<typename AdamW<S>::vector> register_parameters(Model<S>& model, AdamW<S>& opt) {
+  using U = typename AdamW<S>::vector;
+  auto& F = model.fsdp();
+  for (int u = 0; u < F.num_units(); ++u)
+    opt.add(U(F.shard(u).data(), F.shard_numel(u)), U(F.shard_grad(u).data(), F.shard_numel(u)),
+            U(F.shard_decay_mask(u).data(), F.shard_numel(u)), true);
+  std::vector<U> expert_grads;
+  for (int l = 0; l < model.n_layers(); ++l) {
+    auto& m = model.moe(l);
+    const std::pair<typename MoELayer<S>::tensor3, typename MoELayer<S>::tensor3> pg[] = {
+        {m.w1(), m.w1_grad()}, {m.w2(), m.w2_grad()}, {m.w3(), m.w3_grad()}};
+    for (int t = 0; t < (model.config().activation == Activation::swiglu ? 3 : 2); ++t) {
+      const auto& [p, g] = pg[t];
+      opt.add(U(p.data(), p.size()), U(g.data(), g.size()), U(), true);
+      expert_grads.emplace_back(g.data(), g.size());
+    }
+  }
+  return expert_grads;
+}
+
 template <class S>
 TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
   using Clock = std::chrono::steady_clock;
@@ -361,30 +400,10 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
   throw_if_any(mesh.world(), err);
 
   Model<S> model(cfg.model, cfg.parallel, mesh, cfg.train.seed);
-  AdamWConfig ac;
-  ac.beta1 = cfg.train.beta1;
-  ac.beta2 = cfg.train.beta2;
-  ac.eps = cfg.train.eps;
-  ac.weight_decay = cfg.train.weight_decay;
-  AdamW<S> opt(ac);
+  AdamW<S> opt(adamw_config(cfg));
   using U = typename AdamW<S>::vector;
   auto& F = model.fsdp();
-  for (int u = 0; u < F.num_units(); ++u)
-    opt.add(U(F.shard(u).data(), F.shard_numel(u)), U(F.shard_grad(u).data(), F.shard_numel(u)),
-            U(F.shard_decay_mask(u).data(), F.shard_numel(u)), true);
-  std::vector<U> expert_grads;
-  for (int l = 0; l < model.n_layers(); ++l) {
-    auto& m = model.moe(l);
-    const std::pair<typename MoELayer<S>::tensor3, typename MoELayer<S>::tensor3> pg[] = {
-        {m.w1(), m.w1_grad()}, {m.w2(), m.w2_grad()}, {m.w3(), m.w3_grad()}};
-    // Always w1, w2 (and w3 for SwiGLU), also when this rank owns no expert: the checkpoint
-    // code relies on this order.
-    for (int t = 0; t < (cfg.model.activation == Activation::swiglu ? 3 : 2); ++t) {
-      const auto& [p, g] = pg[t];
-      opt.add(U(p.data(), p.size()), U(g.data(), g.size()), U(), true);
-      expert_grads.emplace_back(g.data(), g.size());
-    }
-  }
+  std::vector<U> expert_grads = register_parameters(model, opt);
 
   TrainResult res;
   res.unigram_entropy = corpus->unigram_entropy();
@@ -713,6 +732,155 @@ TrainResult train(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
     throw_if_any(*c, err);
   }
   return cfg.train.precision == "double" ? run<double>(cfg, comm, out) : run<float>(cfg, comm, out);
+}
+
+namespace {
+
+template <class S>
+double eval_run(const TrainConfig& cfg, const std::string& ckpt, const std::string& input,
+                const std::string& output, MPI_Comm comm, std::ostream* out) {
+  Mesh mesh(comm, cfg.parallel.ep);
+  Communicator& w = mesh.world();
+  const bool root = w.rank() == 0;
+  const int seq = cfg.model.seq_len, V = cfg.model.vocab;
+  // Rank 0 reads the input and shares it.
+  std::vector<int> tokens, targets;
+  long long n = 0;
+  std::string err;
+#if EXAMOE_ENABLE_HDF5
+  if (root) {
+    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+    hid_t f = H5Fopen(input.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (f < 0) {
+      err = "examoe eval: cannot open input '" + input + "' as HDF5";
+    } else {
+      auto read = [&](const char* name, std::vector<int>& v, bool required) {
+        if (H5Lexists(f, name, H5P_DEFAULT) <= 0) {
+          if (required) err = "examoe eval: '" + input + "' has no dataset '" + name + "'";
+          return;
+        }
+        hid_t ds = H5Dopen2(f, name, H5P_DEFAULT);
+        hid_t sp = H5Dget_space(ds);
+        hsize_t dims[2] = {0, 0};
+        if (H5Sget_simple_extent_ndims(sp) != 2) {
+          err = "examoe eval: dataset '" + std::string(name) + "' must be 2-D [sequences][seq_len]";
+        } else {
+          H5Sget_simple_extent_dims(sp, dims, nullptr);
+          if (dims[1] != static_cast<hsize_t>(seq))
+            err = "examoe eval: dataset '" + std::string(name) + "' has sequences of " + std::to_string(dims[1]) +
+                  " tokens; the model's seq_len is " + std::to_string(seq);
+          else if (n != 0 && static_cast<long long>(dims[0]) != n)
+            err = "examoe eval: 'targets' and 'tokens' have different shapes";
+          else {
+            n = static_cast<long long>(dims[0]);
+            v.resize(dims[0] * dims[1]);
+            if (!v.empty() && H5Dread(ds, H5T_NATIVE_INT, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data()) < 0)
+              err = "examoe eval: cannot read dataset '" + std::string(name) + "'";
+          }
+        }
+        H5Sclose(sp);
+        H5Dclose(ds);
+      };
+      read("tokens", tokens, true);
+      if (err.empty()) read("targets", targets, false);
+      for (int t : tokens)
+        if (err.empty() && (t < 0 || t >= V)) err = "examoe eval: token " + std::to_string(t) + " outside [0, 256)";
+      H5Fclose(f);
+    }
+  }
+#else
+  err = "examoe eval: this ExaMoE was built without HDF5";
+#endif
+  throw_if_any(w, err);
+  w.broadcast(&n, sizeof n, 0);
+  const bool have_targets = root ? !targets.empty() : false;
+  int ht = have_targets ? 1 : 0;
+  w.broadcast(&ht, sizeof ht, 0);
+  tokens.resize(static_cast<std::size_t>(n) * seq);
+  w.broadcast(tokens.data(), tokens.size() * sizeof(int), 0);
+  if (ht) {
+    targets.resize(tokens.size());
+    w.broadcast(targets.data(), targets.size() * sizeof(int), 0);
+  }
+
+  Model<S> model(cfg.model, cfg.parallel, mesh, cfg.train.seed);
+  AdamW<S> opt(adamw_config(cfg));
+  register_parameters(model, opt);
+  load_checkpoint(ckpt, model, opt, cfg);
+
+  const auto [first, count] = split(static_cast<int>(n), w.size(), w.rank());
+  Batch b;
+  b.batch = count;
+  b.seq_len = seq;
+  b.tokens.assign(tokens.begin() + static_cast<std::ptrdiff_t>(first) * seq,
+                  tokens.begin() + static_cast<std::ptrdiff_t>(first + count) * seq);
+  if (ht)
+    b.targets.assign(targets.begin() + static_cast<std::ptrdiff_t>(first) * seq,
+                     targets.begin() + static_cast<std::ptrdiff_t>(first + count) * seq);
+  else
+    b.targets.assign(b.tokens.size(), -1);
+  std::vector<float> logits;
+  const StepStats st = model.evaluate(b, nullptr, &logits);
+  double red[2] = {st.ce_sum, static_cast<double>(st.valid)};
+  w.allreduce_sum(red, 2, DataType::f64);
+  // Gather the logits on rank 0 (sequence order = rank order) and write them.
+  std::vector<int> counts(w.size()), displs(w.size());
+  const int mine = static_cast<int>(logits.size());
+  MPI_Gather(&mine, 1, MPI_INT, counts.data(), 1, MPI_INT, 0, w.mpi_comm());
+  std::vector<float> all;
+  if (root) {
+    long long tot = 0;
+    for (int r = 0; r < w.size(); ++r) {
+      displs[r] = static_cast<int>(tot);
+      tot += counts[r];
+    }
+    all.resize(static_cast<std::size_t>(tot));
+  }
+  MPI_Gatherv(logits.data(), mine, MPI_FLOAT, all.data(), counts.data(), displs.data(), MPI_FLOAT, 0, w.mpi_comm());
+#if EXAMOE_ENABLE_HDF5
+  if (root) {
+    const std::string tmp = output + ".tmp";
+    hid_t f = H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    if (f < 0) {
+      err = "examoe eval: cannot create output '" + output + "'";
+    } else {
+      hsize_t dims[3] = {static_cast<hsize_t>(n), static_cast<hsize_t>(seq), static_cast<hsize_t>(V)};
+      hid_t sp = H5Screate_simple(3, dims, nullptr);
+      hid_t ds = H5Dcreate2(f, "logits", H5T_IEEE_F32LE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+      if (ds < 0 || (!all.empty() && H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, all.data()) < 0))
+        err = "examoe eval: cannot write logits to '" + output + "'";
+      if (ds >= 0) H5Dclose(ds);
+      H5Sclose(sp);
+      H5Fclose(f);
+      if (err.empty() && std::rename(tmp.c_str(), output.c_str()) != 0)
+        err = "examoe eval: cannot rename '" + tmp + "' to '" + output + "'";
+    }
+  }
+#endif
+  throw_if_any(w, err);
+  const double loss = red[1] > 0 ? red[0] / red[1] : 0.0;
+  if (out && root) {
+    *out << "examoe eval: " << n << " sequences of " << seq << " tokens from " << input << " with " << ckpt
+         << " -> " << output << " (logits [" << n << "][" << seq << "][" << V << "])";
+    if (red[1] > 0) *out << "; mean cross-entropy " << loss << " nats over " << static_cast<long long>(red[1]) << " targets";
+    *out << "\n";
+  }
+  return loss;
+}
+
+}  // namespace
+
+double eval_file(const std::string& ckpt, const std::string& input, const std::string& output, int ep,
+                 MPI_Comm comm, std::ostream* out) {
+  const CheckpointInfo info = read_checkpoint_info(ckpt, comm);
+  TrainConfig cfg;
+  for (const auto& [key, value] : info.config)
+    for (const auto& k : config_keys())
+      if (k.name == key) k.set(cfg, value);
+  cfg.parallel.ep = ep;
+  cfg.checkpoint.resume.clear();
+  return cfg.train.precision == "double" ? eval_run<double>(cfg, ckpt, input, output, comm, out)
+                                         : eval_run<float>(cfg, ckpt, input, output, comm, out);
 }
 
 }  // namespace examoe

@@ -5,6 +5,7 @@
 #include <examoe/checkpoint.hpp>
 #include <examoe/config.hpp>
 #include <examoe/error.hpp>
+#include <examoe/data.hpp>
 #include <examoe/train.hpp>
 
 #include <gtest/gtest.h>
@@ -226,6 +227,84 @@ TEST(TrainCheckpoint, BadFilesGiveClearErrorsAndDamageNothing) {
   if (rank_() == 0) EXPECT_EQ(read_bytes(good), bytes);
   const auto ok = examoe::train(resume(good), MPI_COMM_WORLD, nullptr);
   EXPECT_EQ(ok.first_step, 2);
+  remove_dir(dir);
+}
+TEST(TrainCheckpoint, EvalWritesLogitsThatReproduceTheValidationLoss) {
+  const std::string dir = shared_dir("eval");
+  auto c = tiny(dir);
+  c.train.steps = 4;
+  c.checkpoint.interval = 4;
+  const auto r = examoe::train(c, MPI_COMM_WORLD, nullptr);
+  // The validation sequences of the run, written as an eval input file.
+  examoe::AdditionCorpus corpus(c.train.seed, c.data.digits, c.data.val_problems);
+  const int seq = c.model.seq_len, n = corpus.num_val_sequences(seq);
+  examoe::Batch b;
+  corpus.val_batch(0, n, seq, b);
+  const std::string in = dir + "/in.h5", out = dir + "/out.h5";
+  if (rank_() == 0) {
+    hid_t f = H5Fcreate(in.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    hsize_t dims[2] = {static_cast<hsize_t>(n), static_cast<hsize_t>(seq)};
+    hid_t sp = H5Screate_simple(2, dims, nullptr);
+    for (auto [name, data] : {std::make_pair("tokens", &b.tokens), std::make_pair("targets", &b.targets)}) {
+      hid_t ds = H5Dcreate2(f, name, H5T_STD_I32LE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+      H5Dwrite(ds, H5T_NATIVE_INT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data->data());
+      H5Dclose(ds);
+    }
+    H5Sclose(sp);
+    H5Fclose(f);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  const double loss = examoe::eval_file(examoe::checkpoint_path(dir, 4), in, out, 0, MPI_COMM_WORLD, nullptr);
+  EXPECT_NEAR(loss, r.final.loss, 1e-12 * r.final.loss) << "eval of the checkpoint vs the run's validation";
+  if (rank_() == 0) {
+    // Recompute the cross-entropy from the written logits alone.
+    hid_t f = H5Fopen(out.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+    ASSERT_GE(f, 0);
+    hid_t ds = H5Dopen2(f, "logits", H5P_DEFAULT);
+    hid_t sp = H5Dget_space(ds);
+    hsize_t dims[3];
+    ASSERT_EQ(H5Sget_simple_extent_ndims(sp), 3);
+    H5Sget_simple_extent_dims(sp, dims, nullptr);
+    EXPECT_EQ(dims[0], static_cast<hsize_t>(n));
+    EXPECT_EQ(dims[1], static_cast<hsize_t>(seq));
+    EXPECT_EQ(dims[2], 256u);
+    std::vector<float> lg(dims[0] * dims[1] * dims[2]);
+    H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, lg.data());
+    H5Sclose(sp);
+    H5Dclose(ds);
+    H5Fclose(f);
+    double ce = 0;
+    long long cnt = 0;
+    for (std::size_t i = 0; i < b.targets.size(); ++i) {
+      if (b.targets[i] < 0) continue;
+      const float* row = lg.data() + i * 256;
+      double mx = row[0], s = 0;
+      for (int v = 0; v < 256; ++v) mx = std::max(mx, static_cast<double>(row[v]));
+      for (int v = 0; v < 256; ++v) s += std::exp(row[v] - mx);
+      ce += -(row[b.targets[i]] - mx - std::log(s));
+      ++cnt;
+    }
+    EXPECT_NEAR(ce / cnt, loss, 1e-5) << "logits in the file do not give the reported loss (float storage)";
+  }
+  // Bad input: wrong sequence length.
+  if (rank_() == 0) {
+    hid_t f = H5Fcreate((dir + "/bad.h5").c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    hsize_t dims[2] = {2, 5};
+    std::vector<int> z(10, 65);
+    hid_t sp = H5Screate_simple(2, dims, nullptr);
+    hid_t ds = H5Dcreate2(f, "tokens", H5T_STD_I32LE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    H5Dwrite(ds, H5T_NATIVE_INT, H5S_ALL, H5S_ALL, H5P_DEFAULT, z.data());
+    H5Dclose(ds);
+    H5Sclose(sp);
+    H5Fclose(f);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  try {
+    examoe::eval_file(examoe::checkpoint_path(dir, 4), dir + "/bad.h5", out, 0, MPI_COMM_WORLD, nullptr);
+    ADD_FAILURE() << "a 5-token input was accepted for seq_len 16";
+  } catch (const examoe::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("seq_len is 16"), std::string::npos) << e.what();
+  }
   remove_dir(dir);
 }
 #endif  // EXAMOE_ENABLE_HDF5

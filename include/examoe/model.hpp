@@ -79,7 +79,9 @@ class Model {
   /// group). `step` keys the router noise. Collective over the world.
   StepStats forward_backward(const Batch& local, long long global_valid, std::uint64_t step);
   /// Forward only (no router noise); `correct` gets 1 per argmax-correct target row.
-  StepStats evaluate(const Batch& local, std::vector<int>* correct = nullptr);
+  /// `logits` (if given) receives the logits [rows][256] row-major, in float.
+  StepStats evaluate(const Batch& local, std::vector<int>* correct = nullptr,
+                     std::vector<float>* logits = nullptr);
 
   Fsdp<S>& fsdp() { return *fsdp_; }
   MoELayer<S>& moe(int layer) { return *moe_[layer]; }
@@ -105,7 +107,7 @@ class Model {
   void prepare(const Batch& b);
   void block_forward(int l, Acts& a, bool training);
   StepStats run(const Batch& local, long long global_valid, bool training, std::uint64_t step,
-                std::vector<int>* correct);
+                std::vector<int>* correct, std::vector<float>* logits = nullptr);
 
   ModelConfig cfg_;
   ParallelConfig par_;

@@ -91,6 +91,14 @@ struct TrainResult {
   MemoryReport memory;
 };
 
+/// Runs the model of checkpoint `ckpt` forward over the token sequences of the HDF5 file
+/// `input` (dataset "tokens", int [N][seq_len], bytes 0..255; optional "targets" of the same
+/// shape, -1 = none) and writes "logits" (float [N][seq_len][256]) to `output`, so results can
+/// be compared with another framework. Collective over `comm` (any size that `ep` divides).
+/// Returns the mean cross-entropy over the given targets (0 if none).
+double eval_file(const std::string& ckpt, const std::string& input, const std::string& output, int ep,
+                 MPI_Comm comm, std::ostream* out);
+
 /// Trains with `cfg` on `comm` (any size that cfg.parallel.ep divides). Rank 0 writes
 /// progress to `out` (may be null). Collective; errors are examoe::Error on every rank.
 TrainResult train(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out);
