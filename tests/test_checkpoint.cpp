@@ -48,25 +48,11 @@ void remove_dir(const std::string& d) {
 }
 
 examoe::TrainConfig tiny(const std::string& dir) {
-  examoe::TrainConfig c;
-  c.model.d_model = 16;
-  c.model.n_layers = 2;
-  c.model.n_heads = 2;
-  c.model.seq_len = 16;
-  c.model.d_hidden = 24;
-  c.model.num_experts = 4;
-  c.model.top_k = 2;
+  examoe::TrainConfig c = examoe::test::tiny_train_config();
   c.model.activation = examoe::Activation::swiglu;
   c.train.steps = 12;
-  c.train.batch = 8;
   c.train.warmup = 3;
-  c.train.lr = 1e-2;
-  c.train.min_lr = 1e-3;
-  c.train.precision = "double";
   c.train.seed = 11;
-  c.data.val_problems = 16;
-  c.log.quiet = true;
-  c.log.eval_interval = 1000;
   c.checkpoint.dir = dir;
   return c;
 }

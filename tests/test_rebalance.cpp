@@ -170,23 +170,10 @@ TEST(RebalanceLayer, SkewedRoutingImbalanceFalls) {
 }
 
 TEST(TrainRebalance, MigrationsLeaveTheLossSequenceAlone) {
-  examoe::TrainConfig c;
-  c.model.d_model = 16;
-  c.model.n_layers = 2;
-  c.model.n_heads = 2;
-  c.model.seq_len = 16;
-  c.model.d_hidden = 24;
-  c.model.num_experts = 4;
-  c.model.top_k = 2;
+  examoe::TrainConfig c = examoe::test::tiny_train_config();
   c.model.activation = examoe::Activation::swiglu;
   c.train.steps = 10;
-  c.train.batch = 8;
   c.train.warmup = 2;
-  c.train.lr = 1e-2;
-  c.train.precision = "double";
-  c.data.val_problems = 16;
-  c.log.quiet = true;
-  c.log.eval_interval = 1000;
   const auto fixed = examoe::train(c, MPI_COMM_WORLD, nullptr);
   c.placement.rebalance_interval = 2;
   c.placement.ema = 0.5;

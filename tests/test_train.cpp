@@ -32,28 +32,7 @@ std::vector<double> to_host(const V& v) {
   return out;
 }
 
-/// A small model in double that trains 20 steps in well under a second per rank.
-examoe::TrainConfig tiny_config() {
-  examoe::TrainConfig c;
-  c.model.d_model = 16;
-  c.model.n_layers = 2;
-  c.model.n_heads = 2;
-  c.model.seq_len = 16;
-  c.model.d_hidden = 24;
-  c.model.num_experts = 4;
-  c.model.top_k = 2;
-  c.train.steps = 20;
-  c.train.batch = 8;
-  c.train.warmup = 5;
-  c.train.lr = 1e-2;
-  c.train.min_lr = 1e-3;
-  c.train.precision = "double";
-  c.train.seed = 7;
-  c.data.val_problems = 16;
-  c.log.quiet = true;
-  c.log.eval_interval = 1000;
-  return c;
-}
+examoe::TrainConfig tiny_config() { return examoe::test::tiny_train_config(); }
 
 void expect_same_losses(const std::vector<double>& a, const std::vector<double>& b, double rtol,
                         const std::string& what) {
