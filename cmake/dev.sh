@@ -2,6 +2,8 @@
 # One entry point for a fresh Debian 12 machine:
 #   ./cmake/dev.sh run    install what is missing, build, run the main job (examoe train, 2 ranks)
 #   ./cmake/dev.sh test   install what is missing, build, run the whole test suite (ctest)
+#   ./cmake/dev.sh sanitize   same set-up, then an ASan+UBSan build (build-asan/) running the MPI
+#                             tests at 2 ranks and a LeakSanitizer check of a short training run
 #   ./cmake/dev.sh deps   only install the Debian packages
 # Safe to run again: packages already installed are skipped, the build is incremental.
 set -euo pipefail
@@ -49,8 +51,14 @@ case "${1:-}" in
     build
     ctest --preset default
     ;;
+  sanitize)
+    install_deps
+    cmake --preset asan
+    cmake --build --preset asan
+    ctest --preset asan
+    ;;
   *)
-    echo "usage: $0 run|test|deps" >&2
+    echo "usage: $0 run|test|sanitize|deps" >&2
     exit 2
     ;;
 esac
