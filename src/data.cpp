@@ -1,4 +1,5 @@
 #include <examoe/data.hpp>
+#include <examoe/impl/random.hpp>
 #include <examoe/error.hpp>
 
 #include <algorithm>
@@ -14,12 +15,7 @@
 
 namespace examoe {
 
-std::uint64_t splitmix64(std::uint64_t x) noexcept {
-  std::uint64_t z = x + 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
+std::uint64_t splitmix64(std::uint64_t x) noexcept { return impl::splitmix64(x); }
 
 namespace {
 
