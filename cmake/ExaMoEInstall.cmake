@@ -26,6 +26,7 @@ write_basic_package_version_file(${PROJECT_BINARY_DIR}/ExaMoEConfigVersion.cmake
   VERSION ${PROJECT_VERSION} COMPATIBILITY SameMinorVersion)
 install(FILES ${PROJECT_BINARY_DIR}/ExaMoEConfig.cmake ${PROJECT_BINARY_DIR}/ExaMoEConfigVersion.cmake
               ${PROJECT_SOURCE_DIR}/cmake/ExaMoEKokkosRepair.cmake
+              ${PROJECT_SOURCE_DIR}/cmake/FindNCCL.cmake
         DESTINATION ${ExaMoE_INSTALL_CMAKEDIR})
 
 # ---- pkg-config: flags of ExaMoE and of everything it links, resolved from the targets.
@@ -81,7 +82,11 @@ function(_examoe_pc_collect item)
 endfunction()
 
 set_property(GLOBAL PROPERTY _EXAMOE_PC_SEEN "")
-foreach(t Kokkos::kokkoskernels Kokkos::kokkos)
+set(_pc_targets Kokkos::kokkoskernels Kokkos::kokkos)
+if(ExaMoE_USE_NCCL)
+  list(APPEND _pc_targets NCCL::NCCL CUDA::cudart)
+endif()
+foreach(t IN LISTS _pc_targets)
   _examoe_pc_collect(${t})
 endforeach()
 get_property(_pc_cflags GLOBAL PROPERTY _EXAMOE_PC_CFLAGS)

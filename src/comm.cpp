@@ -1,7 +1,12 @@
 #include <examoe/comm.hpp>
+#include <examoe/config.hpp>
 #include <examoe/error.hpp>
+#include <examoe/impl/nccl_comm.hpp>
 
 #include <climits>
+#if defined(OPEN_MPI) && OPEN_MPI
+#include <mpi-ext.h>
+#endif
 
 namespace examoe {
 
@@ -36,7 +41,7 @@ std::size_t size_of(DataType t) {
   return 0;
 }
 
-MpiCommunicator::MpiCommunicator(MPI_Comm comm) {
+MpiCommunicator::MpiCommunicator(MPI_Comm comm, bool gpu_aware) : gpu_aware_(gpu_aware) {
   int initialized = 0;
   MPI_Initialized(&initialized);
   if (!initialized)
@@ -66,19 +71,29 @@ MPI_Datatype MpiCommunicator::row_type(int row_elems, DataType type) {
   return row_type_;
 }
 
+void MpiCommunicator::check_memory(Memory mem, const char* where) const {
+  if (!accepts(mem))
+    throw Error(std::string("examoe::MpiCommunicator::") + where +
+                ": device buffers given to an MPI communicator that is not GPU-aware (stage them "
+                "through host memory: impl::Collectives does)");
+}
+
 void MpiCommunicator::alltoall_int(const int* send, int* recv, int n) {
   check(MPI_Alltoall(send, n, MPI_INT, recv, n, MPI_INT, comm_), "MPI_Alltoall");
 }
 
 void MpiCommunicator::alltoallv_rows(const void* send, const int* send_counts,
                                      const int* send_displs, void* recv, const int* recv_counts,
-                                     const int* recv_displs, int row_elems, DataType type) {
+                                     const int* recv_displs, int row_elems, DataType type,
+                                     Memory mem) {
+  check_memory(mem, "alltoallv_rows");
   MPI_Datatype t = row_type(row_elems, type);
   check(MPI_Alltoallv(send, send_counts, send_displs, t, recv, recv_counts, recv_displs, t, comm_),
         "MPI_Alltoallv");
 }
 
-void MpiCommunicator::allreduce_sum(void* buf, std::size_t count, DataType type) {
+void MpiCommunicator::allreduce_sum(void* buf, std::size_t count, DataType type, Memory mem) {
+  check_memory(mem, "allreduce_sum");
   // Chunk so that no count overflows int.
   const std::size_t chunk = static_cast<std::size_t>(INT_MAX / 2);
   char* p = static_cast<char*>(buf);
@@ -89,7 +104,9 @@ void MpiCommunicator::allreduce_sum(void* buf, std::size_t count, DataType type)
   }
 }
 
-void MpiCommunicator::allgather(const void* send, void* recv, std::size_t count, DataType type) {
+void MpiCommunicator::allgather(const void* send, void* recv, std::size_t count, DataType type,
+                                Memory mem) {
+  check_memory(mem, "allgather");
   if (count > static_cast<std::size_t>(INT_MAX))
     throw Error("examoe::MpiCommunicator::allgather: block of " + std::to_string(count) +
                 " elements exceeds INT_MAX");
@@ -99,7 +116,8 @@ void MpiCommunicator::allgather(const void* send, void* recv, std::size_t count,
 }
 
 void MpiCommunicator::reduce_scatter_sum(const void* send, void* recv, std::size_t count,
-                                         DataType type) {
+                                         DataType type, Memory mem) {
+  check_memory(mem, "reduce_scatter_sum");
   if (count > static_cast<std::size_t>(INT_MAX))
     throw Error("examoe::MpiCommunicator::reduce_scatter_sum: block of " + std::to_string(count) +
                 " elements exceeds INT_MAX");
@@ -148,4 +166,79 @@ std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm) {
   return std::make_unique<MpiCommunicator>(comm);
 }
 
+bool have_nccl() { return EXAMOE_ENABLE_NCCL != 0; }
+
+bool mpi_reports_cuda_support() {
+#if defined(MPICH_NUMVERSION) && MPICH_NUMVERSION >= 40000000
+  return MPIX_Query_cuda_support() != 0;
+#elif defined(OPEN_MPI) && OPEN_MPI && defined(MPIX_CUDA_AWARE_SUPPORT) && MPIX_CUDA_AWARE_SUPPORT
+  return MPIX_Query_cuda_support() != 0;
+#else
+  return false;
+#endif
+}
+
+std::string resolve_backend(const CommOptions& opts, bool device_data) {
+  const std::string& b = opts.backend;
+  if (b == "mpi") return b;
+  if (b == "auto") return have_nccl() && device_data ? "nccl" : "mpi";
+  if (b != "nccl")
+    throw Error("examoe: unknown communication backend '" + b + "' (expected auto, mpi or nccl)");
+  if (!have_nccl())
+    throw Error("examoe: the nccl backend was requested but this ExaMoE was built without NCCL "
+                "(configure with -DExaMoE_ENABLE_NCCL=ON and a CUDA-enabled Kokkos)");
+  if (!device_data)
+    throw Error("examoe: the nccl backend needs data in GPU memory, but this build's Kokkos "
+                "execution space keeps it in host memory (use --parallel.comm mpi)");
+  return b;
+}
+
+namespace {
+bool resolve_gpu_aware(const std::string& v) {
+  if (v == "true") return true;
+  if (v == "false") return false;
+  if (v == "auto") return mpi_reports_cuda_support();
+  throw Error("examoe: gpu_aware_mpi must be auto, true or false, not '" + v + "'");
+}
+}  // namespace
+
+std::unique_ptr<Communicator> make_communicator(MPI_Comm comm, const CommOptions& opts,
+                                                bool device_data, void* stream) {
+  // Resolve locally, then agree, so a bad option (or one that differs between ranks) is an
+  // error on every rank before any backend is built.
+  auto mpi = std::make_unique<MpiCommunicator>(comm);
+  std::string err, backend;
+  bool gpu_aware = false;
+  try {
+    backend = resolve_backend(opts, device_data);
+    gpu_aware = device_data && resolve_gpu_aware(opts.gpu_aware_mpi);
+  } catch (const Error& e) {
+    err = e.what();
+  }
+  throw_if_any(*mpi, err);
+  // Every rank must pick the same backend (NCCL and MPI ranks would wait on each other).
+  const int mine = backend == "nccl" ? 1 : 0;
+  int sum = 0;
+  {
+    std::int32_t v = mine;
+    mpi->allreduce_sum(&v, 1, DataType::i32);
+    sum = v;
+  }
+  if (sum != 0 && sum != mpi->size())
+    err = "examoe: ranks disagree on the communication backend (" + std::to_string(sum) + " of " +
+          std::to_string(mpi->size()) + " chose nccl; this rank chose " + backend + ")";
+  throw_if_any(*mpi, err);
+  if (backend == "nccl") return impl::make_nccl_communicator(comm, stream);
+  if (!gpu_aware) return mpi;
+  return std::make_unique<MpiCommunicator>(comm, true);
+}
+
 }  // namespace examoe
+
+#if !EXAMOE_ENABLE_NCCL
+namespace examoe::impl {
+std::unique_ptr<Communicator> make_nccl_communicator(MPI_Comm, void*) {
+  throw Error("examoe: this ExaMoE was built without NCCL (ExaMoE_ENABLE_NCCL=OFF)");
+}
+}  // namespace examoe::impl
+#endif

@@ -1,5 +1,6 @@
 #include <examoe/error.hpp>
 #include <examoe/fsdp.hpp>
+#include <examoe/impl/collectives.hpp>
 #include <examoe/impl/random.hpp>
 
 #include <algorithm>
@@ -9,7 +10,10 @@ namespace examoe {
 
 template <class S>
 Fsdp<S>::Fsdp(Communicator& world, bool reshard_after_forward, const execution_space& space)
-    : world_(world), reshard_(reshard_after_forward), space_(space) {}
+    : world_(world), reshard_(reshard_after_forward), space_(space),
+      coll_(std::make_unique<impl::Collectives<execution_space>>(world, space)) {}
+template <class S>
+Fsdp<S>::~Fsdp() = default;
 
 template <class S>
 int Fsdp<S>::add_unit(const std::string& name) {
@@ -105,8 +109,7 @@ void Fsdp<S>::gather(int u) {
   if (U.gathered) return;
   if (reshard_ && pool_unit_ >= 0 && pool_unit_ != u) units_[pool_unit_].gathered = false;
   S* dst = reshard_ ? pool_.data() : U.full.data();
-  space_.fence();
-  world_.allgather(U.shard_param.data(), dst, U.shard, data_type_of<S>());
+  coll_->allgather(U.shard_param.data(), dst, U.shard);
   U.gathered = true;
   if (reshard_) pool_unit_ = u;
   account();
@@ -158,9 +161,7 @@ auto Fsdp<S>::grad2(int p) const -> umatrix {
 template <class S>
 void Fsdp<S>::reduce_scatter_grad(int u) {
   if (u != grad_unit_) throw Error("examoe::Fsdp::reduce_scatter_grad: unit not in backward");
-  space_.fence();
-  world_.reduce_scatter_sum(gbuf_.data(), units_[u].shard_grad.data(), units_[u].shard,
-                            data_type_of<S>());
+  coll_->reduce_scatter_sum(gbuf_.data(), units_[u].shard_grad.data(), units_[u].shard);
   grad_unit_ = -1;
 }
 

@@ -1,12 +1,16 @@
 #include <examoe/error.hpp>
+#include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/mesh.hpp>
 
 #include <vector>
 
 namespace examoe {
 
-Mesh::Mesh(MPI_Comm comm, int ep) {
-  world_ = make_mpi_communicator(comm);
+Mesh::Mesh(MPI_Comm comm, int ep, const CommOptions& opts) {
+  using Space = Kokkos::DefaultExecutionSpace;
+  constexpr bool device = impl::kc::device_memory_v<Space>;
+  void* stream = impl::kc::native_stream(Space());
+  world_ = make_communicator(comm, opts, device, stream);
   world_size_ = world_->size();
   world_rank_ = world_->rank();
   const int want = ep == 0 ? world_size_ : ep;
@@ -29,8 +33,8 @@ Mesh::Mesh(MPI_Comm comm, int ep) {
   MPI_Comm ep_comm = MPI_COMM_NULL, edp_comm = MPI_COMM_NULL;
   MPI_Comm_split(world_->mpi_comm(), world_rank_ / ep_size_, world_rank_, &ep_comm);
   MPI_Comm_split(world_->mpi_comm(), world_rank_ % ep_size_, world_rank_, &edp_comm);
-  ep_ = make_mpi_communicator(ep_comm);    // duplicates
-  edp_ = make_mpi_communicator(edp_comm);
+  ep_ = make_communicator(ep_comm, opts, device, stream);    // duplicates
+  edp_ = make_communicator(edp_comm, opts, device, stream);
   MPI_Comm_free(&ep_comm);
   MPI_Comm_free(&edp_comm);
 }

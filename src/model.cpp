@@ -4,6 +4,7 @@
 #include <examoe/impl/dense_kernels.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/workspace.hpp>
+#include <examoe/impl/collectives.hpp>
 #include <examoe/model.hpp>
 
 #include <cmath>
@@ -112,7 +113,8 @@ Model<S>::Model(const ModelConfig& cfg, const ParallelConfig& par, Mesh& mesh, s
     m.router = cfg_.router;
     m.router.seed = seed + 1000003ull * static_cast<std::uint64_t>(l + 1);
     m.reduce_router_grad = false;  // FSDP reduce-scatters the router gradient
-    moe_.push_back(std::make_unique<MoELayer<S>>(m, mesh_.ep().mpi_comm(), mesh_.world().mpi_comm()));
+    // Every layer shares the mesh's communicators (one NCCL communicator per group, not per layer).
+    moe_.push_back(std::make_unique<MoELayer<S>>(m, mesh_.ep_shared(), mesh_.world_shared()));
     moe_.back()->init_parameters(m.router.seed);
   }
   const int nacts = par_.activation_checkpointing ? 1 : cfg_.n_layers;
@@ -321,11 +323,12 @@ StepStats Model<S>::run(const Batch& local, long long global_valid, bool trainin
 
   // Expert gradients: summed over the replicas of this expert-parallel group.
   if (mesh_.dp_size() > 1) {
-    Kokkos::fence();
+    if (!edp_coll_)
+      edp_coll_ = std::make_unique<impl::Collectives<execution_space>>(mesh_.edp(), execution_space());
     for (int l = 0; l < L; ++l) {
       auto& m = *moe_[l];
       for (auto g : {m.w1_grad(), m.w2_grad(), m.w3_grad()})
-        if (g.size() > 0) mesh_.edp().allreduce_sum(g.data(), g.size(), data_type_of<S>());
+        if (g.size() > 0) edp_coll_->allreduce_sum(g.data(), g.size());
     }
   }
   Kokkos::fence();

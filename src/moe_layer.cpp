@@ -2,6 +2,7 @@
 // and the mirror image in backward. Data flow and conventions: ../shared DESIGN.md and
 // docs/moe-layer.md.
 #include <examoe/error.hpp>
+#include <examoe/impl/collectives.hpp>
 #include <examoe/impl/dispatch_kernels.hpp>
 #include <examoe/impl/expert_kernels.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
@@ -34,9 +35,9 @@ struct MoELayer<Scalar>::Impl {
 
   MoEConfig cfg;
   Space space;
-  std::unique_ptr<Communicator> comm;
-  std::unique_ptr<Communicator> stats_comm_owned;
-  Communicator* scomm = nullptr;  // router statistics and error agreement (comm or wider)
+  std::shared_ptr<Communicator> comm;   // dispatch and combine (data collectives)
+  std::shared_ptr<Communicator> scomm;  // router statistics and error agreement (comm or wider)
+  std::unique_ptr<impl::Collectives<Space>> coll;  // comm's data collectives on Kokkos memory
   Placement placement;
   int P = 1, me = 0, E = 0, k = 1, d = 0, h = 0, nloc = 0;
   bool swiglu = false;
@@ -99,14 +100,26 @@ struct MoELayer<Scalar>::Impl {
     }
   }
 
-  Impl(const MoEConfig& c, MPI_Comm mpi_comm, MPI_Comm stats_mpi_comm, const Space& s)
+  Impl(const MoEConfig& c, MPI_Comm mpi_comm, MPI_Comm stats_mpi_comm, const CommOptions& opts,
+       const Space& s)
       : cfg(c), space(s) {
-    comm = make_mpi_communicator(mpi_comm);
-    scomm = comm.get();
-    if (stats_mpi_comm != MPI_COMM_NULL) {
-      stats_comm_owned = make_mpi_communicator(stats_mpi_comm);
-      scomm = stats_comm_owned.get();
-    }
+    comm = make_communicator(mpi_comm, opts, impl::kc::device_memory_v<Space>,
+                             impl::kc::native_stream(space));
+    // The statistics are a few host values: MPI.
+    scomm = stats_mpi_comm != MPI_COMM_NULL ? std::shared_ptr<Communicator>(make_mpi_communicator(stats_mpi_comm))
+                                            : comm;
+    setup();
+  }
+  Impl(const MoEConfig& c, std::shared_ptr<Communicator> cm, std::shared_ptr<Communicator> sc,
+       const Space& s)
+      : cfg(c), space(s), comm(std::move(cm)), scomm(std::move(sc)) {
+    if (!comm) throw Error("examoe::MoELayer::MoELayer: null communicator");
+    if (!scomm) scomm = comm;
+    setup();
+  }
+
+  void setup() {
+    coll = std::make_unique<impl::Collectives<Space>>(*comm, space);
     P = comm->size();
     me = comm->rank();
     // 1. Every rank validates its own config; errors are agreed before anyone throws.
@@ -202,9 +215,8 @@ struct MoELayer<Scalar>::Impl {
       const int a = from.owner(e), b = to.owner(e);
       if (a == me && b != me) Kokkos::deep_copy(space, blk(sendb, sd[b] + fill[b]++), blk(old, from.local_index(e)));
     }
-    space.fence();
-    comm->alltoallv_rows(sendb.data(), sc.data(), sd.data(), recvb.data(), rc.data(), rd.data(),
-                         static_cast<int>(block), data_type_of<Scalar>());
+    coll->alltoallv_rows(sendb.data(), sc.data(), sd.data(), recvb.data(), rc.data(), rd.data(),
+                         static_cast<int>(block));
     std::fill(fill.begin(), fill.end(), 0);
     for (int e = 0; e < E; ++e) {
       const int a = from.owner(e), b = to.owner(e);
@@ -520,9 +532,7 @@ struct MoELayer<Scalar>::Impl {
   void exchange(const matrix& send, const matrix& recv, const std::vector<int>& sc,
                 const std::vector<int>& sd, const std::vector<int>& rc,
                 const std::vector<int>& rd) {
-    space.fence();
-    comm->alltoallv_rows(send.data(), sc.data(), sd.data(), recv.data(), rc.data(), rd.data(), d,
-                         data_type_of<Scalar>());
+    coll->alltoallv_rows(send.data(), sc.data(), sd.data(), recv.data(), rc.data(), rd.data(), d);
   }
 
   template <class V>
@@ -606,10 +616,7 @@ struct MoELayer<Scalar>::Impl {
       impl::kc::gemm(space, "T", "N", Scalar(1), x_saved, dzv, Scalar(0), dWr_step);
     else
       Kokkos::deep_copy(space, dWr_step, Scalar(0));
-    if (cfg.reduce_router_grad) {
-      space.fence();
-      comm->allreduce_sum(dWr_step.data(), dWr_step.size(), data_type_of<Scalar>());
-    }
+    if (cfg.reduce_router_grad) coll->allreduce_sum(dWr_step.data(), dWr_step.size());
     {
       auto a = dWr; auto b = dWr_step; const int n = static_cast<int>(dWr.size());
       const int EE = E;
@@ -658,11 +665,19 @@ struct MoELayer<Scalar>::Impl {
 // ------------------------------------------------------------------- MoELayer
 template <class S>
 MoELayer<S>::MoELayer(const MoEConfig& config, MPI_Comm comm, const execution_space& space)
-    : impl_(std::make_unique<Impl>(config, comm, MPI_COMM_NULL, space)) {}
+    : impl_(std::make_unique<Impl>(config, comm, MPI_COMM_NULL, CommOptions{}, space)) {}
 template <class S>
 MoELayer<S>::MoELayer(const MoEConfig& config, MPI_Comm comm, MPI_Comm stats_comm,
                       const execution_space& space)
-    : impl_(std::make_unique<Impl>(config, comm, stats_comm, space)) {}
+    : impl_(std::make_unique<Impl>(config, comm, stats_comm, CommOptions{}, space)) {}
+template <class S>
+MoELayer<S>::MoELayer(const MoEConfig& config, MPI_Comm comm, MPI_Comm stats_comm,
+                      const CommOptions& opts, const execution_space& space)
+    : impl_(std::make_unique<Impl>(config, comm, stats_comm, opts, space)) {}
+template <class S>
+MoELayer<S>::MoELayer(const MoEConfig& config, std::shared_ptr<Communicator> comm,
+                      std::shared_ptr<Communicator> stats_comm, const execution_space& space)
+    : impl_(std::make_unique<Impl>(config, std::move(comm), std::move(stats_comm), space)) {}
 template <class S>
 void MoELayer<S>::set_placement(const Placement& p, std::vector<flat_vector>& state) {
   impl_->set_placement(p, state);

@@ -134,6 +134,20 @@ const std::vector<ConfigKey>& config_keys() {
       EXAMOE_KEY_INT("parallel.ep", parallel.ep, "Expert-parallel degree; dp = world / ep (0 = world)"),
       EXAMOE_KEY_BOOL("parallel.reshard_after_forward", parallel.reshard_after_forward, "FSDP: free gathered parameters after each unit's forward"),
       EXAMOE_KEY_BOOL("parallel.activation_checkpointing", parallel.activation_checkpointing, "Recompute each block in backward instead of storing it"),
+      ConfigKey{"parallel.comm", "Collectives backend (auto: nccl when built with it and data is on GPUs, else mpi)",
+                "auto|mpi|nccl", [](const TrainConfig& c) { return c.parallel.comm; },
+                [](TrainConfig& c, const std::string& v) {
+                  if (v != "auto" && v != "mpi" && v != "nccl")
+                    throw Error("examoe::config: parallel.comm must be auto, mpi or nccl, got '" + v + "'");
+                  c.parallel.comm = v;
+                }},
+      ConfigKey{"parallel.gpu_aware_mpi", "MPI takes GPU buffers directly (auto: ask MPI; false: stage the rows that leave a rank through host memory)",
+                "auto|true|false", [](const TrainConfig& c) { return c.parallel.gpu_aware_mpi; },
+                [](TrainConfig& c, const std::string& v) {
+                  if (v != "auto" && v != "true" && v != "false")
+                    throw Error("examoe::config: parallel.gpu_aware_mpi must be auto, true or false, got '" + v + "'");
+                  c.parallel.gpu_aware_mpi = v;
+                }},
       EXAMOE_KEY_INT("train.steps", train.steps, "Optimizer steps"),
       EXAMOE_KEY_INT("train.batch", train.batch, "Global batch in sequences (split over all ranks)"),
       EXAMOE_KEY_DBL("train.lr", train.lr, "Peak learning rate"),
@@ -232,6 +246,10 @@ void TrainConfig::validate() const {
   if (train.precision != "float" && train.precision != "double")
     throw Error(f + "train.precision must be float or double, got '" + train.precision + "'");
   if (parallel.ep < 0) throw Error(f + "parallel.ep must be >= 0");
+  if (parallel.comm != "auto" && parallel.comm != "mpi" && parallel.comm != "nccl")
+    throw Error(f + "parallel.comm must be auto, mpi or nccl, got '" + parallel.comm + "'");
+  if (parallel.gpu_aware_mpi != "auto" && parallel.gpu_aware_mpi != "true" && parallel.gpu_aware_mpi != "false")
+    throw Error(f + "parallel.gpu_aware_mpi must be auto, true or false, got '" + parallel.gpu_aware_mpi + "'");
   if (data.val_problems <= 0) throw Error(f + "data.val_problems must be positive");
   if (log.interval <= 0) throw Error(f + "log.interval must be positive");
   if (log.eval_interval <= 0) throw Error(f + "log.eval_interval must be positive");
@@ -354,6 +372,13 @@ AdamWConfig adamw_config(const TrainConfig& cfg) {
   return ac;
 }
 
+CommOptions comm_options(const ParallelConfig& p) {
+  CommOptions o;
+  o.backend = p.comm;
+  o.gpu_aware_mpi = p.gpu_aware_mpi;
+  return o;
+}
+
 /// Registers every parameter with the optimizer: the dense unit shards first, then per layer
 /// w1, w2 (and w3 for SwiGLU), also where this rank owns no expert (the checkpoint code relies
 /// on this order). Returns the expert gradient views (for the global norm).
@@ -381,7 +406,7 @@ std::vector<typename AdamW<S>::vector> register_parameters(Model<S>& model, Adam
 template <class S>
 TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
   using Clock = std::chrono::steady_clock;
-  Mesh mesh(comm, cfg.parallel.ep);
+  Mesh mesh(comm, cfg.parallel.ep, comm_options(cfg.parallel));
   const bool root = mesh.world_rank() == 0;
   std::ostream* log = root ? out : nullptr;
 
@@ -739,7 +764,7 @@ namespace {
 template <class S>
 double eval_run(const TrainConfig& cfg, const std::string& ckpt, const std::string& input,
                 const std::string& output, MPI_Comm comm, std::ostream* out) {
-  Mesh mesh(comm, cfg.parallel.ep);
+  Mesh mesh(comm, cfg.parallel.ep, comm_options(cfg.parallel));
   Communicator& w = mesh.world();
   const bool root = w.rank() == 0;
   const int seq = cfg.model.seq_len, V = cfg.model.vocab;

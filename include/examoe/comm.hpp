@@ -23,30 +23,56 @@ constexpr DataType data_type_of<std::int64_t>() { return DataType::i64; }
 
 std::size_t size_of(DataType t);
 
-/// The collectives ExaMoE needs, behind one interface (MPI today; NCCL is the planned second
-/// backend). Buffers are pointers into memory the backend can read: host memory for MPI
-/// (GPU memory when MPI is GPU-aware). Counts of the row-wise all-to-all are in rows of
-/// `row_elems` elements, so no count overflows int for any realistic row width.
+/// Where the buffers of a data collective live.
+enum class Memory { host, device };
+
+/// The collectives ExaMoE needs, behind one interface, with two implementations: MPI
+/// (`MpiCommunicator`) and NCCL (`make_communicator` with backend "nccl", when built with
+/// ExaMoE_ENABLE_NCCL).
+///
+/// Two tiers:
+/// - the *data collectives* (alltoallv_rows, allreduce_sum, allgather, reduce_scatter_sum) move
+///   tensors. Their buffers are in `mem`, which must be a memory the backend `accepts()`: host
+///   memory always; device memory for NCCL, and for MPI only when it is GPU-aware. Callers with
+///   Kokkos views use impl::Collectives, which stages device buffers through host mirrors when
+///   the backend cannot take them.
+/// - the *control collectives* (alltoall_int, all_ok, first_error, broadcast, exscan_sum,
+///   barrier) move a few host values (counts, flags, messages) and always run over MPI on the
+///   host, whatever the backend. The dispatch counts are exchanged this way: the plan needs
+///   them on the host anyway to size and post the grouped NCCL sends and receives.
+///
+/// Counts of the row-wise all-to-all are in rows of `row_elems` elements, so no count
+/// overflows int for any realistic row width.
 class Communicator {
  public:
   virtual ~Communicator() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
+  /// "mpi" or "nccl".
   virtual std::string backend() const = 0;
+  /// Whether the data collectives take buffers in `m`.
+  virtual bool accepts(Memory m) const { return m == Memory::host; }
+  /// True when device-memory collectives are enqueued on the stream of the execution-space
+  /// instance the backend was built with (NCCL): kernels before and after them on that instance
+  /// are ordered without a fence. False: the caller fences before the call, which returns
+  /// complete (MPI).
+  virtual bool stream_ordered() const { return false; }
 
-  /// Every rank sends `n` ints to every rank: send[r*n .. r*n+n) goes to rank r.
+  /// Every rank sends `n` ints to every rank: send[r*n .. r*n+n) goes to rank r. Host memory.
   virtual void alltoall_int(const int* send, int* recv, int n) = 0;
   /// Variable-size all-to-all of rows; counts and displacements in rows.
   virtual void alltoallv_rows(const void* send, const int* send_counts, const int* send_displs,
                               void* recv, const int* recv_counts, const int* recv_displs,
-                              int row_elems, DataType type) = 0;
+                              int row_elems, DataType type, Memory mem = Memory::host) = 0;
   /// In-place sum over all ranks.
-  virtual void allreduce_sum(void* buf, std::size_t count, DataType type) = 0;
+  virtual void allreduce_sum(void* buf, std::size_t count, DataType type,
+                             Memory mem = Memory::host) = 0;
   /// Every rank contributes `count` elements; recv holds size()*count, rank r's at r*count.
-  virtual void allgather(const void* send, void* recv, std::size_t count, DataType type) = 0;
+  virtual void allgather(const void* send, void* recv, std::size_t count, DataType type,
+                         Memory mem = Memory::host) = 0;
   /// Sums size()*count elements of `send` over ranks; rank r receives block r (count elements).
-  virtual void reduce_scatter_sum(const void* send, void* recv, std::size_t count,
-                                  DataType type) = 0;
+  virtual void reduce_scatter_sum(const void* send, void* recv, std::size_t count, DataType type,
+                                  Memory mem = Memory::host) = 0;
   /// Logical AND of `ok` over all ranks (used to agree on errors before throwing).
   virtual bool all_ok(bool ok) = 0;
   /// Collective error agreement: returns "" when `local_error` is empty on every rank,
@@ -63,10 +89,11 @@ class Communicator {
 };
 
 /// MPI backend. Duplicates the caller's communicator (never assumes MPI_COMM_WORLD) and frees
-/// the duplicate on destruction.
+/// the duplicate on destruction. With `gpu_aware` the data collectives also take device
+/// memory (pointers go straight to MPI).
 class MpiCommunicator final : public Communicator {
  public:
-  explicit MpiCommunicator(MPI_Comm comm);
+  explicit MpiCommunicator(MPI_Comm comm, bool gpu_aware = false);
   ~MpiCommunicator() override;
   MpiCommunicator(const MpiCommunicator&) = delete;
   MpiCommunicator& operator=(const MpiCommunicator&) = delete;
@@ -74,13 +101,17 @@ class MpiCommunicator final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   std::string backend() const override { return "mpi"; }
+  bool accepts(Memory m) const override { return m == Memory::host || gpu_aware_; }
   void alltoall_int(const int* send, int* recv, int n) override;
   void alltoallv_rows(const void* send, const int* send_counts, const int* send_displs, void* recv,
                       const int* recv_counts, const int* recv_displs, int row_elems,
-                      DataType type) override;
-  void allreduce_sum(void* buf, std::size_t count, DataType type) override;
-  void allgather(const void* send, void* recv, std::size_t count, DataType type) override;
-  void reduce_scatter_sum(const void* send, void* recv, std::size_t count, DataType type) override;
+                      DataType type, Memory mem = Memory::host) override;
+  void allreduce_sum(void* buf, std::size_t count, DataType type,
+                     Memory mem = Memory::host) override;
+  void allgather(const void* send, void* recv, std::size_t count, DataType type,
+                 Memory mem = Memory::host) override;
+  void reduce_scatter_sum(const void* send, void* recv, std::size_t count, DataType type,
+                          Memory mem = Memory::host) override;
   bool all_ok(bool ok) override;
   std::string first_error(const std::string& local_error) override;
   void broadcast(void* buf, std::size_t bytes, int root) override;
@@ -90,7 +121,9 @@ class MpiCommunicator final : public Communicator {
 
  private:
   MPI_Datatype row_type(int row_elems, DataType type);
+  void check_memory(Memory mem, const char* where) const;
   MPI_Comm comm_ = MPI_COMM_NULL;
+  bool gpu_aware_ = false;
   int rank_ = 0, size_ = 1;
   // Cached contiguous row datatype (committed once per row width).
   MPI_Datatype row_type_ = MPI_DATATYPE_NULL;
@@ -99,6 +132,33 @@ class MpiCommunicator final : public Communicator {
 };
 
 std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm);
+
+/// How to build a communicator (`parallel.comm`, `parallel.gpu_aware_mpi`).
+struct CommOptions {
+  /// "auto", "mpi" or "nccl". auto: NCCL when this build has it and the data lives in device
+  /// memory, MPI otherwise.
+  std::string backend = "auto";
+  /// "auto", "true" or "false": whether MPI may be handed device buffers. auto asks the MPI
+  /// library (MPIX_Query_cuda_support, MPICH and Open MPI); otherwise device buffers are staged
+  /// through host memory (only the rows that leave the rank).
+  std::string gpu_aware_mpi = "auto";
+};
+
+/// Whether this build of ExaMoE has the NCCL backend (ExaMoE_ENABLE_NCCL).
+bool have_nccl();
+/// Whether the MPI library reports CUDA-aware support at run time (false when it cannot tell).
+bool mpi_reports_cuda_support();
+/// The backend `opts.backend` resolves to ("mpi" or "nccl") for data in device memory or not.
+/// Throws examoe::Error (not collective) for an unknown name, or "nccl" without NCCL or device
+/// data.
+std::string resolve_backend(const CommOptions& opts, bool device_data);
+
+/// Builds a communicator over a duplicate of `comm`. `stream` is the native stream of the
+/// execution-space instance the device collectives must be ordered on (cudaStream_t for CUDA,
+/// nullptr elsewhere); `device_data` tells whether the caller's views live in device memory.
+/// Collective over `comm`: errors (unknown backend, NCCL init failure) are thrown on every rank.
+std::unique_ptr<Communicator> make_communicator(MPI_Comm comm, const CommOptions& opts,
+                                                bool device_data, void* stream = nullptr);
 
 /// Throws examoe::Error on every rank when any rank passes a non-empty message.
 void throw_if_any(Communicator& comm, const std::string& local_error);

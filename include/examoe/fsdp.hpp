@@ -4,10 +4,15 @@
 #include <Kokkos_Core.hpp>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 namespace examoe {
+namespace impl {
+template <class ExecSpace>
+class Collectives;
+}
 
 /// How a parameter starts. Values depend only on (seed, parameter id, element index), so
 /// the same model comes out at any number of ranks.
@@ -37,6 +42,9 @@ class Fsdp {
 
   Fsdp(Communicator& world, bool reshard_after_forward,
        const execution_space& space = execution_space());
+  ~Fsdp();
+  Fsdp(const Fsdp&) = delete;
+  Fsdp& operator=(const Fsdp&) = delete;
 
   int add_unit(const std::string& name);
   /// Adds a parameter of shape [n] or [n][m] to a unit; returns its id.
@@ -107,6 +115,7 @@ class Fsdp {
   Communicator& world_;
   bool reshard_;
   execution_space space_;
+  std::unique_ptr<impl::Collectives<execution_space>> coll_;  // world_ on Kokkos memory
   std::vector<Param> params_;
   std::vector<Unit> units_;
   vector pool_, gbuf_;

@@ -34,6 +34,8 @@ struct ParallelConfig {
   int ep = 0;                         ///< expert-parallel degree; 0 = world size (dp = 1)
   bool reshard_after_forward = true;  ///< FSDP: free gathered units after their forward
   bool activation_checkpointing = false;  ///< recompute each block in backward
+  std::string comm = "auto";           ///< collectives backend: auto, mpi or nccl
+  std::string gpu_aware_mpi = "auto";  ///< MPI takes GPU buffers: auto, true or false
 };
 
 /// Per-rank memory accounting, in bytes.
@@ -114,6 +116,7 @@ class Model {
   Mesh& mesh_;
   std::unique_ptr<Fsdp<S>> fsdp_;
   std::vector<std::unique_ptr<MoELayer<S>>> moe_;
+  std::unique_ptr<impl::Collectives<execution_space>> edp_coll_;  // expert gradients over edp
   int u_embed_ = -1, u_head_ = -1, p_wte_ = -1, p_wpe_ = -1, p_fnorm_ = -1, p_head_ = -1;
   std::vector<int> u_block_;
   std::vector<BlockParams> bp_;

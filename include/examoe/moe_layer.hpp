@@ -48,6 +48,17 @@ class MoELayer {
   /// world so the losses are those of the global batch at any dp x ep split.
   MoELayer(const MoEConfig& config, MPI_Comm comm, MPI_Comm stats_comm,
            const execution_space& space = execution_space());
+  /// As above, choosing the communication backend (`opts.backend`: auto, mpi or nccl; auto
+  /// takes NCCL when this build has it and the views live in GPU memory).
+  MoELayer(const MoEConfig& config, MPI_Comm comm, MPI_Comm stats_comm, const CommOptions& opts,
+           const execution_space& space = execution_space());
+  /// On communicators the caller built (e.g. examoe::Mesh's, shared by every layer of a model,
+  /// so a model has one NCCL communicator, not one per layer). `comm` carries dispatch and
+  /// combine; `stats_comm` (may be the same object) the router statistics. A device backend
+  /// must have been built for `space`'s stream.
+  MoELayer(const MoEConfig& config, std::shared_ptr<Communicator> comm,
+           std::shared_ptr<Communicator> stats_comm,
+           const execution_space& space = execution_space());
   ~MoELayer();
   MoELayer(const MoELayer&) = delete;
   MoELayer& operator=(const MoELayer&) = delete;

@@ -6,6 +6,7 @@
 #include <KokkosBlas3_gemm.hpp>
 
 #include <string>
+#include <type_traits>
 
 #if KOKKOS_VERSION >= 40000
 #define EXAMOE_KOKKOS4 1
@@ -64,6 +65,39 @@ inline bool initialize_if_needed(int num_threads = -1, int device_id = -1) {
 #endif
   return true;
 }
+
+/// GPUs Kokkos can use before it is initialized (-1: no GPU backend in this Kokkos).
+inline int num_devices() {
+#if KOKKOS_VERSION >= 40100
+  return Kokkos::num_devices();
+#else
+  return -1;  // Kokkos 3.4 here is Serial only
+#endif
+}
+
+// ---- device backends: native stream and host staging memory ----
+/// Whether the execution space's memory is not readable from the host (a GPU's).
+template <class ExecSpace>
+inline constexpr bool device_memory_v =
+    !Kokkos::SpaceAccessibility<Kokkos::HostSpace, typename ExecSpace::memory_space>::accessible;
+
+/// The native stream of an execution-space instance (cudaStream_t for Kokkos::Cuda), as the
+/// void* that examoe::make_communicator takes; nullptr for host spaces.
+template <class ExecSpace>
+void* native_stream(const ExecSpace& space) {
+#if defined(KOKKOS_ENABLE_CUDA)
+  if constexpr (std::is_same_v<ExecSpace, Kokkos::Cuda>) return static_cast<void*>(space.cuda_stream());
+#endif
+  (void)space;
+  return nullptr;
+}
+
+/// Host memory for staging device buffers through MPI: pinned where the backend has it.
+#if defined(KOKKOS_ENABLE_CUDA)
+using StagingSpace = Kokkos::CudaHostPinnedSpace;
+#else
+using StagingSpace = Kokkos::HostSpace;
+#endif
 
 // ---- profiling regions ----
 inline void push_region(const std::string& name) { Kokkos::Profiling::pushRegion(name); }

@@ -1066,7 +1066,7 @@ class Checker:
         decls = {d.name: d for d in declared_variants(self.cls) if d.when in (None, "+cuda")}
         expected = {
             "cuda": (False, "CudaPackage; a GPU build is opt-in"),
-            "nccl": (options.get("ExaMoE_ENABLE_NCCL"), "default of ExaMoE_ENABLE_NCCL"),
+            "nccl": (False, "+nccl needs +cuda, which is opt-in"),
             "hdf5": (options.get("ExaMoE_ENABLE_HDF5"), "default of ExaMoE_ENABLE_HDF5"),
         }
         for name, (default, why) in expected.items():
@@ -1352,6 +1352,7 @@ class Checker:
 
         v = {k: x.value for k, x in root.variants.items()}
         want = {"ExaMoE_ENABLE_HDF5": v.get("hdf5"), "ExaMoE_ENABLE_NCCL": v.get("nccl"),
+                "ExaMoE_REQUIRE_NCCL": v.get("nccl"),
                 "ExaMoE_ENABLE_TESTS": sc.run_tests, "ExaMoE_ENABLE_APPS": True}
         for var, expected in want.items():
             if var in options and var in defs and is_on(var) != bool(expected):
