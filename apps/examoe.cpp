@@ -31,7 +31,8 @@ int main(int argc, char** argv) {
     try {
       app.parse(argc, argv);
       // Kokkos starts only for real work: --help and --version run on nodes without a GPU.
-      own_kokkos = examoe::impl::kc::initialize_if_needed();
+      // On GPUs: one device per rank, by node-local rank (or EXAMOE_DEVICE_ID).
+      own_kokkos = examoe::initialize_kokkos(MPI_COMM_WORLD);
       if (app.got_subcommand("bench")) rc = examoe::app::run_bench(bench);
       if (app.got_subcommand("train")) rc = examoe::app::run_train(app, train);
       if (app.got_subcommand("inspect")) rc = examoe::app::run_inspect(inspect);

@@ -32,7 +32,13 @@ install_deps() {
 }
 
 build() {
-  cmake --preset default
+  # Where the CUDA toolkit and NCCL are installed (as on the project's CI machines), also build
+  # the NCCL backend, so every run compiles and links it, GPU or not. EXAMOE_NCCL=0 skips it.
+  local extra=()
+  if [ "${EXAMOE_NCCL:-1}" != 0 ] && [ -f /usr/local/cuda/include/nccl.h ]; then
+    extra=(-DExaMoE_REQUIRE_NCCL=ON -DCUDAToolkit_ROOT=/usr/local/cuda)
+  fi
+  cmake --preset default "${extra[@]}"
   cmake --build --preset default
 }
 

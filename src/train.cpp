@@ -518,7 +518,8 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
   const auto [first, count] = split(cfg.train.batch, mesh.world_size(), mesh.world_rank());
   if (log && !cfg.log.quiet) {
     *log << "examoe train: " << mesh.world_size() << " ranks (dp " << mesh.dp_size() << " x ep "
-         << mesh.ep_size() << "), " << cfg.train.precision << ", " << corpus->describe() << "\n";
+         << mesh.ep_size() << "), " << Kokkos::DefaultExecutionSpace::name() << " with "
+         << mesh.backend() << " collectives, " << cfg.train.precision << ", " << corpus->describe() << "\n";
     *log << "  model: d=" << cfg.model.d_model << " L=" << cfg.model.n_layers << " heads="
          << cfg.model.n_heads << " seq=" << seq << " E=" << cfg.model.num_experts << " k="
          << cfg.model.top_k << " h=" << cfg.model.d_hidden << " " << to_string(cfg.model.activation)

@@ -2,6 +2,7 @@
 #pragma once
 #include <examoe/comm.hpp>
 #include <examoe/config.hpp>
+#include <examoe/device.hpp>
 #include <examoe/error.hpp>
 #include <examoe/metrics.hpp>
 #include <examoe/moe_config.hpp>
