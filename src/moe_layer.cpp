@@ -23,6 +23,80 @@ namespace {
 constexpr int kSortChunk = 256;  // assignments per chunk of the counting sort
 }
 
+// Kernels of the layer's own small steps. Free functions, not members of the (private) Impl:
+// nvcc does not allow device lambdas inside a class that is private to another class.
+namespace impl {
+
+/// W[i/E][i%E] ~ U(-scale, scale), keyed by (seed, tensor 1, element).
+template <class Space, class M>
+void init_router_weights(const Space& space, const M& W, std::uint64_t seed, double scale) {
+  const int E = static_cast<int>(W.extent(1)), n = static_cast<int>(W.size());
+  using S = typename M::non_const_value_type;
+  Kokkos::parallel_for(
+      "examoe::moe::init_router", Kokkos::RangePolicy<Space>(space, 0, n), KOKKOS_LAMBDA(const int i) {
+        const double u = uniform01(hash_key(seed, 1, 0, static_cast<std::uint64_t>(i)));
+        W(i / E, i % E) = static_cast<S>(scale * (2 * u - 1));
+      });
+}
+
+/// w[l][..] ~ U(-scale, scale), keyed by (seed, tensor id, global expert id, element): the
+/// same expert gets the same weights on whichever rank holds it.
+template <class Space, class T3, class IV>
+void init_expert_weights(const Space& space, const T3& w, const IV& gids, std::uint64_t seed,
+                         std::uint64_t tensor_id, double scale) {
+  const int n1 = static_cast<int>(w.extent(1)), n2 = static_cast<int>(w.extent(2));
+  const int total = static_cast<int>(w.extent(0)) * n1 * n2;
+  using S = typename T3::non_const_value_type;
+  Kokkos::parallel_for(
+      "examoe::moe::init_experts", Kokkos::RangePolicy<Space>(space, 0, total),
+      KOKKOS_LAMBDA(const int i) {
+        const int l = i / (n1 * n2), r = i % (n1 * n2);
+        const double u = uniform01(hash_key(seed, tensor_id, static_cast<std::uint64_t>(gids(l)),
+                                            static_cast<std::uint64_t>(r)));
+        w(l, r / n2, r % n2) = static_cast<S>(scale * (2 * u - 1));
+      });
+}
+
+/// keys[a] = sort key (owner rank, local index) of assignment a = (token a/k, slot a%k).
+template <class Space, class IV, class IV2>
+void assignment_keys(const Space& space, int A, int k, const IV& key_of_expert, const IV2& topk,
+                     const IV& keys) {
+  Kokkos::parallel_for(
+      "examoe::dispatch::keys", Kokkos::RangePolicy<Space>(space, 0, A),
+      KOKKOS_LAMBDA(const int a) { keys(a) = key_of_expert(topk(a / k, a % k)); });
+}
+
+/// Where each assignment's expert output comes back: >= 0 a row of this rank's expert rows,
+/// < 0 (-1 - i) row i of the combine receive buffer.
+template <class Space, class IV, class BV>
+void return_locations(const Space& space, int A, const IV& keys, const IV& inv_perm,
+                      const IV& key_start, const BV& blocks, int my_first, int nloc, int P, int me,
+                      int self_begin, int self_count, const IV& loc) {
+  const int my_last = my_first + nloc;
+  Kokkos::parallel_for(
+      "examoe::dispatch::return_locations", Kokkos::RangePolicy<Space>(space, 0, A),
+      KOKKOS_LAMBDA(const int a) {
+        const int key = keys(a), s = inv_perm(a);
+        if (key >= my_first && key < my_last) {
+          const int lx = key - my_first;
+          loc(a) = blocks(lx * P + me).dest + (s - key_start(key));
+        } else {
+          loc(a) = -1 - (s < self_begin ? s : s - self_count);
+        }
+      });
+}
+
+/// a += b, element-wise over two [n][m] matrices.
+template <class Space, class M>
+void accumulate(const Space& space, const M& a, const M& b) {
+  const int m = static_cast<int>(a.extent(1)), n = static_cast<int>(a.size());
+  Kokkos::parallel_for(
+      "examoe::router::accumulate_dWr", Kokkos::RangePolicy<Space>(space, 0, n),
+      KOKKOS_LAMBDA(const int i) { a(i / m, i % m) += b(i / m, i % m); });
+}
+
+}  // namespace impl
+
 template <class Scalar>
 struct MoELayer<Scalar>::Impl {
   using Space = execution_space;
@@ -279,30 +353,14 @@ struct MoELayer<Scalar>::Impl {
   }
 
   void init_parameters(std::uint64_t seed) {
-    const int Ed = E, dd = d, hh = h;
-    auto W = Wr;
-    const double sr = 1.0 / std::sqrt(static_cast<double>(d));
-    Kokkos::parallel_for(
-        "examoe::moe::init_router", Kokkos::RangePolicy<Space>(space, 0, d * E),
-        KOKKOS_LAMBDA(const int i) {
-          const double u = impl::uniform01(impl::hash_key(seed, 1, 0, static_cast<std::uint64_t>(i)));
-          W(i / Ed, i % Ed) = static_cast<Scalar>(sr * (2 * u - 1));
-        });
+    impl::init_router_weights(space, Wr, seed, 1.0 / std::sqrt(static_cast<double>(d)));
     IView1 gids("examoe::moe::global_ids", std::max(1, nloc));
     auto gh = Kokkos::create_mirror_view(gids);
     for (int l = 0; l < nloc; ++l) gh(l) = placement.global_expert(me, l);
     Kokkos::deep_copy(gids, gh);
+    const int dd = d, hh = h;
     auto init3 = [&](const tensor3& w, std::uint64_t tensor_id, double scale) {
-      const int n1 = static_cast<int>(w.extent(1)), n2 = static_cast<int>(w.extent(2));
-      const int total = static_cast<int>(w.extent(0)) * n1 * n2;
-      Kokkos::parallel_for(
-          "examoe::moe::init_experts", Kokkos::RangePolicy<Space>(space, 0, total),
-          KOKKOS_LAMBDA(const int i) {
-            const int l = i / (n1 * n2), r = i % (n1 * n2);
-            const double u = impl::uniform01(impl::hash_key(
-                seed, tensor_id, static_cast<std::uint64_t>(gids(l)), static_cast<std::uint64_t>(r)));
-            w(l, r / n2, r % n2) = static_cast<Scalar>(scale * (2 * u - 1));
-          });
+      impl::init_expert_weights(space, w, gids, seed, tensor_id, scale);
     };
     init3(W1, 2, 1.0 / std::sqrt(static_cast<double>(dd)));
     init3(W2, 3, 1.0 / std::sqrt(static_cast<double>(hh)));
@@ -365,12 +423,7 @@ struct MoELayer<Scalar>::Impl {
     ws.reserve(loc, "loc", A);
     const int C = (A + kSortChunk - 1) / kSortChunk;
     ws.reserve(hist, "hist", static_cast<std::size_t>(C) * E);
-    {
-      auto kv = keys; auto koe = key_of_expert; const int kk = k;
-      Kokkos::parallel_for(
-          "examoe::dispatch::keys", Kokkos::RangePolicy<Space>(space, 0, A),
-          KOKKOS_LAMBDA(const int a) { kv(a) = koe(tk(a / kk, a % kk)); });
-    }
+    impl::assignment_keys(space, A, k, key_of_expert, tk, keys);
     impl::stable_counting_sort(space, impl::head(keys, A), E, kSortChunk, hist,
                                impl::head(perm, A), impl::head(inv_perm, A), key_start);
     Kokkos::deep_copy(space, key_start_h, key_start);
@@ -498,22 +551,8 @@ struct MoELayer<Scalar>::Impl {
     Kokkos::deep_copy(space, blocks, blocks_h);
 
     // Return location of every assignment.
-    {
-      auto lc = loc; auto kv = keys; auto ip = inv_perm; auto ks = key_start; auto bl = blocks;
-      const int my_first = placement.rank_offset(me), my_last = my_first + nloc;
-      const int sbeg = self_begin, scnt = self_count, PP = P, mme = me;
-      Kokkos::parallel_for(
-          "examoe::dispatch::return_locations", Kokkos::RangePolicy<Space>(space, 0, A),
-          KOKKOS_LAMBDA(const int a) {
-            const int key = kv(a), s = ip(a);
-            if (key >= my_first && key < my_last) {
-              const int lx = key - my_first;
-              lc(a) = bl(lx * PP + mme).dest + (s - ks(key));
-            } else {
-              lc(a) = -1 - (s < sbeg ? s : s - scnt);
-            }
-          });
-    }
+    impl::return_locations(space, A, keys, inv_perm, key_start, blocks, placement.rank_offset(me),
+                           nloc, P, me, self_begin, self_count, loc);
 
     const std::int64_t row_bytes = static_cast<std::int64_t>(d) * sizeof(Scalar);
     stats.tokens = T;
@@ -617,13 +656,7 @@ struct MoELayer<Scalar>::Impl {
     else
       Kokkos::deep_copy(space, dWr_step, Scalar(0));
     if (cfg.reduce_router_grad) coll->allreduce_sum(dWr_step.data(), dWr_step.size());
-    {
-      auto a = dWr; auto b = dWr_step; const int n = static_cast<int>(dWr.size());
-      const int EE = E;
-      Kokkos::parallel_for(
-          "examoe::router::accumulate_dWr", Kokkos::RangePolicy<Space>(space, 0, n),
-          KOKKOS_LAMBDA(const int i) { a(i / EE, i % EE) += b(i / EE, i % EE); });
-    }
+    impl::accumulate(space, dWr, dWr_step);
     impl::kc::gemm(space, "N", "T", Scalar(1), dzv, Wr, Scalar(0), dx);
     impl::combine_rows(space, impl::head(loc, A), k, g, false, dxe, back_recv, true, dx);
     toc(Phase::bwd_router);
