@@ -29,6 +29,7 @@ void add_bench_command(CLI::App& app, BenchOptions& o) {
   c->add_option("--warmup", o.warmup, "Untimed warm-up steps")->capture_default_str()->check(CLI::NonNegativeNumber);
   c->add_option("--temperature", o.temperature, "Router softmax temperature")->capture_default_str();
   c->add_option("--seed", o.seed, "Seed of inputs and weights")->capture_default_str();
+  c->add_option("--comm", o.comm, "Collectives backend (auto: nccl on GPU builds with NCCL)")->capture_default_str()->check(CLI::IsMember({"auto", "mpi", "nccl"}));
   c->add_option("--json", o.json, "Append one JSON line with all figures to this file (rank 0)");
 }
 
@@ -96,6 +97,24 @@ double gemm_only_seconds(const std::vector<std::int64_t>& rows, int d, int h, bo
   return seconds_since(t) / steps;
 }
 
+/// One-way bytes per second of a device-to-device copy of n elements (the best of `steps`).
+template <class S>
+double copy_bytes_per_second(std::size_t n, int steps) {
+  n = std::max<std::size_t>(n, 1 << 20);
+  Kokkos::View<S*> a("examoe::bench::copy_a", n), b("examoe::bench::copy_b", n);
+  Kokkos::deep_copy(a, S(1));
+  Kokkos::deep_copy(b, a);
+  Kokkos::fence();
+  double best = 1e30;
+  for (int s = 0; s < std::max(3, steps); ++s) {
+    const auto t = Clock::now();
+    Kokkos::deep_copy(b, a);
+    Kokkos::fence();
+    best = std::min(best, seconds_since(t));
+  }
+  return static_cast<double>(n * sizeof(S)) / best;
+}
+
 template <class S>
 int run(const BenchOptions& o) {
   MPI_Comm comm = MPI_COMM_WORLD;
@@ -111,7 +130,9 @@ int run(const BenchOptions& o) {
   cfg.activation = activation_from_string(o.activation);
   cfg.router.temperature = o.temperature;
   cfg.router.seed = o.seed;
-  MoELayer<S> layer(cfg, comm);
+  CommOptions copts;
+  copts.backend = o.comm;
+  MoELayer<S> layer(cfg, comm, MPI_COMM_NULL, copts);
 
   Mat<S> x("examoe::bench::x", o.tokens, o.d_model), out("examoe::bench::out", o.tokens, o.d_model);
   Mat<S> dout("examoe::bench::dout", o.tokens, o.d_model), dx("examoe::bench::dx", o.tokens, o.d_model);
@@ -149,6 +170,16 @@ int run(const BenchOptions& o) {
   MPI_Allreduce(&rows, &rows_max, 1, MPI_LONG_LONG, MPI_MAX, comm);
   long long mem_rows_local = st.rows_local, local_sum = 0;
   MPI_Allreduce(&mem_rows_local, &local_sum, 1, MPI_LONG_LONG, MPI_SUM, comm);
+  // Data movement: dispatch, combine and the dispatch of dy move every assignment's row once
+  // each (3 x T k d values per step; the gather of dx sits in bwd_router and is left out),
+  // against one device copy of the same size.
+  const double move_s = phase_max[static_cast<int>(Phase::pack)] + phase_max[static_cast<int>(Phase::alltoall)] +
+                        phase_max[static_cast<int>(Phase::combine)] + phase_max[static_cast<int>(Phase::bwd_combine)] +
+                        phase_max[static_cast<int>(Phase::bwd_alltoall)];
+  const double move_bytes = 3.0 * st.assignments * o.d_model * sizeof(S);
+  const double copy_rate = copy_bytes_per_second<S>(static_cast<std::size_t>(st.assignments) * o.d_model, o.steps);
+  double copy_min = 0;
+  MPI_Allreduce(&copy_rate, &copy_min, 1, MPI_DOUBLE, MPI_MIN, comm);
 
   if (rank == 0) {
     const double tokens = static_cast<double>(o.tokens) * size;
@@ -166,6 +197,11 @@ int run(const BenchOptions& o) {
     std::printf("  layer / GEMM bound  %10.1f %%\n", step_max > 0 ? 100.0 * gemm_max / step_max : 0.0);
     std::printf("  dispatch: %lld bytes sent in all (%lld rows stayed local), imbalance %.3f\n",
                 sent_sum, local_sum, st.imbalance);
+    std::printf("  data movement       %10.2f GB/s (dispatch + combine + dy dispatch, rank 0) vs device copy %.2f GB/s: %.1f %%\n",
+                move_s > 0 ? move_bytes / move_s * 1e-9 : 0.0, copy_min * 1e-9,
+                move_s > 0 && copy_min > 0 ? 100.0 * move_bytes / move_s / copy_min : 0.0);
+    std::printf("  backend: %s on %s\n", layer.communicator().backend().c_str(),
+                Kokkos::DefaultExecutionSpace::name());
     if (!o.json.empty()) {
       std::ofstream js(o.json, std::ios::app);
       js << "{\"bench\":\"moe_layer\",\"ranks\":" << size << ",\"precision\":\"" << o.precision
@@ -174,7 +210,10 @@ int run(const BenchOptions& o) {
          << ",\"tokens_per_rank\":" << o.tokens << ",\"activation\":\"" << o.activation
          << "\",\"step_s\":" << step_max << ",\"tokens_per_s\":" << tokens / step_max
          << ",\"gemm_only_s\":" << gemm_max << ",\"fraction_of_gemm_bound\":" << gemm_max / step_max
-         << ",\"bytes_sent\":" << sent_sum << ",\"imbalance\":" << st.imbalance << ",\"phases_s\":{";
+         << ",\"bytes_sent\":" << sent_sum << ",\"imbalance\":" << st.imbalance
+         << ",\"comm\":\"" << layer.communicator().backend() << "\",\"space\":\""
+         << Kokkos::DefaultExecutionSpace::name() << "\",\"move_bytes_per_s\":" << (move_s > 0 ? move_bytes / move_s : 0.0)
+         << ",\"copy_bytes_per_s\":" << copy_min << ",\"phases_s\":{";
       for (int p = 0; p < kNumPhases; ++p)
         js << (p ? "," : "") << "\"" << phase_name(static_cast<Phase>(p)) << "\":" << phase_max[p];
       js << "}}\n";

@@ -9,6 +9,7 @@ struct BenchOptions {
   double temperature = 1.0;
   std::uint64_t seed = 1234;
   std::string json;  // optional JSON-lines output file
+  std::string comm = "auto";  // collectives backend: auto, mpi, nccl
 };
 void add_bench_command(CLI::App& app, BenchOptions& opt);
 int run_bench(const BenchOptions& opt);

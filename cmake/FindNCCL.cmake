@@ -3,6 +3,7 @@
 # Finds the NVIDIA Collective Communications Library.
 #
 # Hints (CMake or environment variables): NCCL_ROOT, NCCL_HOME, NCCL_DIR, CUDAToolkit_ROOT,
+# (a pip wheel's nvidia/nccl directory works too: it has include/ and lib/libnccl.so.2)
 # CUDA_HOME, CUDA_PATH; /usr/local/cuda is searched last. Spack's nccl package sets NCCL_ROOT.
 #
 # Result variables: NCCL_FOUND, NCCL_INCLUDE_DIRS, NCCL_LIBRARIES, NCCL_VERSION.
@@ -21,7 +22,7 @@ endforeach()
 list(APPEND _nccl_hints /usr/local/cuda)
 
 find_path(NCCL_INCLUDE_DIR NAMES nccl.h HINTS ${_nccl_hints} PATH_SUFFIXES include)
-find_library(NCCL_LIBRARY NAMES nccl HINTS ${_nccl_hints}
+find_library(NCCL_LIBRARY NAMES nccl libnccl.so.2 HINTS ${_nccl_hints}
              PATH_SUFFIXES lib64 lib lib/x86_64-linux-gnu lib/aarch64-linux-gnu)
 
 if(NCCL_INCLUDE_DIR AND EXISTS "${NCCL_INCLUDE_DIR}/nccl.h")
