@@ -3,8 +3,8 @@
 # Finds the NVIDIA Collective Communications Library.
 #
 # Hints (CMake or environment variables): NCCL_ROOT, NCCL_HOME, NCCL_DIR, CUDAToolkit_ROOT,
-# (a pip wheel's nvidia/nccl directory works too: it has include/ and lib/libnccl.so.2)
-# CUDA_HOME, CUDA_PATH; /usr/local/cuda is searched last. Spack's nccl package sets NCCL_ROOT.
+# CUDA_HOME, CUDA_PATH; /usr/local/cuda is searched last. Spack's nccl package sets NCCL_ROOT;
+# a pip wheel's nvidia/nccl directory works too (include/ and lib/libnccl.so.2).
 #
 # Result variables: NCCL_FOUND, NCCL_INCLUDE_DIRS, NCCL_LIBRARIES, NCCL_VERSION.
 # Imported target: NCCL::NCCL (links the CUDA runtime, CUDA::cudart, when CUDAToolkit is found).
