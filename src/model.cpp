@@ -56,6 +56,15 @@ void add(const A& a, const B& b, const Y& y) {
         for (int c = 0; c < d; ++c) y(i, c) = a(i, c) + b(i, c);
       });
 }
+/// Sum of an int view (free function: nvcc forbids device lambdas in private members).
+template <class Space, class V>
+long long sum_ints(const Space& space, const V& v) {
+  long long c = 0;
+  Kokkos::parallel_reduce("examoe::model::count_correct",
+                          Kokkos::RangePolicy<Space>(space, 0, static_cast<int>(v.extent(0))),
+                          KOKKOS_LAMBDA(const int i, long long& acc) { acc += v(i); }, c);
+  return c;
+}
 }  // namespace
 
 /// Saved activations of one block (rows = batch * seq).
@@ -250,11 +259,8 @@ StepStats Model<S>::run(const Batch& local, long long global_valid, bool trainin
   st.ce_sum = n > 0 ? dk::cross_entropy(sp, lg, head(targets_, n), scale, lg, head(correct_, n), &valid) : 0.0;
   st.valid = valid;
   if (n > 0) {
-    long long c = 0;
     auto cv = head(correct_, n);
-    Kokkos::parallel_reduce("examoe::model::count_correct", Kokkos::RangePolicy<>(0, n),
-                            KOKKOS_LAMBDA(const int i, long long& acc) { acc += cv(i); }, c);
-    st.correct = c;
+    st.correct = sum_ints(sp, cv);
     if (correct) {
       auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), cv);
       correct->assign(h.data(), h.data() + n);
