@@ -1,6 +1,7 @@
 #include <examoe/error.hpp>
 #include <examoe/fsdp.hpp>
 #include <examoe/impl/random.hpp>
+#include <examoe/impl/watchdog.hpp>
 
 #include <algorithm>
 #include <numeric>
@@ -106,6 +107,7 @@ void Fsdp<S>::gather(int u) {
   if (reshard_ && pool_unit_ >= 0 && pool_unit_ != u) units_[pool_unit_].gathered = false;
   S* dst = reshard_ ? pool_.data() : U.full.data();
   space_.fence();
+  impl::CollectiveLabel label("fsdp.allgather");
   world_.allgather(U.shard_param.data(), dst, U.shard, data_type_of<S>());
   U.gathered = true;
   if (reshard_) pool_unit_ = u;
@@ -159,6 +161,7 @@ template <class S>
 void Fsdp<S>::reduce_scatter_grad(int u) {
   if (u != grad_unit_) throw Error("examoe::Fsdp::reduce_scatter_grad: unit not in backward");
   space_.fence();
+  impl::CollectiveLabel label("fsdp.reduce_scatter");
   world_.reduce_scatter_sum(gbuf_.data(), units_[u].shard_grad.data(), units_[u].shard,
                             data_type_of<S>());
   grad_unit_ = -1;

@@ -34,6 +34,9 @@ struct ParallelConfig {
   int ep = 0;                         ///< expert-parallel degree; 0 = world size (dp = 1)
   bool reshard_after_forward = true;  ///< FSDP: free gathered units after their forward
   bool activation_checkpointing = false;  ///< recompute each block in backward
+  /// Deadline of every collective while training (s); a collective that misses it is reported
+  /// (label, ranks that did not arrive) and the job aborted. 0 = off (blocking MPI calls).
+  double watchdog_seconds = 600;
 };
 
 /// Per-rank memory accounting, in bytes.
