@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <thread>
 
@@ -163,16 +164,22 @@ void WatchdogChannel::timed_out(MPI_Request& req, double seconds) {
   // Ask every other member which call it is in; ranks polling a collective answer at once.
   const WatchdogMessage q = WatchdogRegistry::state_of(*this, kQuestion);
   std::vector<MPI_Request> sends;
+  sends.reserve(static_cast<std::size_t>(size_));
   for (int p = 0; p < size_; ++p) {
     if (p == rank_) continue;
     sends.emplace_back();
     MPI_Isend(&q, sizeof q, MPI_BYTE, p, kTag, wd_, &sends.back());
   }
+  const auto t_deadline = Clock::now();
+  double finished_after = -1;  // the collective completed while we were asking around
   auto listen = [&](double s, bool until_all) {
     const auto t0 = Clock::now();
     while (since(t0) < s) {
       int done = 0;
-      if (req != MPI_REQUEST_NULL) MPI_Test(&req, &done, MPI_STATUS_IGNORE);  // keeps MPI progressing
+      if (req != MPI_REQUEST_NULL) {  // keeps MPI progressing
+        MPI_Test(&req, &done, MPI_STATUS_IGNORE);
+        if (done) finished_after = since(t_deadline);
+      }
       WatchdogRegistry::service();
       if (until_all) {
         int n = 0;
@@ -201,6 +208,11 @@ void WatchdogChannel::timed_out(MPI_Request& req, double seconds) {
     MPI_Group_free(&wg);
   }
   WatchdogReport rep = watchdog_report(label_, op_, calls_, size_, rank_, seconds, heard_, world);
+  if (finished_after >= 0) {
+    char late[96];
+    std::snprintf(late, sizeof late, "; the collective completed %.1f s after the deadline, too late", finished_after);
+    rep.message.insert(rep.message.rfind("; aborting"), late);
+  }
   // One report: the lowest rank that timed out in this same call prints it. The others give
   // it time to print and abort, and report themselves only if that does not happen.
   int reporter = rank_;
