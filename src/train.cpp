@@ -852,7 +852,11 @@ TrainResult train(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
     } catch (const Error& e) {
       err = e.what();
     }
-    throw_if_any(*c, err);
+    const std::string agreed = c->first_error(err);
+    if (!agreed.empty()) {
+      impl::fault::disarm();
+      throw Error(agreed);
+    }
   }
   struct Disarm {
     ~Disarm() { impl::fault::disarm(); }
