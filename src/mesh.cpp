@@ -1,4 +1,5 @@
 #include <examoe/error.hpp>
+#include <examoe/impl/watchdog.hpp>
 #include <examoe/mesh.hpp>
 
 #include <vector>
@@ -6,6 +7,7 @@
 namespace examoe {
 
 Mesh::Mesh(MPI_Comm comm, int ep) {
+  impl::CollectiveLabel label("mesh.setup");
   world_ = make_mpi_communicator(comm);
   world_size_ = world_->size();
   world_rank_ = world_->rank();
