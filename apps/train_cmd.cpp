@@ -68,7 +68,12 @@ int run_train(CLI::App& app, const TrainCli& cli) {
     }
     return 0;
   }
-  train(cfg, MPI_COMM_WORLD, &std::cout);
+  const TrainResult res = train(cfg, MPI_COMM_WORLD, &std::cout);
+  if (res.stopped_nonfinite) {
+    // A clear message where errors go, and an exit code scripts can tell apart (docs/faults.md).
+    if (rank == 0) std::cerr << "examoe: " << res.stop_message << std::endl;
+    return kExitNonfinite;
+  }
   return 0;
 }
 

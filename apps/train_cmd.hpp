@@ -5,6 +5,9 @@
 #include <string>
 
 namespace examoe::app {
+/// Exit code of `examoe train` when training stopped on non-finite values (train.nonfinite =
+/// stop, or train.max_skipped skipped steps in a row); errors exit with 1.
+constexpr int kExitNonfinite = 3;
 struct TrainCli {
   std::string config_file, data, resume;
   bool print_config = false;

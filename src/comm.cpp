@@ -2,6 +2,7 @@
 #include <examoe/config.hpp>
 #include <examoe/error.hpp>
 #include <examoe/impl/nccl_comm.hpp>
+#include <examoe/impl/watchdog.hpp>
 
 #include <climits>
 #if defined(OPEN_MPI) && OPEN_MPI
@@ -29,6 +30,19 @@ void check(int rc, const char* where) {
     throw Error(std::string("examoe::MpiCommunicator::") + where + ": " + std::string(msg, len));
   }
 }
+/// One collective: the blocking MPI call `op`, or (watchdog on) its non-blocking form `iop`
+/// polled against the deadline.
+template <class Blocking, class Start>
+void collective(impl::WatchdogChannel& wd, const char* op, const char* iop, Blocking&& blocking,
+                Start&& start) {
+  if (wd.begin(iop)) {
+    MPI_Request req = MPI_REQUEST_NULL;
+    check(start(&req), iop);
+    check(wd.wait(req), iop);
+  } else {
+    check(blocking(), op);
+  }
+}
 }  // namespace
 
 std::size_t size_of(DataType t) {
@@ -50,12 +64,14 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm, bool gpu_aware) : gpu_aware_(gpu
   check(MPI_Comm_dup(comm, &comm_), "MPI_Comm_dup");
   MPI_Comm_rank(comm_, &rank_);
   MPI_Comm_size(comm_, &size_);
+  wd_ = std::make_unique<impl::WatchdogChannel>(comm_);
 }
 
 MpiCommunicator::~MpiCommunicator() {
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (finalized) return;
+  wd_.reset();
   if (row_type_ != MPI_DATATYPE_NULL) MPI_Type_free(&row_type_);
   if (comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
 }
@@ -79,7 +95,10 @@ void MpiCommunicator::check_memory(Memory mem, const char* where) const {
 }
 
 void MpiCommunicator::alltoall_int(const int* send, int* recv, int n) {
-  check(MPI_Alltoall(send, n, MPI_INT, recv, n, MPI_INT, comm_), "MPI_Alltoall");
+  collective(
+      *wd_, "MPI_Alltoall", "MPI_Ialltoall",
+      [&] { return MPI_Alltoall(send, n, MPI_INT, recv, n, MPI_INT, comm_); },
+      [&](MPI_Request* r) { return MPI_Ialltoall(send, n, MPI_INT, recv, n, MPI_INT, comm_, r); });
 }
 
 void MpiCommunicator::alltoallv_rows(const void* send, const int* send_counts,
@@ -88,8 +107,14 @@ void MpiCommunicator::alltoallv_rows(const void* send, const int* send_counts,
                                      Memory mem) {
   check_memory(mem, "alltoallv_rows");
   MPI_Datatype t = row_type(row_elems, type);
-  check(MPI_Alltoallv(send, send_counts, send_displs, t, recv, recv_counts, recv_displs, t, comm_),
-        "MPI_Alltoallv");
+  collective(
+      *wd_, "MPI_Alltoallv", "MPI_Ialltoallv",
+      [&] {
+        return MPI_Alltoallv(send, send_counts, send_displs, t, recv, recv_counts, recv_displs, t, comm_);
+      },
+      [&](MPI_Request* r) {
+        return MPI_Ialltoallv(send, send_counts, send_displs, t, recv, recv_counts, recv_displs, t, comm_, r);
+      });
 }
 
 void MpiCommunicator::allreduce_sum(void* buf, std::size_t count, DataType type, Memory mem) {
@@ -99,8 +124,11 @@ void MpiCommunicator::allreduce_sum(void* buf, std::size_t count, DataType type,
   char* p = static_cast<char*>(buf);
   for (std::size_t off = 0; off < count; off += chunk) {
     const int n = static_cast<int>(std::min(chunk, count - off));
-    check(MPI_Allreduce(MPI_IN_PLACE, p + off * size_of(type), n, mpi_type(type), MPI_SUM, comm_),
-          "MPI_Allreduce");
+    void* b = p + off * size_of(type);
+    collective(
+        *wd_, "MPI_Allreduce", "MPI_Iallreduce",
+        [&] { return MPI_Allreduce(MPI_IN_PLACE, b, n, mpi_type(type), MPI_SUM, comm_); },
+        [&](MPI_Request* r) { return MPI_Iallreduce(MPI_IN_PLACE, b, n, mpi_type(type), MPI_SUM, comm_, r); });
   }
 }
 
@@ -110,9 +138,11 @@ void MpiCommunicator::allgather(const void* send, void* recv, std::size_t count,
   if (count > static_cast<std::size_t>(INT_MAX))
     throw Error("examoe::MpiCommunicator::allgather: block of " + std::to_string(count) +
                 " elements exceeds INT_MAX");
-  check(MPI_Allgather(send, static_cast<int>(count), mpi_type(type), recv, static_cast<int>(count),
-                      mpi_type(type), comm_),
-        "MPI_Allgather");
+  const int n = static_cast<int>(count);
+  collective(
+      *wd_, "MPI_Allgather", "MPI_Iallgather",
+      [&] { return MPI_Allgather(send, n, mpi_type(type), recv, n, mpi_type(type), comm_); },
+      [&](MPI_Request* r) { return MPI_Iallgather(send, n, mpi_type(type), recv, n, mpi_type(type), comm_, r); });
 }
 
 void MpiCommunicator::reduce_scatter_sum(const void* send, void* recv, std::size_t count,
@@ -121,26 +151,36 @@ void MpiCommunicator::reduce_scatter_sum(const void* send, void* recv, std::size
   if (count > static_cast<std::size_t>(INT_MAX))
     throw Error("examoe::MpiCommunicator::reduce_scatter_sum: block of " + std::to_string(count) +
                 " elements exceeds INT_MAX");
-  check(MPI_Reduce_scatter_block(send, recv, static_cast<int>(count), mpi_type(type), MPI_SUM,
-                                 comm_),
-        "MPI_Reduce_scatter_block");
+  const int n = static_cast<int>(count);
+  collective(
+      *wd_, "MPI_Reduce_scatter_block", "MPI_Ireduce_scatter_block",
+      [&] { return MPI_Reduce_scatter_block(send, recv, n, mpi_type(type), MPI_SUM, comm_); },
+      [&](MPI_Request* r) {
+        return MPI_Ireduce_scatter_block(send, recv, n, mpi_type(type), MPI_SUM, comm_, r);
+      });
 }
 
 bool MpiCommunicator::all_ok(bool ok) {
   int v = ok ? 1 : 0;
-  check(MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_INT, MPI_LAND, comm_), "MPI_Allreduce");
+  collective(
+      *wd_, "MPI_Allreduce", "MPI_Iallreduce",
+      [&] { return MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_INT, MPI_LAND, comm_); },
+      [&](MPI_Request* r) { return MPI_Iallreduce(MPI_IN_PLACE, &v, 1, MPI_INT, MPI_LAND, comm_, r); });
   return v != 0;
 }
 
 std::string MpiCommunicator::first_error(const std::string& local_error) {
   int bad = local_error.empty() ? size_ : rank_;
-  check(MPI_Allreduce(MPI_IN_PLACE, &bad, 1, MPI_INT, MPI_MIN, comm_), "MPI_Allreduce");
+  collective(
+      *wd_, "MPI_Allreduce", "MPI_Iallreduce",
+      [&] { return MPI_Allreduce(MPI_IN_PLACE, &bad, 1, MPI_INT, MPI_MIN, comm_); },
+      [&](MPI_Request* r) { return MPI_Iallreduce(MPI_IN_PLACE, &bad, 1, MPI_INT, MPI_MIN, comm_, r); });
   if (bad == size_) return {};
   std::string msg = rank_ == bad ? local_error : std::string();
   int len = static_cast<int>(msg.size());
-  check(MPI_Bcast(&len, 1, MPI_INT, bad, comm_), "MPI_Bcast");
+  broadcast(&len, sizeof len, bad);
   msg.resize(static_cast<std::size_t>(len));
-  check(MPI_Bcast(msg.data(), len, MPI_CHAR, bad, comm_), "MPI_Bcast");
+  broadcast(msg.data(), static_cast<std::size_t>(len), bad);
   if (size_ > 1) msg += " [reported by rank " + std::to_string(bad) + "]";
   return msg;
 }
@@ -151,16 +191,26 @@ void throw_if_any(Communicator& comm, const std::string& local_error) {
 }
 
 void MpiCommunicator::broadcast(void* buf, std::size_t bytes, int root) {
-  check(MPI_Bcast(buf, static_cast<int>(bytes), MPI_BYTE, root, comm_), "MPI_Bcast");
+  const int n = static_cast<int>(bytes);
+  collective(
+      *wd_, "MPI_Bcast", "MPI_Ibcast", [&] { return MPI_Bcast(buf, n, MPI_BYTE, root, comm_); },
+      [&](MPI_Request* r) { return MPI_Ibcast(buf, n, MPI_BYTE, root, comm_, r); });
 }
 
 long long MpiCommunicator::exscan_sum(long long v) {
   long long out = 0;
-  check(MPI_Exscan(&v, &out, 1, MPI_LONG_LONG, MPI_SUM, comm_), "MPI_Exscan");
+  collective(
+      *wd_, "MPI_Exscan", "MPI_Iexscan",
+      [&] { return MPI_Exscan(&v, &out, 1, MPI_LONG_LONG, MPI_SUM, comm_); },
+      [&](MPI_Request* r) { return MPI_Iexscan(&v, &out, 1, MPI_LONG_LONG, MPI_SUM, comm_, r); });
   return rank_ == 0 ? 0 : out;
 }
 
-void MpiCommunicator::barrier() { check(MPI_Barrier(comm_), "MPI_Barrier"); }
+void MpiCommunicator::barrier() {
+  collective(
+      *wd_, "MPI_Barrier", "MPI_Ibarrier", [&] { return MPI_Barrier(comm_); },
+      [&](MPI_Request* r) { return MPI_Ibarrier(comm_, r); });
+}
 
 std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm) {
   return std::make_unique<MpiCommunicator>(comm);

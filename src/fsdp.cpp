@@ -2,6 +2,7 @@
 #include <examoe/fsdp.hpp>
 #include <examoe/impl/collectives.hpp>
 #include <examoe/impl/random.hpp>
+#include <examoe/impl/watchdog.hpp>
 
 #include <algorithm>
 #include <numeric>
@@ -109,6 +110,7 @@ void Fsdp<S>::gather(int u) {
   if (U.gathered) return;
   if (reshard_ && pool_unit_ >= 0 && pool_unit_ != u) units_[pool_unit_].gathered = false;
   S* dst = reshard_ ? pool_.data() : U.full.data();
+  impl::CollectiveLabel label("fsdp.allgather");
   coll_->allgather(U.shard_param.data(), dst, U.shard);
   U.gathered = true;
   if (reshard_) pool_unit_ = u;
@@ -161,6 +163,7 @@ auto Fsdp<S>::grad2(int p) const -> umatrix {
 template <class S>
 void Fsdp<S>::reduce_scatter_grad(int u) {
   if (u != grad_unit_) throw Error("examoe::Fsdp::reduce_scatter_grad: unit not in backward");
+  impl::CollectiveLabel label("fsdp.reduce_scatter");
   coll_->reduce_scatter_sum(gbuf_.data(), units_[u].shard_grad.data(), units_[u].shard);
   grad_unit_ = -1;
 }

@@ -1,5 +1,6 @@
 #include <examoe/error.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
+#include <examoe/impl/watchdog.hpp>
 #include <examoe/mesh.hpp>
 
 #include <vector>
@@ -7,6 +8,7 @@
 namespace examoe {
 
 Mesh::Mesh(MPI_Comm comm, int ep, const CommOptions& opts) {
+  impl::CollectiveLabel label("mesh.setup");
   using Space = Kokkos::DefaultExecutionSpace;
   constexpr bool device = impl::kc::device_memory_v<Space>;
   void* stream = impl::kc::native_stream(Space());

@@ -3,6 +3,7 @@
 #include <examoe/error.hpp>
 #include <examoe/impl/dense_kernels.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
+#include <examoe/impl/watchdog.hpp>
 #include <examoe/impl/workspace.hpp>
 #include <examoe/impl/collectives.hpp>
 #include <examoe/model.hpp>
@@ -225,7 +226,10 @@ StepStats Model<S>::run(const Batch& local, long long global_valid, bool trainin
   } catch (const Error& e) {
     err = e.what();
   }
-  throw_if_any(mesh_.world(), err);
+  {
+    impl::CollectiveLabel label("model.check_batch");
+    throw_if_any(mesh_.world(), err);
+  }
   auto& F = *fsdp_;
   const int n = rows_, L = cfg_.n_layers, H = cfg_.n_heads;
   const execution_space sp;
@@ -329,6 +333,7 @@ StepStats Model<S>::run(const Batch& local, long long global_valid, bool trainin
 
   // Expert gradients: summed over the replicas of this expert-parallel group.
   if (mesh_.dp_size() > 1) {
+    impl::CollectiveLabel label("experts.grad_allreduce");
     if (!edp_coll_)
       edp_coll_ = std::make_unique<impl::Collectives<execution_space>>(mesh_.edp(), execution_space());
     for (int l = 0; l < L; ++l) {

@@ -8,6 +8,7 @@
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/random.hpp>
 #include <examoe/impl/router_kernels.hpp>
+#include <examoe/impl/watchdog.hpp>
 #include <examoe/impl/workspace.hpp>
 #include <examoe/moe_layer.hpp>
 
@@ -196,6 +197,7 @@ struct MoELayer<Scalar>::Impl {
     coll = std::make_unique<impl::Collectives<Space>>(*comm, space);
     P = comm->size();
     me = comm->rank();
+    impl::CollectiveLabel label("moe.config_check");
     // 1. Every rank validates its own config; errors are agreed before anyone throws.
     std::string err;
     try {
@@ -289,6 +291,7 @@ struct MoELayer<Scalar>::Impl {
       const int a = from.owner(e), b = to.owner(e);
       if (a == me && b != me) Kokkos::deep_copy(space, blk(sendb, sd[b] + fill[b]++), blk(old, from.local_index(e)));
     }
+    impl::CollectiveLabel label("moe.migrate");
     coll->alltoallv_rows(sendb.data(), sc.data(), sd.data(), recvb.data(), rc.data(), rd.data(),
                          static_cast<int>(block));
     std::fill(fill.begin(), fill.end(), 0);
@@ -371,6 +374,7 @@ struct MoELayer<Scalar>::Impl {
   // ------------------------------------------------------------------ forward
   void forward(const const_matrix& x, const matrix& out, bool training) {
     impl::kc::ScopedRegion region("examoe::MoELayer::forward");
+    impl::CollectiveLabel label("moe.router");
     for (auto& s : stats.seconds) s = 0;
     tic();
     // Shape errors are local: agree on them inside the router statistics allreduce below,
@@ -472,7 +476,7 @@ struct MoELayer<Scalar>::Impl {
     auto sb = impl::rows_of(send_buf, rows_send);
     impl::pack_rows(space, x, perm, k, self_begin, self_count, g, false, sb);
     toc(Phase::pack);
-    exchange(send_buf, recv_buf, scount, sdispl, rcount, rdispl);
+    exchange("moe.dispatch", send_buf, recv_buf, scount, sdispl, rcount, rdispl);
     toc(Phase::alltoall);
     impl::gather_expert_rows(space, blocks, nblocks, nrows, x, perm, k, g, false, recv_buf, xe);
     toc(Phase::pack);
@@ -489,7 +493,7 @@ struct MoELayer<Scalar>::Impl {
     ws.reserve(back_send, "back_send", rows_recv, d);
     ws.reserve(back_recv, "back_recv", rows_send, d);
     impl::pack_back_rows(space, blocks, nblocks, nrows, ye, back_send);
-    exchange(back_send, back_recv, rcount, rdispl, scount, sdispl);
+    exchange("moe.combine", back_send, back_recv, rcount, rdispl, scount, sdispl);
     impl::combine_rows(space, impl::head(loc, A), k, g, true, ye, back_recv, false, out);
     toc(Phase::combine);
     have_forward = true;
@@ -505,7 +509,10 @@ struct MoELayer<Scalar>::Impl {
         const int key = placement.rank_offset(r) + lx;
         send_mat[static_cast<std::size_t>(r) * ml + lx] = key_start_h(key + 1) - key_start_h(key);
       }
-    comm->alltoall_int(send_mat.data(), recv_mat.data(), ml);
+    {
+      impl::CollectiveLabel label("moe.plan");
+      comm->alltoall_int(send_mat.data(), recv_mat.data(), ml);
+    }
 
     self_begin = key_start_h(placement.rank_offset(me));
     self_count = key_start_h(placement.rank_offset(me) + nloc) - self_begin;
@@ -568,9 +575,10 @@ struct MoELayer<Scalar>::Impl {
   }
 
   /// ONE variable-size all-to-all of rows (counts and displacements in rows).
-  void exchange(const matrix& send, const matrix& recv, const std::vector<int>& sc,
+  void exchange(const char* label, const matrix& send, const matrix& recv, const std::vector<int>& sc,
                 const std::vector<int>& sd, const std::vector<int>& rc,
                 const std::vector<int>& rd) {
+    impl::CollectiveLabel scope(label);
     coll->alltoallv_rows(send.data(), sc.data(), sd.data(), recv.data(), rc.data(), rd.data(), d);
   }
 
@@ -609,6 +617,7 @@ struct MoELayer<Scalar>::Impl {
   // ----------------------------------------------------------------- backward
   void backward(const const_matrix& dout, const matrix& dx) {
     impl::kc::ScopedRegion region("examoe::MoELayer::backward");
+    impl::CollectiveLabel label("moe.backward");
     std::string err;
     if (!have_forward)
       err = "examoe::MoELayer::backward: called without a preceding forward";
@@ -628,7 +637,7 @@ struct MoELayer<Scalar>::Impl {
     auto sb = impl::rows_of(send_buf, rows_send);
     impl::pack_rows(space, dout, perm, k, self_begin, self_count, g, true, sb);
     toc(Phase::bwd_combine);
-    exchange(send_buf, recv_buf, scount, sdispl, rcount, rdispl);
+    exchange("moe.combine_bwd", send_buf, recv_buf, scount, sdispl, rcount, rdispl);
     toc(Phase::bwd_alltoall);
     ws.reserve(dye, "dye", nrows, d);
     impl::gather_expert_rows(space, blocks, nblocks, nrows, dout, perm, k, g, true, recv_buf, dye);
@@ -643,7 +652,7 @@ struct MoELayer<Scalar>::Impl {
 
     // ---- dispatch^T: dx rows go home
     impl::pack_back_rows(space, blocks, nblocks, nrows, dxe, back_send);
-    exchange(back_send, back_recv, rcount, rdispl, scount, sdispl);
+    exchange("moe.dispatch_bwd", back_send, back_recv, rcount, rdispl, scount, sdispl);
     toc(Phase::bwd_alltoall);
 
     // ---- router backward
@@ -655,7 +664,10 @@ struct MoELayer<Scalar>::Impl {
       impl::kc::gemm(space, "T", "N", Scalar(1), x_saved, dzv, Scalar(0), dWr_step);
     else
       Kokkos::deep_copy(space, dWr_step, Scalar(0));
-    if (cfg.reduce_router_grad) coll->allreduce_sum(dWr_step.data(), dWr_step.size());
+    if (cfg.reduce_router_grad) {
+      impl::CollectiveLabel scope("moe.router_grad");
+      coll->allreduce_sum(dWr_step.data(), dWr_step.size());
+    }
     impl::accumulate(space, dWr, dWr_step);
     impl::kc::gemm(space, "N", "T", Scalar(1), dzv, Wr, Scalar(0), dx);
     impl::combine_rows(space, impl::head(loc, A), k, g, false, dxe, back_recv, true, dx);

@@ -2,6 +2,8 @@
 // norm clipping and warmup + cosine schedule, validation, progress and JSON-lines metrics.
 #include <examoe/checkpoint.hpp>
 #include <examoe/error.hpp>
+#include <examoe/impl/fault.hpp>
+#include <examoe/impl/watchdog.hpp>
 #include <examoe/optimizer.hpp>
 #include <examoe/train.hpp>
 
@@ -148,6 +150,7 @@ const std::vector<ConfigKey>& config_keys() {
                     throw Error("examoe::config: parallel.gpu_aware_mpi must be auto, true or false, got '" + v + "'");
                   c.parallel.gpu_aware_mpi = v;
                 }},
+      EXAMOE_KEY_DBL("parallel.watchdog_seconds", parallel.watchdog_seconds, "Abort with a report naming the collective and the ranks that did not arrive when a collective takes longer than this (0 = off)"),
       EXAMOE_KEY_INT("train.steps", train.steps, "Optimizer steps"),
       EXAMOE_KEY_INT("train.batch", train.batch, "Global batch in sequences (split over all ranks)"),
       EXAMOE_KEY_DBL("train.lr", train.lr, "Peak learning rate"),
@@ -160,6 +163,14 @@ const std::vector<ConfigKey>& config_keys() {
       EXAMOE_KEY_DBL("train.clip", train.clip, "Global gradient-norm clip (0 = off)"),
       EXAMOE_KEY_U64("train.seed", train.seed, "Seed of parameters and data"),
       EXAMOE_KEY_STR("train.precision", train.precision, "float or double"),
+      ConfigKey{"train.nonfinite", "On a NaN/Inf loss or gradient: skip the step's update, or checkpoint the last good state and stop", "skip|stop",
+                [](const TrainConfig& c) { return c.train.nonfinite; },
+                [](TrainConfig& c, const std::string& v) {
+                  if (v != "skip" && v != "stop")
+                    throw Error("examoe::config: train.nonfinite must be skip or stop, got '" + v + "'");
+                  c.train.nonfinite = v;
+                }},
+      EXAMOE_KEY_INT("train.max_skipped", train.max_skipped, "Checkpoint and stop after this many skipped (non-finite) steps in a row"),
       EXAMOE_KEY_STR("data.path", data.path, "Train a byte-level model on this file (empty: built-in addition corpus)"),
       EXAMOE_KEY_INT("data.digits", data.digits, "Addition corpus: digits per operand (1-6)"),
       EXAMOE_KEY_INT("data.val_problems", data.val_problems, "Addition corpus: held-out problems for accuracy"),
@@ -243,6 +254,11 @@ void TrainConfig::validate() const {
   if (!(train.beta2 >= 0 && train.beta2 < 1)) throw Error(f + "train.beta2 must be in [0, 1)");
   if (!(train.eps > 0)) throw Error(f + "train.eps must be positive");
   if (!(train.clip >= 0)) throw Error(f + "train.clip must be >= 0");
+  if (train.nonfinite != "skip" && train.nonfinite != "stop")
+    throw Error(f + "train.nonfinite must be skip or stop, got '" + train.nonfinite + "'");
+  if (train.max_skipped < 1) throw Error(f + "train.max_skipped must be >= 1");
+  if (!(parallel.watchdog_seconds >= 0) || !std::isfinite(parallel.watchdog_seconds))
+    throw Error(f + "parallel.watchdog_seconds must be >= 0 (0 = off)");
   if (train.precision != "float" && train.precision != "double")
     throw Error(f + "train.precision must be float or double, got '" + train.precision + "'");
   if (parallel.ep < 0) throw Error(f + "parallel.ep must be >= 0");
@@ -330,6 +346,7 @@ std::string human_time(double s) {
 
 template <class S>
 EvalResult evaluate(Model<S>& model, const Corpus& corpus, int seq_len) {
+  impl::CollectiveLabel label("train.eval");
   Mesh& mesh = model.mesh();
   const int nseq = corpus.num_val_sequences(seq_len);
   const auto [first, count] = split(nseq, mesh.world_size(), mesh.world_rank());
@@ -360,6 +377,11 @@ EvalResult evaluate(Model<S>& model, const Corpus& corpus, int seq_len) {
     r.accuracy = static_cast<double>(exact) / np;
   }
   return r;
+}
+
+/// Mean cross-entropy from the reduced sum (NaN/Inf pass through).
+double ce_or_nan(double ce_sum, long long gvalid) {
+  return gvalid > 0 ? ce_sum / static_cast<double>(gvalid) : (std::isfinite(ce_sum) ? 0.0 : ce_sum);
 }
 
 /// AdamW settings of a training config.
@@ -498,6 +520,7 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
     }
   };
   auto write_checkpoint = [&](long long step_done) {
+    impl::CollectiveLabel label("checkpoint.write");
     std::string cerr;
     if (root) {
       make_dirs(cfg.checkpoint.dir);
@@ -509,7 +532,11 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
     const std::string path = checkpoint_path(cfg.checkpoint.dir, step_done);
     const auto t0 = Clock::now();
     save_checkpoint(path, model, opt, cfg, step_done, tokens_cum, placement_history.dump(), load_ema);
-    if (root) prune_checkpoints(cfg.checkpoint.dir, cfg.checkpoint.keep);
+    if (root) {
+      prune_checkpoints(cfg.checkpoint.dir, cfg.checkpoint.keep);
+      for (const auto& p : remove_incomplete_checkpoints(cfg.checkpoint.dir))
+        if (log) *log << "  note: removed " << p << ", left by an interrupted checkpoint write\n";
+    }
     res.last_checkpoint = path;
     if (log && !cfg.log.quiet)
       *log << "  checkpoint " << path << " written in "
@@ -529,7 +556,12 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
   if (!cfg.checkpoint.resume.empty()) {
     std::string path = cfg.checkpoint.resume;
     std::string rerr;
+    impl::CollectiveLabel label("checkpoint.resume");
     if (path == "latest") {
+      // Temporary files of interrupted writes are never taken; they are removed with a note.
+      if (root)
+        for (const auto& p : remove_incomplete_checkpoints(cfg.checkpoint.dir))
+          if (log) *log << "  note: ignored and removed " << p << ", left by an interrupted checkpoint write\n";
       path = root ? latest_checkpoint(cfg.checkpoint.dir) : std::string();
       int len = static_cast<int>(path.size());
       mesh.world().broadcast(&len, sizeof len, 0);
@@ -592,37 +624,109 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
   auto t_interval = t_start;
   double interval_tokens = 0;
   Batch b;
+  int skipped_in_a_row = 0;
   for (int step = static_cast<int>(start_step); step < cfg.train.steps; ++step) {
+    if (impl::fault::armed()) impl::fault::set_context(mesh.world_rank(), step + 1);
     corpus->train_batch(static_cast<std::uint64_t>(step), first, count, seq, b);
     long long valid = 0;
     for (int t : b.targets) valid += t >= 0 ? 1 : 0;
     long long gvalid = valid;
-    mesh.world().allreduce_sum(&gvalid, 1, DataType::i64);
-    const StepStats st = model.forward_backward(b, gvalid, static_cast<std::uint64_t>(step));
+    {
+      impl::CollectiveLabel label("train.count_targets");
+      mesh.world().allreduce_sum(&gvalid, 1, DataType::i64);
+    }
+    StepStats st = model.forward_backward(b, gvalid, static_cast<std::uint64_t>(step));
+    if (impl::fault::armed()) {  // fault injection (docs/faults.md)
+      impl::fault::at_step();
+      double v = 0;
+      if (impl::fault::poison("loss", v)) st.ce_sum = v;
+      if (impl::fault::poison("grad", v)) {
+        for (int u = 0; u < F.num_units(); ++u)
+          if (F.shard_numel(u) > 0) {
+            Kokkos::deep_copy(Kokkos::subview(F.shard_grad(u), 0), static_cast<S>(v));
+            break;
+          }
+      }
+    }
 
     // Global gradient norm over every shard and every expert (experts counted once: on the
-    // first replica of each expert-parallel group).
-    // [grad norm^2 | CE sum | stop signal seen on any rank]
-    double sq[3] = {0, st.ce_sum, g_stop_signal ? 1.0 : 0.0};
+    // first replica of each expert-parallel group), and the agreement on a non-finite step.
+    // [grad norm^2 | CE sum | stop signal seen on any rank | ranks that saw NaN/Inf]
+    double sq[4] = {0, st.ce_sum, g_stop_signal ? 1.0 : 0.0, 0};
     for (int u = 0; u < F.num_units(); ++u) sq[0] += sum_squares(U(F.shard_grad(u).data(), F.shard_numel(u)));
     if (mesh.dp_rank() == 0)
       for (const auto& g : expert_grads) sq[0] += sum_squares(g);
-    mesh.world().allreduce_sum(sq, 3, DataType::f64);
+    // Any NaN/Inf in this rank's gradients shows in its sum of squares (expert gradients of
+    // other replicas equal the first replica's after their allreduce); aux and z are global.
+    sq[3] = std::isfinite(sq[0]) && std::isfinite(st.ce_sum) && std::isfinite(st.aux) && std::isfinite(st.z) ? 0.0 : 1.0;
+    {
+      impl::CollectiveLabel label("optimizer.clip");
+      mesh.world().allreduce_sum(sq, 4, DataType::f64);
+    }
+    // Identical on every rank: all decide from the same reduced values.
+    const bool nonfinite = sq[3] > 0 || !std::isfinite(sq[0]) || !std::isfinite(sq[1]);
     const double gnorm = std::sqrt(sq[0]);
     const double scale = (cfg.train.clip > 0 && gnorm > cfg.train.clip) ? cfg.train.clip / gnorm : 1.0;
     const double lr = lr_schedule(step, cfg.train.steps, cfg.train.warmup, cfg.train.lr, cfg.train.min_lr);
-    opt.step(lr, scale);
-    for (int l = 0; l < model.n_layers(); ++l)  // before validation overwrites the stats
-      for (int e = 0; e < cfg.model.num_experts; ++e) {
-        const double t = static_cast<double>(model.moe(l).stats().tokens_per_expert[e]);
-        tokens_cum[l][e] += model.moe(l).stats().tokens_per_expert[e];
-        load_ema[l][e] = !have_ema ? t : cfg.placement.ema * load_ema[l][e] + (1 - cfg.placement.ema) * t;
+    if (!nonfinite) {
+      skipped_in_a_row = 0;
+      opt.step(lr, scale);
+      for (int l = 0; l < model.n_layers(); ++l)  // before validation overwrites the stats
+        for (int e = 0; e < cfg.model.num_experts; ++e) {
+          const double t = static_cast<double>(model.moe(l).stats().tokens_per_expert[e]);
+          tokens_cum[l][e] += model.moe(l).stats().tokens_per_expert[e];
+          load_ema[l][e] = !have_ema ? t : cfg.placement.ema * load_ema[l][e] + (1 - cfg.placement.ema) * t;
+        }
+      have_ema = true;
+    } else {
+      // Skipped: no update of weights, AdamW moments or step count, nor of the expert loads.
+      ++skipped_in_a_row;
+      ++res.skipped_steps;
+      res.skipped.push_back(step + 1);
+      const bool loss_bad = !std::isfinite(sq[1]) || !std::isfinite(st.aux) || !std::isfinite(st.z);
+      const bool grad_bad = !std::isfinite(sq[0]);
+      const std::string what = loss_bad && grad_bad ? "loss and gradient" : loss_bad ? "loss" : "gradient";
+      const bool stop_now = cfg.train.nonfinite == "stop" || skipped_in_a_row >= cfg.train.max_skipped;
+      if (log)
+        *log << "  step " << step + 1 << ": non-finite " << what << " (seen on " << static_cast<int>(sq[3])
+             << " of " << mesh.world_size() << " ranks); update skipped (" << res.skipped_steps << " skipped, "
+             << skipped_in_a_row << " in a row)" << (stop_now ? "; stopping" : "") << std::endl;
+      if (metrics.is_open()) {
+        nlohmann::json j;
+        j["step"] = step + 1;
+        j["nonfinite"] = what;
+        j["ranks"] = static_cast<int>(sq[3]);
+        j["skipped"] = res.skipped_steps;
+        j["skipped_in_a_row"] = skipped_in_a_row;
+        j["action"] = stop_now ? "stop" : "skip";
+        metrics << j.dump() << "\n";
+        metrics.flush();
       }
-    have_ema = true;
+      if (stop_now) {
+        // The weights and optimizer state are those of the last good step; the checkpoint
+        // carries this step's number, so a resumed run goes on with the next batch.
+        write_checkpoint(step + 1);
+        res.losses.push_back(ce_or_nan(sq[1], gvalid) + st.aux + st.z);
+        res.ce.push_back(ce_or_nan(sq[1], gvalid));
+        res.last_step = step + 1;
+        res.stopped_nonfinite = true;
+        res.stop_message =
+            "training stopped at step " + std::to_string(step + 1) + ": non-finite " + what +
+            (cfg.train.nonfinite == "stop" ? std::string(" (train.nonfinite = stop)")
+                                           : " in " + std::to_string(skipped_in_a_row) +
+                                                 " steps in a row (train.max_skipped = " +
+                                                 std::to_string(cfg.train.max_skipped) + ")") +
+            "; the last good weights and optimizer state are in " + res.last_checkpoint +
+            " (resume with --resume latest; it goes on after this step)";
+        if (log) *log << "examoe: " << res.stop_message << std::endl;
+        res.final = evaluate(model, *corpus, seq);
+        break;
+      }
+    }
     if (cfg.placement.rebalance_interval > 0 && (step + 1) % cfg.placement.rebalance_interval == 0)
       rebalance(step + 1);
 
-    const double ce = gvalid > 0 ? sq[1] / static_cast<double>(gvalid) : 0.0;
+    const double ce = ce_or_nan(sq[1], gvalid);
     const double loss = ce + st.aux + st.z;
     res.losses.push_back(loss);
     res.ce.push_back(ce);
@@ -649,7 +753,10 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
     if (do_eval) ev = evaluate(model, *corpus, seq);
     if (do_log || do_eval) {
       long long gbytes = bytes;
-      mesh.world().allreduce_sum(&gbytes, 1, DataType::i64);
+      {
+        impl::CollectiveLabel label("train.metrics");
+        mesh.world().allreduce_sum(&gbytes, 1, DataType::i64);
+      }
       const double now = std::chrono::duration<double>(Clock::now() - t_start).count();
       const double dt = std::chrono::duration<double>(Clock::now() - t_interval).count();
       const double tps = dt > 0 ? interval_tokens / dt : 0.0;
@@ -664,6 +771,7 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
                       static_cast<int>(std::to_string(cfg.train.steps).size()), step + 1,
                       cfg.train.steps, loss, st.aux, lr, tps, imb, human_time(eta).c_str());
         *log << line;
+        if (res.skipped_steps > 0) *log << " | skipped " << res.skipped_steps;
         if (do_eval) {
           std::snprintf(line, sizeof line, " | val %.4f", ev.loss);
           *log << line;
@@ -683,6 +791,7 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
         j["z"] = st.z;
         j["lr"] = lr;
         j["grad_norm"] = gnorm;
+        j["skipped"] = res.skipped_steps;
         j["tokens_per_s"] = tps;
         j["imbalance"] = imb;
         j["bytes_moved"] = gbytes;
@@ -725,6 +834,9 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
     if (res.final.accuracy >= 0)
       *log << "; exact match on " << corpus->num_val_problems() << " held-out problems "
            << std::setprecision(1) << 100 * res.initial.accuracy << " % -> " << 100 * res.final.accuracy << " %";
+    if (res.skipped_steps > 0)
+      *log << "; " << res.skipped_steps << (res.skipped_steps == 1 ? " step" : " steps")
+           << " skipped (non-finite loss or gradient)";
     *log << std::defaultfloat << "; peak RSS " << human_bytes(static_cast<double>(peak_rss_bytes())) << "\n";
   }
   if (metrics.is_open()) {
@@ -736,6 +848,9 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
     j["val_loss_initial"] = res.initial.loss;
     j["val_loss_final"] = res.final.loss;
     j["unigram_entropy"] = res.unigram_entropy;
+    j["skipped_steps"] = res.skipped_steps;
+    if (res.stopped_nonfinite) j["stopped"] = "nonfinite";
+    if (res.stopped_by_signal) j["stopped"] = "signal";
     if (res.final.accuracy >= 0) j["val_accuracy"] = res.final.accuracy;
     metrics << j.dump() << "\n";
   }
@@ -756,7 +871,23 @@ TrainResult train(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
       err = e.what();
     }
     throw_if_any(*c, err);
+    // Fault injection (tests of the fault handling): EXAMOE_FAULT, read once per run.
+    try {
+      const std::string spec = impl::fault::arm_from_env();
+      if (!spec.empty() && c->rank() == 0 && out) *out << "examoe: fault injection armed: EXAMOE_FAULT=" << spec << "\n";
+    } catch (const Error& e) {
+      err = e.what();
+    }
+    const std::string agreed = c->first_error(err);
+    if (!agreed.empty()) {
+      impl::fault::disarm();
+      throw Error(agreed);
+    }
   }
+  struct Disarm {
+    ~Disarm() { impl::fault::disarm(); }
+  } disarm;
+  impl::ScopedWatchdogSeconds watchdog(cfg.parallel.watchdog_seconds);
   return cfg.train.precision == "double" ? run<double>(cfg, comm, out) : run<float>(cfg, comm, out);
 }
 

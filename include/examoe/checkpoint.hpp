@@ -50,6 +50,10 @@ CheckpointInfo read_checkpoint_info(const std::string& path, MPI_Comm comm);
 
 /// Path of the newest complete checkpoint in `dir` ("" if none). Names: step-<N>.h5.
 std::string latest_checkpoint(const std::string& dir);
+/// Deletes the temporary files (step-<N>.h5.tmp) that writes interrupted by a crash left in
+/// `dir`; never taken for checkpoints, they only take space. Returns their paths (call on one
+/// rank, when no checkpoint is being written).
+std::vector<std::string> remove_incomplete_checkpoints(const std::string& dir);
 /// Deletes all but the newest `keep` checkpoints in `dir` (call on one rank).
 void prune_checkpoints(const std::string& dir, int keep);
 std::string checkpoint_path(const std::string& dir, long long step);

@@ -7,6 +7,10 @@
 
 namespace examoe {
 
+namespace impl {
+class WatchdogChannel;  // impl/watchdog.hpp
+}
+
 /// Element types the collectives move.
 enum class DataType { f32, f64, i32, i64 };
 
@@ -90,7 +94,9 @@ class Communicator {
 
 /// MPI backend. Duplicates the caller's communicator (never assumes MPI_COMM_WORLD) and frees
 /// the duplicate on destruction. With `gpu_aware` the data collectives also take device
-/// memory (pointers go straight to MPI).
+/// memory (pointers go straight to MPI). With a watchdog deadline set (impl/watchdog.hpp,
+/// parallel.watchdog_seconds) every collective runs as its non-blocking form polled against
+/// the deadline; a collective that misses it is reported and the job aborted.
 class MpiCommunicator final : public Communicator {
  public:
   explicit MpiCommunicator(MPI_Comm comm, bool gpu_aware = false);
@@ -129,6 +135,7 @@ class MpiCommunicator final : public Communicator {
   MPI_Datatype row_type_ = MPI_DATATYPE_NULL;
   int row_type_elems_ = 0;
   DataType row_type_base_ = DataType::f32;
+  std::unique_ptr<impl::WatchdogChannel> wd_;  // call counter + watchdog messages
 };
 
 std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm);

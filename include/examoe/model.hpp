@@ -36,6 +36,9 @@ struct ParallelConfig {
   bool activation_checkpointing = false;  ///< recompute each block in backward
   std::string comm = "auto";           ///< collectives backend: auto, mpi or nccl
   std::string gpu_aware_mpi = "auto";  ///< MPI takes GPU buffers: auto, true or false
+  /// Deadline of every collective while training (s); a collective that misses it is reported
+  /// (label, ranks that did not arrive) and the job aborted. 0 = off (blocking MPI calls).
+  double watchdog_seconds = 600;
 };
 
 /// Per-rank memory accounting, in bytes.

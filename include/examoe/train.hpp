@@ -20,6 +20,10 @@ struct TrainOptions {
   double clip = 1.0;        ///< global gradient-norm clip (0 = off)
   std::uint64_t seed = 1;
   std::string precision = "float";  ///< float or double
+  /// A step whose loss or gradient is NaN/Inf on any rank: "skip" its update (weights, AdamW
+  /// moments and step count stay as they were) or "stop" (checkpoint, then stop).
+  std::string nonfinite = "skip";
+  int max_skipped = 10;     ///< stop (with a checkpoint) after this many skipped steps in a row
 };
 struct DataOptions {
   std::string path;         ///< empty: the built-in addition corpus
@@ -85,6 +89,12 @@ struct TrainResult {
   int migrations = 0;          ///< placement changes applied (all layers)
   std::vector<double> imbalance_before, imbalance_after;  ///< of the EMA load, per migration
   std::vector<double> ce;      ///< cross-entropy part of every step
+  long long skipped_steps = 0;        ///< steps whose update was skipped (non-finite values)
+  std::vector<long long> skipped;     ///< their numbers (1-based, as in the progress lines)
+  bool stopped_nonfinite = false;     ///< stopped on a non-finite step (train.nonfinite=stop
+                                      ///< or train.max_skipped); the checkpoint holds the last
+                                      ///< good state
+  std::string stop_message;           ///< why training stopped early, for people ("" if it did not)
   EvalResult initial, final;
   double unigram_entropy = 0;
   double seconds = 0, tokens_per_second = 0;
