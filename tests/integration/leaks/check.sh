@@ -2,10 +2,14 @@
 # LeakSanitizer over one short training run (2 ranks): fails if any leak report has a frame in
 # ExaMoE (our namespace or sources). Leaks inside MPI/UCX/HDF5 plugins loaded at run time are
 # listed but not ExaMoE's. Skips (77) unless the binary was built with AddressSanitizer.
-# usage: check.sh <examoe binary> [mpiexec]
+# usage: check.sh <examoe binary> [mpiexec] [require]
+# With "require" (registered so in sanitizer builds) a binary without ASan is a failure.
 set -uo pipefail
-examoe=$1 mpiexec=${2:-mpiexec}
-if ! ldd "$examoe" | grep -q libasan; then
+examoe=$1 mpiexec=${2:-mpiexec} require=${3:-}
+# No `grep -q` here: it exits at the first match, ldd gets SIGPIPE, and pipefail turns the
+# match into a failure.
+if ! ldd "$examoe" | grep libasan > /dev/null; then
+  if [ "$require" = require ]; then echo "FAIL: $examoe is not linked with AddressSanitizer"; exit 1; fi
   echo "not an AddressSanitizer build: skipped"; exit 77
 fi
 tmp=$(mktemp -d /tmp/examoe-lsan.XXXXXX)
