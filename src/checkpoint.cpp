@@ -11,8 +11,12 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <dirent.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include <sys/stat.h>
 
 namespace examoe {
@@ -175,39 +179,12 @@ struct Transfer {
 Hid open_file_parallel(const std::string& path, MPI_Comm comm, bool create) {
   Hid fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
   H5Pset_fapl_mpio(fapl, comm, MPI_INFO_NULL);
-  hid_t f = create ? H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl)
+  // The HDF5 data starts after a user block that seal_checkpoint_file fills with the header.
+  Hid fcpl(H5Pcreate(H5P_FILE_CREATE), H5Pclose);
+  H5Pset_userblock(fcpl, static_cast<hsize_t>(kCheckpointHeaderBytes));
+  hid_t f = create ? H5Fcreate(path.c_str(), H5F_ACC_TRUNC, fcpl, fapl)
                    : H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl);
   return Hid(f, H5Fclose);
-}
-
-/// Before any collective open: rank 0 checks the file and everyone agrees on the verdict.
-void precheck_readable(const std::string& path, Communicator& comm) {
-  std::string err;
-  if (comm.rank() == 0) {
-    struct stat st;
-    if (::stat(path.c_str(), &st) != 0)
-      err = "examoe::checkpoint: cannot read '" + path + "': " + std::strerror(errno);
-    else if (!S_ISREG(st.st_mode))
-      err = "examoe::checkpoint: '" + path + "' is not a regular file";
-    else {
-      H5E_BEGIN_TRY {
-#if H5_VERSION_GE(1, 12, 0)
-        htri_t is = H5Fis_accessible(path.c_str(), H5P_DEFAULT);
-#else
-        htri_t is = H5Fis_hdf5(path.c_str());
-#endif
-        if (is <= 0)
-          err = "examoe::checkpoint: '" + path + "' is not a readable HDF5 file (truncated or corrupt?)";
-        else {
-          hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
-          if (f < 0) err = "examoe::checkpoint: '" + path + "' cannot be opened as HDF5 (truncated or corrupt?)";
-          else H5Fclose(f);
-        }
-      }
-      H5E_END_TRY;
-    }
-  }
-  throw_if_any(comm, err);
 }
 
 std::vector<hsize_t> dims_of(const std::vector<int>& shape) {
@@ -389,6 +366,207 @@ void io_tensors(hid_t file, Model<S>& model, const AdamW<S>* opt_w, AdamW<S>* op
 
 #endif  // EXAMOE_ENABLE_HDF5
 
+// ------------------------------------------------------------------ whole-file integrity
+namespace {
+
+constexpr char kMagic[] = "EXAMOE CHECKPOINT\n";
+
+/// Hash of one chunk: a chain of splitmix64 over its little-endian 64-bit words (the last
+/// one zero-padded), then its length. Any change confined to one word changes it.
+std::uint64_t chunk_hash(const unsigned char* p, std::size_t n, std::uint64_t index) {
+  std::uint64_t h = impl::splitmix64(index ^ 0x4578614D6F45ull);
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    std::uint64_t w;
+    std::memcpy(&w, p + i, 8);
+    h = impl::splitmix64(h ^ w);
+  }
+  std::uint64_t w = 0;
+  std::memcpy(&w, p + i, n - i);
+  h = impl::splitmix64(h ^ w);
+  return impl::splitmix64(h ^ static_cast<std::uint64_t>(n));
+}
+
+/// Reads exactly n bytes at off; "" or the error.
+std::string pread_all(int fd, unsigned char* buf, std::size_t n, std::uint64_t off, const std::string& path) {
+  std::size_t got = 0;
+  while (got < n) {
+    const ssize_t r = ::pread(fd, buf + got, n - got, static_cast<off_t>(off + got));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return "examoe::checkpoint: cannot read '" + path + "': " + std::strerror(errno);
+    if (r == 0) return "examoe::checkpoint: '" + path + "' ended early while reading it (truncated while in use?)";
+    got += static_cast<std::size_t>(r);
+  }
+  return {};
+}
+
+/// Checksum of bytes [kCheckpointHeaderBytes, size) in chunks of `chunk`, chunk c read by
+/// rank c % P; the sum over chunks (mod 2^64) is combined with the size. Collective; read
+/// errors are agreed (thrown on every rank).
+std::uint64_t file_checksum(const std::string& path, std::uint64_t size, std::uint64_t chunk, Communicator& comm) {
+  std::string err;
+  std::uint64_t sum = 0;
+  const std::uint64_t body = size > kCheckpointHeaderBytes ? size - kCheckpointHeaderBytes : 0;
+  const std::uint64_t nchunks = (body + chunk - 1) / chunk;
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0 && nchunks > static_cast<std::uint64_t>(comm.rank()))
+    err = "examoe::checkpoint: cannot read '" + path + "': " + std::strerror(errno);
+  if (fd >= 0) {
+    std::vector<unsigned char> buf;
+    for (std::uint64_t c = static_cast<std::uint64_t>(comm.rank()); c < nchunks && err.empty();
+         c += static_cast<std::uint64_t>(comm.size())) {
+      const std::uint64_t off = kCheckpointHeaderBytes + c * chunk;
+      const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(chunk, size - off));
+      buf.resize(n);
+      err = pread_all(fd, buf.data(), n, off, path);
+      if (err.empty()) sum += chunk_hash(buf.data(), n, c);
+    }
+    ::close(fd);
+  }
+  throw_if_any(comm, err);
+  std::int64_t s = static_cast<std::int64_t>(sum);
+  comm.allreduce_sum(&s, 1, DataType::i64);  // wraps modulo 2^64
+  return impl::splitmix64(static_cast<std::uint64_t>(s) ^ size);
+}
+
+struct Header {
+  int format = 0;
+  std::uint64_t bytes = 0, chunk = 0, checksum = 0;
+};
+
+std::string format_header(const Header& h) {
+  char text[kCheckpointHeaderBytes] = {};
+  std::snprintf(text, sizeof text, "%sformat %d\nbytes %llu\nchunk %llu\nchecksum %016llx\n", kMagic, h.format,
+                static_cast<unsigned long long>(h.bytes), static_cast<unsigned long long>(h.chunk),
+                static_cast<unsigned long long>(h.checksum));
+  return std::string(text, sizeof text);
+}
+
+/// Parses the header block; "" or what is wrong with it. Strict and bounded: lines
+/// "key value" after the magic line, up to the first NUL; unknown keys are ignored.
+std::string parse_header(const unsigned char* block, Header& h, const std::string& path) {
+  const std::string what = "examoe::checkpoint: '" + path + "' ";
+  static const unsigned char hdf5_sig[8] = {0x89, 'H', 'D', 'F', '\r', '\n', 0x1a, '\n'};
+  if (std::memcmp(block, kMagic, sizeof kMagic - 1) != 0) {
+    if (std::memcmp(block, hdf5_sig, 8) == 0)
+      return what + "is an HDF5 file without an ExaMoE header: a checkpoint of format version 1 (before "
+                    "whole-file checksums) or not an ExaMoE checkpoint; this ExaMoE reads format version " +
+             std::to_string(kCheckpointFormatVersion);
+    return what + "is not an ExaMoE checkpoint (no ExaMoE header; a damaged file or another kind of file)";
+  }
+  std::size_t end = 0;
+  while (end < kCheckpointHeaderBytes && block[end] != 0) ++end;
+  const std::string text(reinterpret_cast<const char*>(block) + sizeof kMagic - 1,
+                         reinterpret_cast<const char*>(block) + end);
+  bool have[4] = {false, false, false, false};
+  std::size_t pos = 0;
+  while (pos < text.size()) {
+    std::size_t nl = text.find('\n', pos);
+    if (nl == std::string::npos) nl = text.size();
+    const std::string line = text.substr(pos, nl - pos);
+    pos = nl + 1;
+    const std::size_t sp = line.find(' ');
+    if (sp == std::string::npos) continue;
+    const std::string key = line.substr(0, sp), val = line.substr(sp + 1);
+    const int base = key == "checksum" ? 16 : 10;
+    if (val.empty() || val.size() > 20 || val.find_first_not_of(base == 16 ? "0123456789abcdef" : "0123456789") != std::string::npos)
+      return what + "has a damaged ExaMoE header (value of '" + key.substr(0, 20) + "'): the file is corrupt";
+    errno = 0;
+    const unsigned long long v = std::strtoull(val.c_str(), nullptr, base);
+    if (errno != 0) return what + "has a damaged ExaMoE header (value of '" + key.substr(0, 20) + "'): the file is corrupt";
+    if (key == "format") {
+      h.format = v > 1000000 ? 1000000 : static_cast<int>(v);
+      have[0] = true;
+    } else if (key == "bytes") {
+      h.bytes = v;
+      have[1] = true;
+    } else if (key == "chunk") {
+      h.chunk = v;
+      have[2] = true;
+    } else if (key == "checksum") {
+      h.checksum = v;
+      have[3] = true;
+    }
+  }
+  if (!have[0]) return what + "has a damaged ExaMoE header (no format): the file is corrupt";
+  if (h.format != kCheckpointFormatVersion)
+    return what + "has format version " + std::to_string(h.format) + "; this ExaMoE reads version " +
+           std::to_string(kCheckpointFormatVersion);
+  if (!have[1] || !have[2] || !have[3])
+    return what + "has a damaged ExaMoE header (bytes, chunk or checksum missing): the file is corrupt";
+  if (h.chunk < 4096 || h.chunk > (std::uint64_t(1) << 32))
+    return what + "has a damaged ExaMoE header (chunk " + std::to_string(h.chunk) + "): the file is corrupt";
+  return {};
+}
+
+}  // namespace
+
+void seal_checkpoint_file(const std::string& path, MPI_Comm mpi_comm) {
+  auto comm = make_mpi_communicator(mpi_comm);
+  std::string err;
+  std::uint64_t size = 0;
+  if (comm->rank() == 0) {
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0) err = "examoe::checkpoint: cannot seal '" + path + "': " + std::strerror(errno);
+    else if (static_cast<std::uint64_t>(st.st_size) < kCheckpointHeaderBytes)
+      err = "examoe::checkpoint: cannot seal '" + path + "': shorter than its header";
+    else size = static_cast<std::uint64_t>(st.st_size);
+  }
+  throw_if_any(*comm, err);
+  comm->broadcast(&size, sizeof size, 0);
+  Header h;
+  h.format = kCheckpointFormatVersion;
+  h.bytes = size;
+  h.chunk = kCheckpointChecksumChunk;
+  h.checksum = file_checksum(path, size, h.chunk, *comm);
+  if (comm->rank() == 0) {
+    const std::string text = format_header(h);
+    const int fd = ::open(path.c_str(), O_WRONLY);
+    if (fd < 0 || ::pwrite(fd, text.data(), text.size(), 0) != static_cast<ssize_t>(text.size()) || ::fsync(fd) != 0)
+      err = "examoe::checkpoint: cannot write the header of '" + path + "': " + std::strerror(errno);
+    if (fd >= 0) ::close(fd);
+  }
+  throw_if_any(*comm, err);
+}
+
+void verify_checkpoint_file(const std::string& path, MPI_Comm mpi_comm) {
+  auto comm = make_mpi_communicator(mpi_comm);
+  std::string err;
+  Header h;
+  if (comm->rank() == 0) {
+    const std::string what = "examoe::checkpoint: '" + path + "' ";
+    struct stat st;
+    unsigned char block[kCheckpointHeaderBytes];
+    if (::stat(path.c_str(), &st) != 0) {
+      err = "examoe::checkpoint: cannot read '" + path + "': " + std::strerror(errno);
+    } else if (!S_ISREG(st.st_mode)) {
+      err = what + "is not a regular file";
+    } else if (static_cast<std::uint64_t>(st.st_size) < kCheckpointHeaderBytes) {
+      err = what + "is too short to be an ExaMoE checkpoint (" + std::to_string(st.st_size) +
+            " bytes; truncated or another kind of file)";
+    } else {
+      const int fd = ::open(path.c_str(), O_RDONLY);
+      if (fd < 0) err = "examoe::checkpoint: cannot read '" + path + "': " + std::strerror(errno);
+      else {
+        err = pread_all(fd, block, sizeof block, 0, path);
+        ::close(fd);
+      }
+      if (err.empty()) err = parse_header(block, h, path);
+      const auto size = static_cast<std::uint64_t>(st.st_size);
+      if (err.empty() && size < h.bytes)
+        err = what + "is truncated: it has " + std::to_string(size) + " bytes, its header says " + std::to_string(h.bytes);
+      else if (err.empty() && size > h.bytes)
+        err = what + "is longer than its header says (" + std::to_string(size) + " bytes, not " +
+              std::to_string(h.bytes) + "): the file is corrupt";
+    }
+  }
+  throw_if_any(*comm, err);
+  comm->broadcast(&h, sizeof h, 0);
+  if (file_checksum(path, h.bytes, h.chunk, *comm) != h.checksum)
+    throw Error("examoe::checkpoint: '" + path +
+                "' fails its whole-file checksum: the file is corrupt (damaged or edited after it was written)");
+}
+
 std::string checkpoint_path(const std::string& dir, long long step) {
   char name[64];
   std::snprintf(name, sizeof name, "step-%08lld.h5", step);
@@ -489,6 +667,7 @@ void save_checkpoint(const std::string& path, Model<S>& model, const AdamW<S>& o
   need(H5Fflush(f, H5F_SCOPE_GLOBAL), "cannot flush " + tmp, 0);
   f.reset();
   comm.barrier();
+  seal_checkpoint_file(tmp, comm.mpi_comm());
   if (comm.rank() == 0 && std::rename(tmp.c_str(), path.c_str()) != 0)
     err = "examoe::checkpoint: cannot rename '" + tmp + "' to '" + path + "': " + std::strerror(errno);
   throw_if_any(comm, err);
@@ -497,7 +676,8 @@ void save_checkpoint(const std::string& path, Model<S>& model, const AdamW<S>& o
 CheckpointInfo read_checkpoint_info(const std::string& path, MPI_Comm mpi_comm) {
   auto comm = make_mpi_communicator(mpi_comm);
   H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
-  precheck_readable(path, *comm);
+  // Nothing of the file reaches HDF5 before its header and checksum are verified.
+  verify_checkpoint_file(path, comm->mpi_comm());
   CheckpointInfo info;
   std::string err;
   try {
