@@ -10,6 +10,8 @@
 #endif
 
 #include <algorithm>
+#include <climits>
+#include <cmath>
 #include <cstdio>
 #include <cerrno>
 #include <cstdint>
@@ -84,12 +86,30 @@ void write_attr_string(hid_t obj, const char* name, const std::string& value) {
   std::string v = value.empty() ? std::string(1, '\0') : value;
   need(H5Awrite(a, type, v.data()), std::string("cannot write attribute ") + name, 0);
 }
-std::string read_attr_string(hid_t obj, const char* name) {
+/// Opens attribute `name`, which must hold exactly one value (scalar or one element).
+Hid open_single_attr(hid_t obj, const char* name) {
   if (H5Aexists(obj, name) <= 0) fail(std::string("attribute '") + name + "' is missing");
   Hid a(need(H5Aopen(obj, name, H5P_DEFAULT), std::string("cannot open attribute ") + name), H5Aclose);
+  Hid space(H5Aget_space(a), H5Sclose);
+  if (!space.ok() || H5Sget_simple_extent_npoints(space) != 1)
+    fail(std::string("attribute '") + name + "' must hold one value (the file is corrupt)");
+  return a;
+}
+std::string read_attr_string(hid_t obj, const char* name) {
+  Hid a = open_single_attr(obj, name);
   Hid type(H5Aget_type(a), H5Tclose);
   if (H5Tget_class(type) != H5T_STRING) fail(std::string("attribute '") + name + "' is not a string");
+  if (H5Tis_variable_str(type) > 0) {  // h5py writes variable-length strings
+    Hid mem(H5Tcopy(H5T_C_S1), H5Tclose);
+    H5Tset_size(mem, H5T_VARIABLE);
+    char* p = nullptr;
+    need(H5Aread(a, mem, &p), std::string("cannot read attribute ") + name, 0);
+    std::string v = p ? std::string(p) : std::string();
+    if (p) H5free_memory(p);
+    return v;
+  }
   const std::size_t n = H5Tget_size(type);
+  if (n == 0 || n > (std::size_t(1) << 24)) fail(std::string("attribute '") + name + "' has an implausible size");
   std::string v(n, '\0');
   need(H5Aread(a, type, v.data()), std::string("cannot read attribute ") + name, 0);
   v.erase(std::find(v.begin(), v.end(), '\0'), v.end());
@@ -103,8 +123,10 @@ void write_attr(hid_t obj, const char* name, T value, hid_t type) {
 }
 template <class T>
 T read_attr(hid_t obj, const char* name, hid_t type) {
-  if (H5Aexists(obj, name) <= 0) fail(std::string("attribute '") + name + "' is missing");
-  Hid a(need(H5Aopen(obj, name, H5P_DEFAULT), std::string("cannot open attribute ") + name), H5Aclose);
+  Hid a = open_single_attr(obj, name);
+  Hid ftype(H5Aget_type(a), H5Tclose);
+  const H5T_class_t cls = H5Tget_class(ftype);
+  if (cls != H5T_INTEGER && cls != H5T_FLOAT) fail(std::string("attribute '") + name + "' is not a number");
   T v{};
   need(H5Aread(a, type, &v), std::string("cannot read attribute ") + name, 0);
   return v;
@@ -690,40 +712,76 @@ CheckpointInfo read_checkpoint_info(const std::string& path, MPI_Comm mpi_comm) 
       fail("'" + path + "' has format version " + std::to_string(info.format_version) +
            "; this ExaMoE reads version " + std::to_string(kCheckpointFormatVersion));
     info.step = read_attr<long long>(f, "step", H5T_NATIVE_LLONG);
+    if (info.step < 0 || info.step > INT_MAX)
+      fail("'" + path + "' records step " + std::to_string(info.step) + ", outside [0, 2^31): the file is corrupt");
     info.precision = read_attr_string(f, "precision");
+    if (info.precision != "float" && info.precision != "double")
+      fail("'" + path + "' records precision '" + info.precision.substr(0, 40) + "' (float or double): the file is corrupt");
     info.world_size = read_attr<int>(f, "world_size", H5T_NATIVE_INT);
     info.dp = read_attr<int>(f, "dp", H5T_NATIVE_INT);
     info.ep = read_attr<int>(f, "ep", H5T_NATIVE_INT);
+    if (info.ep < 1 || info.dp < 1 || info.world_size < 1 ||
+        static_cast<long long>(info.dp) * info.ep != info.world_size)
+      fail("'" + path + "' records a mesh of world_size " + std::to_string(info.world_size) + " = dp " +
+           std::to_string(info.dp) + " x ep " + std::to_string(info.ep) + " that does not add up: the file is corrupt");
     info.parameters = read_attr<long long>(f, "parameters", H5T_NATIVE_LLONG);
     info.placement_history = H5Aexists(f, "placement_history") > 0 ? read_attr_string(f, "placement_history") : "[]";
     if (H5Lexists(f, "config", H5P_DEFAULT) <= 0) fail("'" + path + "' has no config group");
     Hid g(H5Gopen2(f, "config", H5P_DEFAULT), H5Gclose);
     for (const auto& k : config_keys())
       if (H5Aexists(g, k.name.c_str()) > 0) info.config.emplace_back(k.name, read_attr_string(g, k.name.c_str()));
-    if (H5Lexists(f, "expert_load_ema", H5P_DEFAULT) > 0) {
-      Hid ds(H5Dopen2(f, "expert_load_ema", H5P_DEFAULT), H5Dclose);
+    // The [layers][experts] tables: a plausible size (read whole), the same shape each.
+    hsize_t table[2] = {0, 0};
+    auto table_dims = [&](hid_t ds, const char* dsname, hsize_t* dims) {
       Hid sp(H5Dget_space(ds), H5Sclose);
-      hsize_t dims[2] = {0, 0};
-      if (H5Sget_simple_extent_ndims(sp) != 2) fail("dataset 'expert_load_ema' is not [layers][experts]");
+      if (!sp.ok() || H5Sget_simple_extent_ndims(sp) != 2) fail(std::string("dataset '") + dsname + "' is not [layers][experts]");
       H5Sget_simple_extent_dims(sp, dims, nullptr);
+      if (dims[0] < 1 || dims[1] < 1 || dims[0] > (1u << 20) || dims[1] > (1u << 24) || dims[0] * dims[1] > (1u << 26))
+        fail(std::string("dataset '") + dsname + "' has an implausible shape [" + std::to_string(dims[0]) + "][" +
+             std::to_string(dims[1]) + "]: the file is corrupt");
+      if (table[0] == 0) {
+        table[0] = dims[0];
+        table[1] = dims[1];
+      } else if (dims[0] != table[0] || dims[1] != table[1]) {
+        fail(std::string("dataset '") + dsname + "' has shape [" + std::to_string(dims[0]) + "][" + std::to_string(dims[1]) +
+             "], the other [layers][experts] tables [" + std::to_string(table[0]) + "][" + std::to_string(table[1]) +
+             "]: the file is corrupt");
+      }
+    };
+    auto open_ds = [&](const char* dsname) {
+      Hid ds(H5Dopen2(f, dsname, H5P_DEFAULT), H5Dclose);
+      if (!ds.ok()) fail(std::string("cannot open dataset '") + dsname + "'");
+      return ds;
+    };
+    if (H5Lexists(f, "expert_load_ema", H5P_DEFAULT) > 0) {
+      Hid ds = open_ds("expert_load_ema");
+      hsize_t dims[2] = {0, 0};
+      table_dims(ds, "expert_load_ema", dims);
       std::vector<double> v(dims[0] * dims[1]);
       Transfer t(false);
       if (H5Dread(ds, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, t.dxpl, v.data()) < 0) fail("cannot read dataset 'expert_load_ema'");
+      for (double x : v)
+        if (!(x >= 0) || !std::isfinite(x)) fail("dataset 'expert_load_ema' holds " + std::to_string(x) + ": the file is corrupt");
       for (hsize_t l = 0; l < dims[0]; ++l) info.expert_load_ema.emplace_back(v.begin() + l * dims[1], v.begin() + (l + 1) * dims[1]);
     }
     for (const char* dsname : {"placement", "tokens_per_expert"}) {
       if (H5Lexists(f, dsname, H5P_DEFAULT) <= 0) fail(std::string("dataset '") + dsname + "' is missing");
-      Hid ds(H5Dopen2(f, dsname, H5P_DEFAULT), H5Dclose);
-      Hid sp(H5Dget_space(ds), H5Sclose);
+      Hid ds = open_ds(dsname);
       hsize_t dims[2] = {0, 0};
-      if (H5Sget_simple_extent_ndims(sp) != 2) fail(std::string("dataset '") + dsname + "' is not [layers][experts]");
-      H5Sget_simple_extent_dims(sp, dims, nullptr);
+      table_dims(ds, dsname, dims);
       std::vector<long long> v(dims[0] * dims[1]);
       Transfer t(false);
       if (H5Dread(ds, H5T_NATIVE_LLONG, H5S_ALL, H5S_ALL, t.dxpl, v.data()) < 0)
         fail(std::string("cannot read dataset '") + dsname + "'");
+      const bool owners = std::string(dsname) == "placement";
+      for (hsize_t i = 0; i < v.size(); ++i)
+        if (owners ? (v[i] < 0 || v[i] >= info.ep) : v[i] < 0)
+          fail("dataset '" + std::string(dsname) + "' holds " + std::to_string(v[i]) + " for expert " +
+               std::to_string(i % dims[1]) + " of layer " + std::to_string(i / dims[1]) +
+               (owners ? " (an owner must be in [0, ep = " + std::to_string(info.ep) + "))" : " (counts are >= 0)") +
+               ": the file is corrupt");
       for (hsize_t l = 0; l < dims[0]; ++l) {
-        if (std::string(dsname) == "placement") {
+        if (owners) {
           info.placement.emplace_back();
           for (hsize_t e = 0; e < dims[1]; ++e) info.placement.back().push_back(static_cast<int>(v[l * dims[1] + e]));
         } else {
@@ -761,7 +819,10 @@ CheckpointInfo load_checkpoint(const std::string& path, Model<S>& model, AdamW<S
   Hid f = open_file_parallel(path, comm.mpi_comm(), false);
   try {
     if (!f.ok()) fail("'" + path + "' cannot be opened");
-    opt.set_steps(read_attr<long long>(f, "adam_step", H5T_NATIVE_LLONG));
+    const long long adam_step = read_attr<long long>(f, "adam_step", H5T_NATIVE_LLONG);
+    if (adam_step < 0 || adam_step > INT_MAX)
+      fail("'" + path + "' records AdamW step " + std::to_string(adam_step) + ", outside [0, 2^31): the file is corrupt");
+    opt.set_steps(adam_step);
     for (int which = 0; which < 3; ++which) io_tensors<S>(f, model, nullptr, &opt, false, which);
   } catch (const Error& e) {
     err = e.what();

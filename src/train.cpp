@@ -745,7 +745,11 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
     {
       // Same expert-parallel size: take over the saved placement (other sizes rebalance anew).
       const CheckpointInfo head = read_checkpoint_info(path, mesh.world().mpi_comm());
-      if (head.ep == mesh.ep_size() && static_cast<int>(head.placement.size()) == model.n_layers())
+      // (A table of another shape belongs to another model: load_checkpoint names the
+      // difference below.)
+      bool same_shape = static_cast<int>(head.placement.size()) == model.n_layers();
+      for (const auto& row : head.placement) same_shape = same_shape && static_cast<int>(row.size()) == cfg.model.num_experts;
+      if (head.ep == mesh.ep_size() && same_shape)
         for (int l = 0; l < model.n_layers(); ++l) {
           const Placement saved = Placement::from_owners(head.placement[l], mesh.ep_size());
           if (saved != model.moe(l).placement()) move_layer(l, saved);
@@ -755,6 +759,7 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
       } catch (const std::exception&) {
         placement_history = nlohmann::json::array();
       }
+      if (!placement_history.is_array()) placement_history = nlohmann::json::array();  // history only
     }
     const CheckpointInfo info = load_checkpoint(path, model, opt, cfg);
     start_step = info.step;
