@@ -56,6 +56,14 @@ class Hid {
 };
 
 [[noreturn]] void fail(const std::string& what) { throw Error("examoe::checkpoint: " + what); }
+/// The message of `e`, naming `path` if it does not yet.
+std::string naming(const Error& e, const std::string& path) {
+  std::string m = e.what();
+  if (m.find("'" + path + "'") != std::string::npos) return m;
+  const std::string prefix = "examoe::checkpoint: ";
+  if (m.rfind(prefix, 0) == 0) m = m.substr(prefix.size());
+  return prefix + "'" + path + "': " + m;
+}
 hid_t need(hid_t id, const std::string& what) {
   if (id < 0) fail(what);
   return id;
@@ -790,7 +798,7 @@ CheckpointInfo read_checkpoint_info(const std::string& path, MPI_Comm mpi_comm) 
       }
     }
   } catch (const Error& e) {
-    err = e.what();
+    err = naming(e, path);
   }
   throw_if_any(*comm, err);
   return info;
@@ -825,7 +833,7 @@ CheckpointInfo load_checkpoint(const std::string& path, Model<S>& model, AdamW<S
     opt.set_steps(adam_step);
     for (int which = 0; which < 3; ++which) io_tensors<S>(f, model, nullptr, &opt, false, which);
   } catch (const Error& e) {
-    err = e.what();
+    err = naming(e, path);
   }
   throw_if_any(comm, err);
   Kokkos::fence();

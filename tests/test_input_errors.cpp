@@ -622,6 +622,127 @@ TEST(InputErrors, EvalInputFiles) {
 }
 #endif
 
+// ------------------------------------------------------------------ checkpoints: sealed, wrong inside
+
+/// Copies `from` to `to`, edits it with HDF5 and seals it again (what a tool editing a
+/// checkpoint with h5py and re-sealing it produces): the checksum passes, the contents are
+/// wrong. Rank 0 only.
+void edited_copy(const std::string& from, const std::string& to, const std::function<void(hid_t)>& edit) {
+  {
+    std::ifstream in(from, std::ios::binary);
+    std::ofstream out(to, std::ios::binary | std::ios::trunc);
+    out << in.rdbuf();
+  }
+  hid_t f = H5Fopen(to.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+  ASSERT_GE(f, 0);
+  edit(f);
+  H5Fclose(f);
+  seal_checkpoint_file(to, MPI_COMM_SELF);
+}
+void replace_attr(hid_t obj, const char* name, hid_t type, hsize_t n, const void* data) {
+  H5Adelete(obj, name);
+  hid_t sp = n == 0 ? H5Screate(H5S_SCALAR) : H5Screate_simple(1, &n, nullptr);
+  hid_t a = H5Acreate2(obj, name, type, sp, H5P_DEFAULT, H5P_DEFAULT);
+  H5Awrite(a, type, data);
+  H5Aclose(a);
+  H5Sclose(sp);
+}
+void overwrite_dataset(hid_t f, const char* name, const std::function<void(std::vector<long long>&)>& change) {
+  hid_t ds = H5Dopen2(f, name, H5P_DEFAULT);
+  hid_t sp = H5Dget_space(ds);
+  std::vector<long long> v(static_cast<std::size_t>(H5Sget_simple_extent_npoints(sp)));
+  H5Dread(ds, H5T_NATIVE_LLONG, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data());
+  change(v);
+  H5Dwrite(ds, H5T_NATIVE_LLONG, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data());
+  H5Sclose(sp);
+  H5Dclose(ds);
+}
+
+TEST(InputErrors, CheckpointContentsAfterTheChecksum) {
+  EveryRank er;
+  const std::string dir = shared_dir("contents");
+  TrainConfig c = base();
+  c.checkpoint.dir = dir;
+  c.checkpoint.interval = 1;
+  if (world_rank() == 0) train(c, MPI_COMM_SELF, nullptr);  // written by one rank: fast
+  const std::string good = checkpoint_path(dir, 1);
+  const long long two[2] = {2, 2};
+  const int minus5 = -5, zero = 0;
+  struct Case {
+    std::string file;
+    std::function<void(hid_t)> edit;
+    std::vector<std::string> needles;  // empty: must load
+  };
+  const std::vector<Case> cases = {
+      // Found by fuzz_checkpoint: an array where one value belongs overflowed the reader.
+      {"array_version.h5", [&](hid_t f) { replace_attr(f, "format_version", H5T_NATIVE_LLONG, 2, two); },
+       {"attribute 'format_version' must hold one value"}},
+      {"array_precision.h5", [&](hid_t f) {
+         hid_t t = H5Tcopy(H5T_C_S1);
+         H5Tset_size(t, 6);
+         replace_attr(f, "precision", t, 2, "doublefloat!");
+         H5Tclose(t);
+       }, {"attribute 'precision' must hold one value"}},
+      {"string_step.h5", [&](hid_t f) {
+         hid_t t = H5Tcopy(H5T_C_S1);
+         H5Tset_size(t, 8);
+         replace_attr(f, "step", t, 0, "12345678");
+         H5Tclose(t);
+       }, {"attribute 'step' is not a number"}},
+      {"negative_step.h5", [&](hid_t f) { replace_attr(f, "step", H5T_NATIVE_INT, 0, &minus5); },
+       {"records step -5, outside [0, 2^31)"}},
+      {"no_ep.h5", [&](hid_t f) { replace_attr(f, "ep", H5T_NATIVE_INT, 0, &zero); }, {"records a mesh of world_size"}},
+      {"owner.h5", [&](hid_t f) { overwrite_dataset(f, "placement", [](std::vector<long long>& v) { v[3] = 99; }); },
+       {"dataset 'placement' holds 99 for expert 3 of layer 0 (an owner must be in [0, ep = 1))"}},
+      {"tokens.h5", [&](hid_t f) { overwrite_dataset(f, "tokens_per_expert", [](std::vector<long long>& v) { v[5] = -7; }); },
+       {"dataset 'tokens_per_expert' holds -7 for expert 1 of layer 1"}},
+      {"shape.h5", [&](hid_t f) {
+         H5Ldelete(f, "tokens_per_expert", H5P_DEFAULT);
+         hsize_t dims[2] = {3, 4};
+         hid_t sp = H5Screate_simple(2, dims, nullptr);
+         hid_t ds = H5Dcreate2(f, "tokens_per_expert", H5T_NATIVE_LLONG, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+         std::vector<long long> v(12, 1);
+         H5Dwrite(ds, H5T_NATIVE_LLONG, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data());
+         H5Dclose(ds);
+         H5Sclose(sp);
+       }, {"dataset 'tokens_per_expert' has shape [3][4], the other [layers][experts] tables [2][4]"}},
+      // h5py writes variable-length strings: read, not refused.
+      {"vlen.h5", [&](hid_t f) {
+         hid_t t = H5Tcopy(H5T_C_S1);
+         H5Tset_size(t, H5T_VARIABLE);
+         const char* v = "double";
+         replace_attr(f, "precision", t, 0, &v);
+         H5Tclose(t);
+       }, {}},
+      // A history that is not a list is history only: resumes with a fresh one.
+      {"history.h5", [&](hid_t f) {
+         hid_t t = H5Tcopy(H5T_C_S1);
+         H5Tset_size(t, 2);
+         replace_attr(f, "placement_history", t, 0, "{}");
+         H5Tclose(t);
+       }, {}},
+  };
+  if (world_rank() == 0)
+    for (const auto& cs : cases) edited_copy(good, dir + "/" + cs.file, cs.edit);
+  MPI_Barrier(MPI_COMM_WORLD);
+  for (const auto& cs : cases) {
+    TrainConfig r = base();
+    r.checkpoint.dir = dir;
+    r.checkpoint.resume = dir + "/" + cs.file;
+    r.train.steps = 2;
+    r.placement.rebalance_interval = 1;  // appends to the history
+    if (cs.needles.empty()) {
+      EXPECT_EQ(train(r, MPI_COMM_WORLD, nullptr).first_step, 1) << cs.file;
+      continue;
+    }
+    std::vector<std::string> needles = cs.needles;
+    needles.push_back(cs.file);
+    const Outcome o = run_catching([&] { train(r, MPI_COMM_WORLD, nullptr); });
+    er.add(o, needles, cs.file);
+  }
+  remove_dir(dir);
+}
+
 TEST(InputErrors, Summary) {
   if (world_rank() == 0) std::printf("[ inputs ] %d bad inputs tried in this run, each refused on every rank\n", g_tried);
   SUCCEED();
