@@ -36,7 +36,8 @@ void add_train_command(CLI::App& app, TrainCli& cli) {
   for (const auto& k : config_keys()) {
     c->add_option("--" + k.name, cli.values[k.name], k.help)
         ->default_str(k.get(defaults))
-        ->type_name(k.type);
+        ->type_name(k.type)
+        ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);  // a later option overrides
   }
 }
 
