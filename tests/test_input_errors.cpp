@@ -294,6 +294,22 @@ TEST(InputErrors, UnknownKeysNameTheNearestKey) {
   EXPECT_EQ(closest_key("model.num_expert"), "model.num_experts");
 }
 
+TEST(InputErrors, JsonNumbersAtTheLimits) {
+  EveryRank er;
+  TrainConfig c = base();
+  apply_json_config(c, R"({"train": {"seed": 18446744073709551615}, "model.d_model": 2147483647})", "limits.json");
+  EXPECT_EQ(c.train.seed, 18446744073709551615ull) << "the largest seed reads back";
+  EXPECT_EQ(c.model.d_model, 2147483647);
+  for (const auto& [text, needle] : std::vector<std::pair<std::string, std::string>>{
+           {R"({"model": {"router": {"temperature": 1e400}}})", "limits.json is not valid JSON: [json.exception.out_of_range.406] number overflow"},
+           {R"({"model.d_model": 2147483648})", "model.d_model must be an integer, got '2147483648'"},
+           {R"({"train.seed": -1})", "train.seed must be a non-negative integer, got '-1'"},
+           {R"({"train.steps": 1.5})", "train.steps must be an integer, got '1.5'"}}) {
+    TrainConfig t = base();
+    er.add(run_catching([&] { apply_json_config(t, text, "limits.json"); }), {needle}, text);
+  }
+}
+
 // ------------------------------------------------------------------ configs differ between ranks
 
 TEST(InputErrors, ConfigHashCoversEveryKey) {
