@@ -7,6 +7,10 @@
 
 #include <mpi.h>
 
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -25,11 +29,15 @@ void add_train_command(CLI::App& app, TrainCli& cli) {
                  "Continue from a checkpoint: a path, or 'latest' in checkpoint.dir "
                  "(same as --checkpoint.resume)");
   c->add_flag("--print-config", cli.print_config, "Print the resolved config as JSON and exit");
+  // Unknown options are reported by run_train with the nearest valid key (CLI11 would only
+  // say that they were not expected).
+  c->allow_extras();
   const TrainConfig defaults;
   for (const auto& k : config_keys()) {
     c->add_option("--" + k.name, cli.values[k.name], k.help)
         ->default_str(k.get(defaults))
-        ->type_name(k.type);
+        ->type_name(k.type)
+        ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);  // a later option overrides
   }
 }
 
@@ -40,7 +48,22 @@ int run_train(CLI::App& app, const TrainCli& cli) {
   TrainConfig cfg;
   std::string err;
   try {
+    const std::vector<std::string> extra = sub->remaining();
+    if (!extra.empty()) {
+      const std::string& a = extra.front();
+      if (a.rfind("--", 0) == 0) {
+        const std::string name = a.substr(2, a.find('=') == std::string::npos ? std::string::npos : a.find('=') - 2);
+        throw Error("examoe train: unknown option '--" + name + "' (did you mean '--" + closest_key(name) +
+                    "'? `examoe train --help` lists every key)");
+      }
+      throw Error("examoe train: unexpected argument '" + a + "' (options are --key value; see `examoe train --help`)");
+    }
     if (!cli.config_file.empty()) {
+      struct stat st;
+      if (::stat(cli.config_file.c_str(), &st) != 0)
+        throw Error("examoe train: cannot read config file '" + cli.config_file + "': " + std::strerror(errno));
+      if (!S_ISREG(st.st_mode))
+        throw Error("examoe train: config file '" + cli.config_file + "' is not a regular file");
       std::ifstream in(cli.config_file);
       if (!in) throw Error("examoe train: cannot read config file '" + cli.config_file + "'");
       std::stringstream ss;

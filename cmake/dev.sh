@@ -4,6 +4,9 @@
 #   ./cmake/dev.sh test   install what is missing, build, run the whole test suite (ctest)
 #   ./cmake/dev.sh sanitize   same set-up, then an ASan+UBSan build (build-asan/) running the MPI
 #                             tests at 2 ranks and a LeakSanitizer check of a short training run
+#   ./cmake/dev.sh fuzz   same set-up, then a clang build with libFuzzer, ASan and UBSan
+#                         (build-fuzz/) that fuzzes the config parser and the checkpoint readers
+#                         for EXAMOE_FUZZ_SECONDS (default 45) each, from freshly generated seeds
 #   ./cmake/dev.sh deps   only install the Debian packages
 # Safe to run again: packages already installed are skipped, the build is incremental.
 set -euo pipefail
@@ -13,7 +16,8 @@ PACKAGES=(cmake make g++ pkg-config
           libtrilinos-kokkos-dev libtrilinos-kokkos-kernels-dev
           mpich libmpich-dev libhdf5-mpich-dev hdf5-tools libopenblas-dev
           libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev
-          python3 slurm-wlm munge)
+          python3 slurm-wlm munge
+          clang libclang-rt-14-dev)
 
 install_deps() {
   local missing=()
@@ -63,8 +67,42 @@ case "${1:-}" in
     cmake --build --preset asan
     ctest --preset asan
     ;;
+  fuzz)
+    install_deps
+    cmake --preset fuzz
+    cmake --build --preset fuzz
+    out=build-fuzz
+    rm -rf "$out/seeds" "$out/findings"
+    mkdir -p "$out/findings" "$out/corpus/config" "$out/corpus/checkpoint"
+    export LSAN_OPTIONS="suppressions=$PWD/fuzz/lsan.supp"
+    # (The seed generator starts and stops MPI; leaks of unloaded MPI plugins are not ours.)
+    ASAN_OPTIONS=detect_leaks=0 "$out/fuzz/fuzz_make_seeds" "$out/seeds"
+    status=0
+    for target in config checkpoint; do
+      extra=()
+      [ "$target" = config ] && extra=(-dict="$out/seeds/config.dict")
+      log="$out/fuzz_$target.log"
+      echo "examoe: fuzzing $target for ${EXAMOE_FUZZ_SECONDS:-45} s"
+      # New inputs go to corpus/<target> (kept between local runs); the generated seeds and the
+      # committed inputs of past findings (fuzz/regressions/<target>) are read as well.
+      if ! "$out/fuzz/fuzz_$target" -max_total_time="${EXAMOE_FUZZ_SECONDS:-45}" -timeout=30 \
+           -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix="$out/findings/$target-" \
+           "${extra[@]}" "$out/corpus/$target" "$out/seeds/$target" "fuzz/regressions/$target" > "$log" 2>&1; then
+        status=1
+        tail -n 60 "$log"
+        echo "examoe: fuzz_$target found a problem: $(ls "$out"/findings/$target-* 2>/dev/null | tr '\n' ' ')"
+        echo "        reproduce: $out/fuzz/fuzz_$target <file>"
+      fi
+      done_line=$(grep -E "DONE|^#[0-9]+" "$log" | tail -n 1 || true)
+      echo "examoe: fuzz_$target: $(grep -m1 'number_of_executed_units' "$log" | awk '{print $2}') executions," \
+           "$(echo "$done_line" | grep -oE 'cov: [0-9]+' || echo 'cov: ?') edges," \
+           "$(echo "$done_line" | grep -oE 'corp: [0-9]+/[0-9a-zA-Z]+' || echo 'corp: ?') corpus," \
+           "$(ls "$out"/findings/$target-* 2>/dev/null | wc -l) findings"
+    done
+    exit $status
+    ;;
   *)
-    echo "usage: $0 run|test|sanitize|deps" >&2
+    echo "usage: $0 run|test|sanitize|fuzz|deps" >&2
     exit 2
     ;;
 esac

@@ -12,9 +12,15 @@
 #endif
 
 #include <algorithm>
+#include <climits>
+#include <cmath>
 #include <cstdio>
+#include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <dirent.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include <sys/stat.h>
 
 namespace examoe {
@@ -52,6 +58,14 @@ class Hid {
 };
 
 [[noreturn]] void fail(const std::string& what) { throw Error("examoe::checkpoint: " + what); }
+/// The message of `e`, naming `path` if it does not yet.
+std::string naming(const Error& e, const std::string& path) {
+  std::string m = e.what();
+  if (m.find("'" + path + "'") != std::string::npos) return m;
+  const std::string prefix = "examoe::checkpoint: ";
+  if (m.rfind(prefix, 0) == 0) m = m.substr(prefix.size());
+  return prefix + "'" + path + "': " + m;
+}
 hid_t need(hid_t id, const std::string& what) {
   if (id < 0) fail(what);
   return id;
@@ -82,12 +96,30 @@ void write_attr_string(hid_t obj, const char* name, const std::string& value) {
   std::string v = value.empty() ? std::string(1, '\0') : value;
   need(H5Awrite(a, type, v.data()), std::string("cannot write attribute ") + name, 0);
 }
-std::string read_attr_string(hid_t obj, const char* name) {
+/// Opens attribute `name`, which must hold exactly one value (scalar or one element).
+Hid open_single_attr(hid_t obj, const char* name) {
   if (H5Aexists(obj, name) <= 0) fail(std::string("attribute '") + name + "' is missing");
   Hid a(need(H5Aopen(obj, name, H5P_DEFAULT), std::string("cannot open attribute ") + name), H5Aclose);
+  Hid space(H5Aget_space(a), H5Sclose);
+  if (!space.ok() || H5Sget_simple_extent_npoints(space) != 1)
+    fail(std::string("attribute '") + name + "' must hold one value (the file is corrupt)");
+  return a;
+}
+std::string read_attr_string(hid_t obj, const char* name) {
+  Hid a = open_single_attr(obj, name);
   Hid type(H5Aget_type(a), H5Tclose);
   if (H5Tget_class(type) != H5T_STRING) fail(std::string("attribute '") + name + "' is not a string");
+  if (H5Tis_variable_str(type) > 0) {  // h5py writes variable-length strings
+    Hid mem(H5Tcopy(H5T_C_S1), H5Tclose);
+    H5Tset_size(mem, H5T_VARIABLE);
+    char* p = nullptr;
+    need(H5Aread(a, mem, &p), std::string("cannot read attribute ") + name, 0);
+    std::string v = p ? std::string(p) : std::string();
+    if (p) H5free_memory(p);
+    return v;
+  }
   const std::size_t n = H5Tget_size(type);
+  if (n == 0 || n > (std::size_t(1) << 24)) fail(std::string("attribute '") + name + "' has an implausible size");
   std::string v(n, '\0');
   need(H5Aread(a, type, v.data()), std::string("cannot read attribute ") + name, 0);
   v.erase(std::find(v.begin(), v.end(), '\0'), v.end());
@@ -101,8 +133,10 @@ void write_attr(hid_t obj, const char* name, T value, hid_t type) {
 }
 template <class T>
 T read_attr(hid_t obj, const char* name, hid_t type) {
-  if (H5Aexists(obj, name) <= 0) fail(std::string("attribute '") + name + "' is missing");
-  Hid a(need(H5Aopen(obj, name, H5P_DEFAULT), std::string("cannot open attribute ") + name), H5Aclose);
+  Hid a = open_single_attr(obj, name);
+  Hid ftype(H5Aget_type(a), H5Tclose);
+  const H5T_class_t cls = H5Tget_class(ftype);
+  if (cls != H5T_INTEGER && cls != H5T_FLOAT) fail(std::string("attribute '") + name + "' is not a number");
   T v{};
   need(H5Aread(a, type, &v), std::string("cannot read attribute ") + name, 0);
   return v;
@@ -177,39 +211,12 @@ struct Transfer {
 Hid open_file_parallel(const std::string& path, MPI_Comm comm, bool create) {
   Hid fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
   H5Pset_fapl_mpio(fapl, comm, MPI_INFO_NULL);
-  hid_t f = create ? H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl)
+  // The HDF5 data starts after a user block that seal_checkpoint_file fills with the header.
+  Hid fcpl(H5Pcreate(H5P_FILE_CREATE), H5Pclose);
+  H5Pset_userblock(fcpl, static_cast<hsize_t>(kCheckpointHeaderBytes));
+  hid_t f = create ? H5Fcreate(path.c_str(), H5F_ACC_TRUNC, fcpl, fapl)
                    : H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl);
   return Hid(f, H5Fclose);
-}
-
-/// Before any collective open: rank 0 checks the file and everyone agrees on the verdict.
-void precheck_readable(const std::string& path, Communicator& comm) {
-  std::string err;
-  if (comm.rank() == 0) {
-    struct stat st;
-    if (::stat(path.c_str(), &st) != 0)
-      err = "examoe::checkpoint: cannot read '" + path + "': " + std::strerror(errno);
-    else if (!S_ISREG(st.st_mode))
-      err = "examoe::checkpoint: '" + path + "' is not a regular file";
-    else {
-      H5E_BEGIN_TRY {
-#if H5_VERSION_GE(1, 12, 0)
-        htri_t is = H5Fis_accessible(path.c_str(), H5P_DEFAULT);
-#else
-        htri_t is = H5Fis_hdf5(path.c_str());
-#endif
-        if (is <= 0)
-          err = "examoe::checkpoint: '" + path + "' is not a readable HDF5 file (truncated or corrupt?)";
-        else {
-          hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
-          if (f < 0) err = "examoe::checkpoint: '" + path + "' cannot be opened as HDF5 (truncated or corrupt?)";
-          else H5Fclose(f);
-        }
-      }
-      H5E_END_TRY;
-    }
-  }
-  throw_if_any(comm, err);
 }
 
 std::vector<hsize_t> dims_of(const std::vector<int>& shape) {
@@ -391,6 +398,207 @@ void io_tensors(hid_t file, Model<S>& model, const AdamW<S>* opt_w, AdamW<S>* op
 
 #endif  // EXAMOE_ENABLE_HDF5
 
+// ------------------------------------------------------------------ whole-file integrity
+namespace {
+
+constexpr char kMagic[] = "EXAMOE CHECKPOINT\n";
+
+/// Hash of one chunk: a chain of splitmix64 over its little-endian 64-bit words (the last
+/// one zero-padded), then its length. Any change confined to one word changes it.
+std::uint64_t chunk_hash(const unsigned char* p, std::size_t n, std::uint64_t index) {
+  std::uint64_t h = impl::splitmix64(index ^ 0x4578614D6F45ull);
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    std::uint64_t w;
+    std::memcpy(&w, p + i, 8);
+    h = impl::splitmix64(h ^ w);
+  }
+  std::uint64_t w = 0;
+  std::memcpy(&w, p + i, n - i);
+  h = impl::splitmix64(h ^ w);
+  return impl::splitmix64(h ^ static_cast<std::uint64_t>(n));
+}
+
+/// Reads exactly n bytes at off; "" or the error.
+std::string pread_all(int fd, unsigned char* buf, std::size_t n, std::uint64_t off, const std::string& path) {
+  std::size_t got = 0;
+  while (got < n) {
+    const ssize_t r = ::pread(fd, buf + got, n - got, static_cast<off_t>(off + got));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return "examoe::checkpoint: cannot read '" + path + "': " + std::strerror(errno);
+    if (r == 0) return "examoe::checkpoint: '" + path + "' ended early while reading it (truncated while in use?)";
+    got += static_cast<std::size_t>(r);
+  }
+  return {};
+}
+
+/// Checksum of bytes [kCheckpointHeaderBytes, size) in chunks of `chunk`, chunk c read by
+/// rank c % P; the sum over chunks (mod 2^64) is combined with the size. Collective; read
+/// errors are agreed (thrown on every rank).
+std::uint64_t file_checksum(const std::string& path, std::uint64_t size, std::uint64_t chunk, Communicator& comm) {
+  std::string err;
+  std::uint64_t sum = 0;
+  const std::uint64_t body = size > kCheckpointHeaderBytes ? size - kCheckpointHeaderBytes : 0;
+  const std::uint64_t nchunks = (body + chunk - 1) / chunk;
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0 && nchunks > static_cast<std::uint64_t>(comm.rank()))
+    err = "examoe::checkpoint: cannot read '" + path + "': " + std::strerror(errno);
+  if (fd >= 0) {
+    std::vector<unsigned char> buf;
+    for (std::uint64_t c = static_cast<std::uint64_t>(comm.rank()); c < nchunks && err.empty();
+         c += static_cast<std::uint64_t>(comm.size())) {
+      const std::uint64_t off = kCheckpointHeaderBytes + c * chunk;
+      const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(chunk, size - off));
+      buf.resize(n);
+      err = pread_all(fd, buf.data(), n, off, path);
+      if (err.empty()) sum += chunk_hash(buf.data(), n, c);
+    }
+    ::close(fd);
+  }
+  throw_if_any(comm, err);
+  std::int64_t s = static_cast<std::int64_t>(sum);
+  comm.allreduce_sum(&s, 1, DataType::i64);  // wraps modulo 2^64
+  return impl::splitmix64(static_cast<std::uint64_t>(s) ^ size);
+}
+
+struct Header {
+  int format = 0;
+  std::uint64_t bytes = 0, chunk = 0, checksum = 0;
+};
+
+std::string format_header(const Header& h) {
+  char text[kCheckpointHeaderBytes] = {};
+  std::snprintf(text, sizeof text, "%sformat %d\nbytes %llu\nchunk %llu\nchecksum %016llx\n", kMagic, h.format,
+                static_cast<unsigned long long>(h.bytes), static_cast<unsigned long long>(h.chunk),
+                static_cast<unsigned long long>(h.checksum));
+  return std::string(text, sizeof text);
+}
+
+/// Parses the header block; "" or what is wrong with it. Strict and bounded: lines
+/// "key value" after the magic line, up to the first NUL; unknown keys are ignored.
+std::string parse_header(const unsigned char* block, Header& h, const std::string& path) {
+  const std::string what = "examoe::checkpoint: '" + path + "' ";
+  static const unsigned char hdf5_sig[8] = {0x89, 'H', 'D', 'F', '\r', '\n', 0x1a, '\n'};
+  if (std::memcmp(block, kMagic, sizeof kMagic - 1) != 0) {
+    if (std::memcmp(block, hdf5_sig, 8) == 0)
+      return what + "is an HDF5 file without an ExaMoE header: a checkpoint of format version 1 (before "
+                    "whole-file checksums) or not an ExaMoE checkpoint; this ExaMoE reads format version " +
+             std::to_string(kCheckpointFormatVersion);
+    return what + "is not an ExaMoE checkpoint (no ExaMoE header; a damaged file or another kind of file)";
+  }
+  std::size_t end = 0;
+  while (end < kCheckpointHeaderBytes && block[end] != 0) ++end;
+  const std::string text(reinterpret_cast<const char*>(block) + sizeof kMagic - 1,
+                         reinterpret_cast<const char*>(block) + end);
+  bool have[4] = {false, false, false, false};
+  std::size_t pos = 0;
+  while (pos < text.size()) {
+    std::size_t nl = text.find('\n', pos);
+    if (nl == std::string::npos) nl = text.size();
+    const std::string line = text.substr(pos, nl - pos);
+    pos = nl + 1;
+    const std::size_t sp = line.find(' ');
+    if (sp == std::string::npos) continue;
+    const std::string key = line.substr(0, sp), val = line.substr(sp + 1);
+    const int base = key == "checksum" ? 16 : 10;
+    if (val.empty() || val.size() > 20 || val.find_first_not_of(base == 16 ? "0123456789abcdef" : "0123456789") != std::string::npos)
+      return what + "has a damaged ExaMoE header (value of '" + key.substr(0, 20) + "'): the file is corrupt";
+    errno = 0;
+    const unsigned long long v = std::strtoull(val.c_str(), nullptr, base);
+    if (errno != 0) return what + "has a damaged ExaMoE header (value of '" + key.substr(0, 20) + "'): the file is corrupt";
+    if (key == "format") {
+      h.format = v > 1000000 ? 1000000 : static_cast<int>(v);
+      have[0] = true;
+    } else if (key == "bytes") {
+      h.bytes = v;
+      have[1] = true;
+    } else if (key == "chunk") {
+      h.chunk = v;
+      have[2] = true;
+    } else if (key == "checksum") {
+      h.checksum = v;
+      have[3] = true;
+    }
+  }
+  if (!have[0]) return what + "has a damaged ExaMoE header (no format): the file is corrupt";
+  if (h.format != kCheckpointFormatVersion)
+    return what + "has format version " + std::to_string(h.format) + "; this ExaMoE reads version " +
+           std::to_string(kCheckpointFormatVersion);
+  if (!have[1] || !have[2] || !have[3])
+    return what + "has a damaged ExaMoE header (bytes, chunk or checksum missing): the file is corrupt";
+  if (h.chunk < 4096 || h.chunk > (std::uint64_t(1) << 32))
+    return what + "has a damaged ExaMoE header (chunk " + std::to_string(h.chunk) + "): the file is corrupt";
+  return {};
+}
+
+}  // namespace
+
+void seal_checkpoint_file(const std::string& path, MPI_Comm mpi_comm) {
+  auto comm = make_mpi_communicator(mpi_comm);
+  std::string err;
+  std::uint64_t size = 0;
+  if (comm->rank() == 0) {
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0) err = "examoe::checkpoint: cannot seal '" + path + "': " + std::strerror(errno);
+    else if (static_cast<std::uint64_t>(st.st_size) < kCheckpointHeaderBytes)
+      err = "examoe::checkpoint: cannot seal '" + path + "': shorter than its header";
+    else size = static_cast<std::uint64_t>(st.st_size);
+  }
+  throw_if_any(*comm, err);
+  comm->broadcast(&size, sizeof size, 0);
+  Header h;
+  h.format = kCheckpointFormatVersion;
+  h.bytes = size;
+  h.chunk = kCheckpointChecksumChunk;
+  h.checksum = file_checksum(path, size, h.chunk, *comm);
+  if (comm->rank() == 0) {
+    const std::string text = format_header(h);
+    const int fd = ::open(path.c_str(), O_WRONLY);
+    if (fd < 0 || ::pwrite(fd, text.data(), text.size(), 0) != static_cast<ssize_t>(text.size()) || ::fsync(fd) != 0)
+      err = "examoe::checkpoint: cannot write the header of '" + path + "': " + std::strerror(errno);
+    if (fd >= 0) ::close(fd);
+  }
+  throw_if_any(*comm, err);
+}
+
+void verify_checkpoint_file(const std::string& path, MPI_Comm mpi_comm) {
+  auto comm = make_mpi_communicator(mpi_comm);
+  std::string err;
+  Header h;
+  if (comm->rank() == 0) {
+    const std::string what = "examoe::checkpoint: '" + path + "' ";
+    struct stat st;
+    unsigned char block[kCheckpointHeaderBytes];
+    if (::stat(path.c_str(), &st) != 0) {
+      err = "examoe::checkpoint: cannot read '" + path + "': " + std::strerror(errno);
+    } else if (!S_ISREG(st.st_mode)) {
+      err = what + "is not a regular file";
+    } else if (static_cast<std::uint64_t>(st.st_size) < kCheckpointHeaderBytes) {
+      err = what + "is too short to be an ExaMoE checkpoint (" + std::to_string(st.st_size) +
+            " bytes; truncated or another kind of file)";
+    } else {
+      const int fd = ::open(path.c_str(), O_RDONLY);
+      if (fd < 0) err = "examoe::checkpoint: cannot read '" + path + "': " + std::strerror(errno);
+      else {
+        err = pread_all(fd, block, sizeof block, 0, path);
+        ::close(fd);
+      }
+      if (err.empty()) err = parse_header(block, h, path);
+      const auto size = static_cast<std::uint64_t>(st.st_size);
+      if (err.empty() && size < h.bytes)
+        err = what + "is truncated: it has " + std::to_string(size) + " bytes, its header says " + std::to_string(h.bytes);
+      else if (err.empty() && size > h.bytes)
+        err = what + "is longer than its header says (" + std::to_string(size) + " bytes, not " +
+              std::to_string(h.bytes) + "): the file is corrupt";
+    }
+  }
+  throw_if_any(*comm, err);
+  comm->broadcast(&h, sizeof h, 0);
+  if (file_checksum(path, h.bytes, h.chunk, *comm) != h.checksum)
+    throw Error("examoe::checkpoint: '" + path +
+                "' fails its whole-file checksum: the file is corrupt (damaged or edited after it was written)");
+}
+
 std::string checkpoint_path(const std::string& dir, long long step) {
   char name[64];
   std::snprintf(name, sizeof name, "step-%08lld.h5", step);
@@ -513,6 +721,7 @@ void save_checkpoint(const std::string& path, Model<S>& model, const AdamW<S>& o
   need(H5Fflush(f, H5F_SCOPE_GLOBAL), "cannot flush " + tmp, 0);
   f.reset();
   comm.barrier();
+  seal_checkpoint_file(tmp, comm.mpi_comm());
   if (comm.rank() == 0 && std::rename(tmp.c_str(), path.c_str()) != 0)
     err = "examoe::checkpoint: cannot rename '" + tmp + "' to '" + path + "': " + std::strerror(errno);
   throw_if_any(comm, err);
@@ -522,7 +731,8 @@ CheckpointInfo read_checkpoint_info(const std::string& path, MPI_Comm mpi_comm) 
   impl::CollectiveLabel label("checkpoint.read");
   auto comm = make_mpi_communicator(mpi_comm);
   H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
-  precheck_readable(path, *comm);
+  // Nothing of the file reaches HDF5 before its header and checksum are verified.
+  verify_checkpoint_file(path, comm->mpi_comm());
   CheckpointInfo info;
   std::string err;
   try {
@@ -535,40 +745,76 @@ CheckpointInfo read_checkpoint_info(const std::string& path, MPI_Comm mpi_comm) 
       fail("'" + path + "' has format version " + std::to_string(info.format_version) +
            "; this ExaMoE reads version " + std::to_string(kCheckpointFormatVersion));
     info.step = read_attr<long long>(f, "step", H5T_NATIVE_LLONG);
+    if (info.step < 0 || info.step > INT_MAX)
+      fail("'" + path + "' records step " + std::to_string(info.step) + ", outside [0, 2^31): the file is corrupt");
     info.precision = read_attr_string(f, "precision");
+    if (info.precision != "float" && info.precision != "double")
+      fail("'" + path + "' records precision '" + info.precision.substr(0, 40) + "' (float or double): the file is corrupt");
     info.world_size = read_attr<int>(f, "world_size", H5T_NATIVE_INT);
     info.dp = read_attr<int>(f, "dp", H5T_NATIVE_INT);
     info.ep = read_attr<int>(f, "ep", H5T_NATIVE_INT);
+    if (info.ep < 1 || info.dp < 1 || info.world_size < 1 ||
+        static_cast<long long>(info.dp) * info.ep != info.world_size)
+      fail("'" + path + "' records a mesh of world_size " + std::to_string(info.world_size) + " = dp " +
+           std::to_string(info.dp) + " x ep " + std::to_string(info.ep) + " that does not add up: the file is corrupt");
     info.parameters = read_attr<long long>(f, "parameters", H5T_NATIVE_LLONG);
     info.placement_history = H5Aexists(f, "placement_history") > 0 ? read_attr_string(f, "placement_history") : "[]";
     if (H5Lexists(f, "config", H5P_DEFAULT) <= 0) fail("'" + path + "' has no config group");
     Hid g(H5Gopen2(f, "config", H5P_DEFAULT), H5Gclose);
     for (const auto& k : config_keys())
       if (H5Aexists(g, k.name.c_str()) > 0) info.config.emplace_back(k.name, read_attr_string(g, k.name.c_str()));
-    if (H5Lexists(f, "expert_load_ema", H5P_DEFAULT) > 0) {
-      Hid ds(H5Dopen2(f, "expert_load_ema", H5P_DEFAULT), H5Dclose);
+    // The [layers][experts] tables: a plausible size (read whole), the same shape each.
+    hsize_t table[2] = {0, 0};
+    auto table_dims = [&](hid_t ds, const char* dsname, hsize_t* dims) {
       Hid sp(H5Dget_space(ds), H5Sclose);
-      hsize_t dims[2] = {0, 0};
-      if (H5Sget_simple_extent_ndims(sp) != 2) fail("dataset 'expert_load_ema' is not [layers][experts]");
+      if (!sp.ok() || H5Sget_simple_extent_ndims(sp) != 2) fail(std::string("dataset '") + dsname + "' is not [layers][experts]");
       H5Sget_simple_extent_dims(sp, dims, nullptr);
+      if (dims[0] < 1 || dims[1] < 1 || dims[0] > (1u << 20) || dims[1] > (1u << 24) || dims[0] * dims[1] > (1u << 26))
+        fail(std::string("dataset '") + dsname + "' has an implausible shape [" + std::to_string(dims[0]) + "][" +
+             std::to_string(dims[1]) + "]: the file is corrupt");
+      if (table[0] == 0) {
+        table[0] = dims[0];
+        table[1] = dims[1];
+      } else if (dims[0] != table[0] || dims[1] != table[1]) {
+        fail(std::string("dataset '") + dsname + "' has shape [" + std::to_string(dims[0]) + "][" + std::to_string(dims[1]) +
+             "], the other [layers][experts] tables [" + std::to_string(table[0]) + "][" + std::to_string(table[1]) +
+             "]: the file is corrupt");
+      }
+    };
+    auto open_ds = [&](const char* dsname) {
+      Hid ds(H5Dopen2(f, dsname, H5P_DEFAULT), H5Dclose);
+      if (!ds.ok()) fail(std::string("cannot open dataset '") + dsname + "'");
+      return ds;
+    };
+    if (H5Lexists(f, "expert_load_ema", H5P_DEFAULT) > 0) {
+      Hid ds = open_ds("expert_load_ema");
+      hsize_t dims[2] = {0, 0};
+      table_dims(ds, "expert_load_ema", dims);
       std::vector<double> v(dims[0] * dims[1]);
       Transfer t(false);
       if (H5Dread(ds, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, t.dxpl, v.data()) < 0) fail("cannot read dataset 'expert_load_ema'");
+      for (double x : v)
+        if (!(x >= 0) || !std::isfinite(x)) fail("dataset 'expert_load_ema' holds " + std::to_string(x) + ": the file is corrupt");
       for (hsize_t l = 0; l < dims[0]; ++l) info.expert_load_ema.emplace_back(v.begin() + l * dims[1], v.begin() + (l + 1) * dims[1]);
     }
     for (const char* dsname : {"placement", "tokens_per_expert"}) {
       if (H5Lexists(f, dsname, H5P_DEFAULT) <= 0) fail(std::string("dataset '") + dsname + "' is missing");
-      Hid ds(H5Dopen2(f, dsname, H5P_DEFAULT), H5Dclose);
-      Hid sp(H5Dget_space(ds), H5Sclose);
+      Hid ds = open_ds(dsname);
       hsize_t dims[2] = {0, 0};
-      if (H5Sget_simple_extent_ndims(sp) != 2) fail(std::string("dataset '") + dsname + "' is not [layers][experts]");
-      H5Sget_simple_extent_dims(sp, dims, nullptr);
+      table_dims(ds, dsname, dims);
       std::vector<long long> v(dims[0] * dims[1]);
       Transfer t(false);
       if (H5Dread(ds, H5T_NATIVE_LLONG, H5S_ALL, H5S_ALL, t.dxpl, v.data()) < 0)
         fail(std::string("cannot read dataset '") + dsname + "'");
+      const bool owners = std::string(dsname) == "placement";
+      for (hsize_t i = 0; i < v.size(); ++i)
+        if (owners ? (v[i] < 0 || v[i] >= info.ep) : v[i] < 0)
+          fail("dataset '" + std::string(dsname) + "' holds " + std::to_string(v[i]) + " for expert " +
+               std::to_string(i % dims[1]) + " of layer " + std::to_string(i / dims[1]) +
+               (owners ? " (an owner must be in [0, ep = " + std::to_string(info.ep) + "))" : " (counts are >= 0)") +
+               ": the file is corrupt");
       for (hsize_t l = 0; l < dims[0]; ++l) {
-        if (std::string(dsname) == "placement") {
+        if (owners) {
           info.placement.emplace_back();
           for (hsize_t e = 0; e < dims[1]; ++e) info.placement.back().push_back(static_cast<int>(v[l * dims[1] + e]));
         } else {
@@ -577,7 +823,7 @@ CheckpointInfo read_checkpoint_info(const std::string& path, MPI_Comm mpi_comm) 
       }
     }
   } catch (const Error& e) {
-    err = e.what();
+    err = naming(e, path);
   }
   throw_if_any(*comm, err);
   return info;
@@ -607,10 +853,13 @@ CheckpointInfo load_checkpoint(const std::string& path, Model<S>& model, AdamW<S
   Hid f = open_file_parallel(path, comm.mpi_comm(), false);
   try {
     if (!f.ok()) fail("'" + path + "' cannot be opened");
-    opt.set_steps(read_attr<long long>(f, "adam_step", H5T_NATIVE_LLONG));
+    const long long adam_step = read_attr<long long>(f, "adam_step", H5T_NATIVE_LLONG);
+    if (adam_step < 0 || adam_step > INT_MAX)
+      fail("'" + path + "' records AdamW step " + std::to_string(adam_step) + ", outside [0, 2^31): the file is corrupt");
+    opt.set_steps(adam_step);
     for (int which = 0; which < 3; ++which) io_tensors<S>(f, model, nullptr, &opt, false, which);
   } catch (const Error& e) {
-    err = e.what();
+    err = naming(e, path);
   }
   throw_if_any(comm, err);
   Kokkos::fence();

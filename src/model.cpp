@@ -8,7 +8,9 @@
 #include <examoe/impl/collectives.hpp>
 #include <examoe/model.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace examoe {
 
@@ -123,6 +125,9 @@ Model<S>::Model(const ModelConfig& cfg, const ParallelConfig& par, Mesh& mesh, s
     m.router = cfg_.router;
     m.router.seed = seed + 1000003ull * static_cast<std::uint64_t>(l + 1);
     m.reduce_router_grad = false;  // FSDP reduce-scatters the router gradient
+    // Non-finite activations in training are the trainer's policy (train.nonfinite), not an
+    // input error of the layer.
+    m.check_finite_inputs = false;
     // Every layer shares the mesh's communicators (one NCCL communicator per group, not per layer).
     moe_.push_back(std::make_unique<MoELayer<S>>(m, mesh_.ep_shared(), mesh_.world_shared()));
     moe_.back()->init_parameters(m.router.seed);
@@ -373,6 +378,65 @@ MemoryReport Model<S>::memory() const {
   r.activations_without_checkpointing = per_block * cfg_.n_layers + inputs;
   r.activations = per_block * acts_.size() + inputs;
   return r;
+}
+
+namespace {
+/// Bytes as a double (exact below 2^53) to a size_t, saturating.
+std::size_t saturate(double b) {
+  return b >= 1.8e19 ? std::numeric_limits<std::size_t>::max() : static_cast<std::size_t>(b);
+}
+}  // namespace
+
+std::size_t MemoryReport::total() const {
+  const std::size_t parts[] = {dense_shard, dense_grad_shard, dense_shard /* decay mask */,
+                               gathered_peak, grad_buffer, experts, expert_grads, optimizer,
+                               activations, buffers};
+  std::size_t t = 0;
+  for (std::size_t p : parts) {
+    if (p > std::numeric_limits<std::size_t>::max() - t) return std::numeric_limits<std::size_t>::max();
+    t += p;
+  }
+  return t;
+}
+
+MemoryReport estimate_memory(const ModelConfig& cfg, const ParallelConfig& par, int world_size,
+                             int ep_size, long long rows, std::size_t scalar_bytes) {
+  // Same layout as Model: units embed [wte, wpe], block l [attn_norm, wq, wk, wv, wo,
+  // moe_norm, router], head [final_norm, lm_head], each padded to a multiple of the world.
+  // In doubles: every product stays exact up to 2^53 and cannot overflow.
+  const double d = cfg.d_model, V = cfg.vocab, Sq = cfg.seq_len, E = cfg.num_experts,
+               L = cfg.n_layers, h = cfg.d_hidden, H = cfg.n_heads, W = std::max(world_size, 1),
+               sb = static_cast<double>(scalar_bytes), r = static_cast<double>(std::max(rows, 0LL));
+  auto padded = [&](double n) { return std::ceil(n / W) * W; };
+  const double embed = V * d + Sq * d, block = 2 * d + 4 * d * d + d * E, head = d + d * V;
+  const double shard = padded(embed) / W + L * (padded(block) / W) + padded(head) / W;
+  const double max_padded = std::max({padded(embed), padded(block), padded(head)});
+  const double all_padded = padded(embed) + L * padded(block) + padded(head);
+  const double per_expert = d * h * (cfg.activation == Activation::swiglu ? 3 : 2);
+  const int P = std::max(ep_size, 1);
+  const double local_experts = std::ceil(E / P);  // balanced blocks: the fullest rank
+  MemoryReport m;
+  m.dense_total_params = saturate(embed + L * block + head);
+  m.expert_total_params = saturate(per_expert * E * L);
+  m.dense_shard = saturate(shard * sb);
+  m.dense_grad_shard = m.dense_shard;
+  m.gathered_unit_max = saturate(max_padded * sb);
+  m.gathered_peak = saturate((par.reshard_after_forward ? max_padded : all_padded) * sb);
+  m.grad_buffer = saturate(max_padded * sb);
+  m.experts = saturate(local_experts * per_expert * L * sb);
+  m.expert_grads = m.experts;
+  m.optimizer = saturate(2 * (shard + local_experts * per_expert * L) * sb);
+  const double per_block = 7 * r * d + r * H * Sq + 2 * r;
+  const double inputs = (L + 1) * r * d;
+  m.activations_without_checkpointing = saturate((per_block * L + inputs) * sb);
+  m.activations = saturate((per_block * (par.activation_checkpointing ? 1 : L) + inputs) * sb);
+  // Logits, 8 activation-gradient/scratch matrices, and per MoE layer its router state and
+  // the rows of its k assignments per token (dispatch, expert input/output and their
+  // gradients, hidden activations).
+  const double k = cfg.top_k, A = r * k;
+  const double moe = r * (3 * E + 3 * k) + A * (8 * d + 5 * h);
+  m.buffers = saturate((r * V + 8 * r * d + r + L * moe) * sb);
+  return m;
 }
 
 template class Model<float>;

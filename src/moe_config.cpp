@@ -65,6 +65,7 @@ std::uint64_t MoEConfig::hash() const {
   f.add(placement.size());
   for (int o : placement) f.add(o);
   f.add(reduce_router_grad);
+  f.add(check_finite_inputs);
   return f.h;
 }
 
@@ -78,7 +79,8 @@ std::string MoEConfig::to_string() const {
      << "\nrouter.seed=" << router.seed << "\nrouter.aux_loss_coef=" << router.aux_loss_coef
      << "\nrouter.z_loss_coef=" << router.z_loss_coef << "\nplacement=";
   for (std::size_t i = 0; i < placement.size(); ++i) os << (i ? "," : "") << placement[i];
-  os << "\nreduce_router_grad=" << reduce_router_grad << "\n";
+  os << "\nreduce_router_grad=" << reduce_router_grad << "\ncheck_finite_inputs=" << check_finite_inputs
+     << "\n";
   return os.str();
 }
 

@@ -372,6 +372,32 @@ struct MoELayer<Scalar>::Impl {
   }
 
   // ------------------------------------------------------------------ forward
+  /// "" if every element of v is finite, else a message naming the first bad one.
+  std::string nonfinite_message(const const_matrix& v, const char* fn, const char* name) {
+    const int n0 = static_cast<int>(v.extent(0)), n1 = static_cast<int>(v.extent(1));
+    if (n0 == 0 || n1 == 0) return {};
+    long long first = LLONG_MAX;
+    Kokkos::parallel_reduce(
+        "examoe::moe::finite_check", Kokkos::RangePolicy<Space>(space, 0, n0),
+        KOKKOS_LAMBDA(const int i, long long& f) {
+          for (int j = 0; j < n1; ++j)
+            if (!impl::kc::isfinite(v(i, j))) {
+              const long long at = static_cast<long long>(i) * n1 + j;
+              if (at < f) f = at;
+              break;
+            }
+        },
+        Kokkos::Min<long long>(first));
+    if (first == LLONG_MAX) return {};
+    const int i = static_cast<int>(first / n1), j = static_cast<int>(first % n1);
+    auto hv = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), Kokkos::subview(v, i, j));
+    std::ostringstream os;
+    os << "examoe::MoELayer::" << fn << ": " << name << " contains non-finite values (" << name << "(" << i
+       << ", " << j << ") = " << static_cast<double>(hv()) << " on rank " << comm->rank()
+       << " of the expert-parallel group); the inputs must be finite";
+    return os.str();
+  }
+
   void forward(const const_matrix& x, const matrix& out, bool training) {
     impl::kc::ScopedRegion region("examoe::MoELayer::forward");
     impl::CollectiveLabel label("moe.router");
@@ -388,6 +414,8 @@ struct MoELayer<Scalar>::Impl {
     else if (static_cast<long long>(x.extent(0)) * k > INT_MAX / 2)
       err = "examoe::MoELayer::forward: T * top_k = " + std::to_string(x.extent(0) * k) +
             " assignments exceed the supported 2^30";
+    else if (cfg.check_finite_inputs)
+      err = nonfinite_message(x, "forward", "x");
     throw_if_any(*scomm, err);
 
     T = static_cast<int>(x.extent(0));
@@ -627,6 +655,8 @@ struct MoELayer<Scalar>::Impl {
             "][" + std::to_string(d) + "] (the last forward's x), got dout [" +
             std::to_string(dout.extent(0)) + "][" + std::to_string(dout.extent(1)) + "] and dx [" +
             std::to_string(dx.extent(0)) + "][" + std::to_string(dx.extent(1)) + "]";
+    else if (cfg.check_finite_inputs)
+      err = nonfinite_message(dout, "backward", "dout");
     throw_if_any(*scomm, err);
     tic();
     auto g = impl::rows_of(gates, T);

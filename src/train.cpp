@@ -17,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -64,14 +65,18 @@ std::uint64_t parse_u64(const std::string& key, const std::string& v) {
   }
 }
 double parse_double(const std::string& key, const std::string& v) {
+  double x = 0;
   try {
     std::size_t pos = 0;
-    const double x = std::stod(v, &pos);
+    x = std::stod(v, &pos);
     if (pos != v.size()) throw std::invalid_argument(v);
-    return x;
   } catch (const std::exception&) {
     throw Error("examoe::config: " + key + " must be a number, got '" + v + "'");
   }
+  // NaN and infinities parse, but no key has a use for them (a NaN slips through every
+  // range check written as a comparison).
+  if (!std::isfinite(x)) throw Error("examoe::config: " + key + " must be a finite number, got '" + v + "'");
+  return x;
 }
 bool parse_bool(const std::string& key, const std::string& v) {
   if (v == "true" || v == "1" || v == "on" || v == "yes") return true;
@@ -105,6 +110,34 @@ std::size_t edit_distance(const std::string& a, const std::string& b) {
     std::swap(prev, cur);
   }
   return prev[b.size()];
+}
+
+std::string human_bytes(double b) {
+  const char* u[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int i = 0;
+  while (b >= 1024 && i < 4) {
+    b /= 1024;
+    ++i;
+  }
+  char s[32];
+  std::snprintf(s, sizeof s, "%.1f %s", b, u[i]);
+  return s;
+}
+
+/// The cgroup memory limit of this process (v2 or v1), 0 if none or unreadable.
+double cgroup_memory_limit() {
+  for (const char* path : {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"}) {
+    std::ifstream in(path);
+    std::string v;
+    if (in >> v && !v.empty() && v != "max") {
+      try {
+        const double b = std::stod(v);
+        if (b > 0 && b < 1e18) return b;  // v1 reports "unlimited" as ~2^63
+      } catch (const std::exception&) {
+      }
+    }
+  }
+  return 0;
 }
 
 }  // namespace
@@ -171,6 +204,7 @@ const std::vector<ConfigKey>& config_keys() {
                   c.train.nonfinite = v;
                 }},
       EXAMOE_KEY_INT("train.max_skipped", train.max_skipped, "Checkpoint and stop after this many skipped (non-finite) steps in a row"),
+      EXAMOE_KEY_STR("train.memory_limit", train.memory_limit, "Memory per rank: auto (physical/cgroup memory shared by the node's ranks), off, or a size like 8GiB; configs estimated to need more are refused before allocating"),
       EXAMOE_KEY_STR("data.path", data.path, "Train a byte-level model on this file (empty: built-in addition corpus)"),
       EXAMOE_KEY_INT("data.digits", data.digits, "Addition corpus: digits per operand (1-6)"),
       EXAMOE_KEY_INT("data.val_problems", data.val_problems, "Addition corpus: held-out problems for accuracy"),
@@ -204,6 +238,13 @@ std::string closest_key(const std::string& name) {
   return best;
 }
 
+namespace {
+/// At most `n` characters of `s` (for messages that quote user input).
+std::string clip_text(const std::string& s, std::size_t n = 80) {
+  return s.size() <= n ? s : s.substr(0, n) + "...";
+}
+}  // namespace
+
 void apply_json_config(TrainConfig& cfg, const std::string& text, const std::string& source) {
   nlohmann::json j;
   try {
@@ -212,68 +253,227 @@ void apply_json_config(TrainConfig& cfg, const std::string& text, const std::str
     throw Error("examoe::config: " + source + " is not valid JSON: " + e.what());
   }
   if (!j.is_object()) throw Error("examoe::config: " + source + " must hold a JSON object");
+  // Keys have at most 3 components (model.router.temperature): deeper objects are unknown
+  // keys, reported without walking further (bounded recursion whatever the input).
+  constexpr int kMaxDepth = 4;
   std::vector<std::pair<std::string, nlohmann::json>> flat;
-  std::function<void(const std::string&, const nlohmann::json&)> walk =
-      [&](const std::string& prefix, const nlohmann::json& o) {
+  std::function<void(const std::string&, const nlohmann::json&, int)> walk =
+      [&](const std::string& prefix, const nlohmann::json& o, int depth) {
         for (auto it = o.begin(); it != o.end(); ++it) {
           const std::string name = prefix.empty() ? it.key() : prefix + "." + it.key();
           bool is_key = false;
           for (const auto& k : config_keys()) is_key = is_key || k.name == name;
-          if (it->is_object() && !is_key) walk(name, *it);
+          if (it->is_object() && !is_key && depth < kMaxDepth) walk(name, *it, depth + 1);
           else flat.emplace_back(name, *it);
         }
       };
-  walk("", j);
+  walk("", j, 1);
   for (const auto& [name, value] : flat) {
     const ConfigKey* key = nullptr;
     for (const auto& k : config_keys())
       if (k.name == name) key = &k;
     if (!key)
-      throw Error("examoe::config: unknown key '" + name + "' in " + source + " (did you mean '" +
-                  closest_key(name) + "'?)");
+      throw Error("examoe::config: unknown key '" + clip_text(name) + "' in " + source + " (did you mean '" +
+                  closest_key(name.substr(0, 200)) + "'?)");
     std::string v;
     if (value.is_string()) v = value.get<std::string>();
     else if (value.is_boolean()) v = value.get<bool>() ? "true" : "false";
-    else if (value.is_number_integer()) v = std::to_string(value.get<long long>());
+    else if (value.is_number_unsigned()) v = std::to_string(value.get<std::uint64_t>());
+    else if (value.is_number_integer()) v = std::to_string(value.get<std::int64_t>());
     else if (value.is_number()) v = fmt_double(value.get<double>());
-    else throw Error("examoe::config: key '" + name + "' in " + source + " has an unsupported value " + value.dump());
+    else
+      throw Error("examoe::config: key '" + name + "' in " + source + " has an unsupported value " +
+                  clip_text(value.dump()) + " (expected a string, number or boolean)");
     key->set(cfg, v);
   }
 }
 
 void TrainConfig::validate() const {
   const std::string f = "examoe::TrainConfig: ";
-  model.validate();
-  if (train.steps < 0) throw Error(f + "train.steps must be >= 0");
-  if (train.batch <= 0) throw Error(f + "train.batch must be positive");
-  if (!(train.lr > 0) || !std::isfinite(train.lr)) throw Error(f + "train.lr must be positive");
-  if (!(train.min_lr >= 0) || train.min_lr > train.lr) throw Error(f + "train.min_lr must be in [0, train.lr]");
-  if (train.warmup < 0) throw Error(f + "train.warmup must be >= 0");
-  if (!(train.weight_decay >= 0)) throw Error(f + "train.weight_decay must be >= 0");
-  if (!(train.beta1 >= 0 && train.beta1 < 1)) throw Error(f + "train.beta1 must be in [0, 1)");
-  if (!(train.beta2 >= 0 && train.beta2 < 1)) throw Error(f + "train.beta2 must be in [0, 1)");
-  if (!(train.eps > 0)) throw Error(f + "train.eps must be positive");
-  if (!(train.clip >= 0)) throw Error(f + "train.clip must be >= 0");
-  if (train.nonfinite != "skip" && train.nonfinite != "stop")
-    throw Error(f + "train.nonfinite must be skip or stop, got '" + train.nonfinite + "'");
-  if (train.max_skipped < 1) throw Error(f + "train.max_skipped must be >= 1");
-  if (!(parallel.watchdog_seconds >= 0) || !std::isfinite(parallel.watchdog_seconds))
-    throw Error(f + "parallel.watchdog_seconds must be >= 0 (0 = off)");
-  if (train.precision != "float" && train.precision != "double")
-    throw Error(f + "train.precision must be float or double, got '" + train.precision + "'");
-  if (parallel.ep < 0) throw Error(f + "parallel.ep must be >= 0");
-  if (parallel.comm != "auto" && parallel.comm != "mpi" && parallel.comm != "nccl")
-    throw Error(f + "parallel.comm must be auto, mpi or nccl, got '" + parallel.comm + "'");
-  if (parallel.gpu_aware_mpi != "auto" && parallel.gpu_aware_mpi != "true" && parallel.gpu_aware_mpi != "false")
-    throw Error(f + "parallel.gpu_aware_mpi must be auto, true or false, got '" + parallel.gpu_aware_mpi + "'");
-  if (data.val_problems <= 0) throw Error(f + "data.val_problems must be positive");
-  if (log.interval <= 0) throw Error(f + "log.interval must be positive");
-  if (log.eval_interval <= 0) throw Error(f + "log.eval_interval must be positive");
-  if (checkpoint.interval < 0) throw Error(f + "checkpoint.interval must be >= 0");
-  if (placement.rebalance_interval < 0) throw Error(f + "placement.rebalance_interval must be >= 0");
-  if (!(placement.ema >= 0 && placement.ema < 1)) throw Error(f + "placement.ema must be in [0, 1)");
-  if (checkpoint.keep < 1) throw Error(f + "checkpoint.keep must be >= 1");
-  if (checkpoint.dir.empty()) throw Error(f + "checkpoint.dir must not be empty");
+  // Every message names the key as the command line and config files spell it, and the value.
+  auto text = [&](const char* key) {
+    for (const auto& k : config_keys())
+      if (k.name == key) return k.get(*this);
+    return std::string("?");
+  };
+  auto need = [&](bool ok, const char* key, const std::string& rule) {
+    if (!ok) throw Error(f + key + " must be " + rule + " (got " + text(key) + ")");
+  };
+  need(model.d_model > 0, "model.d_model", "positive");
+  need(model.n_layers > 0, "model.n_layers", "positive");
+  need(model.n_heads > 0, "model.n_heads", "positive");
+  need(model.d_model % model.n_heads == 0, "model.n_heads", "a divisor of model.d_model = " + text("model.d_model"));
+  need(model.seq_len > 0, "model.seq_len", "positive");
+  need(model.d_hidden > 0, "model.d_hidden", "positive");
+  need(model.num_experts > 0, "model.num_experts", "positive");
+  need(model.top_k >= 1 && model.top_k <= model.num_experts, "model.top_k",
+       "in [1, model.num_experts = " + text("model.num_experts") + "]");
+  need(model.router.temperature > 0, "model.router.temperature", "positive");
+  need(model.router.jitter >= 0, "model.router.jitter", ">= 0");
+  need(model.router.aux_loss_coef >= 0, "model.router.aux_loss_coef", ">= 0");
+  need(model.router.z_loss_coef >= 0, "model.router.z_loss_coef", ">= 0");
+  need(model.norm_eps > 0, "model.norm_eps", "positive");
+  model.validate();  // anything the model checks beyond the keys (vocab)
+  need(parallel.ep >= 0, "parallel.ep", ">= 0 (0 = the whole world)");
+  need(train.steps >= 0, "train.steps", ">= 0");
+  need(train.batch > 0, "train.batch", "positive");
+  need(train.lr > 0 && std::isfinite(train.lr), "train.lr", "positive");
+  need(train.min_lr >= 0 && train.min_lr <= train.lr, "train.min_lr", "in [0, train.lr = " + text("train.lr") + "]");
+  need(train.warmup >= 0, "train.warmup", ">= 0");
+  need(train.weight_decay >= 0 && std::isfinite(train.weight_decay), "train.weight_decay", ">= 0");
+  need(train.beta1 >= 0 && train.beta1 < 1, "train.beta1", "in [0, 1)");
+  need(train.beta2 >= 0 && train.beta2 < 1, "train.beta2", "in [0, 1)");
+  need(train.eps > 0 && std::isfinite(train.eps), "train.eps", "positive");
+  need(train.clip >= 0 && std::isfinite(train.clip), "train.clip", ">= 0 (0 = off)");
+  need(train.precision == "float" || train.precision == "double", "train.precision", "float or double");
+  need(train.nonfinite == "skip" || train.nonfinite == "stop", "train.nonfinite", "skip or stop");
+  need(train.max_skipped >= 1, "train.max_skipped", ">= 1");
+  need(parallel.watchdog_seconds >= 0 && std::isfinite(parallel.watchdog_seconds), "parallel.watchdog_seconds",
+       ">= 0 (0 = off)");
+  need(parallel.comm == "auto" || parallel.comm == "mpi" || parallel.comm == "nccl", "parallel.comm",
+       "auto, mpi or nccl");
+  need(parallel.gpu_aware_mpi == "auto" || parallel.gpu_aware_mpi == "true" || parallel.gpu_aware_mpi == "false",
+       "parallel.gpu_aware_mpi", "auto, true or false");
+  std::size_t bytes = 0;
+  need(train.memory_limit == "auto" || train.memory_limit == "off" || parse_memory_size(train.memory_limit, bytes),
+       "train.memory_limit", "auto, off or a size such as 8GiB, 512MiB or 2e9");
+  need(data.digits >= 1 && data.digits <= 6, "data.digits", "in [1, 6]");
+  need(data.val_problems > 0, "data.val_problems", "positive");
+  need(data.val_fraction > 0 && data.val_fraction <= 0.5, "data.val_fraction", "in (0, 0.5]");
+  need(log.interval > 0, "log.interval", "positive");
+  need(log.eval_interval > 0, "log.eval_interval", "positive");
+  need(!checkpoint.dir.empty(), "checkpoint.dir", "a directory name, not empty");
+  need(checkpoint.interval >= 0, "checkpoint.interval", ">= 0 (0 = only on SIGTERM/SIGUSR1)");
+  need(checkpoint.keep >= 1, "checkpoint.keep", ">= 1");
+  need(placement.rebalance_interval >= 0, "placement.rebalance_interval", ">= 0 (0 = never)");
+  need(placement.ema >= 0 && placement.ema < 1, "placement.ema", "in [0, 1)");
+}
+
+std::string canonical_config(const TrainConfig& cfg) {
+  std::string s;
+  for (const auto& k : config_keys()) s += k.name + "=" + k.get(cfg) + "\n";
+  return s;
+}
+
+std::uint64_t config_hash(const TrainConfig& cfg) {
+  std::uint64_t h = 1469598103934665603ull;  // FNV-1a 64
+  for (unsigned char c : canonical_config(cfg)) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+namespace {
+void check_same_config(const TrainConfig& cfg, Communicator& c) {
+  Communicator* comm = &c;
+  // One allreduce: min over ranks of (h, ~h) gives the smallest and (complemented) largest hash.
+  const std::uint64_t h = config_hash(cfg);
+  std::uint64_t mm[2] = {h, ~h};
+  MPI_Allreduce(MPI_IN_PLACE, mm, 2, MPI_UINT64_T, MPI_MIN, comm->mpi_comm());
+  if (mm[0] == ~mm[1]) return;
+  // They differ: rank 0's values go to every rank, each rank lists its differing keys, and
+  // every rank learns every rank's list.
+  nlohmann::json mine = nlohmann::json::object();
+  for (const auto& k : config_keys()) mine[k.name] = k.get(cfg);
+  std::string root = mine.dump();
+  int len = static_cast<int>(root.size());
+  comm->broadcast(&len, sizeof len, 0);
+  root.resize(static_cast<std::size_t>(len));
+  comm->broadcast(root.data(), root.size(), 0);
+  const nlohmann::json ref = nlohmann::json::parse(root);
+  std::string diff;
+  int ndiff = 0;
+  for (const auto& k : config_keys()) {
+    const std::string a = ref.value(k.name, std::string()), b = k.get(cfg);
+    if (a == b) continue;
+    if (++ndiff <= 6)
+      diff += std::string(diff.empty() ? "" : ", ") + k.name + " = " + clip_text(b, 40) + " (rank 0: " + clip_text(a, 40) + ")";
+  }
+  if (ndiff > 6) diff += " and " + std::to_string(ndiff - 6) + " more keys";
+  const int P = comm->size();
+  std::vector<int> lens(P), displs(P);
+  int n = static_cast<int>(diff.size());
+  MPI_Allgather(&n, 1, MPI_INT, lens.data(), 1, MPI_INT, comm->mpi_comm());
+  int total = 0;
+  for (int r = 0; r < P; ++r) {
+    displs[r] = total;
+    total += lens[r];
+  }
+  std::string all(static_cast<std::size_t>(total), '\0');
+  MPI_Allgatherv(diff.data(), n, MPI_CHAR, all.data(), lens.data(), displs.data(), MPI_CHAR, comm->mpi_comm());
+  std::string msg = "examoe::train: the config differs between ranks (every rank must pass the same config): ";
+  int listed = 0, ranks = 0;
+  for (int r = 0; r < P; ++r) {
+    if (lens[r] == 0) continue;
+    ++ranks;
+    if (++listed <= 8)
+      msg += std::string(listed > 1 ? "; " : "") + "rank " + std::to_string(r) + " has " +
+             all.substr(static_cast<std::size_t>(displs[r]), static_cast<std::size_t>(lens[r]));
+  }
+  if (ranks > 8) msg += "; and " + std::to_string(ranks - 8) + " more ranks";
+  throw Error(msg);
+}
+}  // namespace
+
+void check_same_config(const TrainConfig& cfg, MPI_Comm comm) {
+  auto c = make_mpi_communicator(comm);
+  check_same_config(cfg, *c);
+}
+
+bool parse_memory_size(const std::string& text, std::size_t& bytes) {
+  std::size_t pos = 0;
+  double x = 0;
+  try {
+    x = std::stod(text, &pos);
+  } catch (const std::exception&) {
+    return false;
+  }
+  std::string unit = text.substr(pos);
+  while (!unit.empty() && unit.front() == ' ') unit.erase(unit.begin());
+  static const std::pair<const char*, double> units[] = {
+      {"", 1},           {"B", 1},
+      {"KB", 1e3},       {"MB", 1e6},           {"GB", 1e9},           {"TB", 1e12},
+      {"K", 1024.0},     {"M", 1048576.0},      {"G", 1073741824.0},   {"T", 1099511627776.0},
+      {"KiB", 1024.0},   {"MiB", 1048576.0},    {"GiB", 1073741824.0}, {"TiB", 1099511627776.0}};
+  for (const auto& [name, scale] : units)
+    if (unit == name) {
+      const double b = x * scale;
+      if (!std::isfinite(b) || b < 0 || b >= 1.8e19) return false;
+      bytes = static_cast<std::size_t>(b);
+      return true;
+    }
+  return false;
+}
+
+std::size_t memory_limit_bytes(const std::string& setting, MPI_Comm comm, std::string* how) {
+  std::size_t bytes = 0;
+  if (setting == "off") {
+    if (how) *how = "train.memory_limit = off";
+    return 0;
+  }
+  if (setting != "auto") {
+    if (!parse_memory_size(setting, bytes))
+      throw Error("examoe::TrainConfig: train.memory_limit must be auto, off or a size such as 8GiB, 512MiB or 2e9 (got " +
+                  setting + ")");
+    if (how) *how = "train.memory_limit = " + setting;
+    return bytes;
+  }
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
+  const double phys = pages > 0 && page > 0 ? static_cast<double>(pages) * static_cast<double>(page) : 0.0;
+  const double cg = cgroup_memory_limit();
+  const double node = cg > 0 && (phys <= 0 || cg < phys) ? cg : phys;
+  MPI_Comm shared = MPI_COMM_NULL;
+  MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &shared);
+  int local = 1;
+  MPI_Comm_size(shared, &local);
+  MPI_Comm_free(&shared);
+  if (node <= 0) {
+    if (how) *how = "train.memory_limit = auto, but the physical memory is unknown: not checked";
+    return 0;
+  }
+  bytes = static_cast<std::size_t>(node / local);
+  if (how)
+    *how = "train.memory_limit = auto: " + human_bytes(node) + (node == cg ? " cgroup limit" : " physical memory") +
+           " shared by " + std::to_string(local) + (local == 1 ? " rank" : " ranks") + " on this node";
+  return bytes;
 }
 
 // ------------------------------------------------------------------ training
@@ -324,16 +524,33 @@ std::size_t peak_rss_bytes() {
   return static_cast<std::size_t>(ru.ru_maxrss) * 1024;
 }
 
-std::string human_bytes(double b) {
-  const char* u[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  int i = 0;
-  while (b >= 1024 && i < 4) {
-    b /= 1024;
-    ++i;
+/// Refuses, on every rank and before the model allocates anything, a config whose estimated
+/// memory per rank exceeds train.memory_limit. `rows`: the most tokens a rank processes at once.
+void check_memory(const TrainConfig& cfg, Mesh& mesh, long long rows, std::size_t scalar_bytes) {
+  std::string how, err;
+  const std::size_t limit = memory_limit_bytes(cfg.train.memory_limit, mesh.world().mpi_comm(), &how);
+  const MemoryReport m = estimate_memory(cfg.model, cfg.parallel, mesh.world_size(), mesh.ep_size(), rows, scalar_bytes);
+  const std::size_t need = m.total();
+  if (limit > 0 && need > limit) {
+    auto hb = [](std::size_t b) {
+      return human_bytes(static_cast<double>(b)) + " (" + std::to_string(b) + " bytes)";
+    };
+    const auto per_rank = (cfg.model.num_experts + mesh.ep_size() - 1) / mesh.ep_size();
+    std::ostringstream os;
+    os << "examoe::train: this config needs about " << hb(need) << " of memory per rank, but "
+       << hb(limit) << " are available per rank (" << how << "). Estimate: local experts "
+       << human_bytes(static_cast<double>(m.experts)) << " (model.num_experts = " << cfg.model.num_experts
+       << " over ep = " << mesh.ep_size() << ": up to " << per_rank << " per rank) + their gradients "
+       << human_bytes(static_cast<double>(m.expert_grads)) << " + AdamW moments "
+       << human_bytes(static_cast<double>(m.optimizer)) << "; dense shards "
+       << human_bytes(static_cast<double>(3 * m.dense_shard)) << " with gradients and decay mask; gathered units "
+       << human_bytes(static_cast<double>(m.gathered_peak + m.grad_buffer)) << "; activations and buffers for "
+       << rows << " tokens " << human_bytes(static_cast<double>(m.activations) + static_cast<double>(m.buffers))
+       << ". Reduce model.num_experts, model.d_hidden, model.d_model or train.batch, raise parallel.ep to "
+          "spread the experts, or set train.memory_limit.";
+    err = os.str();
   }
-  char s[32];
-  std::snprintf(s, sizeof s, "%.1f %s", b, u[i]);
-  return s;
+  throw_if_any(mesh.world(), err);
 }
 
 std::string human_time(double s) {
@@ -431,6 +648,10 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
   Mesh mesh(comm, cfg.parallel.ep, comm_options(cfg.parallel));
   const bool root = mesh.world_rank() == 0;
   std::ostream* log = root ? out : nullptr;
+  if (cfg.model.num_experts < mesh.ep_size())
+    throw Error("examoe::train: model.num_experts (" + std::to_string(cfg.model.num_experts) +
+                ") must be at least the expert-parallel size ep = " + std::to_string(mesh.ep_size()) +
+                " (every rank of an expert-parallel group holds at least one expert; set parallel.ep)");
 
   // Data: errors (missing file, too short, ...) are agreed before anything else.
   std::unique_ptr<Corpus> corpus;
@@ -445,6 +666,13 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
     err = e.what();
   }
   throw_if_any(mesh.world(), err);
+  {
+    // The most tokens a rank holds at once: its share of a training batch or of the
+    // validation set (evaluated in one pass).
+    const long long W = mesh.world_size(), seq = cfg.model.seq_len;
+    const long long val = corpus->num_val_sequences(cfg.model.seq_len);
+    check_memory(cfg, mesh, std::max((cfg.train.batch + W - 1) / W, (val + W - 1) / W) * seq, sizeof(S));
+  }
 
   Model<S> model(cfg.model, cfg.parallel, mesh, cfg.train.seed);
   AdamW<S> opt(adamw_config(cfg));
@@ -574,7 +802,11 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
     {
       // Same expert-parallel size: take over the saved placement (other sizes rebalance anew).
       const CheckpointInfo head = read_checkpoint_info(path, mesh.world().mpi_comm());
-      if (head.ep == mesh.ep_size() && static_cast<int>(head.placement.size()) == model.n_layers())
+      // (A table of another shape belongs to another model: load_checkpoint names the
+      // difference below.)
+      bool same_shape = static_cast<int>(head.placement.size()) == model.n_layers();
+      for (const auto& row : head.placement) same_shape = same_shape && static_cast<int>(row.size()) == cfg.model.num_experts;
+      if (head.ep == mesh.ep_size() && same_shape)
         for (int l = 0; l < model.n_layers(); ++l) {
           const Placement saved = Placement::from_owners(head.placement[l], mesh.ep_size());
           if (saved != model.moe(l).placement()) move_layer(l, saved);
@@ -584,6 +816,7 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
       } catch (const std::exception&) {
         placement_history = nlohmann::json::array();
       }
+      if (!placement_history.is_array()) placement_history = nlohmann::json::array();  // history only
     }
     const CheckpointInfo info = load_checkpoint(path, model, opt, cfg);
     start_step = info.step;
@@ -860,10 +1093,11 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
 }  // namespace
 
 TrainResult train(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
-  // Validation errors are identical on every rank for an identical config; a config that
-  // differs between ranks is caught by the layers' collective config check.
+  // First of all (before any collective whose shape depends on the config): the config must
+  // be the same on every rank. Then validation errors are identical on every rank.
   {
     auto c = make_mpi_communicator(comm);
+    check_same_config(cfg, *c);
     std::string err;
     try {
       cfg.validate();
@@ -871,6 +1105,10 @@ TrainResult train(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
       err = e.what();
     }
     throw_if_any(*c, err);
+    const int P = c->size(), ep = cfg.parallel.ep;
+    if (ep > 0 && (ep > P || P % ep != 0))
+      throw Error("examoe::train: parallel.ep = " + std::to_string(ep) + " must divide the world size " +
+                  std::to_string(P) + " (world = dp x ep; parallel.ep = 0 means the whole world)");
     // Fault injection (tests of the fault handling): EXAMOE_FAULT, read once per run.
     try {
       const std::string spec = impl::fault::arm_from_env();
@@ -896,9 +1134,10 @@ namespace {
 template <class S>
 double eval_run(const TrainConfig& cfg, const std::string& ckpt, const std::string& input,
                 const std::string& output, MPI_Comm comm, std::ostream* out) {
-  Mesh mesh(comm, cfg.parallel.ep, comm_options(cfg.parallel));
-  Communicator& w = mesh.world();
-  const bool root = w.rank() == 0;
+  // The input is checked before the mesh is built (a bad file costs one agreement).
+  auto input_comm = make_mpi_communicator(comm);
+  Communicator& w0 = *input_comm;
+  const bool root = w0.rank() == 0;
   const int seq = cfg.model.seq_len, V = cfg.model.vocab;
   // Rank 0 reads the input and shares it.
   std::vector<int> tokens, targets;
@@ -948,18 +1187,25 @@ double eval_run(const TrainConfig& cfg, const std::string& ckpt, const std::stri
 #else
   err = "examoe eval: this ExaMoE was built without HDF5";
 #endif
-  throw_if_any(w, err);
-  w.broadcast(&n, sizeof n, 0);
+  throw_if_any(w0, err);
+  w0.broadcast(&n, sizeof n, 0);
   const bool have_targets = root ? !targets.empty() : false;
   int ht = have_targets ? 1 : 0;
-  w.broadcast(&ht, sizeof ht, 0);
+  w0.broadcast(&ht, sizeof ht, 0);
   tokens.resize(static_cast<std::size_t>(n) * seq);
-  w.broadcast(tokens.data(), tokens.size() * sizeof(int), 0);
+  w0.broadcast(tokens.data(), tokens.size() * sizeof(int), 0);
   if (ht) {
     targets.resize(tokens.size());
-    w.broadcast(targets.data(), targets.size() * sizeof(int), 0);
+    w0.broadcast(targets.data(), targets.size() * sizeof(int), 0);
   }
+  input_comm.reset();
+  Mesh mesh(comm, cfg.parallel.ep, comm_options(cfg.parallel));
+  Communicator& w = mesh.world();
 
+  if (cfg.model.num_experts < mesh.ep_size())
+    throw Error("examoe eval: the checkpoint's model.num_experts (" + std::to_string(cfg.model.num_experts) +
+                ") must be at least the expert-parallel size ep = " + std::to_string(mesh.ep_size()) + " (set --parallel.ep)");
+  check_memory(cfg, mesh, (n + w.size() - 1) / w.size() * seq, sizeof(S));
   Model<S> model(cfg.model, cfg.parallel, mesh, cfg.train.seed);
   AdamW<S> opt(adamw_config(cfg));
   register_parameters(model, opt);
@@ -1031,11 +1277,17 @@ double eval_file(const std::string& ckpt, const std::string& input, const std::s
                  MPI_Comm comm, std::ostream* out) {
   const CheckpointInfo info = read_checkpoint_info(ckpt, comm);
   TrainConfig cfg;
-  for (const auto& [key, value] : info.config)
-    for (const auto& k : config_keys())
-      if (k.name == key) k.set(cfg, value);
-  cfg.parallel.ep = ep;
-  cfg.checkpoint.resume.clear();
+  // Every rank read the same file, so every rank reaches the same verdict.
+  try {
+    for (const auto& [key, value] : info.config)
+      for (const auto& k : config_keys())
+        if (k.name == key) k.set(cfg, value);
+    cfg.parallel.ep = ep;
+    cfg.checkpoint.resume.clear();
+    cfg.validate();
+  } catch (const Error& e) {
+    throw Error("examoe eval: checkpoint '" + ckpt + "' holds a config this ExaMoE cannot use: " + e.what());
+  }
   return cfg.train.precision == "double" ? eval_run<double>(cfg, ckpt, input, output, comm, out)
                                          : eval_run<float>(cfg, ckpt, input, output, comm, out);
 }

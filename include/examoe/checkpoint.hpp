@@ -3,13 +3,20 @@
 #include <examoe/optimizer.hpp>
 #include <examoe/train.hpp>
 
+#include <mpi.h>
+
+#include <cstddef>
 #include <string>
 #include <vector>
 
 namespace examoe {
 
 /// Version of the checkpoint layout (docs/checkpoint-format.md). A reader refuses others.
-constexpr int kCheckpointFormatVersion = 1;
+/// 2: the file starts with a 512-byte header (the HDF5 user block) holding a checksum of the
+/// whole file, verified before HDF5 reads a byte of it.
+constexpr int kCheckpointFormatVersion = 2;
+/// Size of the header in front of the HDF5 data (the HDF5 user block).
+constexpr std::size_t kCheckpointHeaderBytes = 512;
 
 /// What a checkpoint says about itself (read by any rank count, or without MPI peers).
 struct CheckpointInfo {
@@ -47,6 +54,19 @@ CheckpointInfo load_checkpoint(const std::string& path, Model<S>& model, AdamW<S
 
 /// Reads the metadata only (collective over `comm`).
 CheckpointInfo read_checkpoint_info(const std::string& path, MPI_Comm comm);
+
+/// Whole-file integrity (docs/checkpoint-format.md, "Header"). seal_checkpoint_file writes
+/// the header of a closed checkpoint file: format version, file size and the checksum of
+/// every byte after the header, computed in parallel by the ranks of `comm` (chunks of
+/// kCheckpointChecksumChunk bytes, so the result does not depend on the rank count). Tools
+/// that edit a checkpoint with HDF5 call it again afterwards. verify_checkpoint_file checks
+/// all of that and throws examoe::Error on every rank, naming the file and the problem
+/// (missing, not a regular file, no ExaMoE header, other format version, truncated or
+/// extended, checksum mismatch); the readers call it before handing the file to HDF5, so a
+/// damaged file never reaches HDF5's parser. Both collective over `comm`.
+constexpr std::size_t kCheckpointChecksumChunk = std::size_t(1) << 26;
+void seal_checkpoint_file(const std::string& path, MPI_Comm comm);
+void verify_checkpoint_file(const std::string& path, MPI_Comm comm);
 
 /// Path of the newest complete checkpoint in `dir` ("" if none). Names: step-<N>.h5.
 std::string latest_checkpoint(const std::string& dir);

@@ -55,7 +55,23 @@ struct MemoryReport {
   std::size_t optimizer = 0;           ///< AdamW moments of the shards and local experts
   std::size_t activations = 0;         ///< saved dense activations of one step
   std::size_t activations_without_checkpointing = 0;
+  /// Step buffers besides the saved activations: logits, activation gradients, the MoE
+  /// layers' dispatch rows (estimate_memory fills it; Model::memory() leaves it 0).
+  std::size_t buffers = 0;
+  /// Everything a rank holds at its peak: shards and their gradients and decay mask, gathered
+  /// units, the gradient buffer, experts and their gradients, optimizer state, activations,
+  /// buffers (saturates instead of overflowing).
+  std::size_t total() const;
 };
+
+/// What a rank of a dp x ep mesh of `world_size` ranks will hold for this model in `S` of
+/// `scalar_bytes` bytes, computed without allocating anything (so absurd configs can be
+/// refused first). Experts are counted for the rank with the most of them (balanced blocks),
+/// activations for `rows` tokens per rank (the largest batch a rank will see), gathered units
+/// for the FSDP mode. Fields match Model::memory() of the same configuration (its most
+/// loaded rank, after a step of `rows` tokens); sizes too large for size_t saturate.
+MemoryReport estimate_memory(const ModelConfig& cfg, const ParallelConfig& par, int world_size,
+                             int ep_size, long long rows, std::size_t scalar_bytes);
 
 struct StepStats {
   double ce_sum = 0;          ///< local cross-entropy sum

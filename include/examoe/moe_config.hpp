@@ -37,6 +37,11 @@ struct MoEConfig {
   /// Sum the router-weight gradient over the communicator in backward (every rank then holds
   /// the full dWr). Turn off when an outer layer (FSDP) reduces it.
   bool reduce_router_grad = true;
+  /// forward() and backward() refuse non-finite inputs (NaN or Inf in x or dout): every rank
+  /// throws examoe::Error naming the first bad element instead of spreading NaN through the
+  /// router. One extra pass over the input, agreed with the shape checks (no extra message).
+  /// The trainer turns it off: there, non-finite values are train.nonfinite's business.
+  bool check_finite_inputs = true;
   /// Fence and time each phase (router, plan, pack, all-to-all, experts, combine, backward).
   bool time_phases = true;
 

@@ -3,6 +3,8 @@
 
 #include <mpi.h>
 
+#include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <iosfwd>
 #include <map>
@@ -24,6 +26,11 @@ struct TrainOptions {
   /// moments and step count stay as they were) or "stop" (checkpoint, then stop).
   std::string nonfinite = "skip";
   int max_skipped = 10;     ///< stop (with a checkpoint) after this many skipped steps in a row
+  /// Memory a rank may use: "auto" (physical memory, or the cgroup limit if lower, shared by
+  /// the ranks on the node), "off" (no check), or a size per rank such as "8GiB", "512MiB",
+  /// "2e9" (bytes). The trainer refuses, on every rank and before allocating the model, a
+  /// config whose estimated need (estimate_memory) exceeds it.
+  std::string memory_limit = "auto";
 };
 struct DataOptions {
   std::string path;         ///< empty: the built-in addition corpus
@@ -69,6 +76,21 @@ struct ConfigKey {
   std::function<void(TrainConfig&, const std::string&)> set;  ///< throws examoe::Error
 };
 const std::vector<ConfigKey>& config_keys();
+/// Every key as "name=value" lines, in table order: the canonical text of a config.
+std::string canonical_config(const TrainConfig& cfg);
+/// Stable 64-bit hash (FNV-1a) of canonical_config(cfg).
+std::uint64_t config_hash(const TrainConfig& cfg);
+/// Collective over `comm`: compares the hash of `cfg` on every rank (one allreduce). If they
+/// differ, every rank throws examoe::Error naming, per differing rank, the keys whose values
+/// differ from rank 0's. Called by train() before any other collective.
+void check_same_config(const TrainConfig& cfg, MPI_Comm comm);
+
+/// Parses a memory size: "8GiB", "512MiB", "1.5GB", "4G" (binary), "2e9" (bytes). Returns
+/// false for anything else (including negative or non-finite sizes).
+bool parse_memory_size(const std::string& text, std::size_t& bytes);
+/// What `train.memory_limit` allows per rank, in bytes, on this rank (0 = no limit), and how
+/// that was found (for messages). Collective over `comm` for "auto" (ranks per node).
+std::size_t memory_limit_bytes(const std::string& setting, MPI_Comm comm, std::string* how = nullptr);
 /// Applies a JSON object (nested {"model": {"d_model": 64}} or flat {"model.d_model": 64}).
 /// Unknown keys are errors naming the closest valid key.
 void apply_json_config(TrainConfig& cfg, const std::string& json_text, const std::string& source);

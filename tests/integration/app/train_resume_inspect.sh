@@ -38,7 +38,7 @@ grep -q "step 4" i.txt
 python3 - i.json <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))
-assert j["step"] == 4 and j["format_version"] == 1, j
+assert j["step"] == 4 and j["format_version"] == 2, j
 routed = sum(sum(layer) for layer in j["tokens_per_expert"])
 assert routed == 4 * 8 * 16 * 2 * 2, routed   # steps x batch x seq x top_k x layers
 assert len(j["placement"]) == 2 and len(j["placement"][0]) == 4
