@@ -175,6 +175,9 @@ TEST(InputErrors, EveryKeyWrongType) {
 const std::map<std::string, std::string>& keys_without_range() {
   static const std::map<std::string, std::string> m = {
       {"model.activation", "a choice: only the wrong-type case exists"},
+      {"train.nonfinite", "a choice: only the wrong-type case exists"},
+      {"parallel.gpu_aware_mpi", "a choice: only the wrong-type case exists"},
+      {"parallel.comm", "a choice; nccl where this build cannot run it: Comm.BadBackendOptionsFailOnEveryRank"},
       {"model.router.renormalize", "boolean"},
       {"parallel.reshard_after_forward", "boolean"},
       {"parallel.activation_checkpointing", "boolean"},
@@ -220,6 +223,8 @@ std::map<std::string, std::vector<Bad>> out_of_range() {
       {"train.eps", {{"0", {"positive"}}}},
       {"train.clip", {{"-1", {">= 0"}}}},
       {"train.precision", {{"half", {"float or double"}}}},
+      {"train.max_skipped", {{"0", {">= 1"}}}},
+      {"parallel.watchdog_seconds", {{"-1", {">= 0"}}}},
       {"train.memory_limit", {{"lots", {"auto, off or a size"}}, {"-1GiB", {"auto, off or a size"}},
                               {"4KiB", {"4096 bytes", "available per rank"}}}},
       {"data.digits", {{"0", {"[1, 6]"}}, {"7", {"[1, 6]"}}}},
