@@ -329,8 +329,15 @@ TEST(InputErrors, ConfigHashCoversEveryKey) {
     else if (k.type == "UINT") w = std::to_string(std::stoull(v) + 1);
     else if (k.type == "FLOAT") w = std::to_string(std::stod(v) * 0.5 + 0.125);
     else if (k.type == "BOOL") w = v == "true" ? "false" : "true";
-    else if (k.name == "model.activation") w = v == "gelu" ? "swiglu" : "gelu";
-    else w = v + "x";
+    else if (k.type.find('|') != std::string::npos) {  // a choice: another one of them
+      std::string rest = k.type + "|";
+      for (std::size_t p = 0; (p = rest.find('|')) != std::string::npos; rest.erase(0, p + 1))
+        if (rest.substr(0, p) != v) {
+          w = rest.substr(0, p);
+          break;
+        }
+    } else
+      w = v + "x";
     k.set(b, w);
     EXPECT_NE(config_hash(a), config_hash(b)) << k.name << ": " << v << " -> " << w;
   }
