@@ -372,6 +372,7 @@ void io_tensors(hid_t file, Model<S>& model, const AdamW<S>* opt_w, AdamW<S>* op
       const std::string name = "layer" + std::to_string(l) + "." + tname;
       // On read every replica reads its experts, but only the first replica's count in the
       // checksum; io_dataset sums all pieces, so other replicas read with a separate pass.
+      std::string rerr;  // a replica's read error, agreed below by every rank
       if (!write && mesh.dp_rank() != 0) {
         std::vector<Piece<S>> none;
         io_dataset<S>(g, name, {static_cast<hsize_t>(E), a, b}, none, false, comm);
@@ -383,11 +384,13 @@ void io_tensors(hid_t file, Model<S>& model, const AdamW<S>* opt_w, AdamW<S>* op
           select_flat_range(fs, d3, pc.lo, pc.hi);
           const hsize_t cnt = pc.hi - pc.lo;
           Hid ms(H5Screate_simple(1, &cnt, nullptr), H5Sclose);
-          if (H5Dread(ds, h5type<S>(), ms, fs, t.dxpl, pc.mem) < 0) fail("cannot read dataset " + name);
+          if (rerr.empty() && H5Dread(ds, h5type<S>(), ms, fs, t.dxpl, pc.mem) < 0)
+            rerr = "examoe::checkpoint: cannot read dataset '" + name + "'";
         }
       } else {
         io_dataset<S>(g, name, {static_cast<hsize_t>(E), a, b}, pieces, write, comm);
       }
+      if (!write) throw_if_any(comm, rerr);
       if (!write && src.size()) from_host(local, src);
       ++ti;
     }

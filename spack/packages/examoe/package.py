@@ -127,6 +127,8 @@ class Examoe(CMakePackage, CudaPackage):
             self.define_from_variant("ExaMoE_ENABLE_NCCL", "nccl"),
             # +nccl must give the NCCL backend: fail the build rather than drop it silently.
             self.define_from_variant("ExaMoE_REQUIRE_NCCL", "nccl"),
+            # libFuzzer targets: a developer build (clang, sanitizers), never installed.
+            self.define("ExaMoE_ENABLE_FUZZ", False),
             # Never pick up another Kokkos / MPI (e.g. Debian's Kokkos 3.4 in /usr).
             self.define("Kokkos_ROOT", spec["kokkos"].prefix),
             self.define("KokkosKernels_ROOT", spec["kokkos-kernels"].prefix),
