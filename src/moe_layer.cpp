@@ -87,6 +87,25 @@ void return_locations(const Space& space, int A, const IV& keys, const IV& inv_p
       });
 }
 
+/// Row-major index of the first NaN/Inf element of a [n0][n1] matrix, LLONG_MAX if none.
+template <class Space, class M>
+long long first_nonfinite(const Space& space, const M& v) {
+  const int n0 = static_cast<int>(v.extent(0)), n1 = static_cast<int>(v.extent(1));
+  long long first = LLONG_MAX;
+  Kokkos::parallel_reduce(
+      "examoe::moe::finite_check", Kokkos::RangePolicy<Space>(space, 0, n0),
+      KOKKOS_LAMBDA(const int i, long long& f) {
+        for (int j = 0; j < n1; ++j)
+          if (!kc::isfinite(v(i, j))) {
+            const long long at = static_cast<long long>(i) * n1 + j;
+            if (at < f) f = at;
+            break;
+          }
+      },
+      Kokkos::Min<long long>(first));
+  return first;
+}
+
 /// a += b, element-wise over two [n][m] matrices.
 template <class Space, class M>
 void accumulate(const Space& space, const M& a, const M& b) {
@@ -376,18 +395,7 @@ struct MoELayer<Scalar>::Impl {
   std::string nonfinite_message(const const_matrix& v, const char* fn, const char* name) {
     const int n0 = static_cast<int>(v.extent(0)), n1 = static_cast<int>(v.extent(1));
     if (n0 == 0 || n1 == 0) return {};
-    long long first = LLONG_MAX;
-    Kokkos::parallel_reduce(
-        "examoe::moe::finite_check", Kokkos::RangePolicy<Space>(space, 0, n0),
-        KOKKOS_LAMBDA(const int i, long long& f) {
-          for (int j = 0; j < n1; ++j)
-            if (!impl::kc::isfinite(v(i, j))) {
-              const long long at = static_cast<long long>(i) * n1 + j;
-              if (at < f) f = at;
-              break;
-            }
-        },
-        Kokkos::Min<long long>(first));
+    const long long first = impl::first_nonfinite(space, v);
     if (first == LLONG_MAX) return {};
     const int i = static_cast<int>(first / n1), j = static_cast<int>(first % n1);
     auto hv = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), Kokkos::subview(v, i, j));
