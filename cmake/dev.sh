@@ -75,6 +75,8 @@ case "${1:-}" in
     rm -rf "$out/seeds" "$out/findings"
     mkdir -p "$out/findings" "$out/corpus/config" "$out/corpus/checkpoint"
     export LSAN_OPTIONS="suppressions=$PWD/fuzz/lsan.supp"
+    rm -rf "$out/tmp" && mkdir -p "$out/tmp"
+    export TMPDIR="$PWD/$out/tmp"   # the targets' work files
     # (The seed generator starts and stops MPI; leaks of unloaded MPI plugins are not ours.)
     ASAN_OPTIONS=detect_leaks=0 "$out/fuzz/fuzz_make_seeds" "$out/seeds"
     status=0

@@ -286,8 +286,11 @@ extern "C" int LLVMFuzzerInitialize(int* argc, char*** argv) {
   MPI_Init(argc, argv);
   examoe::impl::kc::initialize_if_needed();
   H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
-  char tmpl[] = "/tmp/examoe-fuzz-ckpt.XXXXXX";
-  if (!mkdtemp(tmpl)) std::abort();
+  // Work files under $TMPDIR (dev.sh points it into build-fuzz/, which it cleans: libFuzzer
+  // may end the process without running atexit handlers).
+  const char* base = std::getenv("TMPDIR");
+  std::string tmpl = std::string(base && *base ? base : "/tmp") + "/examoe-fuzz-ckpt.XXXXXX";
+  if (!mkdtemp(tmpl.data())) std::abort();
   g_dir = tmpl;
   // The pristine checkpoint: one step of the tiny model.
   examoe::TrainConfig c = examoe::fuzz::tiny();
