@@ -30,22 +30,8 @@ namespace {
 int rank_() { return examoe::test::world_rank(); }
 int size_() { return examoe::test::world_size(); }
 
-/// A directory name shared by all ranks (rank 0's pid), fresh per test.
-std::string shared_dir(const std::string& tag) {
-  int pid = static_cast<int>(getpid());
-  MPI_Bcast(&pid, 1, MPI_INT, 0, MPI_COMM_WORLD);
-  const std::string d = "/tmp/examoe_ckpt_" + tag + "_" + std::to_string(pid) + "_np" + std::to_string(size_());
-  if (rank_() == 0) {
-    std::system(("rm -rf " + d).c_str());
-    ::mkdir(d.c_str(), 0755);
-  }
-  MPI_Barrier(MPI_COMM_WORLD);
-  return d;
-}
-void remove_dir(const std::string& d) {
-  MPI_Barrier(MPI_COMM_WORLD);
-  if (rank_() == 0) std::system(("rm -rf " + d).c_str());
-}
+std::string shared_dir(const std::string& tag) { return examoe::test::make_shared_dir("ckpt", tag); }
+void remove_dir(const std::string& d) { examoe::test::remove_shared_dir(d); }
 
 examoe::TrainConfig tiny(const std::string& dir) {
   examoe::TrainConfig c = examoe::test::tiny_train_config();

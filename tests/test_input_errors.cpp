@@ -108,22 +108,8 @@ const ConfigKey& key(const std::string& name) {
   throw std::runtime_error("no config key " + name);
 }
 
-/// A directory shared by all ranks (rank 0's pid), fresh per test.
-std::string shared_dir(const std::string& tag) {
-  int pid = static_cast<int>(getpid());
-  MPI_Bcast(&pid, 1, MPI_INT, 0, MPI_COMM_WORLD);
-  const std::string d = "/tmp/examoe_input_" + tag + "_" + std::to_string(pid) + "_np" + std::to_string(world_size());
-  if (world_rank() == 0) {
-    std::system(("rm -rf " + d).c_str());
-    ::mkdir(d.c_str(), 0755);
-  }
-  MPI_Barrier(MPI_COMM_WORLD);
-  return d;
-}
-void remove_dir(const std::string& d) {
-  MPI_Barrier(MPI_COMM_WORLD);
-  if (world_rank() == 0) std::system(("rm -rf " + d).c_str());
-}
+std::string shared_dir(const std::string& tag) { return examoe::test::make_shared_dir("input", tag); }
+void remove_dir(const std::string& d) { examoe::test::remove_shared_dir(d); }
 
 
 // ------------------------------------------------------------------ every key, wrong type

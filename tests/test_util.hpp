@@ -14,6 +14,9 @@
 
 #include <Kokkos_Core.hpp>
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -60,6 +63,25 @@ inline int world_size() {
   int s = 1;
   MPI_Comm_size(MPI_COMM_WORLD, &s);
   return s;
+}
+
+/// A fresh directory /tmp/examoe_<area>_<tag>_<pid>_np<P> shared by all ranks (rank 0's pid).
+inline std::string make_shared_dir(const std::string& area, const std::string& tag) {
+  int pid = static_cast<int>(getpid());
+  MPI_Bcast(&pid, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  const std::string d = "/tmp/examoe_" + area + "_" + tag + "_" + std::to_string(pid) + "_np" +
+                        std::to_string(world_size());
+  if (world_rank() == 0) {
+    std::system(("rm -rf " + d).c_str());
+    ::mkdir(d.c_str(), 0755);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  return d;
+}
+/// Removes a make_shared_dir directory once every rank is done with it.
+inline void remove_shared_dir(const std::string& d) {
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (world_rank() == 0) std::system(("rm -rf " + d).c_str());
 }
 
 /// splitmix64: small, portable, the same sequence everywhere.
