@@ -15,7 +15,8 @@ struct RowBlock {
 
 /// Stable counting sort of keys[A] in [0, K) in chunks: hist[C][K] per chunk, an exclusive
 /// scan in (key, chunk) order, then every chunk scatters its slots in order.
-/// Out: perm[s] = a (sorted slot -> assignment), inv_perm[a] = s, key_start[K+1].
+/// Out: perm[s] = a (sorted slot -> assignment), inv_perm[a] = s, key_start[K+1] (all of it,
+/// for any A >= 0).
 template <class Space, class KView, class HView, class PView, class SView>
 void stable_counting_sort(const Space& space, const KView& keys, int K, int chunk,
                           const HView& hist, const PView& perm, const PView& inv_perm,
@@ -33,15 +34,14 @@ void stable_counting_sort(const Space& space, const KView& keys, int K, int chun
       "examoe::dispatch::scan", Kokkos::RangePolicy<Space>(space, 0, K * C),
       KOKKOS_LAMBDA(const int i, int& acc, const bool final) {
         const int v = hist(i);
-        if (final) {
-          hist(i) = acc;
-          if (i % C == 0) key_start(i / C) = acc;
-        }
+        if (final) hist(i) = acc;
         acc += v;
       });
+  // Every entry of key_start is written on every call, also when there are no chunks
+  // (A = 0: every key starts at 0), so no count of an earlier call survives.
   Kokkos::parallel_for(
-      "examoe::dispatch::key_end", Kokkos::RangePolicy<Space>(space, 0, 1),
-      KOKKOS_LAMBDA(const int) { key_start(K) = A; });
+      "examoe::dispatch::key_start", Kokkos::RangePolicy<Space>(space, 0, K + 1),
+      KOKKOS_LAMBDA(const int key) { key_start(key) = key < K && C > 0 ? hist(key * C) : A; });
   Kokkos::parallel_for(
       "examoe::dispatch::scatter", Kokkos::RangePolicy<Space>(space, 0, C),
       KOKKOS_LAMBDA(const int c) {

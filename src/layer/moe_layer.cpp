@@ -1,6 +1,8 @@
 // The expert-parallel MoE layer: router -> dispatch plan -> dispatch -> experts -> combine,
 // and the mirror image in backward. Data flow and conventions: ../shared DESIGN.md and
 // docs/moe-layer.md.
+#include "layer/dispatch_plan.hpp"
+
 #include <examoe/error.hpp>
 #include <examoe/impl/collectives.hpp>
 #include <examoe/impl/dispatch_kernels.hpp>
@@ -19,10 +21,6 @@
 #include <sstream>
 
 namespace examoe {
-
-namespace {
-constexpr int kSortChunk = 256;  // assignments per chunk of the counting sort
-}
 
 // Kernels of the layer's own small steps. Free functions, not members of the (private) Impl:
 // nvcc does not allow device lambdas inside a class that is private to another class.
@@ -55,35 +53,6 @@ void init_expert_weights(const Space& space, const T3& w, const IV& gids, std::u
         const double u = uniform01(hash_key(seed, tensor_id, static_cast<std::uint64_t>(gids(l)),
                                             static_cast<std::uint64_t>(r)));
         w(l, r / n2, r % n2) = static_cast<S>(scale * (2 * u - 1));
-      });
-}
-
-/// keys[a] = sort key (owner rank, local index) of assignment a = (token a/k, slot a%k).
-template <class Space, class IV, class IV2>
-void assignment_keys(const Space& space, int A, int k, const IV& key_of_expert, const IV2& topk,
-                     const IV& keys) {
-  Kokkos::parallel_for(
-      "examoe::dispatch::keys", Kokkos::RangePolicy<Space>(space, 0, A),
-      KOKKOS_LAMBDA(const int a) { keys(a) = key_of_expert(topk(a / k, a % k)); });
-}
-
-/// Where each assignment's expert output comes back: >= 0 a row of this rank's expert rows,
-/// < 0 (-1 - i) row i of the combine receive buffer.
-template <class Space, class IV, class BV>
-void return_locations(const Space& space, int A, const IV& keys, const IV& inv_perm,
-                      const IV& key_start, const BV& blocks, int my_first, int nloc, int P, int me,
-                      int self_begin, int self_count, const IV& loc) {
-  const int my_last = my_first + nloc;
-  Kokkos::parallel_for(
-      "examoe::dispatch::return_locations", Kokkos::RangePolicy<Space>(space, 0, A),
-      KOKKOS_LAMBDA(const int a) {
-        const int key = keys(a), s = inv_perm(a);
-        if (key >= my_first && key < my_last) {
-          const int lx = key - my_first;
-          loc(a) = blocks(lx * P + me).dest + (s - key_start(key));
-        } else {
-          loc(a) = -1 - (s < self_begin ? s : s - self_count);
-        }
       });
 }
 
@@ -125,7 +94,6 @@ struct MoELayer<Scalar>::Impl {
   using IView2 = Kokkos::View<int**, Kokkos::LayoutRight, Mem>;
   using SView1 = Kokkos::View<Scalar*, Mem>;
   using DView1 = Kokkos::View<double*, Mem>;
-  using BlockView = Kokkos::View<impl::RowBlock*, Mem>;
 
   MoEConfig cfg;
   Space space;
@@ -140,9 +108,6 @@ struct MoELayer<Scalar>::Impl {
   matrix Wr, dWr;
   tensor3 W1, W2, W3, dW1, dW2, dW3;
 
-  // Small constant tables (device).
-  IView1 key_of_expert;   // [E]
-
   // Router state of the last forward.
   matrix probs, dz, gates, dgate, dWr_step;
   SView1 lse;
@@ -155,21 +120,14 @@ struct MoELayer<Scalar>::Impl {
   std::uint64_t step = 0;
   bool step_set = false;
 
-  // Plan of the last forward.
-  IView1 keys, perm, inv_perm, loc, hist, key_start;
-  typename IView1::HostMirror key_start_h;
-  BlockView blocks;
-  typename BlockView::HostMirror blocks_h;
-  int nblocks = 0, nrows = 0, T = 0, A = 0, self_begin = 0, self_count = 0;
-  int rows_send = 0, rows_recv = 0;
-  std::vector<int> send_mat, recv_mat;  // [P][max_local]
-  std::vector<int> scount, sdispl, rcount, rdispl;
+  // Plan of the last forward (rebuilt from each forward's assignments, reused by backward).
+  impl::DispatchPlan plan;
+  int T = 0, A = 0;
   std::vector<double> red;  // router statistics allreduce buffer
 
   // Row buffers.
   matrix send_buf, recv_buf, xe, ye, back_send, back_recv;
   matrix hbuf, ubuf, abuf, dabuf, dubuf, dye, dxe;
-  std::vector<int> expert_offset;  // [nloc+1] row offsets of local experts in xe
 
   const_matrix x_saved;
   bool have_forward = false;
@@ -243,12 +201,8 @@ struct MoELayer<Scalar>::Impl {
     Wr = matrix(p + "Wr", d, E);
     dWr = matrix(p + "dWr", d, E);
     dWr_step = matrix(p + "dWr_step", d, E);
-    key_of_expert = IView1(p + "key_of_expert", E);
     aux_coef = DView1(p + "aux_coef", E);
     aux_coef_h = Kokkos::create_mirror_view(aux_coef);
-    key_start = IView1(p + "key_start", E + 1);
-    key_start_h = Kokkos::create_mirror_view(key_start);
-    scount.assign(P, 0); sdispl.assign(P, 0); rcount.assign(P, 0); rdispl.assign(P, 0);
     red.assign(2 * static_cast<std::size_t>(E) + 3, 0.0);
     stats.tokens_per_expert.assign(E, 0);
     apply_placement(placement);
@@ -265,17 +219,7 @@ struct MoELayer<Scalar>::Impl {
   void apply_placement(const Placement& np) {
     placement = np;
     nloc = placement.num_local(me);
-    auto koe = Kokkos::create_mirror_view(key_of_expert);
-    for (int e = 0; e < E; ++e) koe(e) = placement.key(e);
-    Kokkos::deep_copy(key_of_expert, koe);
-    if (blocks.extent(0) < static_cast<std::size_t>(std::max(1, nloc * P))) {
-      blocks = BlockView("examoe::moe::blocks", static_cast<std::size_t>(std::max(1, nloc * P)));
-      blocks_h = Kokkos::create_mirror_view(blocks);
-    }
-    const int ml = std::max(1, placement.max_local());
-    send_mat.assign(static_cast<std::size_t>(P) * ml, 0);
-    recv_mat.assign(static_cast<std::size_t>(P) * ml, 0);
-    expert_offset.assign(nloc + 1, 0);
+    plan.set_placement(space, placement, me);
     stats.rows_per_local_expert.assign(nloc, 0);
     have_forward = false;  // a plan built for the old placement is void
   }
@@ -409,6 +353,7 @@ struct MoELayer<Scalar>::Impl {
   void forward(const const_matrix& x, const matrix& out, bool training) {
     impl::kc::ScopedRegion region("examoe::MoELayer::forward");
     impl::CollectiveLabel label("moe.router");
+    have_forward = false;  // until this forward completes, backward has nothing to reuse
     for (auto& s : stats.seconds) s = 0;
     tic();
     // Shape errors are local: agree on them inside the router statistics allreduce below,
@@ -456,25 +401,12 @@ struct MoELayer<Scalar>::Impl {
     }
     toc(Phase::router);
 
-    // ---- plan: stable sort by (owner rank, local expert)
-    ws.reserve(keys, "keys", A);
-    ws.reserve(perm, "perm", A);
-    ws.reserve(inv_perm, "inv_perm", A);
-    ws.reserve(loc, "loc", A);
-    const int C = (A + kSortChunk - 1) / kSortChunk;
-    ws.reserve(hist, "hist", static_cast<std::size_t>(C) * E);
-    impl::assignment_keys(space, A, k, key_of_expert, tk, keys);
-    impl::stable_counting_sort(space, impl::head(keys, A), E, kSortChunk, hist,
-                               impl::head(perm, A), impl::head(inv_perm, A), key_start);
-    Kokkos::deep_copy(space, key_start_h, key_start);
-    space.fence();
+    // ---- plan, local half: stable sort by (owner rank, local expert)
+    plan.sort(space, tk);
 
     // Global router statistics (and agreement that every rank got here): one allreduce of
     // [counts E | prob sums E | lse^2 sum | T | 0].
-    for (int e = 0; e < E; ++e) {
-      const int key = placement.key(e);
-      red[e] = key_start_h(key + 1) - key_start_h(key);
-    }
+    for (int e = 0; e < E; ++e) red[e] = plan.assignments_to(e);
     red[2 * E + 1] = T;
     scomm->allreduce_sum(red.data(), red.size(), DataType::f64);
     const double Tg = red[2 * E + 1];
@@ -502,19 +434,23 @@ struct MoELayer<Scalar>::Impl {
       }
       stats.imbalance = sum > 0 ? mx / (sum / P) : 1.0;
     }
-    build_plan();
+    // ---- plan, collective half: counts exchange and layout
+    plan.exchange_counts(space, *comm);
+    record_plan_stats();
     toc(Phase::plan);
 
     // ---- dispatch
-    ws.reserve(send_buf, "send_buf", rows_send, d);
-    ws.reserve(recv_buf, "recv_buf", rows_recv, d);
+    const int nrows = plan.expert_rows();
+    ws.reserve(send_buf, "send_buf", plan.rows_sent(), d);
+    ws.reserve(recv_buf, "recv_buf", plan.rows_received(), d);
     ws.reserve(xe, "xe", nrows, d);
-    auto sb = impl::rows_of(send_buf, rows_send);
-    impl::pack_rows(space, x, perm, k, self_begin, self_count, g, false, sb);
+    auto sb = impl::rows_of(send_buf, plan.rows_sent());
+    impl::pack_rows(space, x, plan.perm(), k, plan.self_begin(), plan.self_count(), g, false, sb);
     toc(Phase::pack);
-    exchange("moe.dispatch", send_buf, recv_buf, scount, sdispl, rcount, rdispl);
+    exchange_dispatch("moe.dispatch", send_buf, recv_buf);
     toc(Phase::alltoall);
-    impl::gather_expert_rows(space, blocks, nblocks, nrows, x, perm, k, g, false, recv_buf, xe);
+    impl::gather_expert_rows(space, plan.blocks(), plan.num_blocks(), nrows, x, plan.perm(), k, g,
+                             false, recv_buf, xe);
     toc(Phase::pack);
 
     // ---- experts
@@ -526,96 +462,44 @@ struct MoELayer<Scalar>::Impl {
     toc(Phase::experts);
 
     // ---- combine
-    ws.reserve(back_send, "back_send", rows_recv, d);
-    ws.reserve(back_recv, "back_recv", rows_send, d);
-    impl::pack_back_rows(space, blocks, nblocks, nrows, ye, back_send);
-    exchange("moe.combine", back_send, back_recv, rcount, rdispl, scount, sdispl);
-    impl::combine_rows(space, impl::head(loc, A), k, g, true, ye, back_recv, false, out);
+    ws.reserve(back_send, "back_send", plan.rows_received(), d);
+    ws.reserve(back_recv, "back_recv", plan.rows_sent(), d);
+    impl::pack_back_rows(space, plan.blocks(), plan.num_blocks(), nrows, ye, back_send);
+    exchange_combine("moe.combine", back_send, back_recv);
+    impl::combine_rows(space, plan.return_location(), k, g, true, ye, back_recv, false, out);
     toc(Phase::combine);
     have_forward = true;
   }
 
-  /// From key_start (sorted slot ranges per key): counts exchange, displacements, the
-  /// expert-row blocks and every assignment's return location.
-  void build_plan() {
-    const int ml = std::max(1, placement.max_local());
-    std::fill(send_mat.begin(), send_mat.end(), 0);
-    for (int r = 0; r < P; ++r)
-      for (int lx = 0; lx < placement.num_local(r); ++lx) {
-        const int key = placement.rank_offset(r) + lx;
-        send_mat[static_cast<std::size_t>(r) * ml + lx] = key_start_h(key + 1) - key_start_h(key);
-      }
-    {
-      impl::CollectiveLabel label("moe.plan");
-      comm->alltoall_int(send_mat.data(), recv_mat.data(), ml);
-    }
-
-    self_begin = key_start_h(placement.rank_offset(me));
-    self_count = key_start_h(placement.rank_offset(me) + nloc) - self_begin;
-    rows_send = rows_recv = 0;
-    for (int r = 0; r < P; ++r) {
-      int sr = 0, rr = 0;
-      for (int lx = 0; lx < ml; ++lx) {
-        sr += send_mat[static_cast<std::size_t>(r) * ml + lx];
-        rr += recv_mat[static_cast<std::size_t>(r) * ml + lx];
-      }
-      // Rows that stay on this rank are copied, never sent.
-      scount[r] = r == me ? 0 : sr;
-      rcount[r] = r == me ? 0 : rr;
-      sdispl[r] = key_start_h(placement.rank_offset(r)) - (r > me ? self_count : 0);
-      rdispl[r] = rows_recv;
-      rows_send += scount[r];
-      rows_recv += rcount[r];
-    }
-    // Expert-row blocks in (local expert, source rank) order.
-    nblocks = nloc * P;
-    int q = 0;
-    for (int lx = 0; lx < nloc; ++lx) {
-      expert_offset[lx] = q;
-      for (int src = 0; src < P; ++src) {
-        impl::RowBlock b;
-        b.dest = q;
-        b.count = recv_mat[static_cast<std::size_t>(src) * ml + lx];
-        b.local = src == me ? 1 : 0;
-        if (src == me) {
-          b.from = key_start_h(placement.rank_offset(me) + lx);
-        } else {
-          int off = rdispl[src];
-          for (int l2 = 0; l2 < lx; ++l2) off += recv_mat[static_cast<std::size_t>(src) * ml + l2];
-          b.from = off;
-        }
-        blocks_h(lx * P + src) = b;
-        q += b.count;
-      }
-      stats.rows_per_local_expert[lx] = q - expert_offset[lx];
-    }
-    expert_offset[nloc] = q;
-    nrows = q;
-    Kokkos::deep_copy(space, blocks, blocks_h);
-
-    // Return location of every assignment.
-    impl::return_locations(space, A, keys, inv_perm, key_start, blocks, placement.rank_offset(me),
-                           nloc, P, me, self_begin, self_count, loc);
-
+  /// The dispatch statistics of this step's plan.
+  void record_plan_stats() {
+    for (int lx = 0; lx < nloc; ++lx)
+      stats.rows_per_local_expert[lx] = plan.expert_row_begin(lx + 1) - plan.expert_row_begin(lx);
     const std::int64_t row_bytes = static_cast<std::int64_t>(d) * sizeof(Scalar);
+    const std::int64_t sent = plan.rows_sent(), received = plan.rows_received();
     stats.tokens = T;
     stats.assignments = A;
-    stats.rows_local = self_count;
-    stats.rows_sent = rows_send;
-    stats.rows_received = rows_recv;
-    stats.expert_rows = nrows;
-    stats.bytes_sent_dispatch = rows_send * row_bytes;
-    stats.bytes_recv_dispatch = rows_recv * row_bytes;
-    stats.bytes_sent_combine = rows_recv * row_bytes;
-    stats.bytes_recv_combine = rows_send * row_bytes;
+    stats.rows_local = plan.self_count();
+    stats.rows_sent = sent;
+    stats.rows_received = received;
+    stats.expert_rows = plan.expert_rows();
+    stats.bytes_sent_dispatch = sent * row_bytes;
+    stats.bytes_recv_dispatch = received * row_bytes;
+    stats.bytes_sent_combine = received * row_bytes;
+    stats.bytes_recv_combine = sent * row_bytes;
   }
 
-  /// ONE variable-size all-to-all of rows (counts and displacements in rows).
-  void exchange(const char* label, const matrix& send, const matrix& recv, const std::vector<int>& sc,
-                const std::vector<int>& sd, const std::vector<int>& rc,
-                const std::vector<int>& rd) {
+  /// ONE variable-size all-to-all of rows in the dispatch direction (the plan's counts)...
+  void exchange_dispatch(const char* label, const matrix& send, const matrix& recv) {
     impl::CollectiveLabel scope(label);
-    coll->alltoallv_rows(send.data(), sc.data(), sd.data(), recv.data(), rc.data(), rd.data(), d);
+    coll->alltoallv_rows(send.data(), plan.send_counts().data(), plan.send_displs().data(),
+                         recv.data(), plan.recv_counts().data(), plan.recv_displs().data(), d);
+  }
+  /// ... and in the combine direction (the same counts, send and receive swapped).
+  void exchange_combine(const char* label, const matrix& send, const matrix& recv) {
+    impl::CollectiveLabel scope(label);
+    coll->alltoallv_rows(send.data(), plan.recv_counts().data(), plan.recv_displs().data(),
+                         recv.data(), plan.send_counts().data(), plan.send_displs().data(), d);
   }
 
   template <class V>
@@ -627,10 +511,11 @@ struct MoELayer<Scalar>::Impl {
   }
 
   void expert_forward() {
+    const int nrows = plan.expert_rows();
     auto H = impl::rows_of(hbuf, nrows);
     auto Aa = impl::rows_of(abuf, nrows);
     for (int lx = 0; lx < nloc; ++lx) {
-      const int b = expert_offset[lx], e = expert_offset[lx + 1];
+      const int b = plan.expert_row_begin(lx), e = plan.expert_row_begin(lx + 1);
       if (b == e) continue;
       impl::kc::gemm(space, "N", "N", Scalar(1), rows(xe, b, e), expert_w(W1, lx), Scalar(0),
                      rows(hbuf, b, e));
@@ -643,7 +528,7 @@ struct MoELayer<Scalar>::Impl {
     else
       impl::gelu_forward(space, H, Aa);
     for (int lx = 0; lx < nloc; ++lx) {
-      const int b = expert_offset[lx], e = expert_offset[lx + 1];
+      const int b = plan.expert_row_begin(lx), e = plan.expert_row_begin(lx + 1);
       if (b == e) continue;
       impl::kc::gemm(space, "N", "N", Scalar(1), rows(abuf, b, e), expert_w(W2, lx), Scalar(0),
                      rows(ye, b, e));
@@ -671,14 +556,16 @@ struct MoELayer<Scalar>::Impl {
     ws.reserve(dgate, "dgate", T, k);
     auto dg = impl::rows_of(dgate, T);
     // ---- combine^T: gate gradients, then dy = gate * dout dispatched like x
-    impl::gate_grads(space, impl::head(loc, A), k, ye, back_recv, dout, dg);
-    auto sb = impl::rows_of(send_buf, rows_send);
-    impl::pack_rows(space, dout, perm, k, self_begin, self_count, g, true, sb);
+    impl::gate_grads(space, plan.return_location(), k, ye, back_recv, dout, dg);
+    auto sb = impl::rows_of(send_buf, plan.rows_sent());
+    impl::pack_rows(space, dout, plan.perm(), k, plan.self_begin(), plan.self_count(), g, true, sb);
     toc(Phase::bwd_combine);
-    exchange("moe.combine_bwd", send_buf, recv_buf, scount, sdispl, rcount, rdispl);
+    exchange_dispatch("moe.combine_bwd", send_buf, recv_buf);
     toc(Phase::bwd_alltoall);
+    const int nrows = plan.expert_rows();
     ws.reserve(dye, "dye", nrows, d);
-    impl::gather_expert_rows(space, blocks, nblocks, nrows, dout, perm, k, g, true, recv_buf, dye);
+    impl::gather_expert_rows(space, plan.blocks(), plan.num_blocks(), nrows, dout, plan.perm(), k,
+                             g, true, recv_buf, dye);
     toc(Phase::bwd_combine);
 
     // ---- experts
@@ -689,8 +576,8 @@ struct MoELayer<Scalar>::Impl {
     toc(Phase::bwd_experts);
 
     // ---- dispatch^T: dx rows go home
-    impl::pack_back_rows(space, blocks, nblocks, nrows, dxe, back_send);
-    exchange("moe.dispatch_bwd", back_send, back_recv, rcount, rdispl, scount, sdispl);
+    impl::pack_back_rows(space, plan.blocks(), plan.num_blocks(), nrows, dxe, back_send);
+    exchange_combine("moe.dispatch_bwd", back_send, back_recv);
     toc(Phase::bwd_alltoall);
 
     // ---- router backward
@@ -708,14 +595,15 @@ struct MoELayer<Scalar>::Impl {
     }
     impl::accumulate(space, dWr, dWr_step);
     impl::kc::gemm(space, "N", "T", Scalar(1), dzv, Wr, Scalar(0), dx);
-    impl::combine_rows(space, impl::head(loc, A), k, g, false, dxe, back_recv, true, dx);
+    impl::combine_rows(space, plan.return_location(), k, g, false, dxe, back_recv, true, dx);
     toc(Phase::bwd_router);
   }
 
   void expert_backward() {
+    const int nrows = plan.expert_rows();
     // da = dy W2^T, dW2 += a^T dy
     for (int lx = 0; lx < nloc; ++lx) {
-      const int b = expert_offset[lx], e = expert_offset[lx + 1];
+      const int b = plan.expert_row_begin(lx), e = plan.expert_row_begin(lx + 1);
       if (b == e) continue;
       impl::kc::gemm(space, "N", "T", Scalar(1), rows(dye, b, e), expert_w(W2, lx), Scalar(0),
                      rows(dabuf, b, e));
@@ -729,7 +617,7 @@ struct MoELayer<Scalar>::Impl {
     else
       impl::gelu_backward(space, H, dA);
     for (int lx = 0; lx < nloc; ++lx) {
-      const int b = expert_offset[lx], e = expert_offset[lx + 1];
+      const int b = plan.expert_row_begin(lx), e = plan.expert_row_begin(lx + 1);
       if (b == e) continue;
       impl::kc::gemm(space, "T", "N", Scalar(1), rows(xe, b, e), rows(dabuf, b, e), Scalar(1),
                      expert_w(dW1, lx));
@@ -838,7 +726,9 @@ auto MoELayer<S>::gates() const -> matrix {
   return impl::rows_of(impl_->gates, impl_->T);
 }
 template <class S>
-std::int64_t MoELayer<S>::workspace_allocations() const { return impl_->ws.allocations(); }
+std::int64_t MoELayer<S>::workspace_allocations() const {
+  return impl_->ws.allocations() + impl_->plan.workspace_allocations();
+}
 
 template class MoELayer<float>;
 template class MoELayer<double>;

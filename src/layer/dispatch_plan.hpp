@@ -1,0 +1,98 @@
+// The dispatch plan of one MoE layer step: where each of this step's T*k assignments goes,
+// where its expert row lives on the owner, and where its result comes back. It is the
+// position tracking of the layer (docs/moe-layer.md, "Dispatch plan").
+//
+// Built in two halves each forward, from this step's top-k choices alone:
+//   sort()            local: keys (owner rank, local expert), stable counting sort -> perm,
+//                     inv_perm and the assignments per key (one device-to-host copy);
+//   exchange_counts() collective: ONE all-to-all of the per-(rank, local expert) counts, then
+//                     send/receive counts and displacements, the expert-row blocks and every
+//                     assignment's return location.
+// Every member a step reads is rewritten by these two calls, whatever T was the step
+// before (T = 0 included), so nothing of an earlier step survives. Backward reuses the plan.
+#pragma once
+
+#include <examoe/comm.hpp>
+#include <examoe/impl/dispatch_kernels.hpp>
+#include <examoe/impl/workspace.hpp>
+#include <examoe/placement.hpp>
+
+#include <Kokkos_Core.hpp>
+
+#include <cstdint>
+#include <vector>
+
+namespace examoe::impl {
+
+class DispatchPlan {
+ public:
+  using Space = Kokkos::DefaultExecutionSpace;
+  using Mem = Space::memory_space;
+  using IView1 = Kokkos::View<int*, Mem>;
+  using TopkView = Kokkos::View<int**, Kokkos::LayoutRight, Mem>;
+  using BlockView = Kokkos::View<RowBlock*, Mem>;
+  static_assert(Kokkos::SpaceAccessibility<Space, Mem>::accessible,
+                "examoe::impl::DispatchPlan: the plan's views must be accessible from its space");
+
+  DispatchPlan();
+
+  /// The expert table the keys follow; voids the current plan (a new step must sort again).
+  void set_placement(const Space& space, const Placement& placement, int my_rank);
+
+  /// Local half: sorts the assignments a = t*k + j of `topk` [T][k] (T may be 0) by key.
+  void sort(const Space& space, const TopkView& topk);
+  /// This rank's assignments to global expert e in the last sort.
+  int assignments_to(int e) const;
+
+  /// Collective half over the expert-parallel communicator `comm` (same placement on
+  /// every rank): exchanges the counts and lays out both directions of the exchange.
+  void exchange_counts(const Space& space, Communicator& comm);
+
+  bool complete() const { return complete_; }
+  int tokens() const { return T_; }
+  int assignments() const { return A_; }
+  /// Sorted slot -> assignment, and its inverse.
+  auto perm() const { return head(perm_, A_); }
+  auto inv_perm() const { return head(inv_perm_, A_); }
+  /// Return location of each assignment: >= 0 a row of this rank's expert rows, < 0
+  /// (-1 - i) row i of the combine receive buffer.
+  auto return_location() const { return head(loc_, A_); }
+  const BlockView& blocks() const { return blocks_; }
+  int num_blocks() const { return nblocks_; }
+  /// Rows of this rank's local experts (local expert lx: [expert_row_begin(lx), ..(lx+1))).
+  int expert_rows() const { return nrows_; }
+  int expert_row_begin(int lx) const { return expert_offset_[lx]; }
+  int num_local() const { return nloc_; }
+  /// Sorted slots of the rows that stay on this rank: [self_begin, self_begin + self_count).
+  int self_begin() const { return self_begin_; }
+  int self_count() const { return self_count_; }
+  int rows_sent() const { return rows_send_; }
+  int rows_received() const { return rows_recv_; }
+  /// Dispatch direction, in rows (combine uses them with send and receive swapped).
+  const std::vector<int>& send_counts() const { return scount_; }
+  const std::vector<int>& send_displs() const { return sdispl_; }
+  const std::vector<int>& recv_counts() const { return rcount_; }
+  const std::vector<int>& recv_displs() const { return rdispl_; }
+  std::int64_t workspace_allocations() const { return ws_.allocations(); }
+
+ private:
+  void lay_out_expert_rows();
+
+  Placement placement_;
+  int P_ = 1, me_ = 0, nloc_ = 0, ml_ = 1;
+  int T_ = 0, A_ = 0, nblocks_ = 0, nrows_ = 0;
+  int self_begin_ = 0, self_count_ = 0, rows_send_ = 0, rows_recv_ = 0;
+  bool sorted_ = false, complete_ = false;
+
+  IView1 key_of_expert_;  // [E]
+  IView1 keys_, perm_, inv_perm_, loc_, hist_, key_start_;
+  IView1::HostMirror key_start_h_;
+  BlockView blocks_;
+  BlockView::HostMirror blocks_h_;
+  std::vector<int> send_mat_, recv_mat_;  // [P][max_local]
+  std::vector<int> scount_, sdispl_, rcount_, rdispl_;
+  std::vector<int> expert_offset_;        // [nloc + 1]
+  Workspace ws_{"examoe::dispatch::"};
+};
+
+}  // namespace examoe::impl
