@@ -1,9 +1,12 @@
 // The float erf/exp used by the expert activations, against the C library in double.
+#include <examoe/impl/dispatch_kernels.hpp>
 #include <examoe/impl/expert_kernels.hpp>
 
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <utility>
+#include <vector>
 
 TEST(Kernels, FloatErfMatchesLibm) {
   double worst = 0;
@@ -34,4 +37,40 @@ TEST(Kernels, FloatExpMatchesLibm) {
 TEST(Kernels, DoubleUsesLibraryFunctions) {
   EXPECT_EQ(examoe::impl::erf_<double>(0.3), std::erf(0.3));
   EXPECT_EQ(examoe::impl::exp_<double>(-1.7), std::exp(-1.7));
+}
+
+// The counting sort behind the dispatch plan, against a hand-sorted key list; then the same
+// views sorted again with fewer and with zero keys: every output is this call's alone.
+TEST(Kernels, StableCountingSortRewritesEveryKeyStart) {
+  using Space = Kokkos::DefaultExecutionSpace;
+  using IV = Kokkos::View<int*, Space::memory_space>;
+  const int K = 4, chunk = 3;
+  IV hist("test::hist", 64), perm("test::perm", 16), inv("test::inv", 16), start("test::start", K + 1);
+  auto sort = [&](const std::vector<int>& keys_h) {
+    const int A = static_cast<int>(keys_h.size());
+    IV keys("test::keys", A);
+    auto kh = Kokkos::create_mirror_view(keys);
+    for (int a = 0; a < A; ++a) kh(a) = keys_h[a];
+    Kokkos::deep_copy(keys, kh);
+    examoe::impl::stable_counting_sort(Space(), keys, K, chunk, hist,
+                                       Kokkos::subview(perm, Kokkos::make_pair(0, A)),
+                                       Kokkos::subview(inv, Kokkos::make_pair(0, A)), start);
+    Kokkos::fence();
+    std::vector<int> p(A), s(K + 1);
+    auto ph = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), perm);
+    auto sh = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), start);
+    for (int a = 0; a < A; ++a) p[a] = ph(a);
+    for (int i = 0; i <= K; ++i) s[i] = sh(i);
+    return std::make_pair(p, s);
+  };
+  // keys 2 0 3 2 0 1 2 (7 assignments, 3 chunks): stable order by key.
+  auto [p1, s1] = sort({2, 0, 3, 2, 0, 1, 2});
+  EXPECT_EQ(p1, (std::vector<int>{1, 4, 5, 0, 3, 6, 2}));
+  EXPECT_EQ(s1, (std::vector<int>{0, 2, 3, 6, 7}));
+  auto [p2, s2] = sort({3, 3});
+  EXPECT_EQ(p2, (std::vector<int>{0, 1}));
+  EXPECT_EQ(s2, (std::vector<int>{0, 0, 0, 0, 2}));
+  auto [p3, s3] = sort({});
+  EXPECT_TRUE(p3.empty());
+  EXPECT_EQ(s3, (std::vector<int>{0, 0, 0, 0, 0})) << "counts of the previous sort survived";
 }

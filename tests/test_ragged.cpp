@@ -1,0 +1,139 @@
+// Ragged work, the way the layer and the model are used: ONE instance driven through many
+// steps whose per-rank token counts are drawn at random every step (0, 1, a few, many; every
+// token to one expert; every rank empty at once), with the expert placement changed between
+// steps. Each step is checked against an independent result: the dense double reference for
+// the layer (forward and every gradient), the same model on one rank for the model.
+// Registered at 1..4 ranks (ctest ragged.npN).
+//
+// This is the test that would have found the stale-count bug: a rank whose token count dropped
+// to zero reused the previous step's per-expert counts.
+#include "test_util.hpp"
+
+#include <examoe/mesh.hpp>
+#include <examoe/model.hpp>
+#include <examoe/placement.hpp>
+
+#include <Kokkos_Core.hpp>
+
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace examoe::test {
+namespace {
+
+/// Token count of one rank at one step, by kind (the same draw on every rank).
+int draw_tokens(Rng& rng) {
+  const int kind = rng.below(10);
+  if (kind < 3) return 0;                 // no tokens
+  if (kind < 4) return 1;                 // one token
+  if (kind < 7) return 2 + rng.below(6);  // a few
+  return 30 + rng.below(50);              // many
+}
+
+/// Per-rank token counts of step s. The first steps force the transitions that matter:
+/// many everywhere, then only rank 0 with tokens (the others drop to 0), then every rank 0,
+/// then many again; later steps are random.
+std::vector<int> step_tokens(int s, int P, Rng& rng) {
+  std::vector<int> t(P, 0);
+  for (int r = 0; r < P; ++r) {
+    switch (s) {
+      case 0: t[r] = 40 + r; break;
+      case 1: t[r] = r == 0 ? 33 : 0; break;
+      case 2: t[r] = 0; break;
+      case 3: t[r] = 1 + 20 * r; break;
+      default: t[r] = draw_tokens(rng);
+    }
+  }
+  return t;
+}
+
+/// A random owner table for E experts on P ranks (ranks may own none).
+std::vector<int> random_owners(int E, int P, Rng& rng) {
+  std::vector<int> owner(E);
+  for (auto& o : owner) o = rng.below(P);
+  return owner;
+}
+
+struct RaggedCase {
+  const char* name;
+  int E, k, d, h;
+  Activation act;
+  bool renormalize;
+};
+
+template <class Scalar>
+void layer_steps(const RaggedCase& c, int steps, std::uint64_t seed) {
+  constexpr bool is_float = std::is_same_v<Scalar, float>;
+  // Float: dWr sums up to a few hundred tokens' terms in float (1e-5 is for ~50 tokens).
+  const double tol = is_float ? 5e-5 : 1e-12;
+  const int P = world_size(), rank = world_rank();
+  MoEConfig cfg = small_config(c.E, c.k, c.act, c.d, c.h);
+  cfg.router.renormalize = c.renormalize;
+  const std::size_t dh = static_cast<std::size_t>(c.d) * c.h;
+  MoELayer<Scalar> layer(cfg, MPI_COMM_WORLD);  // the one instance of the whole sequence
+  Rng rng(seed);
+  int changed_placements = 0, steps_with_empty_rank = 0;
+  for (int s = 0; s < steps; ++s) {
+    // Every fifth step moves the experts (live migration between steps).
+    if (s > 0 && s % 5 == 0) {
+      layer.set_placement(Placement::from_owners(random_owners(c.E, P, rng), P));
+      ++changed_placements;
+    }
+    const std::vector<int> counts = step_tokens(s, P, rng);
+    const Routing routing = rng.below(5) == 0 ? Routing::all_to_zero : Routing::random;
+    std::vector<int> off(P + 1, 0);
+    for (int r = 0; r < P; ++r) off[r + 1] = off[r] + counts[r];
+    const int Tg = off[P], t0 = off[rank], T = counts[rank];
+    for (int r = 0; r < P; ++r) steps_with_empty_rank += counts[r] == 0 && r == rank ? 1 : 0;
+
+    const std::uint64_t sd = seed_with_margin(cfg, Tg, seed * 1000 + s, routing, is_float,
+                                              is_float ? 1e-3 : 1e-9);
+    const RefInputs in = make_inputs(cfg, Tg, sd, routing, is_float);
+    const RefResult ref = reference_moe(cfg, in);
+    set_layer_weights(layer, in);  // the weights change between steps, as under an optimizer
+    Matrix<Scalar> x = make_matrix<Scalar>(in.x, t0, T, c.d, "test::x");
+    Matrix<Scalar> dout = make_matrix<Scalar>(in.dout, t0, T, c.d, "test::dout");
+    Matrix<Scalar> out("test::out", T, c.d), dx("test::dx", T, c.d);
+    layer.zero_grad();
+    layer.forward(x, out);
+    layer.backward(dout, dx);
+
+    const std::string at = std::string(c.name) + " step " + std::to_string(s) + " (T = " +
+                           std::to_string(T) + " here, " + std::to_string(Tg) + " in all)";
+    const Placement& pl = layer.placement();
+    EXPECT_TRUE(close_to("out, " + at, to_host(out), rows_of(ref.out, t0, T, c.d), tol));
+    EXPECT_TRUE(close_to("dx, " + at, to_host(dx), rows_of(ref.dx, t0, T, c.d), tol));
+    EXPECT_TRUE(close_to("dWr, " + at, to_host(layer.router_grad()), ref.dWr, tol));
+    EXPECT_TRUE(close_to("dW1, " + at, to_host(layer.w1_grad()),
+                         local_expert_slices(ref.dW1, pl, rank, dh), tol));
+    EXPECT_TRUE(close_to("dW2, " + at, to_host(layer.w2_grad()),
+                         local_expert_slices(ref.dW2, pl, rank, dh), tol));
+    if (c.act == Activation::swiglu) {
+      EXPECT_TRUE(close_to("dW3, " + at, to_host(layer.w3_grad()),
+                           local_expert_slices(ref.dW3, pl, rank, dh), tol));
+    }
+    EXPECT_TRUE(scalar_close("aux, " + at, layer.losses().aux, ref.aux, tol)) << at;
+    EXPECT_TRUE(scalar_close("z, " + at, layer.losses().z, ref.z, tol)) << at;
+    EXPECT_EQ(layer.stats().tokens_per_expert, ref.counts) << at;
+    EXPECT_EQ(layer.stats().tokens, T) << at;
+    std::vector<int> want_topk(ref.topk.begin() + t0 * c.k, ref.topk.begin() + (t0 + T) * c.k);
+    EXPECT_EQ(to_host_int(layer.topk_experts()), want_topk) << at;
+    if (::testing::Test::HasFailure()) return;  // one step's report is enough to debug
+  }
+  EXPECT_EQ(changed_placements, (steps - 1) / 5);
+  EXPECT_GT(steps_with_empty_rank, 0) << "the sequence never gave this rank zero tokens";
+}
+
+const RaggedCase kGelu{"gelu_E4_k2", 4, 2, 8, 12, Activation::gelu, true};
+const RaggedCase kSwiglu{"swiglu_E6_k2_plain", 6, 2, 10, 14, Activation::swiglu, false};
+const RaggedCase kManyExperts{"gelu_E16_k4", 16, 4, 8, 10, Activation::gelu, true};
+
+TEST(Ragged, MoEStepsDoubleGelu) { layer_steps<double>(kGelu, 30, 11); }
+TEST(Ragged, MoEStepsDoubleSwiglu) { layer_steps<double>(kSwiglu, 30, 12); }
+TEST(Ragged, MoEStepsDoubleManyExperts) { layer_steps<double>(kManyExperts, 20, 13); }
+TEST(Ragged, MoEStepsFloatGelu) { layer_steps<float>(kGelu, 30, 14); }
+TEST(Ragged, MoEStepsFloatSwiglu) { layer_steps<float>(kSwiglu, 20, 15); }
+
+}  // namespace
+}  // namespace examoe::test
