@@ -135,5 +135,84 @@ TEST(Ragged, MoEStepsDoubleManyExperts) { layer_steps<double>(kManyExperts, 20, 
 TEST(Ragged, MoEStepsFloatGelu) { layer_steps<float>(kGelu, 30, 14); }
 TEST(Ragged, MoEStepsFloatSwiglu) { layer_steps<float>(kSwiglu, 20, 15); }
 
+// ---------------------------------------------------------------------------------------------
+// The model: one instance on a dp x ep mesh through steps of 0..3 sequences per rank (a batch
+// smaller than the world included), each step against the same model on one rank given the
+// union of the sequences: the loss, the router losses, every dense gradient (gathered from the
+// FSDP shards) and every expert gradient.
+
+/// The whole gradient of FSDP unit u, gathered from the shards of every rank.
+std::vector<double> gathered_unit_grad(Fsdp<double>& f, int u) {
+  const std::vector<double> mine = to_host(f.shard_grad(u));
+  std::vector<double> all(mine.size() * world_size());
+  MPI_Allgather(mine.data(), static_cast<int>(mine.size()), MPI_DOUBLE, all.data(),
+                static_cast<int>(mine.size()), MPI_DOUBLE, MPI_COMM_WORLD);
+  all.resize(f.unit_numel(u));
+  return all;
+}
+
+/// The slice of batch `all` holding sequences [first, first + count).
+Batch sequences(const Batch& all, int first, int count) {
+  Batch b;
+  b.batch = count;
+  b.seq_len = all.seq_len;
+  const auto from = static_cast<std::size_t>(first) * all.seq_len;
+  const auto to = static_cast<std::size_t>(first + count) * all.seq_len;
+  b.tokens.assign(all.tokens.begin() + from, all.tokens.begin() + to);
+  b.targets.assign(all.targets.begin() + from, all.targets.begin() + to);
+  b.sample_of_row.assign(all.sample_of_row.begin() + from, all.sample_of_row.begin() + to);
+  return b;
+}
+
+void model_steps(int ep, int steps, std::uint64_t seed) {
+  const int W = world_size(), rank = world_rank();
+  TrainConfig c = tiny_train_config();
+  c.model.num_experts = 4;
+  Mesh mesh(MPI_COMM_WORLD, ep), self_mesh(MPI_COMM_SELF);
+  Model<double> model(c.model, c.parallel, mesh, 5);  // the one instance of the sequence
+  Model<double> ref(c.model, c.parallel, self_mesh, 5);
+  AdditionCorpus corpus(c.train.seed, c.data.digits, c.data.val_problems);
+  Rng rng(seed);
+  const std::size_t dh = static_cast<std::size_t>(c.model.d_model) * c.model.d_hidden;
+  for (int s = 0; s < steps; ++s) {
+    std::vector<int> n(W);
+    for (int r = 0; r < W; ++r) n[r] = s == 1 ? (r == 0 ? 1 : 0) : (s == 2 ? 0 : rng.below(4));
+    std::vector<int> off(W + 1, 0);
+    for (int r = 0; r < W; ++r) off[r + 1] = off[r] + n[r];
+    Batch all;
+    corpus.train_batch(s, 0, off[W], c.model.seq_len, all);
+    long long valid = 0;
+    for (int t : all.targets) valid += t >= 0 ? 1 : 0;
+    const StepStats got = model.forward_backward(sequences(all, off[rank], n[rank]), valid, s);
+    const StepStats want = ref.forward_backward(all, valid, s);
+    const std::string at = "dp " + std::to_string(W / ep) + " x ep " + std::to_string(ep) +
+                           ", step " + std::to_string(s) + " (" + std::to_string(n[rank]) +
+                           " sequences here, " + std::to_string(off[W]) + " in all)";
+    const double tol = 1e-11;
+    EXPECT_TRUE(scalar_close("cross-entropy sum, " + at, allreduce_sum(got.ce_sum), want.ce_sum, tol));
+    EXPECT_TRUE(scalar_close("aux, " + at, got.aux, want.aux, tol));
+    EXPECT_TRUE(scalar_close("z, " + at, got.z, want.z, tol));
+    for (int u = 0; u < model.fsdp().num_units(); ++u)
+      EXPECT_TRUE(close_to("dense gradient of unit " + std::to_string(u) + ", " + at,
+                           gathered_unit_grad(model.fsdp(), u), to_host(ref.fsdp().shard_grad(u)), tol));
+    for (int l = 0; l < model.n_layers(); ++l) {
+      const Placement& pl = model.moe(l).placement();
+      const int me = model.moe(l).communicator().rank();
+      const std::string L = "layer " + std::to_string(l) + " ";
+      EXPECT_TRUE(close_to(L + "dW1, " + at, to_host(model.moe(l).w1_grad()),
+                           local_expert_slices(to_host(ref.moe(l).w1_grad()), pl, me, dh), tol));
+      EXPECT_TRUE(close_to(L + "dW2, " + at, to_host(model.moe(l).w2_grad()),
+                           local_expert_slices(to_host(ref.moe(l).w2_grad()), pl, me, dh), tol));
+    }
+    if (::testing::Test::HasFailure()) return;
+  }
+}
+
+TEST(Ragged, ModelStepsExpertParallel) { model_steps(world_size(), 12, 21); }
+TEST(Ragged, ModelStepsDataAndExpertParallel) {
+  // dp 2 x ep 2 at 4 ranks, dp 2 x ep 1 at 2, dp 3 x ep 1 at 3; one rank: ep 1.
+  model_steps(world_size() % 2 == 0 && world_size() > 2 ? 2 : 1, 12, 22);
+}
+
 }  // namespace
 }  // namespace examoe::test

@@ -24,13 +24,7 @@ namespace {
 using examoe::test::world_rank;
 using examoe::test::world_size;
 
-template <class V>
-std::vector<double> to_host(const V& v) {
-  auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), v);
-  std::vector<double> out(h.size());
-  for (std::size_t i = 0; i < h.size(); ++i) out[i] = static_cast<double>(h.data()[i]);
-  return out;
-}
+using examoe::test::to_host;
 
 examoe::TrainConfig tiny_config() { return examoe::test::tiny_train_config(); }
 

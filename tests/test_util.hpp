@@ -176,12 +176,14 @@ Matrix<Scalar> make_matrix(const std::vector<double>& v, int r0, int n, int cols
 
 template <class View>
 std::vector<double> to_host(const View& v) {
-  static_assert(View::rank == 2 || View::rank == 3, "rank 2 or 3");
+  static_assert(View::rank >= 1 && View::rank <= 3, "rank 1, 2 or 3");
   auto h = Kokkos::create_mirror_view(v);
   Kokkos::deep_copy(h, v);
   std::vector<double> out;
   out.reserve(v.size());
-  if constexpr (View::rank == 2) {
+  if constexpr (View::rank == 1) {
+    for (std::size_t i = 0; i < h.extent(0); ++i) out.push_back(static_cast<double>(h(i)));
+  } else if constexpr (View::rank == 2) {
     for (std::size_t i = 0; i < h.extent(0); ++i)
       for (std::size_t j = 0; j < h.extent(1); ++j) out.push_back(static_cast<double>(h(i, j)));
   } else {
