@@ -214,5 +214,48 @@ TEST(Ragged, ModelStepsDataAndExpertParallel) {
   model_steps(world_size() % 2 == 0 && world_size() > 2 ? 2 : 1, 12, 22);
 }
 
+// ---------------------------------------------------------------------------------------------
+// examoe::train with batches and validation sets smaller than the world (ranks with no
+// sequences take part in every collective and contribute nothing): the same losses and
+// validation results as on one rank.
+
+void expect_same_run(const TrainConfig& c, const std::string& what) {
+  TrainResult ref;
+  TrainConfig one_rank = c;
+  one_rank.parallel.ep = 0;
+  if (world_rank() == 0) ref = train(one_rank, MPI_COMM_SELF, nullptr);
+  std::vector<double> want = ref.losses;
+  want.push_back(ref.final.loss);
+  want.push_back(ref.final.accuracy);
+  want.push_back(static_cast<double>(ref.final.targets));
+  int n = static_cast<int>(want.size());
+  MPI_Bcast(&n, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  want.resize(n);
+  MPI_Bcast(want.data(), n, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+  const TrainResult r = train(c, MPI_COMM_WORLD, nullptr);
+  std::vector<double> got = r.losses;
+  got.push_back(r.final.loss);
+  got.push_back(r.final.accuracy);
+  got.push_back(static_cast<double>(r.final.targets));
+  ASSERT_EQ(r.losses.size(), static_cast<std::size_t>(c.train.steps)) << what;
+  EXPECT_TRUE(close_to(what + ": losses, final val loss, accuracy, targets", got, want, 1e-10));
+}
+
+TEST(Ragged, TrainBatchesSmallerThanTheWorld) {
+  const int W = world_size();
+  for (int batch : {1, W - 1, W + 1, 2 * W - 1}) {
+    if (batch < 1) continue;
+    TrainConfig c = tiny_train_config();
+    c.train.steps = 6;
+    c.train.batch = batch;
+    c.data.val_problems = 1;  // fewer validation sequences than ranks
+    expect_same_run(c, "batch " + std::to_string(batch) + " at " + std::to_string(W) + " ranks");
+    if (W == 4) {
+      c.parallel.ep = 2;  // dp 2 x ep 2
+      expect_same_run(c, "batch " + std::to_string(batch) + ", dp 2 x ep 2");
+    }
+  }
+}
+
 }  // namespace
 }  // namespace examoe::test
