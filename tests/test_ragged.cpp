@@ -9,11 +9,17 @@
 // to zero reused the previous step's per-expert counts.
 #include "test_util.hpp"
 
+#include <examoe/checkpoint.hpp>
+#include <examoe/config.hpp>
 #include <examoe/mesh.hpp>
 #include <examoe/model.hpp>
 #include <examoe/placement.hpp>
 
 #include <Kokkos_Core.hpp>
+
+#if EXAMOE_ENABLE_HDF5
+#include <hdf5.h>
+#endif
 
 #include <string>
 #include <type_traits>
@@ -256,6 +262,75 @@ TEST(Ragged, TrainBatchesSmallerThanTheWorld) {
     }
   }
 }
+
+#if EXAMOE_ENABLE_HDF5
+// examoe eval of fewer sequences than ranks: the same loss and logits as on one rank.
+
+/// Writes `n` validation sequences of `corpus` as an eval input (rank 0 writes).
+void write_eval_input(const std::string& path, const Corpus& corpus, int n, int seq) {
+  Batch b;
+  corpus.val_batch(0, n, seq, b);
+  if (world_rank() == 0) {
+    hid_t f = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    hsize_t dims[2] = {static_cast<hsize_t>(n), static_cast<hsize_t>(seq)};
+    hid_t sp = H5Screate_simple(2, dims, nullptr);
+    for (auto [name, data] : {std::make_pair("tokens", &b.tokens), std::make_pair("targets", &b.targets)}) {
+      hid_t ds = H5Dcreate2(f, name, H5T_STD_I32LE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+      H5Dwrite(ds, H5T_NATIVE_INT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data->data());
+      H5Dclose(ds);
+    }
+    H5Sclose(sp);
+    H5Fclose(f);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
+/// The "logits" dataset of an eval output, read by rank 0.
+std::vector<float> read_logits(const std::string& path) {
+  hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  if (f < 0) return {};
+  hid_t ds = H5Dopen2(f, "logits", H5P_DEFAULT);
+  hid_t sp = H5Dget_space(ds);
+  std::vector<float> v(static_cast<std::size_t>(H5Sget_simple_extent_npoints(sp)));
+  if (!v.empty()) H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data());
+  H5Sclose(sp);
+  H5Dclose(ds);
+  H5Fclose(f);
+  return v;
+}
+
+TEST(Ragged, EvalFewerSequencesThanRanks) {
+  const int W = world_size();
+  const std::string dir = make_shared_dir("ragged", "eval");
+  TrainConfig c = tiny_train_config();
+  c.train.steps = 2;
+  c.checkpoint.dir = dir;
+  c.checkpoint.interval = 2;
+  train(c, MPI_COMM_WORLD, nullptr);
+  const std::string ckpt = checkpoint_path(dir, 2);
+  AdditionCorpus corpus(c.train.seed, c.data.digits, c.data.val_problems);
+  for (int n : {1, W - 1}) {
+    if (n < 1) continue;
+    const std::string in = dir + "/in" + std::to_string(n) + ".h5";
+    const std::string out = dir + "/out" + std::to_string(n) + ".h5";
+    const std::string out1 = dir + "/out" + std::to_string(n) + "_one_rank.h5";
+    write_eval_input(in, corpus, n, c.model.seq_len);
+    const double loss = eval_file(ckpt, in, out, 0, MPI_COMM_WORLD, nullptr);
+    double want = 0;
+    if (world_rank() == 0) want = eval_file(ckpt, in, out1, 0, MPI_COMM_SELF, nullptr);
+    MPI_Bcast(&want, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+    const std::string what = std::to_string(n) + " sequences on " + std::to_string(W) + " ranks";
+    EXPECT_GT(want, 0.0) << what;
+    EXPECT_TRUE(scalar_close("eval loss, " + what, loss, want, 1e-12));
+    if (world_rank() == 0) {
+      const std::vector<float> a = read_logits(out), b = read_logits(out1);
+      EXPECT_EQ(a.size(), static_cast<std::size_t>(n) * c.model.seq_len * 256) << what;
+      EXPECT_EQ(a, b) << "logits, " << what;
+    }
+  }
+  remove_shared_dir(dir);
+}
+#endif
 
 }  // namespace
 }  // namespace examoe::test
