@@ -224,8 +224,22 @@ void WatchdogChannel::timed_out(MPI_Request& req, double seconds) {
   }
   std::fprintf(stderr, "%s\n", rep.message.c_str());
   std::fflush(stderr);
-  MPI_Abort(comm_, kWatchdogAbortCode);
-  std::_Exit(kWatchdogAbortCode);  // MPI_Abort does not return; in case it does
+  end_job();
+}
+
+void WatchdogChannel::end_job() {
+  // MPI_Abort need not return: with MPICH it blocks for good when the other ranks already sit
+  // in MPI_Finalize and the communicator is not the whole world. A thread that touches no MPI
+  // ends this process after a bounded grace; the process manager then ends the others.
+  std::thread([] {
+    std::this_thread::sleep_for(std::chrono::duration<double>(kWatchdogExitGraceSeconds));
+    std::fprintf(stderr, "examoe: watchdog: MPI_Abort did not end the job within %g s; exiting with code %d\n",
+                 kWatchdogExitGraceSeconds, kWatchdogAbortCode);
+    std::fflush(stderr);
+    std::_Exit(kWatchdogAbortCode);
+  }).detach();
+  MPI_Abort(MPI_COMM_WORLD, kWatchdogAbortCode);
+  std::_Exit(kWatchdogAbortCode);  // in case MPI_Abort returns
 }
 
 WatchdogReport watchdog_report(const char* label, const char* op, std::uint64_t call, int size,

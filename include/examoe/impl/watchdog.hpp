@@ -8,7 +8,8 @@
 // of that communicator, on a private duplicate of it, which collective call it is in; ranks
 // that are polling a collective themselves (of any communicator) answer at once. Members that
 // never entered the call, answered or not, are the ranks that did not arrive. One rank prints
-// one message naming the collective's label and those ranks, then MPI_Abort ends the job.
+// one message naming the collective's label and those ranks, then MPI_Abort(MPI_COMM_WORLD)
+// ends the job.
 #include <mpi.h>
 
 #include <cstdint>
@@ -60,6 +61,9 @@ class ScopedWatchdogSeconds {
 
 /// Exit code the watchdog passes to MPI_Abort.
 constexpr int kWatchdogAbortCode = 4;
+/// After the report, how long MPI_Abort may take to end the job before the reporting process
+/// exits by itself with kWatchdogAbortCode (MPI_Abort need not return).
+constexpr double kWatchdogExitGraceSeconds = 5.0;
 
 /// What one rank said about itself when asked (or when it asked).
 struct WatchdogPeerState {
@@ -105,6 +109,8 @@ class WatchdogChannel {
  private:
   friend struct WatchdogRegistry;
   [[noreturn]] void timed_out(MPI_Request& req, double seconds);
+  /// MPI_Abort with kWatchdogAbortCode, and an exit of this process if that does not end it.
+  [[noreturn]] void end_job();
   void receive(const WatchdogMessage& m, int source);
   MPI_Comm comm_ = MPI_COMM_NULL;  ///< the communicator the collectives run on (not owned)
   MPI_Comm wd_ = MPI_COMM_NULL;    ///< private duplicate for watchdog messages (owned)
