@@ -1056,6 +1056,8 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
   }
   if (res.last_step == 0) res.last_step = start_step;
   if (start_step >= cfg.train.steps) res.final = res.initial;
+  // A run of 0 steps with checkpoints on writes the initial model (step-00000000.h5).
+  if (cfg.train.steps == 0 && start_step == 0 && cfg.checkpoint.interval > 0) write_checkpoint(0);
   res.seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
   res.tokens_per_second = res.seconds > 0 ? static_cast<double>(cfg.train.batch) * seq * (res.last_step - start_step) / res.seconds : 0;
   res.memory = model.memory();
