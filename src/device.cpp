@@ -33,7 +33,7 @@ int device_for_rank(MPI_Comm comm, int num_devices) {
     const bool digits = !v.empty() && v.size() <= 9 && v.find_first_not_of("0123456789") == std::string::npos;
     if (!digits)
       err = "examoe: EXAMOE_DEVICE_ID='" + clip_for_message(v) + "' is not a device id: it must be a non-negative " +
-            "integer (unset it to pick devices by node-local rank)";
+            "integer such as 0 or 3, at most 9 digits (unset it to pick devices by node-local rank)";
     else if (num_devices > 0 && std::stoi(v) >= num_devices)
       err = "examoe: EXAMOE_DEVICE_ID='" + v + "' is not a device id in [0, " + std::to_string(num_devices) + ")";
     else if (num_devices > 0)
