@@ -14,10 +14,11 @@
 
 namespace examoe::app {
 
-/// An integer in [lo, hi] (shown in --help as "INT:>= lo" or "INT:in [lo, hi]").
+/// An integer in [lo, hi] (shown in --help as INT:POSITIVE, INT:NONNEGATIVE or INT:[lo, hi]).
 inline CLI::Validator integer_in(long long lo, long long hi = 2147483647) {
-  const std::string range = hi == 2147483647 ? ">= " + std::to_string(lo)
-                                             : "in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
+  const bool open = hi == 2147483647;
+  const std::string range = open ? ">= " + std::to_string(lo) : "in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
+  const std::string help = open && lo == 1 ? "POSITIVE" : open && lo == 0 ? "NONNEGATIVE" : range;
   return CLI::Validator(
       [lo, hi, range](std::string& v) -> std::string {
         const std::string q = "'" + clip_for_message(v) + "'";
@@ -28,7 +29,7 @@ inline CLI::Validator integer_in(long long lo, long long hi = 2147483647) {
         if (errno == ERANGE || x < lo || x > hi) return "is out of range: it must be an integer " + range + ", got " + q;
         return {};
       },
-      range);
+      help);
 }
 
 /// A non-negative 64-bit integer (a seed).
@@ -43,7 +44,7 @@ inline CLI::Validator unsigned_integer() {
         if (errno == ERANGE) return "is out of range: it must be an integer in [0, 18446744073709551615], got " + q;
         return {};
       },
-      ">= 0");
+      "");
 }
 
 /// A finite number greater than 0.
@@ -61,7 +62,7 @@ inline CLI::Validator positive_number() {
         if (!(x > 0)) return "must be positive, got " + q;
         return {};
       },
-      "> 0");
+      "POSITIVE");
 }
 
 }  // namespace examoe::app

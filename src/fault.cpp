@@ -130,7 +130,7 @@ std::string arm(const std::string& spec) {
 }
 
 const std::vector<std::string>& collective_labels() {
-  // Every impl::CollectiveLabel in src/ (FaultsInjection.EveryCollectiveLabelIsKnown runs
+  // Every impl::CollectiveLabel in src/ (InputErrors.FaultPhasesAreCollectiveLabels runs
   // training steps, checkpoints, a resume and rebalancing, and checks what it sees is here).
   static const std::vector<std::string> labels = {
       "checkpoint.read", "checkpoint.resume", "checkpoint.write", "experts.grad_allreduce",
