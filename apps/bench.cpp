@@ -2,15 +2,21 @@
 // per phase, and the time of the bare expert GEMMs of the same shapes measured in the same
 // run (the bound the layer is compared against).
 #include "bench.hpp"
+#include "cli_checks.hpp"
 
 #include <examoe/examoe.hpp>
+#include <examoe/model.hpp>
+#include <examoe/train.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/random.hpp>
 
 #include <mpi.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <vector>
 
@@ -18,19 +24,24 @@ namespace examoe::app {
 
 void add_bench_command(CLI::App& app, BenchOptions& o) {
   auto* c = app.add_subcommand("bench", "Time one MoE layer (forward + backward) on this communicator");
-  c->add_option("--d-model", o.d_model, "Model width d")->capture_default_str()->check(CLI::PositiveNumber);
-  c->add_option("--d-hidden", o.d_hidden, "Expert hidden width h")->capture_default_str()->check(CLI::PositiveNumber);
-  c->add_option("--experts", o.num_experts, "Number of experts E (>= ranks)")->capture_default_str()->check(CLI::PositiveNumber);
-  c->add_option("--top-k", o.top_k, "Experts per token k (1 <= k <= E)")->capture_default_str()->check(CLI::PositiveNumber);
-  c->add_option("--tokens", o.tokens, "Tokens per rank T")->capture_default_str()->check(CLI::NonNegativeNumber);
+  // Sizes are int in the layer: at most 2^31 - 1 (integer_in's default bound).
+  c->add_option("--d-model", o.d_model, "Model width d")->capture_default_str()->check(integer_in(1));
+  c->add_option("--d-hidden", o.d_hidden, "Expert hidden width h")->capture_default_str()->check(integer_in(1));
+  c->add_option("--experts", o.num_experts, "Number of experts E (>= ranks)")->capture_default_str()->check(integer_in(1));
+  c->add_option("--top-k", o.top_k, "Experts per token k (1 <= k <= E)")->capture_default_str()->check(integer_in(1));
+  c->add_option("--tokens", o.tokens, "Tokens per rank T")->capture_default_str()->check(integer_in(0));
   c->add_option("--activation", o.activation, "Expert MLP: gelu or swiglu")->capture_default_str()->check(CLI::IsMember({"gelu", "swiglu"}));
   c->add_option("--precision", o.precision, "float or double")->capture_default_str()->check(CLI::IsMember({"float", "double"}));
-  c->add_option("--steps", o.steps, "Timed steps")->capture_default_str()->check(CLI::PositiveNumber);
-  c->add_option("--warmup", o.warmup, "Untimed warm-up steps")->capture_default_str()->check(CLI::NonNegativeNumber);
-  c->add_option("--temperature", o.temperature, "Router softmax temperature")->capture_default_str();
-  c->add_option("--seed", o.seed, "Seed of inputs and weights")->capture_default_str();
+  c->add_option("--steps", o.steps, "Timed steps")->capture_default_str()->check(integer_in(1));
+  c->add_option("--warmup", o.warmup, "Untimed warm-up steps")->capture_default_str()->check(integer_in(0));
+  c->add_option("--temperature", o.temperature, "Router softmax temperature")->capture_default_str()->check(positive_number());
+  c->add_option("--seed", o.seed, "Seed of inputs and weights")->capture_default_str()->check(unsigned_integer());
   c->add_option("--comm", o.comm, "Collectives backend (auto: nccl on GPU builds with NCCL)")->capture_default_str()->check(CLI::IsMember({"auto", "mpi", "nccl"}));
   c->add_option("--json", o.json, "Append one JSON line with all figures to this file (rank 0)");
+  c->add_option("--memory-limit", o.memory_limit,
+                "Memory per rank, as train.memory_limit: auto (physical/cgroup memory shared by the node's "
+                "ranks), off, or a size like 8GiB; sizes estimated to need more are refused before allocating")
+      ->capture_default_str();
 }
 
 namespace {
@@ -115,12 +126,72 @@ double copy_bytes_per_second(std::size_t n, int steps) {
   return static_cast<double>(n * sizeof(S)) / best;
 }
 
+std::string human_bytes(double bytes) {
+  const char* u[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+  double b = bytes;
+  int i = 0;
+  while (b >= 1024 && i < 5) {
+    b /= 1024;
+    ++i;
+  }
+  char s[64];
+  std::snprintf(s, sizeof s, "%.1f %s (%.0f bytes)", b, u[i], bytes);
+  return s;
+}
+
+/// Refuses, on every rank and before anything is allocated, sizes whose memory per rank
+/// exceeds --memory-limit (train's estimate of a MoE layer, estimate_moe_layer_memory, and
+/// train's limit, memory_limit_bytes). What the bench allocates besides the layer: x, out,
+/// dout and dx; the bare-GEMM run's copies of the local experts (3 weights, 3 gradients) and
+/// of their rows; the two buffers of the copy-bandwidth figure.
+void check_bench_memory(const BenchOptions& o, MPI_Comm comm, std::size_t sb) {
+  int size = 1;
+  MPI_Comm_size(comm, &size);
+  ModelConfig mc;
+  mc.d_model = o.d_model;
+  mc.d_hidden = o.d_hidden;
+  mc.num_experts = o.num_experts;
+  mc.top_k = o.top_k;
+  mc.activation = activation_from_string(o.activation);
+  const MoELayerMemory layer = estimate_moe_layer_memory(mc, size, o.tokens, sb);
+  const double d = o.d_model, h = o.d_hidden, T = o.tokens, A = T * o.top_k, b = static_cast<double>(sb);
+  const double local = std::ceil(static_cast<double>(o.num_experts) / size);
+  const double layer_bytes = 2.0 * static_cast<double>(layer.experts) + 2 * d * o.num_experts * b +
+                             static_cast<double>(layer.buffers);
+  const double io = 4 * T * d * b, gemm = (6 * local * d * h + A * (3 * d + 2 * h)) * b,
+               copy = 2 * std::max(A * d, 1048576.0) * b;
+  const double need = layer_bytes + io + gemm + copy;
+  std::string how, err;
+  const std::size_t limit = memory_limit_bytes(o.memory_limit, comm, &how);
+  if (how.rfind("train.memory_limit", 0) == 0) how.replace(0, 18, "--memory-limit");
+  if (limit > 0 && need > static_cast<double>(limit))
+    err = "examoe bench: these sizes need about " + human_bytes(need) + " of memory per rank, but " +
+          human_bytes(static_cast<double>(limit)) + " are available per rank (" + how +
+          "). Estimate: the layer " + human_bytes(layer_bytes) + " (local experts and their gradients, router, rows of " +
+          std::to_string(o.tokens) + " tokens x top-k " + std::to_string(o.top_k) + "); x, out, dout, dx " +
+          human_bytes(io) + "; the bare-GEMM run " + human_bytes(gemm) + "; the copy figure " + human_bytes(copy) +
+          ". Reduce --tokens, --d-model, --d-hidden or --experts, run on more ranks, or set --memory-limit.";
+  auto c = make_mpi_communicator(comm);
+  throw_if_any(*c, err);
+}
+
 template <class S>
 int run(const BenchOptions& o) {
   MPI_Comm comm = MPI_COMM_WORLD;
   int rank = 0, size = 1;
   MPI_Comm_rank(comm, &rank);
   MPI_Comm_size(comm, &size);
+  auto world = make_mpi_communicator(comm);
+  // The --json file is opened (rank 0) before the run and checked after the write: a file that
+  // cannot be written is an error on every rank, not figures silently lost.
+  std::string err;
+  std::ofstream js;
+  if (rank == 0 && !o.json.empty()) {
+    js.open(o.json, std::ios::app);
+    if (!js) err = "examoe bench: cannot open --json file '" + clip_for_message(o.json) + "': " + std::strerror(errno);
+  }
+  throw_if_any(*world, err);
+  check_bench_memory(o, comm, sizeof(S));
 
   MoEConfig cfg;
   cfg.d_model = o.d_model;
@@ -203,7 +274,7 @@ int run(const BenchOptions& o) {
     std::printf("  backend: %s on %s\n", layer.communicator().backend().c_str(),
                 Kokkos::DefaultExecutionSpace::name());
     if (!o.json.empty()) {
-      std::ofstream js(o.json, std::ios::app);
+      errno = 0;
       js << "{\"bench\":\"moe_layer\",\"ranks\":" << size << ",\"precision\":\"" << o.precision
          << "\",\"d_model\":" << o.d_model << ",\"d_hidden\":" << o.d_hidden
          << ",\"experts\":" << o.num_experts << ",\"top_k\":" << o.top_k
@@ -217,14 +288,24 @@ int run(const BenchOptions& o) {
       for (int p = 0; p < kNumPhases; ++p)
         js << (p ? "," : "") << "\"" << phase_name(static_cast<Phase>(p)) << "\":" << phase_max[p];
       js << "}}\n";
+      js.flush();
+      if (!js)
+        err = "examoe bench: cannot write --json file '" + clip_for_message(o.json) + "'" +
+              (errno != 0 ? std::string(": ") + std::strerror(errno) : std::string());
     }
   }
+  throw_if_any(*world, err);
   return 0;
 }
 
 }  // namespace
 
 int run_bench(const BenchOptions& o) {
+  // Checked like train.memory_limit (the CLI takes any text).
+  std::size_t bytes = 0;
+  if (o.memory_limit != "auto" && o.memory_limit != "off" && !parse_memory_size(o.memory_limit, bytes))
+    throw Error("examoe bench: --memory-limit must be auto, off or a size such as 8GiB, 512MiB or 2e9, got '" +
+                clip_for_message(o.memory_limit) + "'");
   return o.precision == "double" ? run<double>(o) : run<float>(o);
 }
 

@@ -10,6 +10,7 @@ struct BenchOptions {
   std::uint64_t seed = 1234;
   std::string json;  // optional JSON-lines output file
   std::string comm = "auto";  // collectives backend: auto, mpi, nccl
+  std::string memory_limit = "auto";  // as train.memory_limit: auto, off or a size per rank
 };
 void add_bench_command(CLI::App& app, BenchOptions& opt);
 int run_bench(const BenchOptions& opt);

@@ -1,5 +1,6 @@
 // `examoe inspect CKPT`: what a checkpoint holds, for people or (--json) for machines.
 #include "inspect_cmd.hpp"
+#include "cli_checks.hpp"
 
 #include <examoe/checkpoint.hpp>
 #include <examoe/train.hpp>
@@ -88,7 +89,7 @@ void add_eval_command(CLI::App& app, EvalCli& cli) {
   c->add_option("checkpoint", cli.checkpoint, "Checkpoint file (step-<N>.h5)")->required();
   c->add_option("--input", cli.input, "HDF5 file with dataset 'tokens'")->required();
   c->add_option("--output", cli.output, "HDF5 file to write dataset 'logits' to")->required();
-  c->add_option("--parallel.ep", cli.ep, "Expert-parallel degree (0 = all ranks)")->capture_default_str();
+  c->add_option("--parallel.ep", cli.ep, "Expert-parallel degree (0 = all ranks)")->capture_default_str()->check(integer_in(0));
 }
 
 int run_eval(const EvalCli& cli) {

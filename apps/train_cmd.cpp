@@ -3,11 +3,14 @@
 #include "train_cmd.hpp"
 
 #include <examoe/error.hpp>
+#include <examoe/impl/files.hpp>
 #include <examoe/train.hpp>
 
 #include <mpi.h>
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
@@ -41,6 +44,37 @@ void add_train_command(CLI::App& app, TrainCli& cli) {
   }
 }
 
+namespace {
+/// The text of a --config file. stat() first: a FIFO, a device or a directory is refused
+/// without being opened, and a file larger than any config (a sparse 50 GB file) without
+/// being read; the open is non-blocking (the path may change after stat).
+std::string read_config_file(const std::string& path) {
+  constexpr off_t kMaxBytes = 64 << 20;
+  const std::string F = "'" + clip_for_message(path) + "'";
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0)
+    throw Error("examoe train: cannot read config file " + F + ": " + std::strerror(errno));
+  if (!S_ISREG(st.st_mode))
+    throw Error("examoe train: config file " + F + " is not a regular file (it is " + impl::file_kind(st.st_mode) + ")");
+  if (st.st_size > kMaxBytes)
+    throw Error("examoe train: config file " + F + " has " + std::to_string(st.st_size) +
+                " bytes; a config file is at most 64 MiB");
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) throw Error("examoe train: cannot read config file " + F + ": " + std::strerror(errno));
+  std::string text;
+  char buf[1 << 16];
+  ssize_t r = 0;
+  while (static_cast<off_t>(text.size()) <= kMaxBytes && (r = ::read(fd, buf, sizeof buf)) > 0)
+    text.append(buf, static_cast<std::size_t>(r));
+  const int e = errno;
+  ::close(fd);
+  if (r < 0) throw Error("examoe train: cannot read config file " + F + ": " + std::strerror(e));
+  if (static_cast<off_t>(text.size()) > kMaxBytes)
+    throw Error("examoe train: config file " + F + " grew beyond 64 MiB while being read");
+  return text;
+}
+}  // namespace
+
 int run_train(CLI::App& app, const TrainCli& cli) {
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
@@ -53,23 +87,13 @@ int run_train(CLI::App& app, const TrainCli& cli) {
       const std::string& a = extra.front();
       if (a.rfind("--", 0) == 0) {
         const std::string name = a.substr(2, a.find('=') == std::string::npos ? std::string::npos : a.find('=') - 2);
-        throw Error("examoe train: unknown option '--" + name + "' (did you mean '--" + closest_key(name) +
-                    "'? `examoe train --help` lists every key)");
+        throw Error("examoe train: unknown option '--" + clip_for_message(name) + "' (did you mean '--" +
+                    closest_key(name.substr(0, 200)) + "'? `examoe train --help` lists every key)");
       }
-      throw Error("examoe train: unexpected argument '" + a + "' (options are --key value; see `examoe train --help`)");
+      throw Error("examoe train: unexpected argument '" + clip_for_message(a) +
+                  "' (options are --key value; see `examoe train --help`)");
     }
-    if (!cli.config_file.empty()) {
-      struct stat st;
-      if (::stat(cli.config_file.c_str(), &st) != 0)
-        throw Error("examoe train: cannot read config file '" + cli.config_file + "': " + std::strerror(errno));
-      if (!S_ISREG(st.st_mode))
-        throw Error("examoe train: config file '" + cli.config_file + "' is not a regular file");
-      std::ifstream in(cli.config_file);
-      if (!in) throw Error("examoe train: cannot read config file '" + cli.config_file + "'");
-      std::stringstream ss;
-      ss << in.rdbuf();
-      apply_json_config(cfg, ss.str(), cli.config_file);
-    }
+    if (!cli.config_file.empty()) apply_json_config(cfg, read_config_file(cli.config_file), cli.config_file);
     for (const auto& k : config_keys())
       if (sub->count("--" + k.name) > 0) k.set(cfg, cli.values.at(k.name));
     if (!cli.data.empty()) cfg.data.path = cli.data;

@@ -1,4 +1,5 @@
 #include <examoe/data.hpp>
+#include <examoe/impl/files.hpp>
 #include <examoe/impl/random.hpp>
 #include <examoe/error.hpp>
 
@@ -12,6 +13,10 @@
 #include <limits>
 #include <sstream>
 #include <unordered_set>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 namespace examoe {
 
@@ -58,6 +63,52 @@ void reset_batch(Batch& out, int count, int seq_len, int fill_token) {
   out.tokens.assign(n, fill_token);
   out.targets.assign(n, -1);
   out.sample_of_row.assign(n, -1);
+}
+
+/// ceil(file_size * val_fraction), at least 1 and at most the file: the validation part.
+std::size_t val_part_of(std::size_t file_size, double val_fraction) {
+  // The relative epsilon keeps e.g. 10 * 0.3 = 3.0000000000000004 at 3 bytes, not 4.
+  const double x = static_cast<double>(file_size) * val_fraction;
+  const double v = std::ceil(x - 1e-12 * std::max(1.0, x));
+  return std::min(file_size, static_cast<std::size_t>(std::max(v, 1.0)));
+}
+
+/// Opens `path` for reading when it is a non-empty regular file, and returns the descriptor
+/// and its size. stat() comes first, so a FIFO, a device or a directory is refused without
+/// being opened; the open is non-blocking and what it opened is checked again with fstat()
+/// (the path may have been replaced in between), so not even that race can block on a FIFO.
+int open_regular_file(const char* fn, const std::string& path, std::size_t& size) {
+  const std::string name = "'" + clip_for_message(path) + "'";
+  auto refuse_kind = [&](mode_t mode) {
+    throw Error(std::string(fn) + ": " + name + " is " + impl::file_kind(mode) +
+                ", not a regular file (data.path must name a file)");
+  };
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) {
+    const int err = errno;
+    throw Error(std::string(fn) + ": cannot open " + name + ": " + std::strerror(err));
+  }
+  if (!S_ISREG(st.st_mode)) refuse_kind(st.st_mode);
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) {
+    const int err = errno;
+    throw Error(std::string(fn) + ": cannot open " + name + ": " + std::strerror(err));
+  }
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    throw Error(std::string(fn) + ": cannot open " + name + ": " + std::strerror(err));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    refuse_kind(st.st_mode);
+  }
+  if (st.st_size == 0) {
+    ::close(fd);
+    throw Error(std::string(fn) + ": " + name + " is empty");
+  }
+  size = static_cast<std::size_t>(st.st_size);
+  return fd;
 }
 
 void check_range(const char* fn, int first, int count) {
@@ -346,28 +397,29 @@ FileCorpus::FileCorpus(const std::string& path, std::uint64_t seed, double val_f
   const char* fn = "examoe::FileCorpus";
   if (!(val_fraction > 0.0 && val_fraction <= 0.5)) {
     std::ostringstream os;
-    os << fn << ": val_fraction (" << val_fraction << ") for '" << path
+    os << fn << ": val_fraction (" << val_fraction << ") for '" << clip_for_message(path)
        << "' must be in (0, 0.5]";
     throw Error(os.str());
   }
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (f == nullptr) {
-    const int err = errno;
-    throw Error(std::string(fn) + ": cannot open '" + path + "': " + std::strerror(err));
+  std::size_t size = 0;
+  const int fd = open_regular_file(fn, path, size);
+  // Exactly the size stat() gave: a file that grows while it is read is read as it was.
+  data_.resize(size);
+  std::size_t got = 0;
+  while (got < size) {
+    const ssize_t r = ::read(fd, data_.data() + got, size - got);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) {
+      const int err = errno;
+      ::close(fd);
+      throw Error(std::string(fn) + ": cannot read '" + clip_for_message(path) + "': " +
+                  (r < 0 ? std::string(std::strerror(err))
+                         : "it shrank while being read (" + std::to_string(got) + " of " +
+                               std::to_string(size) + " bytes)"));
+    }
+    got += static_cast<std::size_t>(r);
   }
-  std::array<unsigned char, 1 << 16> buf;
-  for (;;) {
-    const std::size_t got = std::fread(buf.data(), 1, buf.size(), f);
-    data_.insert(data_.end(), buf.data(), buf.data() + got);
-    if (got < buf.size()) break;
-  }
-  if (std::ferror(f)) {
-    const int err = errno;
-    std::fclose(f);
-    throw Error(std::string(fn) + ": cannot read '" + path + "': " + std::strerror(err));
-  }
-  std::fclose(f);
-  if (data_.empty()) throw Error(std::string(fn) + ": '" + path + "' is empty");
+  ::close(fd);
   train_bytes_ = data_.size() - val_part_size(data_.size());
 
   std::array<std::uint64_t, 256> counts{};
@@ -376,10 +428,22 @@ FileCorpus::FileCorpus(const std::string& path, std::uint64_t seed, double val_f
 }
 
 std::size_t FileCorpus::val_part_size(std::size_t file_size) const {
-  // The relative epsilon keeps e.g. 10 * 0.3 = 3.0000000000000004 at 3 bytes, not 4.
-  const double x = static_cast<double>(file_size) * val_fraction_;
-  const double v = std::ceil(x - 1e-12 * std::max(1.0, x));
-  return std::min(file_size, static_cast<std::size_t>(std::max(v, 1.0)));
+  return val_part_of(file_size, val_fraction_);
+}
+
+std::size_t FileCorpus::file_size(const std::string& path) {
+  std::size_t size = 0;
+  ::close(open_regular_file("examoe::FileCorpus", path, size));
+  return size;
+}
+
+long long FileCorpus::val_sequences(std::size_t bytes, double val_fraction, int seq_len) {
+  if (seq_len < 1 || bytes == 0 || !(val_fraction > 0.0 && val_fraction <= 0.5)) return 0;
+  const std::size_t val = val_part_of(bytes, val_fraction);
+  const std::size_t need = static_cast<std::size_t>(seq_len) + 1;
+  if (val < need || bytes - val < need) return 0;
+  const std::size_t n = (val - 1) / static_cast<std::size_t>(seq_len);
+  return static_cast<long long>(std::min<std::size_t>(n, std::numeric_limits<int>::max()));
 }
 
 std::size_t FileCorpus::min_file_size(int seq_len) const {
@@ -401,7 +465,7 @@ void FileCorpus::check_seq_len(const char* fn, int seq_len) const {
   const std::size_t need = static_cast<std::size_t>(seq_len) + 1;
   if (train_bytes_ < need || val_bytes() < need) {
     std::ostringstream os;
-    os << fn << ": '" << path_ << "' (" << data_.size() << " bytes) is too short for seq_len "
+    os << fn << ": '" << clip_for_message(path_) << "' (" << data_.size() << " bytes) is too short for seq_len "
        << seq_len << ": its training part has " << train_bytes_ << " bytes and its validation "
        << "part " << val_bytes() << " (val_fraction " << val_fraction_ << "), each needs at "
        << "least seq_len+1 = " << need << " bytes; the file needs at least "
@@ -450,7 +514,7 @@ void FileCorpus::val_batch(int first, int count, int seq_len, Batch& out) const 
     std::ostringstream os;
     os << fn << ": sequences [" << first << ", " << static_cast<std::int64_t>(first) + count
        << ") exceed the " << nseq << " validation sequences of seq_len " << seq_len << " in '"
-       << path_ << "'";
+       << clip_for_message(path_) << "'";
     throw Error(os.str());
   }
   reset_batch(out, count, seq_len, 0);
@@ -467,7 +531,7 @@ void FileCorpus::val_batch(int first, int count, int seq_len, Batch& out) const 
 
 std::string FileCorpus::describe() const {
   std::ostringstream os;
-  os << "file '" << path_ << "': " << data_.size() << " bytes (training " << train_bytes_
+  os << "file '" << clip_for_message(path_) << "': " << data_.size() << " bytes (training " << train_bytes_
      << ", validation " << val_bytes() << "), unigram entropy " << std::fixed
      << std::setprecision(4) << entropy_ << " nats";
   return os.str();

@@ -26,14 +26,18 @@ int device_for_rank(MPI_Comm comm, int num_devices) {
   std::string err;
   int id = num_devices > 0 ? n.rank % num_devices : -1;
   const char* env = std::getenv("EXAMOE_DEVICE_ID");
-  if (num_devices > 0 && env != nullptr && *env != '\0') {
-    char* end = nullptr;
-    const long v = std::strtol(env, &end, 10);
-    if (*end != '\0' || v < 0 || v >= num_devices)
-      err = "examoe: EXAMOE_DEVICE_ID='" + std::string(env) + "' is not a device id in [0, " +
-            std::to_string(num_devices) + ")";
-    else
-      id = static_cast<int>(v);
+  if (env != nullptr) {
+    // Checked on every build, the CPU build included (where a well-formed id is unused): a
+    // script that sets it wrong fails the same everywhere.
+    const std::string v = env;
+    const bool digits = !v.empty() && v.size() <= 9 && v.find_first_not_of("0123456789") == std::string::npos;
+    if (!digits)
+      err = "examoe: EXAMOE_DEVICE_ID='" + clip_for_message(v) + "' is not a device id: it must be a non-negative " +
+            "integer such as 0 or 3, at most 9 digits (unset it to pick devices by node-local rank)";
+    else if (num_devices > 0 && std::stoi(v) >= num_devices)
+      err = "examoe: EXAMOE_DEVICE_ID='" + v + "' is not a device id in [0, " + std::to_string(num_devices) + ")";
+    else if (num_devices > 0)
+      id = std::stoi(v);
   }
   // The variable may be set differently per rank: agree, so every rank reports it.
   auto c = make_mpi_communicator(comm);

@@ -2,12 +2,14 @@
 #include <examoe/error.hpp>
 #include <examoe/impl/fault.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <set>
 #include <sstream>
 #include <thread>
 #include <vector>
@@ -32,11 +34,13 @@ struct Fault {
 };
 
 std::vector<Fault> g_faults;
+std::string g_spec;              ///< the spec armed, for messages
+std::set<std::string> g_seen;    ///< labels at_collective() saw
 int g_rank = -1;
 long long g_step = 0;
 
 [[noreturn]] void bad(const std::string& spec, const std::string& why) {
-  throw Error("examoe: EXAMOE_FAULT='" + spec + "': " + why +
+  throw Error("examoe: EXAMOE_FAULT='" + clip_for_message(spec) + "': " + clip_for_message(why, 2000) +
               " (syntax: docs/faults.md, e.g. kill:rank=1:step=30 or nan:step=5:rank=0)");
 }
 
@@ -95,6 +99,12 @@ std::string arm(const std::string& spec) {
         f.last = dash == std::string::npos ? f.first : to_ll(spec, key, val.substr(dash + 1));
         if (f.first < 1 || f.last < f.first) bad(spec, "step must be N or A-B with 1 <= A <= B");
       } else if (key == "phase" && f.kind == Kind::hang) {
+        const auto& labels = collective_labels();
+        if (std::find(labels.begin(), labels.end(), val) == labels.end()) {
+          std::string all;
+          for (const auto& l : labels) all += (all.empty() ? "" : ", ") + l;
+          bad(spec, "phase '" + val + "' is no collective's label, so the fault would never fire (labels: " + all + ")");
+        }
         f.phase = val;
       } else if (key == "seconds" && f.kind == Kind::hang) {
         f.seconds = static_cast<double>(to_ll(spec, key, val));
@@ -111,10 +121,38 @@ std::string arm(const std::string& spec) {
     norm += (norm.empty() ? "" : ",") + one;
   }
   g_faults = faults;
+  g_spec = spec;
+  g_seen.clear();
   g_armed = !g_faults.empty();
   g_rank = -1;
   g_step = 0;
   return norm;
+}
+
+const std::vector<std::string>& collective_labels() {
+  // Every impl::CollectiveLabel in src/ (InputErrors.FaultPhasesAreCollectiveLabels runs
+  // training steps, checkpoints, a resume and rebalancing, and checks what it sees is here).
+  static const std::vector<std::string> labels = {
+      "checkpoint.read", "checkpoint.resume", "checkpoint.write", "experts.grad_allreduce",
+      "fsdp.allgather", "fsdp.reduce_scatter", "mesh.setup", "model.check_batch",
+      "moe.backward", "moe.combine", "moe.combine_bwd", "moe.config_check",
+      "moe.dispatch", "moe.dispatch_bwd", "moe.migrate", "moe.plan",
+      "moe.router", "moe.router_grad", "optimizer.clip", "train.count_targets",
+      "train.eval", "train.metrics"};
+  return labels;
+}
+
+std::vector<std::string> labels_seen() { return {g_seen.begin(), g_seen.end()}; }
+
+void check_reachable(int world_size, long long steps) {
+  for (const Fault& f : g_faults) {
+    if (f.rank >= world_size)
+      bad(g_spec, "rank=" + std::to_string(f.rank) + " is outside this run's ranks [0, " + std::to_string(world_size) +
+                      "), so the fault would never fire");
+    if (f.first > steps)
+      bad(g_spec, "step=" + std::to_string(f.first) + " is beyond train.steps = " + std::to_string(steps) +
+                      ", so the fault would never fire");
+  }
 }
 
 std::string arm_from_env() {
@@ -139,6 +177,7 @@ void set_context(int rank, long long step) noexcept {
 }
 
 void at_collective(const char* label) {
+  if (label) g_seen.insert(label);
   for (Fault& f : g_faults) {
     if (f.kind != Kind::hang || !rank_matches(f) || !step_matches(f) || f.fired_step == g_step) continue;
     if (!f.phase.empty() && (!label || f.phase != label)) continue;

@@ -399,6 +399,28 @@ std::size_t MemoryReport::total() const {
   return t;
 }
 
+namespace {
+/// A MoE layer's numbers of values on the fullest rank (doubles: exact to 2^53, no overflow):
+/// local expert parameters, and router state plus the rows of the k assignments per token.
+std::pair<double, double> moe_layer_values(const ModelConfig& cfg, int ep_size, double rows) {
+  const double d = cfg.d_model, h = cfg.d_hidden, E = cfg.num_experts, k = cfg.top_k;
+  const double per_expert = d * h * (cfg.activation == Activation::swiglu ? 3 : 2);
+  const double local_experts = std::ceil(E / std::max(ep_size, 1));  // balanced blocks
+  const double A = rows * k;
+  return {local_experts * per_expert, rows * (3 * E + 3 * k) + A * (8 * d + 5 * h)};
+}
+}  // namespace
+
+MoELayerMemory estimate_moe_layer_memory(const ModelConfig& cfg, int ep_size, long long rows,
+                                         std::size_t scalar_bytes) {
+  const auto [experts, buffers] = moe_layer_values(cfg, ep_size, static_cast<double>(std::max(rows, 0LL)));
+  const double sb = static_cast<double>(scalar_bytes);
+  MoELayerMemory m;
+  m.experts = saturate(experts * sb);
+  m.buffers = saturate(buffers * sb);
+  return m;
+}
+
 MemoryReport estimate_memory(const ModelConfig& cfg, const ParallelConfig& par, int world_size,
                              int ep_size, long long rows, std::size_t scalar_bytes) {
   // Same layout as Model: units embed [wte, wpe], block l [attn_norm, wq, wk, wv, wo,
@@ -413,8 +435,7 @@ MemoryReport estimate_memory(const ModelConfig& cfg, const ParallelConfig& par, 
   const double max_padded = std::max({padded(embed), padded(block), padded(head)});
   const double all_padded = padded(embed) + L * padded(block) + padded(head);
   const double per_expert = d * h * (cfg.activation == Activation::swiglu ? 3 : 2);
-  const int P = std::max(ep_size, 1);
-  const double local_experts = std::ceil(E / P);  // balanced blocks: the fullest rank
+  const auto [local_expert_values, moe] = moe_layer_values(cfg, ep_size, r);
   MemoryReport m;
   m.dense_total_params = saturate(embed + L * block + head);
   m.expert_total_params = saturate(per_expert * E * L);
@@ -423,9 +444,9 @@ MemoryReport estimate_memory(const ModelConfig& cfg, const ParallelConfig& par, 
   m.gathered_unit_max = saturate(max_padded * sb);
   m.gathered_peak = saturate((par.reshard_after_forward ? max_padded : all_padded) * sb);
   m.grad_buffer = saturate(max_padded * sb);
-  m.experts = saturate(local_experts * per_expert * L * sb);
+  m.experts = saturate(local_expert_values * L * sb);
   m.expert_grads = m.experts;
-  m.optimizer = saturate(2 * (shard + local_experts * per_expert * L) * sb);
+  m.optimizer = saturate(2 * (shard + local_expert_values * L) * sb);
   const double per_block = 7 * r * d + r * H * Sq + 2 * r;
   const double inputs = (L + 1) * r * d;
   m.activations_without_checkpointing = saturate((per_block * L + inputs) * sb);
@@ -433,8 +454,6 @@ MemoryReport estimate_memory(const ModelConfig& cfg, const ParallelConfig& par, 
   // Logits, 8 activation-gradient/scratch matrices, and per MoE layer its router state and
   // the rows of its k assignments per token (dispatch, expert input/output and their
   // gradients, hidden activations).
-  const double k = cfg.top_k, A = r * k;
-  const double moe = r * (3 * E + 3 * k) + A * (8 * d + 5 * h);
   m.buffers = saturate((r * V + 8 * r * d + r + L * moe) * sb);
   return m;
 }

@@ -3,6 +3,7 @@
 #include <examoe/checkpoint.hpp>
 #include <examoe/error.hpp>
 #include <examoe/impl/fault.hpp>
+#include <examoe/impl/files.hpp>
 #include <examoe/impl/watchdog.hpp>
 #include <examoe/optimizer.hpp>
 #include <examoe/train.hpp>
@@ -20,13 +21,20 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <climits>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iomanip>
 #include <ostream>
+#include <set>
 #include <sstream>
+#include <type_traits>
 
 namespace examoe {
 
@@ -43,15 +51,24 @@ std::string fmt_double(double v) {
   return std::to_string(v);
 }
 
+/// The value as a message quotes it: 'V', at most 200 bytes of it (examoe::clip_for_message).
+std::string quoted(const std::string& v) { return "'" + clip_for_message(v) + "'"; }
+
 int parse_int(const std::string& key, const std::string& v) {
+  long long x = 0;
   try {
     std::size_t pos = 0;
-    const long long x = std::stoll(v, &pos);
-    if (pos != v.size() || x < INT32_MIN || x > INT32_MAX) throw std::invalid_argument(v);
-    return static_cast<int>(x);
+    x = std::stoll(v, &pos);
+    if (pos != v.size()) throw std::invalid_argument(v);
+  } catch (const std::out_of_range&) {
+    x = INT64_MAX;  // beyond 64 bits: out of range below, not "not an integer"
   } catch (const std::exception&) {
-    throw Error("examoe::config: " + key + " must be an integer, got '" + v + "'");
+    throw Error("examoe::config: " + key + " must be an integer, got " + quoted(v));
   }
+  if (x < INT32_MIN || x > INT32_MAX)
+    throw Error("examoe::config: " + key + " is out of range: it must be an integer in [-2147483648, 2147483647], got " +
+                quoted(v));
+  return static_cast<int>(x);
 }
 std::uint64_t parse_u64(const std::string& key, const std::string& v) {
   try {
@@ -60,28 +77,36 @@ std::uint64_t parse_u64(const std::string& key, const std::string& v) {
     const unsigned long long x = std::stoull(v, &pos);
     if (pos != v.size()) throw std::invalid_argument(v);
     return x;
+  } catch (const std::out_of_range&) {
+    throw Error("examoe::config: " + key + " is out of range: it must be an integer in [0, 18446744073709551615], got " +
+                quoted(v));
   } catch (const std::exception&) {
-    throw Error("examoe::config: " + key + " must be a non-negative integer, got '" + v + "'");
+    throw Error("examoe::config: " + key + " must be a non-negative integer, got " + quoted(v));
   }
 }
 double parse_double(const std::string& key, const std::string& v) {
-  double x = 0;
-  try {
-    std::size_t pos = 0;
-    x = std::stod(v, &pos);
-    if (pos != v.size()) throw std::invalid_argument(v);
-  } catch (const std::exception&) {
-    throw Error("examoe::config: " + key + " must be a number, got '" + v + "'");
-  }
+  // strtod, not std::stod: stod throws the same for "fast" and for 1e400.
+  const char* s = v.c_str();
+  char* end = nullptr;
+  errno = 0;
+  const double x = std::strtod(s, &end);
+  if (v.empty() || end == s || end != s + v.size())
+    throw Error("examoe::config: " + key + " must be a number, got " + quoted(v));
+  if (errno == ERANGE && std::isinf(x))
+    throw Error("examoe::config: " + key + " is out of range: " + quoted(v) +
+                " is beyond the largest double (about 1.8e308); " + key + " must be a finite number");
+  if (errno == ERANGE && x == 0)
+    throw Error("examoe::config: " + key + " is out of range: " + quoted(v) +
+                " is too close to 0 for a double (it would read as 0)");
   // NaN and infinities parse, but no key has a use for them (a NaN slips through every
   // range check written as a comparison).
-  if (!std::isfinite(x)) throw Error("examoe::config: " + key + " must be a finite number, got '" + v + "'");
+  if (!std::isfinite(x)) throw Error("examoe::config: " + key + " must be a finite number, got " + quoted(v));
   return x;
 }
 bool parse_bool(const std::string& key, const std::string& v) {
   if (v == "true" || v == "1" || v == "on" || v == "yes") return true;
   if (v == "false" || v == "0" || v == "off" || v == "no") return false;
-  throw Error("examoe::config: " + key + " must be true or false, got '" + v + "'");
+  throw Error("examoe::config: " + key + " must be true or false, got " + quoted(v));
 }
 
 #define EXAMOE_KEY_INT(NAME, FIELD, HELP)                                                        \
@@ -157,7 +182,7 @@ const std::vector<ConfigKey>& config_keys() {
                   try {
                     c.model.activation = activation_from_string(v);
                   } catch (const Error&) {
-                    throw Error("examoe::config: model.activation must be gelu or swiglu, got '" + v + "'");
+                    throw Error("examoe::config: model.activation must be gelu or swiglu, got " + quoted(v));
                   }
                 }},
       EXAMOE_KEY_DBL("model.router.temperature", model.router.temperature, "Router softmax temperature (> 0)"),
@@ -173,14 +198,14 @@ const std::vector<ConfigKey>& config_keys() {
                 "auto|mpi|nccl", [](const TrainConfig& c) { return c.parallel.comm; },
                 [](TrainConfig& c, const std::string& v) {
                   if (v != "auto" && v != "mpi" && v != "nccl")
-                    throw Error("examoe::config: parallel.comm must be auto, mpi or nccl, got '" + v + "'");
+                    throw Error("examoe::config: parallel.comm must be auto, mpi or nccl, got " + quoted(v));
                   c.parallel.comm = v;
                 }},
       ConfigKey{"parallel.gpu_aware_mpi", "MPI takes GPU buffers directly (auto: ask MPI; false: stage the rows that leave a rank through host memory)",
                 "auto|true|false", [](const TrainConfig& c) { return c.parallel.gpu_aware_mpi; },
                 [](TrainConfig& c, const std::string& v) {
                   if (v != "auto" && v != "true" && v != "false")
-                    throw Error("examoe::config: parallel.gpu_aware_mpi must be auto, true or false, got '" + v + "'");
+                    throw Error("examoe::config: parallel.gpu_aware_mpi must be auto, true or false, got " + quoted(v));
                   c.parallel.gpu_aware_mpi = v;
                 }},
       EXAMOE_KEY_DBL("parallel.watchdog_seconds", parallel.watchdog_seconds, "Abort with a report naming the collective and the ranks that did not arrive when a collective takes longer than this (0 = off)"),
@@ -200,7 +225,7 @@ const std::vector<ConfigKey>& config_keys() {
                 [](const TrainConfig& c) { return c.train.nonfinite; },
                 [](TrainConfig& c, const std::string& v) {
                   if (v != "skip" && v != "stop")
-                    throw Error("examoe::config: train.nonfinite must be skip or stop, got '" + v + "'");
+                    throw Error("examoe::config: train.nonfinite must be skip or stop, got " + quoted(v));
                   c.train.nonfinite = v;
                 }},
       EXAMOE_KEY_INT("train.max_skipped", train.max_skipped, "Checkpoint and stop after this many skipped (non-finite) steps in a row"),
@@ -239,32 +264,93 @@ std::string closest_key(const std::string& name) {
 }
 
 namespace {
-/// At most `n` characters of `s` (for messages that quote user input).
-std::string clip_text(const std::string& s, std::size_t n = 80) {
-  return s.size() <= n ? s : s.substr(0, n) + "...";
+/// At most `n` characters of `s` and its length (for messages that quote user input).
+std::string clip_text(const std::string& s, std::size_t n = 80) { return clip_for_message(s, n); }
+}  // namespace
+
+namespace {
+/// Parses `text` as JSON and refuses an object that repeats a key (the parser would keep the
+/// last one silently): the parser callback sees every key as it is read, with a stack of the
+/// open objects and arrays and the keys each object has so far.
+nlohmann::json parse_json_without_duplicates(const std::string& text, const std::string& source) {
+  using Event = nlohmann::json::parse_event_t;
+  struct Open {
+    bool object = false;
+    std::string path, last_key;
+    std::set<std::string> keys;
+  };
+  std::vector<Open> open;
+  std::string repeated;
+  auto callback = [&](int, Event event, nlohmann::json& parsed) {
+    if (event == Event::object_start || event == Event::array_start) {
+      Open o;
+      o.object = event == Event::object_start;
+      if (!open.empty())
+        o.path = open.back().object ? (open.back().path.empty() ? "" : open.back().path + ".") + open.back().last_key
+                                    : open.back().path + "[]";
+      open.push_back(std::move(o));
+    } else if (event == Event::key && !open.empty()) {
+      Open& o = open.back();
+      o.last_key = parsed.get<std::string>();
+      if (!o.keys.insert(o.last_key).second && repeated.empty())
+        repeated = (o.path.empty() ? "" : o.path + ".") + o.last_key;
+    } else if ((event == Event::object_end || event == Event::array_end) && !open.empty()) {
+      open.pop_back();
+    }
+    return true;
+  };
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text, callback);
+  } catch (const std::exception& e) {
+    throw Error("examoe::config: " + clip_for_message(source) + " is not valid JSON: " + clip_for_message(e.what()));
+  }
+  if (!repeated.empty())
+    throw Error("examoe::config: key '" + clip_text(repeated) + "' appears twice in the same object of " +
+                clip_for_message(source) + " (a key may be given once)");
+  return j;
+}
+
+/// How a key was spelled in the file, for messages: {"model": {"d_model": ...}}.
+std::string json_spelling(const std::vector<std::string>& path) {
+  std::string open, close;
+  for (const auto& p : path) {
+    open += "{\"" + clip_text(p, 40) + "\": ";
+    close += "}";
+  }
+  return open + "..." + close;
 }
 }  // namespace
 
 void apply_json_config(TrainConfig& cfg, const std::string& text, const std::string& source) {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text);
-  } catch (const std::exception& e) {
-    throw Error("examoe::config: " + source + " is not valid JSON: " + e.what());
-  }
-  if (!j.is_object()) throw Error("examoe::config: " + source + " must hold a JSON object");
+  const nlohmann::json j = parse_json_without_duplicates(text, source);
+  if (!j.is_object()) throw Error("examoe::config: " + clip_for_message(source) + " must hold a JSON object");
   // Keys have at most 3 components (model.router.temperature): deeper objects are unknown
   // keys, reported without walking further (bounded recursion whatever the input).
   constexpr int kMaxDepth = 4;
   std::vector<std::pair<std::string, nlohmann::json>> flat;
+  std::map<std::string, std::vector<std::string>> spelled;  // key -> its path in the file
+  std::vector<std::string> path;
   std::function<void(const std::string&, const nlohmann::json&, int)> walk =
       [&](const std::string& prefix, const nlohmann::json& o, int depth) {
         for (auto it = o.begin(); it != o.end(); ++it) {
           const std::string name = prefix.empty() ? it.key() : prefix + "." + it.key();
+          path.push_back(it.key());
           bool is_key = false;
           for (const auto& k : config_keys()) is_key = is_key || k.name == name;
-          if (it->is_object() && !is_key && depth < kMaxDepth) walk(name, *it, depth + 1);
-          else flat.emplace_back(name, *it);
+          if (it->is_object() && !is_key && depth < kMaxDepth) {
+            walk(name, *it, depth + 1);
+          } else {
+            // The same key nested and dotted ({"model": {"d_model": 1}, "model.d_model": 2}):
+            // neither may silently win.
+            const auto [at, fresh] = spelled.emplace(name, path);
+            if (!fresh)
+              throw Error("examoe::config: key '" + clip_text(name) + "' is given twice in " + clip_for_message(source) +
+                          ": as " + json_spelling(at->second) + " and as " + json_spelling(path) +
+                          " (a key may be given once)");
+            flat.emplace_back(name, *it);
+          }
+          path.pop_back();
         }
       };
   walk("", j, 1);
@@ -273,7 +359,7 @@ void apply_json_config(TrainConfig& cfg, const std::string& text, const std::str
     for (const auto& k : config_keys())
       if (k.name == name) key = &k;
     if (!key)
-      throw Error("examoe::config: unknown key '" + clip_text(name) + "' in " + source + " (did you mean '" +
+      throw Error("examoe::config: unknown key '" + clip_text(name) + "' in " + clip_for_message(source) + " (did you mean '" +
                   closest_key(name.substr(0, 200)) + "'?)");
     std::string v;
     if (value.is_string()) v = value.get<std::string>();
@@ -282,7 +368,7 @@ void apply_json_config(TrainConfig& cfg, const std::string& text, const std::str
     else if (value.is_number_integer()) v = std::to_string(value.get<std::int64_t>());
     else if (value.is_number()) v = fmt_double(value.get<double>());
     else
-      throw Error("examoe::config: key '" + name + "' in " + source + " has an unsupported value " +
+      throw Error("examoe::config: key '" + clip_text(name) + "' in " + clip_for_message(source) + " has an unsupported value " +
                   clip_text(value.dump()) + " (expected a string, number or boolean)");
     key->set(cfg, v);
   }
@@ -297,7 +383,7 @@ void TrainConfig::validate() const {
     return std::string("?");
   };
   auto need = [&](bool ok, const char* key, const std::string& rule) {
-    if (!ok) throw Error(f + key + " must be " + rule + " (got " + text(key) + ")");
+    if (!ok) throw Error(f + key + " must be " + rule + " (got " + clip_for_message(text(key)) + ")");
   };
   need(model.d_model > 0, "model.d_model", "positive");
   need(model.n_layers > 0, "model.n_layers", "positive");
@@ -524,13 +610,21 @@ std::size_t peak_rss_bytes() {
   return static_cast<std::size_t>(ru.ru_maxrss) * 1024;
 }
 
+/// Data every rank holds besides the model (a data file read whole, an eval input), counted
+/// in the memory check before it is read.
+struct HeldData {
+  std::size_t bytes = 0;
+  std::string what;  ///< for the message: "the data file 'F'"
+};
+
 /// Refuses, on every rank and before the model allocates anything, a config whose estimated
 /// memory per rank exceeds train.memory_limit. `rows`: the most tokens a rank processes at once.
-void check_memory(const TrainConfig& cfg, Mesh& mesh, long long rows, std::size_t scalar_bytes) {
+void check_memory(const TrainConfig& cfg, Mesh& mesh, long long rows, std::size_t scalar_bytes,
+                  const HeldData& data = {}) {
   std::string how, err;
   const std::size_t limit = memory_limit_bytes(cfg.train.memory_limit, mesh.world().mpi_comm(), &how);
   const MemoryReport m = estimate_memory(cfg.model, cfg.parallel, mesh.world_size(), mesh.ep_size(), rows, scalar_bytes);
-  const std::size_t need = m.total();
+  const std::size_t need = m.total() > SIZE_MAX - data.bytes ? SIZE_MAX : m.total() + data.bytes;
   if (limit > 0 && need > limit) {
     auto hb = [](std::size_t b) {
       return human_bytes(static_cast<double>(b)) + " (" + std::to_string(b) + " bytes)";
@@ -545,9 +639,11 @@ void check_memory(const TrainConfig& cfg, Mesh& mesh, long long rows, std::size_
        << human_bytes(static_cast<double>(m.optimizer)) << "; dense shards "
        << human_bytes(static_cast<double>(3 * m.dense_shard)) << " with gradients and decay mask; gathered units "
        << human_bytes(static_cast<double>(m.gathered_peak + m.grad_buffer)) << "; activations and buffers for "
-       << rows << " tokens " << human_bytes(static_cast<double>(m.activations) + static_cast<double>(m.buffers))
-       << ". Reduce model.num_experts, model.d_hidden, model.d_model or train.batch, raise parallel.ep to "
-          "spread the experts, or set train.memory_limit.";
+       << rows << " tokens " << human_bytes(static_cast<double>(m.activations) + static_cast<double>(m.buffers));
+    if (data.bytes > 0) os << "; " << data.what << " " << hb(data.bytes) << ", held whole by every rank";
+    os << ". Reduce model.num_experts, model.d_hidden, model.d_model or train.batch, raise parallel.ep to "
+          "spread the experts"
+       << (data.bytes > 0 ? ", use less data" : "") << ", or set train.memory_limit.";
     err = os.str();
   }
   throw_if_any(mesh.world(), err);
@@ -642,6 +738,64 @@ std::vector<typename AdamW<S>::vector> register_parameters(Model<S>& model, Adam
   return expert_grads;
 }
 
+/// A checkpoint past train.steps cannot be resumed to train.steps: an error on every rank
+/// (silently running 0 steps would hide a wrong --train.steps or checkpoint). One exactly at
+/// train.steps is a finished run: it says so and runs no step (a requeued job that finds its
+/// work done succeeds).
+void check_resume_step(long long step, const std::string& path, const TrainConfig& cfg, Communicator& world,
+                       std::ostream* log) {
+  std::string err;
+  if (step > cfg.train.steps)
+    err = "examoe::train: checkpoint '" + clip_for_message(path) + "' is at step " + std::to_string(step) +
+          ", past train.steps = " + std::to_string(cfg.train.steps) +
+          ": there is nothing to resume (raise --train.steps above " + std::to_string(step) +
+          " to train on, or resume an earlier checkpoint)";
+  throw_if_any(world, err);
+  if (step == cfg.train.steps && log)
+    *log << "examoe train: checkpoint " << path << " is at step " << step << " = train.steps: training is already "
+         << "complete, no step to run (raise --train.steps to train on)" << std::endl;
+}
+
+/// The training data, checked on every rank: errors (a missing file, one that is not a
+/// regular file, too short, ...) are agreed before anything else, and a data file is measured
+/// and counted in the memory check (with the batch and validation set it gives) before it is
+/// read, so a 50 GB file is refused in a moment instead of being read by every rank.
+template <class S>
+std::unique_ptr<Corpus> make_corpus(const TrainConfig& cfg, Mesh& mesh) {
+  const int seq = cfg.model.seq_len;
+  std::unique_ptr<Corpus> corpus;
+  HeldData data;
+  long long val = 0;
+  std::string err;
+  try {
+    if (cfg.data.path.empty()) {
+      corpus = std::make_unique<AdditionCorpus>(cfg.train.seed, cfg.data.digits, cfg.data.val_problems);
+      corpus->check(seq);
+      val = corpus->num_val_sequences(seq);
+    } else {
+      data.bytes = FileCorpus::file_size(cfg.data.path);
+      data.what = "the data file '" + clip_for_message(cfg.data.path) + "'";
+      val = FileCorpus::val_sequences(data.bytes, cfg.data.val_fraction, seq);
+    }
+  } catch (const Error& e) {
+    err = e.what();
+  }
+  throw_if_any(mesh.world(), err);
+  // The most tokens a rank holds at once: its share of a training batch or of the validation
+  // set (evaluated in one pass).
+  const long long W = mesh.world_size();
+  check_memory(cfg, mesh, std::max((cfg.train.batch + W - 1) / W, (val + W - 1) / W) * seq, sizeof(S), data);
+  if (corpus) return corpus;
+  try {
+    corpus = std::make_unique<FileCorpus>(cfg.data.path, cfg.train.seed, cfg.data.val_fraction);
+    corpus->check(seq);
+  } catch (const Error& e) {
+    err = e.what();
+  }
+  throw_if_any(mesh.world(), err);
+  return corpus;
+}
+
 template <class S>
 TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
   using Clock = std::chrono::steady_clock;
@@ -653,26 +807,8 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
                 ") must be at least the expert-parallel size ep = " + std::to_string(mesh.ep_size()) +
                 " (every rank of an expert-parallel group holds at least one expert; set parallel.ep)");
 
-  // Data: errors (missing file, too short, ...) are agreed before anything else.
-  std::unique_ptr<Corpus> corpus;
   std::string err;
-  try {
-    if (cfg.data.path.empty())
-      corpus = std::make_unique<AdditionCorpus>(cfg.train.seed, cfg.data.digits, cfg.data.val_problems);
-    else
-      corpus = std::make_unique<FileCorpus>(cfg.data.path, cfg.train.seed, cfg.data.val_fraction);
-    corpus->check(cfg.model.seq_len);
-  } catch (const Error& e) {
-    err = e.what();
-  }
-  throw_if_any(mesh.world(), err);
-  {
-    // The most tokens a rank holds at once: its share of a training batch or of the
-    // validation set (evaluated in one pass).
-    const long long W = mesh.world_size(), seq = cfg.model.seq_len;
-    const long long val = corpus->num_val_sequences(cfg.model.seq_len);
-    check_memory(cfg, mesh, std::max((cfg.train.batch + W - 1) / W, (val + W - 1) / W) * seq, sizeof(S));
-  }
+  std::unique_ptr<Corpus> corpus = make_corpus<S>(cfg, mesh);
 
   Model<S> model(cfg.model, cfg.parallel, mesh, cfg.train.seed);
   AdamW<S> opt(adamw_config(cfg));
@@ -690,9 +826,30 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
   std::ofstream metrics;
   if (root && !cfg.log.metrics.empty()) {
     metrics.open(cfg.log.metrics, std::ios::app);
-    if (!metrics) err = "examoe::train: cannot open metrics file '" + cfg.log.metrics + "'";
+    if (!metrics) err = "examoe::train: cannot open metrics file '" + clip_for_message(cfg.log.metrics) + "'";
   }
   throw_if_any(mesh.world(), err);
+  // Rank 0 writes the metrics; a failed write (a full disk, /dev/full) is kept and agreed at
+  // the next progress point (agree_metrics), where every rank throws it.
+  std::string metrics_err;
+  long long metrics_step = 0;  // the step whose line is written
+  auto emit_metrics = [&](const nlohmann::json& j) {
+    if (!metrics.is_open() || !metrics_err.empty()) return;
+    errno = 0;
+    metrics << j.dump() << "\n";
+    metrics.flush();
+    if (!metrics) {
+      const int e = errno;
+      metrics_err = "examoe::train: cannot write metrics file '" + clip_for_message(cfg.log.metrics) + "' at step " +
+                    std::to_string(metrics_step) + (e != 0 ? std::string(": ") + std::strerror(e) : std::string()) +
+                    " (log.metrics; training stops rather than lose its records)";
+    }
+  };
+  auto agree_metrics = [&] {
+    if (cfg.log.metrics.empty()) return;  // the same on every rank: all call it or none
+    impl::CollectiveLabel label("train.metrics");
+    throw_if_any(mesh.world(), metrics_err);
+  };
   nlohmann::json placement_history = nlohmann::json::array();
   // Dynamic expert placement: greedy LPT on the EMA of the tokens each expert received;
   // weights and AdamW moments move with their expert. Outputs do not depend on placement.
@@ -744,7 +901,7 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
       if (log && !cfg.log.quiet)
         *log << "  rebalanced layer " << l << " at step " << step_done << ": imbalance " << before << " -> "
              << after << " (" << moved.size() << " experts moved)\n";
-      if (metrics.is_open()) metrics << j.dump() << "\n";
+      emit_metrics(j);
     }
   };
   auto write_checkpoint = [&](long long step_done) {
@@ -802,6 +959,7 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
     {
       // Same expert-parallel size: take over the saved placement (other sizes rebalance anew).
       const CheckpointInfo head = read_checkpoint_info(path, mesh.world().mpi_comm());
+      check_resume_step(head.step, path, cfg, mesh.world(), log);
       // (A table of another shape belongs to another model: load_checkpoint names the
       // difference below.)
       bool same_shape = static_cast<int>(head.placement.size()) == model.n_layers();
@@ -859,6 +1017,7 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
   Batch b;
   int skipped_in_a_row = 0;
   for (int step = static_cast<int>(start_step); step < cfg.train.steps; ++step) {
+    metrics_step = step + 1;
     if (impl::fault::armed()) impl::fault::set_context(mesh.world_rank(), step + 1);
     corpus->train_batch(static_cast<std::uint64_t>(step), first, count, seq, b);
     long long valid = 0;
@@ -932,8 +1091,7 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
         j["skipped"] = res.skipped_steps;
         j["skipped_in_a_row"] = skipped_in_a_row;
         j["action"] = stop_now ? "stop" : "skip";
-        metrics << j.dump() << "\n";
-        metrics.flush();
+        emit_metrics(j);
       }
       if (stop_now) {
         // The weights and optimizer state are those of the last good step; the checkpoint
@@ -1037,9 +1195,9 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
           j["val_loss"] = ev.loss;
           if (ev.accuracy >= 0) j["val_accuracy"] = ev.accuracy;
         }
-        metrics << j.dump() << "\n";
-        metrics.flush();
+        emit_metrics(j);
       }
+      agree_metrics();
     }
     res.last_step = step + 1;
     const bool stop = sq[2] > 0;
@@ -1087,8 +1245,9 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
     if (res.stopped_nonfinite) j["stopped"] = "nonfinite";
     if (res.stopped_by_signal) j["stopped"] = "signal";
     if (res.final.accuracy >= 0) j["val_accuracy"] = res.final.accuracy;
-    metrics << j.dump() << "\n";
+    emit_metrics(j);
   }
+  agree_metrics();
   return res;
 }
 
@@ -1114,6 +1273,7 @@ TrainResult train(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
     // Fault injection (tests of the fault handling): EXAMOE_FAULT, read once per run.
     try {
       const std::string spec = impl::fault::arm_from_env();
+      impl::fault::check_reachable(P, cfg.train.steps);
       if (!spec.empty() && c->rank() == 0 && out) *out << "examoe: fault injection armed: EXAMOE_FAULT=" << spec << "\n";
     } catch (const Error& e) {
       err = e.what();
@@ -1133,73 +1293,153 @@ TrainResult train(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
 
 namespace {
 
+#if EXAMOE_ENABLE_HDF5
+/// What an eval input holds, found before any of its values is read.
+struct EvalInputShape {
+  long long n = 0;       ///< sequences
+  bool targets = false;  ///< it has a 'targets' dataset
+};
+
+/// Rank 0: `input` is a regular file (a FIFO or a device is refused from stat(), never
+/// opened: opening a FIFO blocks), HDF5, and holds a 2-D integer dataset 'tokens'
+/// [N][seq_len] and, optionally, 'targets' of the same shape. Returns the error, or "".
+std::string inspect_eval_input(const std::string& input, int seq, EvalInputShape& shape) {
+  const std::string F = "'" + clip_for_message(input) + "'";
+  struct stat st;
+  if (::stat(input.c_str(), &st) != 0) return "examoe eval: cannot open input " + F + ": " + std::strerror(errno);
+  if (!S_ISREG(st.st_mode)) return "examoe eval: input " + F + " is " + impl::file_kind(st.st_mode) + ", not a regular file";
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  const hid_t f = H5Fopen(input.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  if (f < 0) return "examoe eval: cannot open input " + F + " as HDF5";
+  std::string err;
+  for (const char* name : {"tokens", "targets"}) {
+    const std::string D = "dataset '" + std::string(name) + "' of " + F;
+    if (H5Lexists(f, name, H5P_DEFAULT) <= 0) {
+      if (std::strcmp(name, "tokens") == 0) err = "examoe eval: " + F + " has no dataset 'tokens'";
+      break;
+    }
+    const hid_t ds = H5Dopen2(f, name, H5P_DEFAULT);
+    const hid_t sp = H5Dget_space(ds), type = H5Dget_type(ds);
+    const H5T_class_t cls = H5Tget_class(type);
+    hsize_t dims[2] = {0, 0};
+    if (ds < 0 || sp < 0) err = "examoe eval: cannot read " + D;
+    else if (H5Sget_simple_extent_ndims(sp) != 2)
+      err = "examoe eval: dataset '" + std::string(name) + "' must be 2-D [sequences][seq_len]";
+    else if (cls != H5T_INTEGER)
+      err = "examoe eval: " + D + " holds " +
+            (cls == H5T_FLOAT ? std::string("floating-point numbers") : cls == H5T_STRING ? "strings" : "values that are not integers") +
+            "; token ids and targets must be an HDF5 integer type (they are not converted)";
+    else {
+      H5Sget_simple_extent_dims(sp, dims, nullptr);
+      if (dims[1] != static_cast<hsize_t>(seq))
+        err = "examoe eval: dataset '" + std::string(name) + "' has sequences of " + std::to_string(dims[1]) +
+              " tokens; the model's seq_len is " + std::to_string(seq);
+      else if (std::strcmp(name, "targets") == 0 && static_cast<long long>(dims[0]) != shape.n)
+        err = "examoe eval: 'targets' and 'tokens' have different shapes";
+      else if (std::strcmp(name, "tokens") == 0)
+        shape.n = static_cast<long long>(std::min<hsize_t>(dims[0], static_cast<hsize_t>(LLONG_MAX)));
+      else
+        shape.targets = true;
+    }
+    if (type >= 0) H5Tclose(type);
+    if (sp >= 0) H5Sclose(sp);
+    if (ds >= 0) H5Dclose(ds);
+    if (!err.empty()) break;
+  }
+  H5Fclose(f);
+  return err;
+}
+
+/// Checks the ids read from dataset `name`: tokens in [0, V); targets in [0, V) or -1 (no
+/// target), the only negative value allowed. A bad value is reported as it is (beyond 32
+/// bits too), with the index of the first one and how many there are. Fills `out`.
+template <class I>
+std::string check_ids(const std::vector<I>& v, const char* name, const std::string& input, int seq, int V,
+                      std::vector<int>& out) {
+  const bool target = std::strcmp(name, "targets") == 0;
+  std::size_t bad = 0, first = 0;
+  out.resize(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) {
+    const I x = v[i];
+    bool ok = x < static_cast<I>(V);
+    if constexpr (std::is_signed<I>::value) ok = ok && (x >= 0 || (target && x == -1));
+    if (!ok && bad++ == 0) first = i;
+    out[i] = ok ? static_cast<int>(x) : -1;
+  }
+  if (bad == 0) return {};
+  const std::size_t row = first / static_cast<std::size_t>(seq), col = first % static_cast<std::size_t>(seq);
+  std::ostringstream os;
+  os << "examoe eval: " << (target ? "target " : "token ") << v[first] << " outside [0, " << V << ") at " << name << "["
+     << row << "][" << col << "] of '" << clip_for_message(input) << "' ("
+     << (target ? "-1 marks a position without a target and is the only negative value allowed; " : "")
+     << "the first of " << bad << (bad == 1 ? " bad value)" : " bad values)");
+  return os.str();
+}
+
+/// Rank 0: reads dataset `name` (shape and class checked by inspect_eval_input) as 64-bit
+/// integers, signed or unsigned as stored, so no value is clipped before it is checked.
+std::string read_eval_ids(const std::string& input, const char* name, int seq, int V, std::vector<int>& out) {
+  const hid_t f = H5Fopen(input.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  if (f < 0) return "examoe eval: cannot open input '" + clip_for_message(input) + "' as HDF5";
+  const hid_t ds = H5Dopen2(f, name, H5P_DEFAULT);
+  const hid_t sp = H5Dget_space(ds), type = H5Dget_type(ds);
+  const std::size_t count = static_cast<std::size_t>(H5Sget_simple_extent_npoints(sp));
+  const bool is_unsigned = H5Tget_sign(type) == H5T_SGN_NONE;
+  std::string err;
+  auto read = [&](auto& v, hid_t mem) {
+    v.resize(count);
+    if (count > 0 && H5Dread(ds, mem, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data()) < 0)
+      err = "examoe eval: cannot read dataset '" + std::string(name) + "' of '" + clip_for_message(input) + "'";
+    else
+      err = check_ids(v, name, input, seq, V, out);
+  };
+  if (is_unsigned) {
+    std::vector<unsigned long long> v;
+    read(v, H5T_NATIVE_ULLONG);
+  } else {
+    std::vector<long long> v;
+    read(v, H5T_NATIVE_LLONG);
+  }
+  H5Tclose(type);
+  H5Sclose(sp);
+  H5Dclose(ds);
+  H5Fclose(f);
+  return err;
+}
+#endif
+
 template <class S>
 double eval_run(const TrainConfig& cfg, const std::string& ckpt, const std::string& input,
                 const std::string& output, MPI_Comm comm, std::ostream* out) {
-  // The input is checked before the mesh is built (a bad file costs one agreement).
+  // The input is checked before the mesh is built (a bad file costs one agreement), and its
+  // size counted in the memory check before its values are read.
   auto input_comm = make_mpi_communicator(comm);
   Communicator& w0 = *input_comm;
   const bool root = w0.rank() == 0;
   const int seq = cfg.model.seq_len, V = cfg.model.vocab;
-  // Rank 0 reads the input and shares it.
   std::vector<int> tokens, targets;
-  long long n = 0;
   std::string err;
 #if EXAMOE_ENABLE_HDF5
-  if (root) {
-    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
-    hid_t f = H5Fopen(input.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (f < 0) {
-      err = "examoe eval: cannot open input '" + input + "' as HDF5";
-    } else {
-      auto read = [&](const char* name, std::vector<int>& v, bool required) {
-        if (H5Lexists(f, name, H5P_DEFAULT) <= 0) {
-          if (required) err = "examoe eval: '" + input + "' has no dataset '" + name + "'";
-          return;
-        }
-        hid_t ds = H5Dopen2(f, name, H5P_DEFAULT);
-        hid_t sp = H5Dget_space(ds);
-        hsize_t dims[2] = {0, 0};
-        if (H5Sget_simple_extent_ndims(sp) != 2) {
-          err = "examoe eval: dataset '" + std::string(name) + "' must be 2-D [sequences][seq_len]";
-        } else {
-          H5Sget_simple_extent_dims(sp, dims, nullptr);
-          if (dims[1] != static_cast<hsize_t>(seq))
-            err = "examoe eval: dataset '" + std::string(name) + "' has sequences of " + std::to_string(dims[1]) +
-                  " tokens; the model's seq_len is " + std::to_string(seq);
-          else if (n != 0 && static_cast<long long>(dims[0]) != n)
-            err = "examoe eval: 'targets' and 'tokens' have different shapes";
-          else {
-            n = static_cast<long long>(dims[0]);
-            v.resize(dims[0] * dims[1]);
-            if (!v.empty() && H5Dread(ds, H5T_NATIVE_INT, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data()) < 0)
-              err = "examoe eval: cannot read dataset '" + std::string(name) + "'";
-          }
-        }
-        H5Sclose(sp);
-        H5Dclose(ds);
-      };
-      read("tokens", tokens, true);
-      if (err.empty()) read("targets", targets, false);
-      for (int t : tokens)
-        if (err.empty() && (t < 0 || t >= V)) err = "examoe eval: token " + std::to_string(t) + " outside [0, 256)";
-      H5Fclose(f);
-    }
-  }
+  EvalInputShape shape;
+  if (root) err = inspect_eval_input(input, seq, shape);
 #else
+  struct {
+    long long n = 0;
+    bool targets = false;
+  } shape;
   err = "examoe eval: this ExaMoE was built without HDF5";
 #endif
   throw_if_any(w0, err);
+  long long n = shape.n;
+  int ht = shape.targets ? 1 : 0;
   w0.broadcast(&n, sizeof n, 0);
-  const bool have_targets = root ? !targets.empty() : false;
-  int ht = have_targets ? 1 : 0;
   w0.broadcast(&ht, sizeof ht, 0);
-  tokens.resize(static_cast<std::size_t>(n) * seq);
-  w0.broadcast(tokens.data(), tokens.size() * sizeof(int), 0);
-  if (ht) {
-    targets.resize(tokens.size());
-    w0.broadcast(targets.data(), targets.size() * sizeof(int), 0);
-  }
+  // MPI counts are int: the logits gathered on rank 0 must number at most 2^31 - 1.
+  const long long max_n = INT_MAX / (static_cast<long long>(seq) * V);
+  if (n > max_n)
+    throw Error("examoe eval: '" + clip_for_message(input) + "' holds " + std::to_string(n) + " sequences; one eval run " +
+                "writes the logits of at most " + std::to_string(max_n) + " sequences of " + std::to_string(seq) +
+                " tokens (2^31 - 1 values): split the input");
   input_comm.reset();
   Mesh mesh(comm, cfg.parallel.ep, comm_options(cfg.parallel));
   Communicator& w = mesh.world();
@@ -1207,7 +1447,28 @@ double eval_run(const TrainConfig& cfg, const std::string& ckpt, const std::stri
   if (cfg.model.num_experts < mesh.ep_size())
     throw Error("examoe eval: the checkpoint's model.num_experts (" + std::to_string(cfg.model.num_experts) +
                 ") must be at least the expert-parallel size ep = " + std::to_string(mesh.ep_size()) + " (set --parallel.ep)");
-  check_memory(cfg, mesh, (n + w.size() - 1) / w.size() * seq, sizeof(S));
+  {
+    // Every rank holds the tokens and targets; rank 0 reads them as 64-bit values and gathers
+    // every logit.
+    const std::size_t values = static_cast<std::size_t>(n) * static_cast<std::size_t>(seq);
+    HeldData held;
+    held.bytes = values * (sizeof(int) * (1 + ht) + sizeof(long long) + sizeof(float) * static_cast<std::size_t>(V));
+    held.what = "the eval input '" + clip_for_message(input) + "' (its ids and their logits)";
+    check_memory(cfg, mesh, (n + w.size() - 1) / w.size() * seq, sizeof(S), held);
+  }
+#if EXAMOE_ENABLE_HDF5
+  if (root) {
+    err = read_eval_ids(input, "tokens", seq, V, tokens);
+    if (err.empty() && ht) err = read_eval_ids(input, "targets", seq, V, targets);
+  }
+#endif
+  throw_if_any(w, err);
+  tokens.resize(static_cast<std::size_t>(n) * seq);
+  w.broadcast(tokens.data(), tokens.size() * sizeof(int), 0);
+  if (ht) {
+    targets.resize(tokens.size());
+    w.broadcast(targets.data(), targets.size() * sizeof(int), 0);
+  }
   Model<S> model(cfg.model, cfg.parallel, mesh, cfg.train.seed);
   AdamW<S> opt(adamw_config(cfg));
   register_parameters(model, opt);

@@ -1,14 +1,19 @@
 // Bad input, class by class (docs/errors.md lists every row with the test that covers it):
 // every config key with a value of the wrong type and out of range, unknown keys, configs that
 // differ between ranks, dp x ep against the world size, models that cannot fit in memory,
-// bad data files, non-finite layer inputs and out-of-range eval tokens. Each case asserts
+// bad data files (devices, FIFOs, sparse giants), non-finite layer inputs, eval tokens and
+// targets out of range or not integers, values beyond their type, JSON keys given twice, a
+// resume past train.steps, malformed environment variables and metrics that cannot be written. Each case asserts
 // that EVERY rank throws examoe::Error naming the problem, and that the ranks are still in
 // step afterwards (a barrier completes).
 #include "test_util.hpp"
 
 #include <examoe/checkpoint.hpp>
 #include <examoe/config.hpp>
+#include <examoe/data.hpp>
+#include <examoe/device.hpp>
 #include <examoe/error.hpp>
+#include <examoe/impl/fault.hpp>
 #include <examoe/model.hpp>
 #include <examoe/train.hpp>
 
@@ -20,15 +25,20 @@
 #endif
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <fcntl.h>
 #include <functional>
 #include <fstream>
 #include <limits>
 #include <map>
 #include <set>
+#include <sstream>
 #include <string>
 #include <sys/stat.h>
+#include <tuple>
 #include <unistd.h>
 #include <vector>
 
@@ -293,7 +303,7 @@ TEST(InputErrors, JsonNumbersAtTheLimits) {
   EXPECT_EQ(c.model.d_model, 2147483647);
   for (const auto& [text, needle] : std::vector<std::pair<std::string, std::string>>{
            {R"({"model": {"router": {"temperature": 1e400}}})", "limits.json is not valid JSON: [json.exception.out_of_range.406] number overflow"},
-           {R"({"model.d_model": 2147483648})", "model.d_model must be an integer, got '2147483648'"},
+           {R"({"model.d_model": 2147483648})", "model.d_model is out of range: it must be an integer in [-2147483648, 2147483647], got '2147483648'"},
            {R"({"train.seed": -1})", "train.seed must be a non-negative integer, got '-1'"},
            {R"({"train.steps": 1.5})", "train.steps must be an integer, got '1.5'"}}) {
     TrainConfig t = base();
@@ -506,7 +516,7 @@ TEST(InputErrors, DataFiles) {
        {"cannot open '" + dir + "/missing.txt'", "No such file"}},
       {"empty", [&](TrainConfig& c) { c.data.path = dir + "/empty.txt"; }, {"'" + dir + "/empty.txt' is empty"}},
       {"directory", [&](TrainConfig& c) { c.data.path = dir + "/a_directory"; },
-       {"cannot read '" + dir + "/a_directory'", "Is a directory"}},
+       {"'" + dir + "/a_directory' is a directory, not a regular file"}},
       {"too short", [&](TrainConfig& c) { c.data.path = dir + "/short.txt"; },
        {"'" + dir + "/short.txt' (10 bytes) is too short for seq_len 16"}},
       {"metrics file is a directory", [&](TrainConfig& c) { c.log.metrics = dir + "/a_directory"; },
@@ -621,12 +631,12 @@ TEST(InputErrors, EvalInputFiles) {
   }
   MPI_Barrier(MPI_COMM_WORLD);
   const std::vector<std::pair<std::string, std::vector<std::string>>> cases = {
-      {"high.h5", {"examoe eval: token 300 outside [0, 256)"}},
-      {"low.h5", {"examoe eval: token -1 outside [0, 256)"}},
+      {"high.h5", {"examoe eval: token 300 outside [0, 256) at tokens[1][3]", "(the first of 1 bad value)"}},
+      {"low.h5", {"examoe eval: token -1 outside [0, 256) at tokens[0][5]"}},
       {"no_tokens.h5", {"has no dataset 'tokens'"}},
       {"short.h5", {"sequences of 5 tokens; the model's seq_len is 16"}},
       {"text.h5", {"cannot open input", "text.h5"}},
-      {"missing.h5", {"cannot open input", "missing.h5"}},
+      {"missing.h5", {"cannot open input", "missing.h5", "No such file or directory"}},
   };
   for (const auto& [file, needles] : cases) {
     const Outcome o = run_catching([&] { eval_file(ckpt, dir + "/" + file, dir + "/out.h5", 0, MPI_COMM_WORLD, nullptr); });
@@ -757,6 +767,395 @@ TEST(InputErrors, CheckpointContentsAfterTheChecksum) {
     er.add(o, needles, cs.file);
   }
   remove_dir(dir);
+}
+
+// ------------------------------------------------------------------ files that are not what they seem
+
+double seconds_since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+TEST(InputErrors, DataFilesThatAreNotRegularFiles) {
+  EveryRank er;
+  const std::string dir = shared_dir("special");
+  const std::string fifo = dir + "/fifo", fed = dir + "/fed_fifo", sparse = dir + "/sparse.bin";
+  const long long sparse_bytes = 50LL << 30;  // `truncate -s 50G`: no block of it is written
+  int writer = -1;
+  if (world_rank() == 0) {
+    EXPECT_EQ(::mkfifo(fifo.c_str(), 0644), 0);
+    EXPECT_EQ(::mkfifo(fed.c_str(), 0644), 0);
+    // A FIFO with a writer holding it open and bytes waiting (O_RDWR does not block on Linux).
+    writer = ::open(fed.c_str(), O_RDWR | O_NONBLOCK);
+    EXPECT_GE(writer, 0);
+    EXPECT_EQ(::write(writer, "0123456789abcdef0123456789abcdef0123456789", 42), 42);
+    const int fd = ::open(sparse.c_str(), O_CREAT | O_WRONLY, 0644);
+    EXPECT_EQ(::ftruncate(fd, sparse_bytes), 0);
+    ::close(fd);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  const std::string not_regular = ", not a regular file (data.path must name a file)";
+  const std::vector<std::pair<std::string, std::vector<std::string>>> cases = {
+      {"/dev/zero", {"'/dev/zero' is a character device" + not_regular}},
+      {"/dev/urandom", {"'/dev/urandom' is a character device" + not_regular}},
+      {fifo, {"'" + fifo + "' is a FIFO (named pipe)" + not_regular}},
+      {fed, {"'" + fed + "' is a FIFO (named pipe)" + not_regular}},
+      // Refused by the memory check before a byte is read (its validation set alone needs
+      // more than any node has, and the file counts too).
+      {sparse, {"examoe::train: this config needs about", "are available per rank",
+                "the data file '" + sparse + "' 50.0 GiB (53687091200 bytes), held whole by every rank"}},
+  };
+  for (const auto& [path, needles] : cases) {
+    TrainConfig c = base();
+    c.data.path = path;
+    const auto t = std::chrono::steady_clock::now();
+    er.add(run_catching([&] { train(c, MPI_COMM_WORLD, nullptr); }), needles, path);
+    EXPECT_LT(seconds_since(t), 20.0) << path << " was not refused quickly";
+  }
+  // The corpus itself (no collective): refuses without blocking, measures without reading.
+  const Outcome o = run_catching([&] { FileCorpus corpus(fifo, 1); });
+  EXPECT_TRUE(local_error(o, {"examoe::FileCorpus: '" + fifo + "' is a FIFO (named pipe)"}, "FileCorpus(fifo)"));
+  EXPECT_EQ(FileCorpus::file_size(sparse), static_cast<std::size_t>(sparse_bytes));
+  EXPECT_EQ(FileCorpus::val_sequences(static_cast<std::size_t>(sparse_bytes), 0.1, 16), 335544319)
+      << "(5 GiB of validation - 1) / 16 windows";
+  EXPECT_EQ(FileCorpus::val_sequences(1ULL << 50, 0.5, 1), 2147483647) << "counted up to INT_MAX";
+  EXPECT_EQ(FileCorpus::val_sequences(20, 0.5, 16), 0) << "too short";
+  if (writer >= 0) ::close(writer);
+  remove_dir(dir);
+}
+
+TEST(InputErrors, DataFileCountsInTheMemoryCheck) {
+  // A 64 MiB (sparse) file with a validation part of 68 bytes: the model, batch and
+  // validation set need far less, so the file decides. Refused with one byte less than
+  // model + file, accepted (read and trained on) with exactly that.
+  EveryRank er;
+  const std::string dir = shared_dir("datamem");
+  const std::string path = dir + "/zeros.bin";
+  const std::size_t bytes = 64u << 20;
+  if (world_rank() == 0) {
+    const int fd = ::open(path.c_str(), O_CREAT | O_WRONLY, 0644);
+    EXPECT_EQ(::ftruncate(fd, static_cast<off_t>(bytes)), 0);
+    ::close(fd);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  TrainConfig c = base();
+  c.data.path = path;
+  c.data.val_fraction = 1e-6;
+  const int W = world_size(), seq = c.model.seq_len;
+  const long long val = FileCorpus::val_sequences(bytes, c.data.val_fraction, seq);
+  EXPECT_EQ(val, 4) << "ceil(64 MiB x 1e-6) = 68 bytes of validation: (68 - 1) / 16 windows";
+  const long long rows = std::max<long long>((c.train.batch + W - 1) / W, (val + W - 1) / W) * seq;
+  const std::size_t model = estimate_memory(c.model, c.parallel, W, W, rows, sizeof(double)).total();
+  EXPECT_LT(model, bytes / 8) << "the file must be what does not fit";
+  c.train.memory_limit = std::to_string(model + bytes - 1);
+  er.add(run_catching([&] { train(c, MPI_COMM_WORLD, nullptr); }),
+         {"(" + std::to_string(model + bytes) + " bytes) of memory per rank",
+          "(" + std::to_string(model + bytes - 1) + " bytes) are available per rank",
+          "the data file '" + path + "' 64.0 MiB (67108864 bytes), held whole by every rank", "use less data"},
+         "one byte short");
+  c.train.memory_limit = std::to_string(model + bytes);
+  EXPECT_EQ(train(c, MPI_COMM_WORLD, nullptr).losses.size(), 1u) << "exactly enough memory";
+  remove_dir(dir);
+}
+
+// ------------------------------------------------------------------ eval targets and id types
+
+#if EXAMOE_ENABLE_HDF5
+struct H5Set {
+  const char* name;
+  hid_t file_type, mem_type;
+  const void* data;
+};
+/// Rank 0: an eval input of [2][cols] datasets.
+void write_h5(const std::string& path, const std::vector<H5Set>& sets, int cols) {
+  hid_t f = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+  hsize_t dims[2] = {2, static_cast<hsize_t>(cols)};
+  for (const H5Set& s : sets) {
+    hid_t sp = H5Screate_simple(2, dims, nullptr);
+    hid_t ds = H5Dcreate2(f, s.name, s.file_type, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    EXPECT_GE(H5Dwrite(ds, s.mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, s.data), 0) << path;
+    H5Dclose(ds);
+    H5Sclose(sp);
+  }
+  H5Fclose(f);
+}
+
+TEST(InputErrors, EvalTargetsAndIdTypes) {
+  EveryRank er;
+  const std::string dir = shared_dir("evalids");
+  TrainConfig c = base();
+  c.checkpoint.dir = dir;
+  c.checkpoint.interval = 1;
+  if (world_rank() == 0) train(c, MPI_COMM_SELF, nullptr);
+  MPI_Barrier(MPI_COMM_WORLD);
+  const std::string ckpt = checkpoint_path(dir, 1);
+  const int seq = c.model.seq_len, n = 2 * seq;
+  const long long big = (1LL << 40) + 65;
+  std::vector<int> tok(n, 65), none(n, -1);
+  auto targets_with = [&](std::vector<std::pair<int, int>> at) {
+    std::vector<int> t = none;
+    for (auto [i, v] : at) t[i] = v;
+    return t;
+  };
+  const std::vector<int> t999 = targets_with({{3, 999}}), t1e9 = targets_with({{seq, 1000000000}, {seq + 1, 1000000000}}),
+                         tneg5 = targets_with({{7, -5}}), tgood = targets_with({{0, 65}, {seq + 2, 66}});
+  std::vector<long long> t40(n, -1), k40(n, 65), kneg(n, 65);
+  t40[2 * seq - 1] = big;
+  k40[0] = big;
+  kneg[4] = -(1LL << 40);
+  std::vector<unsigned long long> ku(n, 65);
+  ku[seq + 5] = (1ULL << 63) + 1;
+  const std::vector<float> kf(n, 65.0f);
+  const std::vector<double> tf(n, -1.0);
+  const std::string fifo = dir + "/fifo.h5";
+  if (world_rank() == 0) {
+    const hid_t I32 = H5T_STD_I32LE, I64 = H5T_STD_I64LE, NI = H5T_NATIVE_INT, NL = H5T_NATIVE_LLONG;
+    write_h5(dir + "/t999.h5", {{"tokens", I32, NI, tok.data()}, {"targets", I32, NI, t999.data()}}, seq);
+    write_h5(dir + "/t1e9.h5", {{"tokens", I32, NI, tok.data()}, {"targets", I32, NI, t1e9.data()}}, seq);
+    write_h5(dir + "/tneg5.h5", {{"tokens", I32, NI, tok.data()}, {"targets", I32, NI, tneg5.data()}}, seq);
+    write_h5(dir + "/t40.h5", {{"tokens", I32, NI, tok.data()}, {"targets", I64, NL, t40.data()}}, seq);
+    write_h5(dir + "/k40.h5", {{"tokens", I64, NL, k40.data()}}, seq);
+    write_h5(dir + "/kneg.h5", {{"tokens", I64, NL, kneg.data()}}, seq);
+    write_h5(dir + "/ku64.h5", {{"tokens", H5T_STD_U64LE, H5T_NATIVE_ULLONG, ku.data()}}, seq);
+    write_h5(dir + "/kfloat.h5", {{"tokens", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, kf.data()}}, seq);
+    write_h5(dir + "/tfloat.h5", {{"tokens", I32, NI, tok.data()}, {"targets", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, tf.data()}}, seq);
+    write_h5(dir + "/good.h5", {{"tokens", I32, NI, tok.data()}, {"targets", I32, NI, tgood.data()}}, seq);
+    EXPECT_EQ(::mkfifo(fifo.c_str(), 0644), 0);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  const std::string no_target = "-1 marks a position without a target and is the only negative value allowed";
+  const std::string floats = "holds floating-point numbers; token ids and targets must be an HDF5 integer type";
+  const std::vector<std::pair<std::string, std::vector<std::string>>> cases = {
+      {dir + "/t999.h5", {"examoe eval: target 999 outside [0, 256) at targets[0][3]", no_target, "the first of 1 bad value)"}},
+      {dir + "/t1e9.h5", {"target 1000000000 outside [0, 256) at targets[1][0]", "the first of 2 bad values"}},
+      {dir + "/tneg5.h5", {"target -5 outside [0, 256) at targets[0][7]", no_target}},
+      {dir + "/t40.h5", {"target 1099511627841 outside [0, 256) at targets[1][15]"}},
+      {dir + "/k40.h5", {"token 1099511627841 outside [0, 256) at tokens[0][0]"}},
+      {dir + "/kneg.h5", {"token -1099511627776 outside [0, 256) at tokens[0][4]"}},
+      {dir + "/ku64.h5", {"token 9223372036854775809 outside [0, 256) at tokens[1][5]"}},
+      {dir + "/kfloat.h5", {"dataset 'tokens' of '" + dir + "/kfloat.h5' " + floats}},
+      {dir + "/tfloat.h5", {"dataset 'targets' of '" + dir + "/tfloat.h5' " + floats}},
+      {fifo, {"examoe eval: input '" + fifo + "' is a FIFO (named pipe), not a regular file"}},
+      {"/dev/zero", {"examoe eval: input '/dev/zero' is a character device, not a regular file"}},
+      {dir, {"examoe eval: input '" + dir + "' is a directory, not a regular file"}},
+  };
+  for (const auto& [file, needles] : cases) {
+    const auto t = std::chrono::steady_clock::now();
+    er.add(run_catching([&] { eval_file(ckpt, file, dir + "/out.h5", 0, MPI_COMM_WORLD, nullptr); }), needles, file);
+    EXPECT_LT(seconds_since(t), 20.0) << file;
+  }
+  // -1 is "no target": the loss is the mean cross-entropy of the two given targets, computed
+  // here from the logits eval wrote.
+  const double loss = eval_file(ckpt, dir + "/good.h5", dir + "/good_out.h5", 0, MPI_COMM_WORLD, nullptr);
+  std::vector<float> logits(static_cast<std::size_t>(n) * 256);
+  hid_t f = H5Fopen((dir + "/good_out.h5").c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  ASSERT_GE(f, 0);
+  hid_t ds = H5Dopen2(f, "logits", H5P_DEFAULT);
+  EXPECT_GE(H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, logits.data()), 0);
+  H5Dclose(ds);
+  H5Fclose(f);
+  double ref = 0;
+  for (auto [i, target] : std::vector<std::pair<int, int>>{{0, 65}, {seq + 2, 66}}) {
+    const float* row = logits.data() + static_cast<std::size_t>(i) * 256;
+    const double mx = *std::max_element(row, row + 256);
+    double z = 0;
+    for (int v = 0; v < 256; ++v) z += std::exp(row[v] - mx);
+    ref += (std::log(z) + mx - row[target]) / 2;
+  }
+  EXPECT_NEAR(loss, ref, 1e-5);
+  remove_dir(dir);
+}
+#endif
+
+// ------------------------------------------------------------------ config values as written
+
+TEST(InputErrors, ConfigValuesReadAsWritten) {
+  EveryRank er;
+  const std::vector<std::tuple<std::string, std::string, std::vector<std::string>>> cases = {
+      {"train.lr", "1e400", {"train.lr is out of range: '1e400' is beyond the largest double", "train.lr must be a finite number"}},
+      {"train.lr", "-1e400", {"train.lr is out of range: '-1e400'"}},
+      {"train.eps", "1e-400", {"train.eps is out of range: '1e-400' is too close to 0 for a double"}},
+      {"model.d_model", "99999999999", {"model.d_model is out of range: it must be an integer in [-2147483648, 2147483647], got '99999999999'"}},
+      {"model.d_model", "99999999999999999999999", {"model.d_model is out of range", "got '99999999999999999999999'"}},
+      {"train.seed", "18446744073709551616", {"train.seed is out of range: it must be an integer in [0, 18446744073709551615]"}},
+  };
+  for (const auto& [name, value, needles] : cases) {
+    TrainConfig c = base();
+    er.add(run_catching([&] { key(name).set(c, value); }), needles, name + " " + value);
+  }
+  // A subnormal number is a number (only one that reads as 0 is out of range).
+  TrainConfig sub = base();
+  key("train.eps").set(sub, "1e-310");
+  EXPECT_EQ(sub.train.eps, 1e-310);
+  // A 50 MB value: the message quotes 200 bytes of it and its length, whoever reports it.
+  const std::string huge_digits(50u << 20, '7'), huge_text(50u << 20, 'x');
+  const std::string marker = "... (52428800 bytes)";
+  std::vector<Outcome> big;
+  TrainConfig c = base();
+  big.push_back(run_catching([&] { key("model.d_model").set(c, huge_digits); }));
+  big.push_back(run_catching([&] { key("train.lr").set(c, huge_text); }));
+  big.push_back(run_catching([&] { apply_json_config(c, "{\"" + huge_text + "\": 1}", "huge.json"); }));
+  big.push_back(run_catching([&] { apply_json_config(c, "{\"model\": {\"activation\": \"" + huge_text + "\"}}", "huge.json"); }));
+  big.push_back(run_catching([&] {
+    TrainConfig t = base();
+    t.train.memory_limit = huge_text;
+    train(t, MPI_COMM_WORLD, nullptr);
+  }));
+  for (std::size_t i = 0; i < big.size(); ++i) {
+    er.add(big[i], {marker}, "50 MB value, case " + std::to_string(i));
+    EXPECT_LT(big[i].what.size(), 1000u) << "case " << i << ": a message of " << big[i].what.size() << " bytes";
+  }
+}
+
+TEST(InputErrors, JsonKeysGivenTwice) {
+  EveryRank er;
+  const std::vector<std::pair<std::string, std::vector<std::string>>> cases = {
+      {R"({"train": {"lr": 0.1, "lr": 0.2}})", {"key 'train.lr' appears twice in the same object of dup.json"}},
+      {R"({"train.lr": 0.1, "train.lr": 0.2})", {"key 'train.lr' appears twice"}},
+      {R"({"a": {"b": 1}, "a": {"c": 2}})", {"key 'a' appears twice"}},
+      {R"({"train": {"steps": [{"x": 1, "x": 2}]}})", {"key 'train.steps[].x' appears twice"}},
+      {R"({"model": {"d_model": 32}, "model.d_model": 64})",
+       {"key 'model.d_model' is given twice in dup.json: as {\"model\": {\"d_model\": ...}} and as {\"model.d_model\": ...}"}},
+      {R"({"model.router": {"temperature": 1}, "model": {"router": {"temperature": 2}}})",
+       {"key 'model.router.temperature' is given twice in dup.json", "{\"model.router\": {\"temperature\": ...}}"}},
+  };
+  for (const auto& [text, needles] : cases) {
+    TrainConfig c = base();
+    er.add(run_catching([&] { apply_json_config(c, text, "dup.json"); }), needles, text);
+  }
+  // Keys of the same name in different objects, nested and dotted mixed: all taken.
+  TrainConfig c = base();
+  apply_json_config(c, R"({"model": {"d_model": 32, "top_k": 1}, "train": {"steps": 2}, "model.n_layers": 1})", "ok.json");
+  EXPECT_EQ(c.model.d_model, 32);
+  EXPECT_EQ(c.model.top_k, 1);
+  EXPECT_EQ(c.train.steps, 2);
+  EXPECT_EQ(c.model.n_layers, 1);
+}
+
+// ------------------------------------------------------------------ resume past train.steps
+
+#if EXAMOE_ENABLE_HDF5
+TEST(InputErrors, ResumePastTrainSteps) {
+  EveryRank er;
+  const std::string dir = shared_dir("past");
+  TrainConfig c = base();
+  c.train.steps = 2;
+  c.checkpoint.dir = dir;
+  c.checkpoint.interval = 2;
+  if (world_rank() == 0) train(c, MPI_COMM_SELF, nullptr);
+  MPI_Barrier(MPI_COMM_WORLD);
+  const std::string ckpt = checkpoint_path(dir, 2);
+  TrainConfig r = c;
+  r.checkpoint.resume = ckpt;
+  r.train.steps = 1;
+  er.add(run_catching([&] { train(r, MPI_COMM_WORLD, nullptr); }),
+         {"examoe::train: checkpoint '" + ckpt + "' is at step 2, past train.steps = 1", "raise --train.steps above 2"},
+         "resume past train.steps");
+  // At train.steps: a finished run, said so; no step runs.
+  r.train.steps = 2;
+  std::ostringstream os;
+  const TrainResult res = train(r, MPI_COMM_WORLD, &os);
+  EXPECT_EQ(res.first_step, 2);
+  EXPECT_EQ(res.last_step, 2);
+  EXPECT_TRUE(res.losses.empty());
+  if (world_rank() == 0)
+    EXPECT_NE(os.str().find("is at step 2 = train.steps: training is already complete"), std::string::npos) << os.str();
+  remove_dir(dir);
+}
+#endif
+
+// ------------------------------------------------------------------ environment variables
+
+TEST(InputErrors, DeviceIdMustBeAnId) {
+  EveryRank er;
+  for (const char* v : {"abc", "-1", "", "1.5", " 1", "+1", "1e3", "99999999999"}) {
+    ::setenv("EXAMOE_DEVICE_ID", v, 1);
+    for (int devices : {0, 4}) {  // 0: a CPU build, which checks it too
+      er.add(run_catching([&] { device_for_rank(MPI_COMM_WORLD, devices); }),
+             {"examoe: EXAMOE_DEVICE_ID='" + std::string(v) + "' is not a device id: it must be a non-negative integer"},
+             "EXAMOE_DEVICE_ID='" + std::string(v) + "', " + std::to_string(devices) + " devices");
+    }
+  }
+  // Malformed on the last rank only: every rank reports it.
+  ::setenv("EXAMOE_DEVICE_ID", world_rank() == world_size() - 1 ? "abc" : "0", 1);
+  er.add(run_catching([&] { device_for_rank(MPI_COMM_WORLD, 0); }), {"EXAMOE_DEVICE_ID='abc'"}, "on one rank");
+  // Well-formed: used where there are devices, unused (-1) on a CPU build.
+  ::setenv("EXAMOE_DEVICE_ID", "3", 1);
+  EXPECT_EQ(device_for_rank(MPI_COMM_WORLD, 4), 3);
+  EXPECT_EQ(device_for_rank(MPI_COMM_WORLD, 0), -1);
+  ::unsetenv("EXAMOE_DEVICE_ID");
+}
+
+TEST(InputErrors, FaultsThatCanNeverFire) {
+  EveryRank er;
+  const std::string P = std::to_string(world_size());
+  const std::vector<std::pair<std::string, std::vector<std::string>>> cases = {
+      {"nan:step=1:rank=" + P, {"rank=" + P + " is outside this run's ranks [0, " + P + "), so the fault would never fire"}},
+      {"kill:rank=" + std::to_string(world_size() + 5) + ":step=1", {"is outside this run's ranks"}},
+      {"hang:rank=0:step=1:phase=moe.dispach", {"phase 'moe.dispach' is no collective's label", "moe.dispatch"}},
+      {"nan:step=2", {"step=2 is beyond train.steps = 1, so the fault would never fire"}},
+  };
+  for (const auto& [spec, needles] : cases) {
+    ::setenv("EXAMOE_FAULT", spec.c_str(), 1);
+    std::vector<std::string> n = needles;
+    n.push_back("EXAMOE_FAULT='" + spec + "'");
+    er.add(run_catching([&] { train(base(), MPI_COMM_WORLD, nullptr); }), n, spec);
+    EXPECT_FALSE(impl::fault::armed()) << spec;
+  }
+  ::unsetenv("EXAMOE_FAULT");
+}
+
+#if EXAMOE_ENABLE_HDF5
+TEST(InputErrors, FaultPhasesAreCollectiveLabels) {
+  // phase= accepts collective_labels() only: every label the trainer's collectives carry must
+  // be in it. Steps, validation, metrics, checkpoints, rebalancing and a resume, fault armed
+  // (a NaN loss at the last step: skipped) so the hook records every label it sees.
+  const std::string dir = shared_dir("labels");
+  TrainConfig c = base();
+  c.train.steps = 2;
+  c.checkpoint.dir = dir;
+  c.checkpoint.interval = 1;
+  c.placement.rebalance_interval = 1;
+  c.log.eval_interval = 1;
+  c.log.metrics = dir + "/metrics.jsonl";
+  std::set<std::string> seen;
+  ::setenv("EXAMOE_FAULT", "nan:step=2:where=loss", 1);
+  train(c, MPI_COMM_WORLD, nullptr);
+  for (const auto& l : impl::fault::labels_seen()) seen.insert(l);
+  TrainConfig r = c;
+  r.checkpoint.resume = checkpoint_path(dir, 1);
+  train(r, MPI_COMM_WORLD, nullptr);
+  for (const auto& l : impl::fault::labels_seen()) seen.insert(l);
+  ::unsetenv("EXAMOE_FAULT");
+  const auto& known = impl::fault::collective_labels();
+  for (const auto& l : seen)
+    EXPECT_NE(std::find(known.begin(), known.end(), l), known.end()) << "collective label '" << l << "' is not in collective_labels()";
+  for (const char* l : {"moe.dispatch", "fsdp.allgather", "optimizer.clip", "train.eval", "checkpoint.write", "checkpoint.resume"})
+    EXPECT_TRUE(seen.count(l)) << l << " was not seen";
+  remove_dir(dir);
+}
+#endif
+
+TEST(InputErrors, MetricsWriteFailures) {
+  EveryRank er;
+  TrainConfig c = base();
+  c.log.metrics = "/dev/full";
+  er.add(run_catching([&] { train(c, MPI_COMM_WORLD, nullptr); }),
+         {"examoe::train: cannot write metrics file '/dev/full' at step 1: No space left on device"}, "/dev/full");
+}
+
+TEST(InputErrors, MoELayerMemoryEstimate) {
+  // By hand: d 4, h 8, E 4 over 2 ranks (2 local), k 2, GELU, 3 tokens, 8-byte values.
+  ModelConfig m;
+  m.d_model = 4;
+  m.d_hidden = 8;
+  m.num_experts = 4;
+  m.top_k = 2;
+  const MoELayerMemory l = estimate_moe_layer_memory(m, 2, 3, 8);
+  EXPECT_EQ(l.experts, 2u * (4 * 8 * 2) * 8) << "2 local experts of w1 [4][8] and w2 [8][4]";
+  EXPECT_EQ(l.buffers, (3u * (3 * 4 + 3 * 2) + 6u * (8 * 4 + 5 * 8)) * 8) << "router state, 6 assignments' rows";
+  // The model's estimate is its layers' (n_layers of them) plus the dense part.
+  const MemoryReport r = estimate_memory(m, ParallelConfig{}, 2, 2, 3, 8);
+  EXPECT_EQ(r.experts, static_cast<std::size_t>(m.n_layers) * l.experts);
 }
 
 TEST(InputErrors, Summary) {

@@ -129,10 +129,20 @@ class AdditionCorpus : public Corpus {
 /// Validation sequences are consecutive windows of the validation part whose tokens do not
 /// overlap (stride seq_len, each reading seq_len+1 bytes), (val_bytes-1)/seq_len of them;
 /// every validation byte but the first is a target exactly once (except the tail that does
-/// not fill a window). The file is read in the constructor.
+/// not fill a window). The file is read whole into memory in the constructor; it must be a
+/// regular file (file_size()). train() measures it first and counts it in its memory check.
 class FileCorpus : public Corpus {
  public:
   FileCorpus(const std::string& path, std::uint64_t seed, double val_fraction = 0.1);
+
+  /// Size in bytes of the data file `path`, without reading it. Throws examoe::Error when it
+  /// is missing, empty or not a regular file: a directory, FIFO, device (/dev/zero,
+  /// /dev/urandom) or socket is refused from stat() without being opened, so a FIFO cannot
+  /// block and a device cannot be read without end.
+  static std::size_t file_size(const std::string& path);
+  /// num_val_sequences(seq_len) of the corpus a file of `bytes` bytes gives (0 if it is too
+  /// short), known before the file is read.
+  static long long val_sequences(std::size_t bytes, double val_fraction, int seq_len);
 
   std::string name() const override { return "file"; }
   /// Both parts must hold at least seq_len+1 bytes; the message says the minimum file size.

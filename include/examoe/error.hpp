@@ -1,4 +1,5 @@
 #pragma once
+#include <cstddef>
 #include <stdexcept>
 #include <string>
 
@@ -11,5 +12,13 @@ class Error : public std::runtime_error {
  public:
   explicit Error(const std::string& what) : std::runtime_error(what) {}
 };
+
+/// `text` as a message may quote it: whole when it has at most `max` bytes, else its first
+/// `max` bytes and "... (N bytes)", so that a huge value (a 50 MB string in a config file)
+/// never makes a huge message. Every message that echoes user input goes through it.
+inline std::string clip_for_message(const std::string& text, std::size_t max = 200) {
+  if (text.size() <= max) return text;
+  return text.substr(0, max) + "... (" + std::to_string(text.size()) + " bytes)";
+}
 
 }  // namespace examoe

@@ -73,6 +73,18 @@ struct MemoryReport {
 MemoryReport estimate_memory(const ModelConfig& cfg, const ParallelConfig& par, int world_size,
                              int ep_size, long long rows, std::size_t scalar_bytes);
 
+/// One MoE layer's part of estimate_memory on the fullest rank of an expert-parallel group of
+/// `ep_size` ranks, in bytes (saturating): its local experts' parameters (their gradients and
+/// AdamW moments are as many again each), and its router state and the rows of the top_k
+/// assignments of `rows` tokens (dispatch, expert input/output and their gradients, hidden
+/// activations). `examoe bench` checks its one layer with it.
+struct MoELayerMemory {
+  std::size_t experts = 0;
+  std::size_t buffers = 0;
+};
+MoELayerMemory estimate_moe_layer_memory(const ModelConfig& cfg, int ep_size, long long rows,
+                                         std::size_t scalar_bytes);
+
 struct StepStats {
   double ce_sum = 0;          ///< local cross-entropy sum
   long long valid = 0;        ///< local valid targets

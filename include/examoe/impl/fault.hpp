@@ -9,13 +9,15 @@
 //   nan / inf   step=A[-B] [rank=R] [where=grad|loss]   a NaN / +Inf in a gradient element
 //               (or the loss) of rank R (default every rank) at steps A..B
 //   hang        rank=R step=S [phase=LABEL] [seconds=T]  rank R sleeps (T s, default forever)
-//               before the first collective of step S labelled LABEL (default: any label)
+//               before the first collective of step S labelled LABEL (default: any label;
+//               LABEL must be one of collective_labels())
 //   kill        rank=R step=S                            raise(SIGKILL) on rank R in the middle
 //               of step S (after forward and backward, before the gradient-norm allreduce)
 //   kill        rank=R checkpoint_write [step=S]         raise(SIGKILL) on rank R while it
 //               writes a checkpoint (of step S; default the first), after the parameters
 // Steps are numbered from 1, as in the progress lines ("step 30" = the 30th step).
 #include <string>
+#include <vector>
 
 namespace examoe::impl::fault {
 
@@ -28,6 +30,14 @@ inline bool armed() noexcept { return g_armed; }
 std::string arm(const std::string& spec);
 /// arm(getenv("EXAMOE_FAULT")), or disarm() when it is unset or empty.
 std::string arm_from_env();
+/// Throws examoe::Error naming a fault armed now that can never fire in a run of
+/// `world_size` ranks and `steps` steps: a rank outside [0, world_size), a step beyond
+/// `steps`. (An unknown phase is refused by arm() itself: phase must be a collective label.)
+void check_reachable(int world_size, long long steps);
+/// Every label a collective carries (impl::CollectiveLabel), the values phase= accepts.
+const std::vector<std::string>& collective_labels();
+/// The labels at_collective() saw since arm() (how a test keeps collective_labels() true).
+std::vector<std::string> labels_seen();
 void disarm() noexcept;
 
 /// Where the caller is: its rank in the training communicator and the step in progress
