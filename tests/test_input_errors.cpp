@@ -281,14 +281,14 @@ TEST(InputErrors, UnknownKeysNameTheNearestKey) {
   };
   for (const auto& [text, needle] : cases) {
     TrainConfig c = base();
-    const Outcome o = run_catching([&] { apply_json_config(c, text, "bad.json"); });
+    const Outcome o = run_catching([&, &text = text] { apply_json_config(c, text, "bad.json"); });
     er.add(o, {"unknown key", needle, "bad.json"}, text);
   }
   // Not JSON, not an object.
   for (const auto& [text, needle] : std::vector<std::pair<std::string, std::string>>{
            {"{not json", "not valid JSON"}, {"[1, 2]", "must hold a JSON object"}, {"", "not valid JSON"}}) {
     TrainConfig c = base();
-    const Outcome o = run_catching([&] { apply_json_config(c, text, "bad.json"); });
+    const Outcome o = run_catching([&, &text = text] { apply_json_config(c, text, "bad.json"); });
     er.add(o, {needle, "bad.json"}, text);
   }
   EXPECT_EQ(closest_key("dmodel"), "model.d_model");
@@ -307,7 +307,7 @@ TEST(InputErrors, JsonNumbersAtTheLimits) {
            {R"({"train.seed": -1})", "train.seed must be a non-negative integer, got '-1'"},
            {R"({"train.steps": 1.5})", "train.steps must be an integer, got '1.5'"}}) {
     TrainConfig t = base();
-    er.add(run_catching([&] { apply_json_config(t, text, "limits.json"); }), {needle}, text);
+    er.add(run_catching([&, &text = text] { apply_json_config(t, text, "limits.json"); }), {needle}, text);
   }
 }
 
@@ -639,7 +639,7 @@ TEST(InputErrors, EvalInputFiles) {
       {"missing.h5", {"cannot open input", "missing.h5", "No such file or directory"}},
   };
   for (const auto& [file, needles] : cases) {
-    const Outcome o = run_catching([&] { eval_file(ckpt, dir + "/" + file, dir + "/out.h5", 0, MPI_COMM_WORLD, nullptr); });
+    const Outcome o = run_catching([&, &file = file] { eval_file(ckpt, dir + "/" + file, dir + "/out.h5", 0, MPI_COMM_WORLD, nullptr); });
     er.add(o, needles, file);
   }
   remove_dir(dir);
@@ -908,16 +908,20 @@ TEST(InputErrors, EvalTargetsAndIdTypes) {
   const std::vector<double> tf(n, -1.0);
   const std::string fifo = dir + "/fifo.h5";
   if (world_rank() == 0) {
+    // HDF5's type macros are comma expressions: name them first (nvcc's front end misparses
+    // them inside braced initializers).
     const hid_t I32 = H5T_STD_I32LE, I64 = H5T_STD_I64LE, NI = H5T_NATIVE_INT, NL = H5T_NATIVE_LLONG;
+    const hid_t U64 = H5T_STD_U64LE, NU = H5T_NATIVE_ULLONG, F32 = H5T_IEEE_F32LE, NF = H5T_NATIVE_FLOAT;
+    const hid_t F64 = H5T_IEEE_F64LE, ND = H5T_NATIVE_DOUBLE;
     write_h5(dir + "/t999.h5", {{"tokens", I32, NI, tok.data()}, {"targets", I32, NI, t999.data()}}, seq);
     write_h5(dir + "/t1e9.h5", {{"tokens", I32, NI, tok.data()}, {"targets", I32, NI, t1e9.data()}}, seq);
     write_h5(dir + "/tneg5.h5", {{"tokens", I32, NI, tok.data()}, {"targets", I32, NI, tneg5.data()}}, seq);
     write_h5(dir + "/t40.h5", {{"tokens", I32, NI, tok.data()}, {"targets", I64, NL, t40.data()}}, seq);
     write_h5(dir + "/k40.h5", {{"tokens", I64, NL, k40.data()}}, seq);
     write_h5(dir + "/kneg.h5", {{"tokens", I64, NL, kneg.data()}}, seq);
-    write_h5(dir + "/ku64.h5", {{"tokens", H5T_STD_U64LE, H5T_NATIVE_ULLONG, ku.data()}}, seq);
-    write_h5(dir + "/kfloat.h5", {{"tokens", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, kf.data()}}, seq);
-    write_h5(dir + "/tfloat.h5", {{"tokens", I32, NI, tok.data()}, {"targets", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, tf.data()}}, seq);
+    write_h5(dir + "/ku64.h5", {{"tokens", U64, NU, ku.data()}}, seq);
+    write_h5(dir + "/kfloat.h5", {{"tokens", F32, NF, kf.data()}}, seq);
+    write_h5(dir + "/tfloat.h5", {{"tokens", I32, NI, tok.data()}, {"targets", F64, ND, tf.data()}}, seq);
     write_h5(dir + "/good.h5", {{"tokens", I32, NI, tok.data()}, {"targets", I32, NI, tgood.data()}}, seq);
     EXPECT_EQ(::mkfifo(fifo.c_str(), 0644), 0);
   }
@@ -940,7 +944,7 @@ TEST(InputErrors, EvalTargetsAndIdTypes) {
   };
   for (const auto& [file, needles] : cases) {
     const auto t = std::chrono::steady_clock::now();
-    er.add(run_catching([&] { eval_file(ckpt, file, dir + "/out.h5", 0, MPI_COMM_WORLD, nullptr); }), needles, file);
+    er.add(run_catching([&, &file = file] { eval_file(ckpt, file, dir + "/out.h5", 0, MPI_COMM_WORLD, nullptr); }), needles, file);
     EXPECT_LT(seconds_since(t), 20.0) << file;
   }
   // -1 is "no target": the loss is the mean cross-entropy of the two given targets, computed
@@ -980,7 +984,7 @@ TEST(InputErrors, ConfigValuesReadAsWritten) {
   };
   for (const auto& [name, value, needles] : cases) {
     TrainConfig c = base();
-    er.add(run_catching([&] { key(name).set(c, value); }), needles, name + " " + value);
+    er.add(run_catching([&, &name = name, &value = value] { key(name).set(c, value); }), needles, name + " " + value);
   }
   // A subnormal number is a number (only one that reads as 0 is out of range).
   TrainConfig sub = base();
@@ -1020,7 +1024,7 @@ TEST(InputErrors, JsonKeysGivenTwice) {
   };
   for (const auto& [text, needles] : cases) {
     TrainConfig c = base();
-    er.add(run_catching([&] { apply_json_config(c, text, "dup.json"); }), needles, text);
+    er.add(run_catching([&, &text = text] { apply_json_config(c, text, "dup.json"); }), needles, text);
   }
   // Keys of the same name in different objects, nested and dotted mixed: all taken.
   TrainConfig c = base();
