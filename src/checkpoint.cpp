@@ -23,6 +23,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 
 #include <iomanip>
 #include <sstream>
@@ -340,7 +341,7 @@ void io_dataset(hid_t parent, const std::string& name, const std::vector<hsize_t
   if (write) {
     try {
       ds = Hid(need(H5Dcreate2(parent, name.c_str(), h5type<S>(), space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
-                    "cannot create dataset " + name),
+                    "cannot create dataset " + std::string(group_name(which)) + "/" + name),
                H5Dclose);
     } catch (const Error& e) {
       err = e.what();
@@ -401,9 +402,11 @@ void io_dataset(hid_t parent, const std::string& name, const std::vector<hsize_t
     } catch (const Error& e) {
       err = e.what();
     }
-    Transfer t(true);
+    // Independent: a rank whose write fails (disk full) must not leave the others inside
+    // one of HDF5's collective MPI-IO calls; the outcome is agreed right below.
+    Transfer t(false);
     if (H5Dwrite(ds, h5type<S>(), mspace, fspace, t.dxpl, total ? buf.data() : nullptr) < 0 && err.empty())
-      err = "examoe::checkpoint: cannot write dataset " + name + hdf5_cause();
+      err = "examoe::checkpoint: cannot write dataset " + std::string(group_name(which)) + "/" + name + hdf5_cause();
     std::int64_t none = 0;
     agree_with_sum(comm, none, err);
   } else {
@@ -894,14 +897,14 @@ void write_metadata(hid_t f, Model<S>& model, const AdamW<S>& opt, const TrainCo
     d2 = Hid(need(H5Dcreate2(f, "tokens_per_expert", H5T_NATIVE_LLONG, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create tokens_per_expert"), H5Dclose);
     d3 = Hid(need(H5Dcreate2(f, "expert_load_ema", H5T_NATIVE_DOUBLE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create expert_load_ema"), H5Dclose);
   });
-  Transfer t(true);
+  Transfer t(false);  // independent (rank 0 writes): see io_dataset
   Hid ms(H5Screate_simple(2, dims, nullptr), H5Sclose);
   Hid fs(H5Scopy(sp), H5Sclose);
   if (comm.rank() != 0) {
     H5Sselect_none(ms);
     H5Sselect_none(fs);
   }
-  // Collective writes: every rank calls each one, then the failures are agreed.
+  // Every rank calls each write, then the failures are agreed.
   std::string err;
   const std::pair<const char*, herr_t> writes[] = {
       {"placement", H5Dwrite(d1, H5T_NATIVE_INT, ms, fs, t.dxpl, pl.data())},
@@ -910,6 +913,54 @@ void write_metadata(hid_t f, Model<S>& model, const AdamW<S>& opt, const TrainCo
   for (const auto& [name, rc] : writes)
     if (rc < 0 && err.empty()) err = std::string("examoe::checkpoint: cannot write ") + name + hdf5_cause();
   throw_if_any(comm, err);
+}
+
+/// Bytes a checkpoint of `model` takes at most: the tensors (parameters and two moments), the
+/// [layers][experts] tables and a generous allowance for HDF5 metadata per dataset.
+template <class S>
+std::uint64_t checkpoint_bytes_bound(Model<S>& model, const std::string& placement_history_json) {
+  const MemoryReport mr = model.memory();
+  const std::uint64_t L = static_cast<std::uint64_t>(model.n_layers());
+  const std::uint64_t E = static_cast<std::uint64_t>(model.config().num_experts);
+  const std::uint64_t per_layer = model.config().activation == Activation::swiglu ? 3 : 2;
+  const std::uint64_t datasets = 3 * (static_cast<std::uint64_t>(model.fsdp().num_params()) + L * per_layer) + 3;
+  return 3 * static_cast<std::uint64_t>(mr.dense_total_params + mr.expert_total_params) * sizeof(S) +
+         3 * L * E * 8 + datasets * 2048 + placement_history_json.size() + (std::uint64_t(64) << 10);
+}
+
+std::string human(std::uint64_t b) {
+  char t[64];
+  if (b >= (std::uint64_t(1) << 30)) std::snprintf(t, sizeof t, "%.1f GiB", static_cast<double>(b) / (1 << 30));
+  else if (b >= (std::uint64_t(1) << 20)) std::snprintf(t, sizeof t, "%.1f MiB", static_cast<double>(b) / (1 << 20));
+  else std::snprintf(t, sizeof t, "%.0f KiB", static_cast<double>(b) / 1024);
+  return t;
+}
+
+/// Checks (rank 0, before HDF5 creates the file) that `bytes` can be allocated for `tmp`:
+/// they are reserved with fallocate(2), which also sees quotas, and freed at once; where the
+/// file system cannot preallocate, its free space is compared instead. "" or the error,
+/// naming the cause ("No space left on device", "Disk quota exceeded", "Read-only file system").
+std::string reserve_space(const std::string& tmp, std::uint64_t bytes) {
+  const std::size_t slash = tmp.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : tmp.substr(0, std::max<std::size_t>(slash, 1));
+  struct statvfs vfs;
+  const std::uint64_t avail =
+      ::statvfs(dir.c_str(), &vfs) == 0 ? static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize : ~std::uint64_t(0);
+  const std::string sizes = " (the checkpoint needs up to about " + human(bytes) + "; " + human(avail) + " free in '" +
+                            dir + "')";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return "examoe::checkpoint: cannot create '" + tmp + "': " + std::strerror(errno);
+  int e = 0;
+#ifdef __linux__
+  if (::fallocate(fd, 0, 0, static_cast<off_t>(bytes)) != 0) e = errno;
+#else
+  e = EOPNOTSUPP;
+#endif
+  ::close(fd);
+  ::unlink(tmp.c_str());
+  if (e == EOPNOTSUPP || e == ENOSYS || e == EINVAL) e = avail < bytes ? ENOSPC : 0;
+  if (e == 0) return {};
+  return "examoe::checkpoint: cannot write '" + tmp + "': " + std::strerror(e) + sizes;
 }
 
 /// After a failed write: frees the space the partial file holds (so that HDF5 can write
@@ -951,6 +1002,11 @@ void save_checkpoint(const std::string& path, Model<S>& model, const AdamW<S>& o
                 "); nothing was written, the existing checkpoints are untouched");
   const std::string tmp = path + ".tmp";
   std::string err;
+  // Disk full or over quota: found before HDF5 writes a byte (HDF5 cannot recover from a
+  // failed write cleanly on every rank; the path below is for space taken meanwhile).
+  if (comm.rank() == 0) err = reserve_space(tmp, checkpoint_bytes_bound(model, placement_history_json));
+  if (!err.empty()) err += "; nothing was written, the existing checkpoints are untouched";
+  throw_if_any(comm, err);
   Hid f = open_file_parallel(tmp, comm.mpi_comm(), true);
   if (!f.ok()) {
     const std::string cause = hdf5_cause();
@@ -962,9 +1018,10 @@ void save_checkpoint(const std::string& path, Model<S>& model, const AdamW<S>& o
     for (int which = 0; which < 3; ++which) {
       io_tensors<S>(f, model, &opt, nullptr, true, which);
       // Fault injection: a rank killed with the parameters written, the moments not yet.
-      if (which == 0 && impl::fault::armed()) impl::fault::at_checkpoint_write();
+      if (which == 0 && impl::fault::armed()) impl::fault::at_checkpoint_write(tmp);
     }
-    agreed(comm, [&] { need(H5Fflush(f, H5F_SCOPE_GLOBAL), "cannot flush '" + tmp + "'", 0); });
+    // (No H5Fflush: the close below writes the metadata; a flush that fails on rank 0 only
+    // would leave the ranks in different collectives of HDF5's.)
   } catch (const Error& e) {
     // Every rank is here, with the same message: the write failed as a whole.
     discard_partial_file(f, tmp, comm);

@@ -1254,6 +1254,20 @@ double eval_run(const TrainConfig& cfg, const std::string& ckpt, const std::stri
 
 double eval_file(const std::string& ckpt, const std::string& input, const std::string& output, int ep,
                  MPI_Comm comm, std::ostream* out) {
+  {
+    // No output may overwrite a checkpoint or an input (compared by device and inode).
+    auto c = make_mpi_communicator(comm);
+    std::string err;
+    if (c->rank() == 0) {
+      const std::string why =
+          output_conflict(output, {{"the checkpoint being evaluated", ckpt}, {"the input (--input)", input}}, true);
+      if (!why.empty())
+        err = "examoe eval: --output " + why +
+              ": refused, writing the logits would destroy it (no output may overwrite a checkpoint or an input; "
+              "choose another --output)";
+    }
+    throw_if_any(*c, err);
+  }
   const CheckpointInfo info = read_checkpoint_info(ckpt, comm);
   TrainConfig cfg;
   // Every rank read the same file, so every rank reaches the same verdict.
