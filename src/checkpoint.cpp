@@ -846,7 +846,10 @@ std::string find_bad_checkpoint_state(Model<S>& model, const AdamW<S>& opt) {
       }
     }
   }
-  return comm.first_error(found);
+  std::string agreed_found = comm.first_error(found);  // the lowest rank's, on every rank
+  const std::size_t tag = agreed_found.rfind(" [reported by rank ");
+  if (tag != std::string::npos) agreed_found.resize(tag);
+  return agreed_found;
 }
 
 #if EXAMOE_ENABLE_HDF5
