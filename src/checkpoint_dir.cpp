@@ -97,10 +97,11 @@ struct LockOwner {
 };
 LockOwner read_lock(const std::string& path) {
   LockOwner o;
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  o.text = ss.str();
+  std::ifstream in(path, std::ios::binary);
+  std::string buf(4096, '\0');  // a lock file is a few lines; never read more
+  in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+  buf.resize(static_cast<std::size_t>(in.gcount()));
+  o.text = buf;
   std::istringstream lines(o.text);
   std::string line;
   while (std::getline(lines, line)) {
@@ -165,8 +166,12 @@ std::string latest_checkpoint(const std::string& dir) {
 }
 
 std::string new_run_id() {
-  std::random_device rd;
-  std::uint64_t x = (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
+  std::uint64_t x = 0;
+  try {
+    std::random_device rd;
+    x = (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
+  } catch (const std::exception&) {  // no entropy source: time, pid and host still differ
+  }
   x ^= static_cast<std::uint64_t>(std::chrono::system_clock::now().time_since_epoch().count());
   x = impl::splitmix64(x ^ (static_cast<std::uint64_t>(::getpid()) << 17));
   for (char c : host_name()) x = impl::splitmix64(x ^ static_cast<unsigned char>(c));
@@ -294,7 +299,11 @@ std::string CheckpointLock::acquire(const std::string& dir, std::string* note, i
     // Stale: its owner ran on this host and is gone. Move it aside and check that what was
     // moved is what was judged (another job may have taken it over in between).
     const std::string aside = path + ".stale-" + std::to_string(me);
-    if (::rename(path.c_str(), aside.c_str()) != 0) continue;  // gone already: try again
+    if (::rename(path.c_str(), aside.c_str()) != 0) {
+      if (errno == ENOENT) continue;  // gone already: try again
+      if (errno_out) *errno_out = errno;
+      return "cannot take over the stale lock '" + path + "' of " + describe(owner) + ": " + std::strerror(errno);
+    }
     if (read_lock(aside).text != owner.text) {
       if (::link(aside.c_str(), path.c_str()) == 0 || errno == EEXIST) ::unlink(aside.c_str());
       continue;
