@@ -49,6 +49,7 @@ int run_inspect(const InspectCli& cli) {
     j["path"] = cli.path;
     j["format_version"] = info.format_version;
     j["step"] = info.step;
+    j["run_id"] = info.run_id;  // "" for checkpoints written before run ids
     j["precision"] = info.precision;
     j["written_by"] = {{"world_size", info.world_size}, {"dp", info.dp}, {"ep", info.ep}};
     j["parameters"] = info.parameters;
@@ -64,7 +65,8 @@ int run_inspect(const InspectCli& cli) {
   }
   std::printf("%s: ExaMoE checkpoint, format %d, step %lld, %s, %lld parameters\n", cli.path.c_str(),
               info.format_version, info.step, info.precision.c_str(), info.parameters);
-  std::printf("written by %d ranks (dp %d x ep %d)\n", info.world_size, info.dp, info.ep);
+  std::printf("written by %d ranks (dp %d x ep %d), run %s\n", info.world_size, info.dp, info.ep,
+              info.run_id.empty() ? "unknown (written before run ids)" : info.run_id.c_str());
   std::printf("config:\n");
   for (const auto& [k, v] : info.config) std::printf("  %-36s %s\n", k.c_str(), v.c_str());
   for (std::size_t l = 0; l < info.placement.size(); ++l) {

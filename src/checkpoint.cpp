@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <limits>
 #include <cmath>
 #include <cstdio>
 #include <cerrno>
@@ -22,8 +23,43 @@
 #include <fcntl.h>
 #include <unistd.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
+
+#include <iomanip>
+#include <sstream>
 
 namespace examoe {
+
+namespace {
+
+/// "[i][j][k]" of row-major element `flat` of a tensor of shape `dims`.
+std::string index_text(const std::vector<unsigned long long>& dims, unsigned long long flat) {
+  std::vector<unsigned long long> idx(dims.size(), 0);
+  for (std::size_t d = dims.size(); d-- > 0;) {
+    idx[d] = dims[d] ? flat % dims[d] : 0;
+    flat = dims[d] ? flat / dims[d] : 0;
+  }
+  std::string s;
+  for (auto i : idx) s += "[" + std::to_string(i) + "]";
+  return s;
+}
+
+/// What is wrong with value `v` of a tensor of group `which` (0 = params, 1 = adam_m,
+/// 2 = adam_v): "" or the reason. Parameters and moments are finite, second moments >= 0.
+template <class S>
+const char* value_problem(S v, int which) {
+  if (!std::isfinite(v)) return which == 0 ? "a parameter must be finite" : "an AdamW moment must be finite";
+  if (which == 2 && v < 0) return "an AdamW second moment must be >= 0";
+  return "";
+}
+std::string value_text(double v) {
+  std::ostringstream os;
+  os << std::setprecision(9) << v;
+  return os.str();
+}
+const char* group_name(int which) { return which == 0 ? "params" : which == 1 ? "adam_m" : "adam_v"; }
+
+}  // namespace
 
 #if EXAMOE_ENABLE_HDF5
 
@@ -51,6 +87,12 @@ class Hid {
   }
   operator hid_t() const { return id_; }
   bool ok() const { return id_ >= 0; }
+  /// Gives up ownership (the caller closes it).
+  hid_t release() {
+    const hid_t id = id_;
+    id_ = -1;
+    return id;
+  }
 
  private:
   hid_t id_ = -1;
@@ -58,6 +100,23 @@ class Hid {
 };
 
 [[noreturn]] void fail(const std::string& what) { throw Error("examoe::checkpoint: " + what); }
+
+herr_t collect_desc(unsigned, const H5E_error2_t* e, void* out) {
+  if (e && e->desc) *static_cast<std::string*>(out) += std::string(e->desc) + "\n";
+  return 0;
+}
+/// What the file system or MPI-IO said about the HDF5 call that just failed, as ": cause"
+/// ("" if nothing recognisable): HDF5 reports "write failed"; the errno text ("No space left
+/// on device") is deep in its error stack, in the message of the MPI-IO call.
+std::string hdf5_cause() {
+  std::string all;
+  H5Ewalk2(H5E_DEFAULT, H5E_WALK_DOWNWARD, collect_desc, &all);
+  for (int e : {ENOSPC, EDQUOT, EFBIG, EROFS, EACCES, EPERM, ENOENT, EIO})
+    if (all.find(std::strerror(e)) != std::string::npos) return std::string(": ") + std::strerror(e);
+  if (all.find("Not enough space") != std::string::npos) return std::string(": ") + std::strerror(ENOSPC);
+  if (all.find("Quota") != std::string::npos) return std::string(": ") + std::strerror(EDQUOT);
+  return {};
+}
 /// The message of `e`, naming `path` if it does not yet.
 std::string naming(const Error& e, const std::string& path) {
   std::string m = e.what();
@@ -67,12 +126,35 @@ std::string naming(const Error& e, const std::string& path) {
   return prefix + "'" + path + "': " + m;
 }
 hid_t need(hid_t id, const std::string& what) {
-  if (id < 0) fail(what);
+  if (id < 0) fail(what + hdf5_cause());
   return id;
 }
 void need(herr_t rc, const std::string& what, int) {
-  if (rc < 0) fail(what);
+  if (rc < 0) fail(what + hdf5_cause());
 }
+/// Sums `s` over the ranks (modulo 2^64) and, in the same allreduce, counts the ranks whose
+/// `err` is set; if any is, every rank throws the lowest such rank's message.
+void agree_with_sum(Communicator& comm, std::int64_t& s, const std::string& err) {
+  std::int64_t v[2] = {s, err.empty() ? 0 : 1};
+  comm.allreduce_sum(v, 2, DataType::i64);
+  if (v[1] > 0) throw_if_any(comm, err);
+  s = v[0];
+}
+
+/// Runs `f` on every rank and agrees on its outcome: an examoe::Error on any rank is thrown
+/// on every rank (the lowest rank's message). Writes must pass one of these between HDF5
+/// calls that can fail on some ranks only and the next collective one.
+template <class F>
+void agreed(Communicator& comm, F&& f) {
+  std::string err;
+  try {
+    f();
+  } catch (const Error& e) {
+    err = e.what();
+  }
+  throw_if_any(comm, err);
+}
+
 
 template <class S>
 hid_t h5type() {
@@ -232,15 +314,38 @@ struct Piece {
   S* mem = nullptr;
 };
 
-/// Writes (collectively) or reads (independently) one dataset from per-rank flat pieces and
-/// checks/produces its checksum. `pieces` are disjoint and ascending.
+/// The first element of `v` (elements [lo, hi) of a tensor of shape `dims` in group `which`)
+/// that no checkpoint may hold, as an error naming the dataset and the element; "" if none.
+template <class S>
+std::string bad_element(const S* v, hsize_t lo, hsize_t hi, const std::vector<hsize_t>& dims, int which,
+                        const std::string& name) {
+  for (hsize_t i = lo; i < hi; ++i) {
+    const char* why = value_problem(v[i - lo], which);
+    if (*why)
+      return "examoe::checkpoint: dataset '" + std::string(group_name(which)) + "/" + name + "' holds " +
+             value_text(static_cast<double>(v[i - lo])) + " at " + index_text(dims, i) + ": " + why +
+             " (the file is corrupt, or holds the state of a diverged run)";
+  }
+  return {};
+}
+
+/// Writes (collectively) or reads (independently) one dataset of group `which` (params,
+/// adam_m, adam_v) from per-rank flat pieces and checks/produces its checksum; values read are
+/// checked (value_problem). `pieces` are disjoint and ascending. Write failures are agreed.
 template <class S>
 void io_dataset(hid_t parent, const std::string& name, const std::vector<hsize_t>& dims,
-                const std::vector<Piece<S>>& pieces, bool write, Communicator& comm) {
+                const std::vector<Piece<S>>& pieces, bool write, Communicator& comm, int which) {
   Hid space(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), H5Sclose);
   Hid ds;
+  std::string err;
   if (write) {
-    ds = Hid(need(H5Dcreate2(parent, name.c_str(), h5type<S>(), space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create dataset " + name), H5Dclose);
+    try {
+      ds = Hid(need(H5Dcreate2(parent, name.c_str(), h5type<S>(), space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+                    "cannot create dataset " + std::string(group_name(which)) + "/" + name),
+               H5Dclose);
+    } catch (const Error& e) {
+      err = e.what();
+    }
   } else {
     if (H5Lexists(parent, name.c_str(), H5P_DEFAULT) <= 0) fail("dataset '" + name + "' is missing");
     ds = Hid(need(H5Dopen2(parent, name.c_str(), H5P_DEFAULT), "cannot open dataset " + name), H5Dclose);
@@ -272,29 +377,38 @@ void io_dataset(hid_t parent, const std::string& name, const std::vector<hsize_t
   const hsize_t mcount = std::max<hsize_t>(total, 1);
   Hid mspace(H5Screate_simple(1, &mcount, nullptr), H5Sclose);
   if (total == 0) H5Sselect_none(mspace);
-  std::uint64_t sum = 0;
-  if (write) {
-    Transfer t(true);
-    need(H5Dwrite(ds, h5type<S>(), mspace, fspace, t.dxpl, total ? buf.data() : nullptr), "cannot write dataset " + name, 0);
-  } else {
+  if (!write) {
     Transfer t(false);
-    std::string err;
     if (total > 0 && H5Dread(ds, h5type<S>(), mspace, fspace, t.dxpl, buf.data()) < 0)
       err = "examoe::checkpoint: cannot read dataset '" + name + "' (truncated or corrupt file?)";
-    throw_if_any(comm, err);
   }
+  std::uint64_t sum = 0;
   {
     std::size_t off = 0;
     for (const auto& pc : pieces) {
+      if (!write && err.empty()) err = bad_element(buf.data() + off, pc.lo, pc.hi, dims, which, name);
       for (hsize_t i = pc.lo; i < pc.hi; ++i) sum += element_hash<S>(i, buf[off + (i - pc.lo)]);
       if (!write) std::copy(buf.begin() + off, buf.begin() + off + (pc.hi - pc.lo), pc.mem);
       off += pc.hi - pc.lo;
     }
   }
+  // One allreduce: the checksum, and whether any rank failed (then the error is agreed).
   std::int64_t s = static_cast<std::int64_t>(sum);
-  comm.allreduce_sum(&s, 1, DataType::i64);  // wraps modulo 2^64, like the sum itself
+  agree_with_sum(comm, s, err);
   if (write) {
-    write_attr<std::uint64_t>(ds, "examoe_checksum", static_cast<std::uint64_t>(s), H5T_NATIVE_UINT64);
+    // The checksum attribute first (metadata, cached), then the collective data write.
+    try {
+      write_attr<std::uint64_t>(ds, "examoe_checksum", static_cast<std::uint64_t>(s), H5T_NATIVE_UINT64);
+    } catch (const Error& e) {
+      err = e.what();
+    }
+    // Independent: a rank whose write fails (disk full) must not leave the others inside
+    // one of HDF5's collective MPI-IO calls; the outcome is agreed right below.
+    Transfer t(false);
+    if (H5Dwrite(ds, h5type<S>(), mspace, fspace, t.dxpl, total ? buf.data() : nullptr) < 0 && err.empty())
+      err = "examoe::checkpoint: cannot write dataset " + std::string(group_name(which)) + "/" + name + hdf5_cause();
+    std::int64_t none = 0;
+    agree_with_sum(comm, none, err);
   } else {
     const auto want = read_attr<std::uint64_t>(ds, "examoe_checksum", H5T_NATIVE_UINT64);
     if (want != static_cast<std::uint64_t>(s))
@@ -322,9 +436,9 @@ void io_tensors(hid_t file, Model<S>& model, const AdamW<S>* opt_w, AdamW<S>* op
   Mesh& mesh = model.mesh();
   Communicator& comm = mesh.world();
   auto& F = model.fsdp();
-  const char* root = which == 0 ? "params" : which == 1 ? "adam_m" : "adam_v";
+  const char* root = group_name(which);
   Hid g;
-  if (write) g = make_group(file, root);
+  if (write) agreed(comm, [&] { g = make_group(file, root); });
   else {
     if (H5Lexists(file, root, H5P_DEFAULT) <= 0) fail(std::string("group '") + root + "' is missing");
     g = Hid(need(H5Gopen2(file, root, H5P_DEFAULT), std::string("cannot open group ") + root), H5Gclose);
@@ -344,7 +458,7 @@ void io_tensors(hid_t file, Model<S>& model, const AdamW<S>* opt_w, AdamW<S>* op
       const std::size_t lo = std::max(o, first), hi = std::min(o + n, first + sh);
       std::vector<Piece<S>> pieces;
       if (lo < hi) pieces.push_back({lo - o, hi - o, shard.data() + (lo - first)});
-      io_dataset<S>(g, F.param_name(p), dims_of(F.param_shape(p)), pieces, write, comm);
+      io_dataset<S>(g, F.param_name(p), dims_of(F.param_shape(p)), pieces, write, comm, which);
     }
     if (!write) from_host(shard, src);
   }
@@ -375,7 +489,7 @@ void io_tensors(hid_t file, Model<S>& model, const AdamW<S>* opt_w, AdamW<S>* op
       std::string rerr;  // a replica's read error, agreed below by every rank
       if (!write && mesh.dp_rank() != 0) {
         std::vector<Piece<S>> none;
-        io_dataset<S>(g, name, {static_cast<hsize_t>(E), a, b}, none, false, comm);
+        io_dataset<S>(g, name, {static_cast<hsize_t>(E), a, b}, none, false, comm, which);
         Hid ds(H5Dopen2(g, name.c_str(), H5P_DEFAULT), H5Dclose);
         Transfer t(false);
         for (const auto& pc : pieces) {
@@ -386,9 +500,10 @@ void io_tensors(hid_t file, Model<S>& model, const AdamW<S>* opt_w, AdamW<S>* op
           Hid ms(H5Screate_simple(1, &cnt, nullptr), H5Sclose);
           if (rerr.empty() && H5Dread(ds, h5type<S>(), ms, fs, t.dxpl, pc.mem) < 0)
             rerr = "examoe::checkpoint: cannot read dataset '" + name + "'";
+          if (rerr.empty()) rerr = bad_element(pc.mem, pc.lo, pc.hi, d3, which, name);
         }
       } else {
-        io_dataset<S>(g, name, {static_cast<hsize_t>(E), a, b}, pieces, write, comm);
+        io_dataset<S>(g, name, {static_cast<hsize_t>(E), a, b}, pieces, write, comm, which);
       }
       if (!write) throw_if_any(comm, rerr);
       if (!write && src.size()) from_host(local, src);
@@ -467,13 +582,16 @@ std::uint64_t file_checksum(const std::string& path, std::uint64_t size, std::ui
 struct Header {
   int format = 0;
   std::uint64_t bytes = 0, chunk = 0, checksum = 0;
+  std::uint64_t run = 0;  ///< run id (0 = none: written before run ids)
 };
 
 std::string format_header(const Header& h) {
   char text[kCheckpointHeaderBytes] = {};
-  std::snprintf(text, sizeof text, "%sformat %d\nbytes %llu\nchunk %llu\nchecksum %016llx\n", kMagic, h.format,
-                static_cast<unsigned long long>(h.bytes), static_cast<unsigned long long>(h.chunk),
-                static_cast<unsigned long long>(h.checksum));
+  int n = std::snprintf(text, sizeof text, "%sformat %d\nbytes %llu\nchunk %llu\nchecksum %016llx\n", kMagic,
+                        h.format, static_cast<unsigned long long>(h.bytes), static_cast<unsigned long long>(h.chunk),
+                        static_cast<unsigned long long>(h.checksum));
+  if (h.run != 0 && n > 0 && n < static_cast<int>(sizeof text))
+    std::snprintf(text + n, sizeof text - n, "run %llu\n", static_cast<unsigned long long>(h.run));
   return std::string(text, sizeof text);
 }
 
@@ -521,6 +639,8 @@ std::string parse_header(const unsigned char* block, Header& h, const std::strin
     } else if (key == "checksum") {
       h.checksum = v;
       have[3] = true;
+    } else if (key == "run") {
+      h.run = v;
     }
   }
   if (!have[0]) return what + "has a damaged ExaMoE header (no format): the file is corrupt";
@@ -534,41 +654,30 @@ std::string parse_header(const unsigned char* block, Header& h, const std::strin
   return {};
 }
 
-}  // namespace
-
-void seal_checkpoint_file(const std::string& path, MPI_Comm mpi_comm) {
-  auto comm = make_mpi_communicator(mpi_comm);
-  std::string err;
-  std::uint64_t size = 0;
-  if (comm->rank() == 0) {
-    struct stat st;
-    if (::stat(path.c_str(), &st) != 0) err = "examoe::checkpoint: cannot seal '" + path + "': " + std::strerror(errno);
-    else if (static_cast<std::uint64_t>(st.st_size) < kCheckpointHeaderBytes)
-      err = "examoe::checkpoint: cannot seal '" + path + "': shorter than its header";
-    else size = static_cast<std::uint64_t>(st.st_size);
+/// The run id in a header block (0 if none, or not an ExaMoE header). Lenient: the block is
+/// not verified here, only scanned for a well-formed "run N" line.
+std::uint64_t header_run(const unsigned char* block, std::size_t n) {
+  if (n < sizeof kMagic - 1 || std::memcmp(block, kMagic, sizeof kMagic - 1) != 0) return 0;
+  std::size_t end = 0;
+  while (end < n && block[end] != 0) ++end;
+  std::istringstream lines(std::string(reinterpret_cast<const char*>(block), end));
+  std::string line;
+  while (std::getline(lines, line)) {
+    if (line.rfind("run ", 0) != 0) continue;
+    const std::string v = line.substr(4);
+    if (v.empty() || v.size() > 20 || v.find_first_not_of("0123456789") != std::string::npos) return 0;
+    errno = 0;
+    const unsigned long long x = std::strtoull(v.c_str(), nullptr, 10);
+    return errno == 0 ? x : 0;
   }
-  throw_if_any(*comm, err);
-  comm->broadcast(&size, sizeof size, 0);
-  Header h;
-  h.format = kCheckpointFormatVersion;
-  h.bytes = size;
-  h.chunk = kCheckpointChecksumChunk;
-  h.checksum = file_checksum(path, size, h.chunk, *comm);
-  if (comm->rank() == 0) {
-    const std::string text = format_header(h);
-    const int fd = ::open(path.c_str(), O_WRONLY);
-    if (fd < 0 || ::pwrite(fd, text.data(), text.size(), 0) != static_cast<ssize_t>(text.size()) || ::fsync(fd) != 0)
-      err = "examoe::checkpoint: cannot write the header of '" + path + "': " + std::strerror(errno);
-    if (fd >= 0) ::close(fd);
-  }
-  throw_if_any(*comm, err);
+  return 0;
 }
 
-void verify_checkpoint_file(const std::string& path, MPI_Comm mpi_comm) {
-  auto comm = make_mpi_communicator(mpi_comm);
+/// Verifies the header and the whole-file checksum (collective); returns the header.
+Header verify_header(const std::string& path, Communicator& comm) {
   std::string err;
   Header h;
-  if (comm->rank() == 0) {
+  if (comm.rank() == 0) {
     const std::string what = "examoe::checkpoint: '" + path + "' ";
     struct stat st;
     unsigned char block[kCheckpointHeaderBytes];
@@ -595,86 +704,184 @@ void verify_checkpoint_file(const std::string& path, MPI_Comm mpi_comm) {
               std::to_string(h.bytes) + "): the file is corrupt";
     }
   }
-  throw_if_any(*comm, err);
-  comm->broadcast(&h, sizeof h, 0);
-  if (file_checksum(path, h.bytes, h.chunk, *comm) != h.checksum)
+  throw_if_any(comm, err);
+  comm.broadcast(&h, sizeof h, 0);
+  if (file_checksum(path, h.bytes, h.chunk, comm) != h.checksum)
     throw Error("examoe::checkpoint: '" + path +
                 "' fails its whole-file checksum: the file is corrupt (damaged or edited after it was written)");
+  return h;
 }
 
-std::string checkpoint_path(const std::string& dir, long long step) {
-  char name[64];
-  std::snprintf(name, sizeof name, "step-%08lld.h5", step);
-  return dir.empty() ? std::string(name) : dir + "/" + name;
+}  // namespace
+
+CheckpointHeaderPeek peek_checkpoint_header(const std::string& path) {
+  CheckpointHeaderPeek p;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) return p;
+  struct stat st;
+  unsigned char block[kCheckpointHeaderBytes] = {0};
+  ssize_t n = 0;
+  if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) n = ::pread(fd, block, sizeof block, 0);
+  ::close(fd);
+  if (n < static_cast<ssize_t>(sizeof kMagic - 1) || std::memcmp(block, kMagic, sizeof kMagic - 1) != 0) return p;
+  p.is_checkpoint = true;
+  const std::uint64_t run = header_run(block, static_cast<std::size_t>(n));
+  if (run != 0) p.run_id = std::to_string(run);
+  return p;
 }
 
-std::string latest_checkpoint(const std::string& dir) {
-  DIR* d = opendir(dir.c_str());
-  if (!d) return {};
-  long long best = -1;
-  std::string path;
-  while (dirent* e = readdir(d)) {
-    long long s = 0;
-    char tail[8] = {0};
-    if (std::sscanf(e->d_name, "step-%lld.h%2s", &s, tail) == 2 && std::string(tail) == "5" &&
-        std::string(e->d_name).size() == 16 && s > best) {
-      best = s;
-      path = dir + "/" + e->d_name;
+void seal_checkpoint_file(const std::string& path, MPI_Comm mpi_comm, const std::string& run_id) {
+  auto comm = make_mpi_communicator(mpi_comm);
+  std::string err;
+  std::uint64_t size = 0, run = 0;
+  if (comm->rank() == 0) {
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0) err = "examoe::checkpoint: cannot seal '" + path + "': " + std::strerror(errno);
+    else if (static_cast<std::uint64_t>(st.st_size) < kCheckpointHeaderBytes)
+      err = "examoe::checkpoint: cannot seal '" + path + "': shorter than its header";
+    else size = static_cast<std::uint64_t>(st.st_size);
+    // The run id: the one given, else the one the header already holds (a file being resealed).
+    const std::string id = run_id.empty() ? peek_checkpoint_header(path).run_id : run_id;
+    if (err.empty() && !id.empty()) {
+      errno = 0;
+      run = id.find_first_not_of("0123456789") == std::string::npos ? std::strtoull(id.c_str(), nullptr, 10) : 0;
+      if (run == 0 || errno != 0) err = "examoe::checkpoint: cannot seal '" + path + "': run id '" + id.substr(0, 40) +
+                                        "' is not a positive 64-bit decimal number";
     }
   }
-  closedir(d);
-  return path;
+  throw_if_any(*comm, err);
+  comm->broadcast(&size, sizeof size, 0);
+  Header h;
+  h.format = kCheckpointFormatVersion;
+  h.bytes = size;
+  h.chunk = kCheckpointChecksumChunk;
+  h.run = run;
+  h.checksum = file_checksum(path, size, h.chunk, *comm);
+  if (comm->rank() == 0) {
+    const std::string text = format_header(h);
+    const int fd = ::open(path.c_str(), O_WRONLY);
+    if (fd < 0 || ::pwrite(fd, text.data(), text.size(), 0) != static_cast<ssize_t>(text.size()) || ::fsync(fd) != 0)
+      err = "examoe::checkpoint: cannot write the header of '" + path + "': " + std::strerror(errno);
+    if (fd >= 0) ::close(fd);
+  }
+  throw_if_any(*comm, err);
 }
 
-std::vector<std::string> remove_incomplete_checkpoints(const std::string& dir) {
-  std::vector<std::string> removed;
-  if (DIR* d = opendir(dir.c_str())) {
-    while (dirent* e = readdir(d)) {
-      long long s = 0;
-      const std::string name = e->d_name;
-      if (std::sscanf(e->d_name, "step-%lld.h5.tmp", &s) == 1 && name.size() == 20 &&
-          name.compare(16, 4, ".tmp") == 0)
-        removed.push_back(dir + "/" + name);
-    }
-    closedir(d);
-  }
-  std::sort(removed.begin(), removed.end());
-  for (const auto& p : removed) std::remove(p.c_str());
-  return removed;
+void verify_checkpoint_file(const std::string& path, MPI_Comm mpi_comm) {
+  auto comm = make_mpi_communicator(mpi_comm);
+  verify_header(path, *comm);
 }
 
-void prune_checkpoints(const std::string& dir, int keep) {
-  std::vector<std::pair<long long, std::string>> all;
-  if (DIR* d = opendir(dir.c_str())) {
-    while (dirent* e = readdir(d)) {
-      long long s = 0;
-      if (std::sscanf(e->d_name, "step-%lld.h5", &s) == 1 && std::string(e->d_name).size() == 16)
-        all.emplace_back(s, dir + "/" + e->d_name);
+// ------------------------------------------------------------------ state that may be saved
+namespace {
+
+/// The first element of the flat view `v` whose value_problem is not "", or -1.
+template <class S>
+long long first_bad(const Kokkos::View<S*, Kokkos::DefaultExecutionSpace::memory_space>& v, int which) {
+  if (v.size() == 0) return -1;
+  long long first = 0;
+  Kokkos::parallel_reduce(
+      "examoe::checkpoint::find_bad",
+      Kokkos::RangePolicy<Kokkos::DefaultExecutionSpace>(0, v.size()),
+      KOKKOS_LAMBDA(const std::size_t i, long long& m) {
+        const S x = v(i);
+        const bool bad = !(x - x == S(0)) || (which == 2 && x < S(0));  // NaN/Inf: x - x is NaN
+        if (bad && static_cast<long long>(i) < m) m = static_cast<long long>(i);
+      },
+      Kokkos::Min<long long>(first));
+  return first == std::numeric_limits<long long>::max() ? -1 : first;
+}
+
+}  // namespace
+
+template <class S>
+std::string find_bad_checkpoint_state(Model<S>& model, const AdamW<S>& opt) {
+  using V = Kokkos::View<S*, Kokkos::DefaultExecutionSpace::memory_space>;
+  Communicator& comm = model.mesh().world();
+  auto& F = model.fsdp();
+  std::string found;
+  // One value as text: the element at `at` of `v`.
+  auto value_at = [](const V& v, long long at) {
+    S x{};
+    Kokkos::deep_copy(x, Kokkos::subview(v, at));
+    return value_text(static_cast<double>(x));
+  };
+  for (int which = 0; which < 3 && found.empty(); ++which) {
+    for (int u = 0; u < F.num_units() && found.empty(); ++u) {
+      const V src = which == 0 ? F.shard(u) : which == 1 ? opt.m(u) : opt.v(u);
+      const V mine(src.data(), std::min<std::size_t>(src.size(), F.shard_numel(u)));
+      const long long at = first_bad<S>(mine, which);
+      if (at < 0) continue;
+      // The parameter of the unit that holds flat element first + at (padding holds none).
+      const std::size_t flat = static_cast<std::size_t>(comm.rank()) * F.shard_numel(u) + static_cast<std::size_t>(at);
+      std::string where = "unit " + std::to_string(u) + " element " + std::to_string(flat);
+      for (int p = 0; p < F.num_params(); ++p) {
+        std::size_t n = 1;
+        std::vector<unsigned long long> dims;
+        for (int d : F.param_shape(p)) {
+          n *= static_cast<std::size_t>(d);
+          dims.push_back(static_cast<unsigned long long>(d));
+        }
+        if (F.param_unit(p) == u && flat >= F.param_offset(p) && flat < F.param_offset(p) + n)
+          where = F.param_name(p) + index_text(dims, flat - F.param_offset(p));
+      }
+      found = std::string(group_name(which)) + "/" + where + " = " + value_at(mine, at);
     }
-    closedir(d);
+    int ti = F.num_units();
+    for (int l = 0; l < model.n_layers() && found.empty(); ++l) {
+      auto& m = model.moe(l);
+      const std::pair<const char*, typename MoELayer<S>::tensor3> ts[] = {{"w1", m.w1()}, {"w2", m.w2()}, {"w3", m.w3()}};
+      for (const auto& [tname, w] : ts) {
+        if (model.config().activation != Activation::swiglu && std::string(tname) == "w3") continue;
+        const V src = which == 0 ? V(w.data(), w.size()) : which == 1 ? opt.m(ti) : opt.v(ti);
+        ++ti;
+        const long long at = found.empty() ? first_bad<S>(src, which) : -1;
+        if (at < 0) continue;
+        const unsigned long long per = w.extent(1) * w.extent(2);
+        const int e = m.placement().global_expert(m.communicator().rank(), static_cast<int>(at / per));
+        found = std::string(group_name(which)) + "/layer" + std::to_string(l) + "." + tname +
+                index_text({static_cast<unsigned long long>(model.config().num_experts), w.extent(1), w.extent(2)},
+                           static_cast<unsigned long long>(e) * per + at % per) +
+                " = " + value_at(src, at);
+      }
+    }
   }
-  std::sort(all.rbegin(), all.rend());
-  for (std::size_t i = static_cast<std::size_t>(std::max(keep, 1)); i < all.size(); ++i)
-    std::remove(all[i].second.c_str());
+  std::string agreed_found = comm.first_error(found);  // the lowest rank's, on every rank
+  const std::size_t tag = agreed_found.rfind(" [reported by rank ");
+  if (tag != std::string::npos) agreed_found.resize(tag);
+  return agreed_found;
 }
 
 #if EXAMOE_ENABLE_HDF5
+namespace {
+
+/// The root attributes, the config and the [layers][experts] tables of a checkpoint being
+/// written (collective; failures agreed on every rank).
 template <class S>
-void save_checkpoint(const std::string& path, Model<S>& model, const AdamW<S>& opt,
-                     const TrainConfig& cfg, long long step,
-                     const std::vector<std::vector<long long>>& tokens_per_expert,
-                     const std::string& placement_history_json,
-                     const std::vector<std::vector<double>>& expert_load_ema) {
+void write_metadata(hid_t f, Model<S>& model, const AdamW<S>& opt, const TrainConfig& cfg, long long step,
+                    const std::vector<std::vector<long long>>& tokens_per_expert,
+                    const std::string& placement_history_json,
+                    const std::vector<std::vector<double>>& expert_load_ema) {
   Mesh& mesh = model.mesh();
   Communicator& comm = mesh.world();
-  impl::CollectiveLabel label("checkpoint.write");
-  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
-  const std::string tmp = path + ".tmp";
-  std::string err;
-  Hid f = open_file_parallel(tmp, comm.mpi_comm(), true);
-  if (!f.ok()) err = "examoe::checkpoint: cannot create '" + tmp + "' (directory missing or not writable?)";
-  throw_if_any(comm, err);
-  {
+  // Placement and cumulative tokens per expert: [L][E], identical on every rank.
+  const int L = model.n_layers(), E = model.config().num_experts;
+  std::vector<int> pl(static_cast<std::size_t>(L) * E);
+  std::vector<long long> tk(static_cast<std::size_t>(L) * E, 0);
+  std::vector<double> ema(static_cast<std::size_t>(L) * E, 0.0);
+  for (int l = 0; l < L && l < static_cast<int>(expert_load_ema.size()); ++l)
+    for (int e = 0; e < E && e < static_cast<int>(expert_load_ema[l].size()); ++e) ema[l * E + e] = expert_load_ema[l][e];
+  for (int l = 0; l < L; ++l)
+    for (int e = 0; e < E; ++e) {
+      pl[l * E + e] = model.moe(l).placement().owner(e);
+      if (l < static_cast<int>(tokens_per_expert.size()) && e < static_cast<int>(tokens_per_expert[l].size()))
+        tk[l * E + e] = tokens_per_expert[l][e];
+    }
+  hsize_t dims[2] = {static_cast<hsize_t>(L), static_cast<hsize_t>(E)};
+  Hid sp(H5Screate_simple(2, dims, nullptr), H5Sclose);
+  Hid d1, d2, d3;
+  // Metadata only (HDF5 caches it): agreed before the collective writes below.
+  agreed(comm, [&] {
     write_attr<int>(f, "format_version", kCheckpointFormatVersion, H5T_NATIVE_INT);
     write_attr<long long>(f, "step", step, H5T_NATIVE_LLONG);
     write_attr<long long>(f, "adam_step", opt.steps(), H5T_NATIVE_LLONG);
@@ -684,47 +891,159 @@ void save_checkpoint(const std::string& path, Model<S>& model, const AdamW<S>& o
     write_attr<int>(f, "ep", mesh.ep_size(), H5T_NATIVE_INT);
     write_attr_string(f, "producer", "ExaMoE " EXAMOE_VERSION_STRING);
     write_attr_string(f, "placement_history", placement_history_json);
+    write_attr<long long>(f, "parameters",
+                          static_cast<long long>(model.memory().dense_total_params + model.memory().expert_total_params),
+                          H5T_NATIVE_LLONG);
     Hid g = make_group(f, "config");
     for (const auto& k : config_keys()) write_attr_string(g, k.name.c_str(), k.get(cfg));
-    // Placement and cumulative tokens per expert: [L][E], identical on every rank.
-    const int L = model.n_layers(), E = model.config().num_experts;
-    std::vector<int> pl(static_cast<std::size_t>(L) * E);
-    std::vector<long long> tk(static_cast<std::size_t>(L) * E, 0);
-    std::vector<double> ema(static_cast<std::size_t>(L) * E, 0.0);
-    for (int l = 0; l < L && l < static_cast<int>(expert_load_ema.size()); ++l)
-      for (int e = 0; e < E && e < static_cast<int>(expert_load_ema[l].size()); ++e) ema[l * E + e] = expert_load_ema[l][e];
-    for (int l = 0; l < L; ++l)
-      for (int e = 0; e < E; ++e) {
-        pl[l * E + e] = model.moe(l).placement().owner(e);
-        if (l < static_cast<int>(tokens_per_expert.size()) && e < static_cast<int>(tokens_per_expert[l].size()))
-          tk[l * E + e] = tokens_per_expert[l][e];
-      }
-    hsize_t dims[2] = {static_cast<hsize_t>(L), static_cast<hsize_t>(E)};
-    Hid sp(H5Screate_simple(2, dims, nullptr), H5Sclose);
-    Transfer t(true);
-    Hid d1(need(H5Dcreate2(f, "placement", H5T_NATIVE_INT, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create placement"), H5Dclose);
-    Hid d2(need(H5Dcreate2(f, "tokens_per_expert", H5T_NATIVE_LLONG, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create tokens_per_expert"), H5Dclose);
-    Hid ms(H5Screate_simple(2, dims, nullptr), H5Sclose);
-    Hid fs(H5Scopy(sp), H5Sclose);
-    if (comm.rank() != 0) {
-      H5Sselect_none(ms);
-      H5Sselect_none(fs);
+    d1 = Hid(need(H5Dcreate2(f, "placement", H5T_NATIVE_INT, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create placement"), H5Dclose);
+    d2 = Hid(need(H5Dcreate2(f, "tokens_per_expert", H5T_NATIVE_LLONG, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create tokens_per_expert"), H5Dclose);
+    d3 = Hid(need(H5Dcreate2(f, "expert_load_ema", H5T_NATIVE_DOUBLE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create expert_load_ema"), H5Dclose);
+  });
+  Transfer t(false);  // independent (rank 0 writes): see io_dataset
+  Hid ms(H5Screate_simple(2, dims, nullptr), H5Sclose);
+  Hid fs(H5Scopy(sp), H5Sclose);
+  if (comm.rank() != 0) {
+    H5Sselect_none(ms);
+    H5Sselect_none(fs);
+  }
+  // Every rank calls each write, then the failures are agreed.
+  std::string err;
+  const std::pair<const char*, herr_t> writes[] = {
+      {"placement", H5Dwrite(d1, H5T_NATIVE_INT, ms, fs, t.dxpl, pl.data())},
+      {"tokens_per_expert", H5Dwrite(d2, H5T_NATIVE_LLONG, ms, fs, t.dxpl, tk.data())},
+      {"expert_load_ema", H5Dwrite(d3, H5T_NATIVE_DOUBLE, ms, fs, t.dxpl, ema.data())}};
+  for (const auto& [name, rc] : writes)
+    if (rc < 0 && err.empty()) err = std::string("examoe::checkpoint: cannot write ") + name + hdf5_cause();
+  throw_if_any(comm, err);
+}
+
+/// Bytes a checkpoint of `model` takes at most: the tensors (parameters and two moments), the
+/// [layers][experts] tables and a generous allowance for HDF5 metadata per dataset.
+template <class S>
+std::uint64_t checkpoint_bytes_bound(Model<S>& model, const std::string& placement_history_json) {
+  const MemoryReport mr = model.memory();
+  const std::uint64_t L = static_cast<std::uint64_t>(model.n_layers());
+  const std::uint64_t E = static_cast<std::uint64_t>(model.config().num_experts);
+  const std::uint64_t per_layer = model.config().activation == Activation::swiglu ? 3 : 2;
+  const std::uint64_t datasets = 3 * (static_cast<std::uint64_t>(model.fsdp().num_params()) + L * per_layer) + 3;
+  return 3 * static_cast<std::uint64_t>(mr.dense_total_params + mr.expert_total_params) * sizeof(S) +
+         3 * L * E * 8 + datasets * 2048 + placement_history_json.size() + (std::uint64_t(64) << 10);
+}
+
+std::string human(std::uint64_t b) {
+  char t[64];
+  if (b >= (std::uint64_t(1) << 30)) std::snprintf(t, sizeof t, "%.1f GiB", static_cast<double>(b) / (1 << 30));
+  else if (b >= (std::uint64_t(1) << 20)) std::snprintf(t, sizeof t, "%.1f MiB", static_cast<double>(b) / (1 << 20));
+  else std::snprintf(t, sizeof t, "%.0f KiB", static_cast<double>(b) / 1024);
+  return t;
+}
+
+/// Checks (rank 0, before HDF5 creates the file) that `bytes` can be allocated for `tmp`:
+/// they are reserved with fallocate(2), which also sees quotas, and freed at once; where the
+/// file system cannot preallocate, its free space is compared instead. "" or the error,
+/// naming the cause ("No space left on device", "Disk quota exceeded", "Read-only file system").
+std::string reserve_space(const std::string& tmp, std::uint64_t bytes) {
+  const std::size_t slash = tmp.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : tmp.substr(0, std::max<std::size_t>(slash, 1));
+  struct statvfs vfs;
+  const std::uint64_t avail =
+      ::statvfs(dir.c_str(), &vfs) == 0 ? static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize : ~std::uint64_t(0);
+  const std::string sizes = " (the checkpoint needs up to about " + human(bytes) + "; " + human(avail) + " free in '" +
+                            dir + "')";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return "examoe::checkpoint: cannot create '" + tmp + "': " + std::strerror(errno);
+  int e = 0;
+#ifdef __linux__
+  if (::fallocate(fd, 0, 0, static_cast<off_t>(bytes)) != 0) e = errno;
+#else
+  e = EOPNOTSUPP;
+#endif
+  ::close(fd);
+  ::unlink(tmp.c_str());
+  if (e == EOPNOTSUPP || e == ENOSYS || e == EINVAL) e = avail < bytes ? ENOSPC : 0;
+  if (e == 0) return {};
+  return "examoe::checkpoint: cannot write '" + tmp + "': " + std::strerror(e) + sizes;
+}
+
+/// After a failed write: frees the space the partial file holds (so that HDF5 can write
+/// the little metadata closing it needs, also on a full disk), closes it on every rank and
+/// removes it. Never throws.
+void discard_partial_file(Hid& f, const std::string& tmp, Communicator& comm) {
+  try {
+    if (comm.rank() == 0) (void)::truncate(tmp.c_str(), 0);
+    comm.barrier();
+    const hid_t id = f.release();
+    if (id >= 0 && H5Fclose(id) < 0 && H5Iis_valid(id) > 0) {
+      // Still open (the close could not write its metadata): once more, after a barrier.
+      comm.barrier();
+      if (comm.rank() == 0) (void)::truncate(tmp.c_str(), 0);
+      H5Fclose(id);
     }
-    need(H5Dwrite(d1, H5T_NATIVE_INT, ms, fs, t.dxpl, pl.data()), "cannot write placement", 0);
-    need(H5Dwrite(d2, H5T_NATIVE_LLONG, ms, fs, t.dxpl, tk.data()), "cannot write tokens_per_expert", 0);
-    Hid d3(need(H5Dcreate2(f, "expert_load_ema", H5T_NATIVE_DOUBLE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create expert_load_ema"), H5Dclose);
-    need(H5Dwrite(d3, H5T_NATIVE_DOUBLE, ms, fs, t.dxpl, ema.data()), "cannot write expert_load_ema", 0);
-    write_attr<long long>(f, "parameters", static_cast<long long>(model.memory().dense_total_params + model.memory().expert_total_params), H5T_NATIVE_LLONG);
+    comm.barrier();
+    if (comm.rank() == 0) ::unlink(tmp.c_str());
+  } catch (...) {
   }
-  for (int which = 0; which < 3; ++which) {
-    io_tensors<S>(f, model, &opt, nullptr, true, which);
-    // Fault injection: a rank killed with the parameters written, the moments not yet.
-    if (which == 0 && impl::fault::armed()) impl::fault::at_checkpoint_write();
+}
+
+}  // namespace
+
+template <class S>
+void save_checkpoint(const std::string& path, Model<S>& model, const AdamW<S>& opt,
+                     const TrainConfig& cfg, long long step,
+                     const std::vector<std::vector<long long>>& tokens_per_expert,
+                     const std::string& placement_history_json,
+                     const std::vector<std::vector<double>>& expert_load_ema, const std::string& run_id) {
+  Mesh& mesh = model.mesh();
+  Communicator& comm = mesh.world();
+  impl::CollectiveLabel label("checkpoint.write");
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  // No checkpoint ever holds a state that cannot be resumed.
+  const std::string bad = find_bad_checkpoint_state(model, opt);
+  if (!bad.empty())
+    throw Error("examoe::checkpoint::save: not writing '" + path + "': the state to save is not valid (" + bad +
+                "); nothing was written, the existing checkpoints are untouched");
+  const std::string tmp = path + ".tmp";
+  std::string err;
+  // Disk full or over quota: found before HDF5 writes a byte (HDF5 cannot recover from a
+  // failed write cleanly on every rank; the path below is for space taken meanwhile).
+  if (comm.rank() == 0) err = reserve_space(tmp, checkpoint_bytes_bound(model, placement_history_json));
+  if (!err.empty()) err += "; nothing was written, the existing checkpoints are untouched";
+  throw_if_any(comm, err);
+  Hid f = open_file_parallel(tmp, comm.mpi_comm(), true);
+  if (!f.ok()) {
+    const std::string cause = hdf5_cause();
+    err = "examoe::checkpoint: cannot create '" + tmp + "'" + (cause.empty() ? " (directory missing or not writable?)" : cause);
   }
-  need(H5Fflush(f, H5F_SCOPE_GLOBAL), "cannot flush " + tmp, 0);
-  f.reset();
+  throw_if_any(comm, err);
+  try {
+    write_metadata(f, model, opt, cfg, step, tokens_per_expert, placement_history_json, expert_load_ema);
+    for (int which = 0; which < 3; ++which) {
+      io_tensors<S>(f, model, &opt, nullptr, true, which);
+      // Fault injection: a rank killed with the parameters written, the moments not yet.
+      if (which == 0 && impl::fault::armed()) impl::fault::at_checkpoint_write(tmp);
+    }
+    // (No H5Fflush: the close below writes the metadata; a flush that fails on rank 0 only
+    // would leave the ranks in different collectives of HDF5's.)
+  } catch (const Error& e) {
+    // Every rank is here, with the same message: the write failed as a whole.
+    discard_partial_file(f, tmp, comm);
+    throw Error(std::string(e.what()) + " (while writing '" + tmp + "'; that partial file was removed, the existing "
+                "checkpoints are untouched)");
+  }
+  if (H5Fclose(f.release()) < 0) err = "examoe::checkpoint: cannot close '" + tmp + "'" + hdf5_cause();
+  err = comm.first_error(err);
+  if (!err.empty()) {
+    if (comm.rank() == 0) ::unlink(tmp.c_str());
+    throw Error(err + " (that partial file was removed, the existing checkpoints are untouched)");
+  }
   comm.barrier();
-  seal_checkpoint_file(tmp, comm.mpi_comm());
+  try {
+    seal_checkpoint_file(tmp, comm.mpi_comm(), run_id);
+  } catch (const Error& e) {
+    if (comm.rank() == 0) ::unlink(tmp.c_str());
+    throw Error(std::string(e.what()) + " (that partial file was removed, the existing checkpoints are untouched)");
+  }
   if (comm.rank() == 0 && std::rename(tmp.c_str(), path.c_str()) != 0)
     err = "examoe::checkpoint: cannot rename '" + tmp + "' to '" + path + "': " + std::strerror(errno);
   throw_if_any(comm, err);
@@ -735,8 +1054,9 @@ CheckpointInfo read_checkpoint_info(const std::string& path, MPI_Comm mpi_comm) 
   auto comm = make_mpi_communicator(mpi_comm);
   H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
   // Nothing of the file reaches HDF5 before its header and checksum are verified.
-  verify_checkpoint_file(path, comm->mpi_comm());
+  const Header header = verify_header(path, *comm);
   CheckpointInfo info;
+  if (header.run != 0) info.run_id = std::to_string(header.run);
   std::string err;
   try {
     Hid f = open_file_parallel(path, comm->mpi_comm(), false);
@@ -874,7 +1194,7 @@ CheckpointInfo load_checkpoint(const std::string& path, Model<S>& model, AdamW<S
 template <class S>
 void save_checkpoint(const std::string&, Model<S>&, const AdamW<S>&, const TrainConfig&, long long,
                      const std::vector<std::vector<long long>>&, const std::string&,
-                     const std::vector<std::vector<double>>&) {
+                     const std::vector<std::vector<double>>&, const std::string&) {
   throw Error("examoe::checkpoint: this ExaMoE was built without parallel HDF5 (ExaMoE_ENABLE_HDF5=OFF)");
 }
 template <class S>
@@ -886,8 +1206,10 @@ CheckpointInfo read_checkpoint_info(const std::string&, MPI_Comm) {
 }
 #endif  // EXAMOE_ENABLE_HDF5
 
-template void save_checkpoint<float>(const std::string&, Model<float>&, const AdamW<float>&, const TrainConfig&, long long, const std::vector<std::vector<long long>>&, const std::string&, const std::vector<std::vector<double>>&);
-template void save_checkpoint<double>(const std::string&, Model<double>&, const AdamW<double>&, const TrainConfig&, long long, const std::vector<std::vector<long long>>&, const std::string&, const std::vector<std::vector<double>>&);
+template void save_checkpoint<float>(const std::string&, Model<float>&, const AdamW<float>&, const TrainConfig&, long long, const std::vector<std::vector<long long>>&, const std::string&, const std::vector<std::vector<double>>&, const std::string&);
+template void save_checkpoint<double>(const std::string&, Model<double>&, const AdamW<double>&, const TrainConfig&, long long, const std::vector<std::vector<long long>>&, const std::string&, const std::vector<std::vector<double>>&, const std::string&);
+template std::string find_bad_checkpoint_state<float>(Model<float>&, const AdamW<float>&);
+template std::string find_bad_checkpoint_state<double>(Model<double>&, const AdamW<double>&);
 template CheckpointInfo load_checkpoint<float>(const std::string&, Model<float>&, AdamW<float>&, const TrainConfig&);
 template CheckpointInfo load_checkpoint<double>(const std::string&, Model<double>&, AdamW<double>&, const TrainConfig&);
 

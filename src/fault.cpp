@@ -14,13 +14,16 @@
 #include <thread>
 #include <vector>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 namespace examoe::impl::fault {
 
 bool g_armed = false;
 
 namespace {
 
-enum class Kind { nan, inf, hang, kill };
+enum class Kind { nan, inf, hang, kill, fill };
 
 struct Fault {
   Kind kind = Kind::nan;
@@ -29,7 +32,7 @@ struct Fault {
   std::string phase;                 ///< hang: collective label ("" = any)
   double seconds = 0;                ///< hang: 0 = forever
   std::string where = "grad";        ///< nan/inf
-  bool checkpoint_write = false;     ///< kill
+  bool checkpoint_write = false;     ///< kill, fill
   long long fired_step = -1;         ///< hang/kill: fire once per step
 };
 
@@ -81,13 +84,14 @@ std::string arm(const std::string& spec) {
     else if (kind == "inf") f.kind = Kind::inf;
     else if (kind == "hang") f.kind = Kind::hang;
     else if (kind == "kill") f.kind = Kind::kill;
-    else bad(spec, "unknown fault '" + kind + "' (nan, inf, hang or kill)");
+    else if (kind == "fill") f.kind = Kind::fill;
+    else bad(spec, "unknown fault '" + kind + "' (nan, inf, hang, kill or fill)");
     std::string kv;
     while (std::getline(parts, kv, ':')) {
       const auto eq = kv.find('=');
       const std::string key = kv.substr(0, eq), val = eq == std::string::npos ? "" : kv.substr(eq + 1);
       if (key == "checkpoint_write" && eq == std::string::npos) {
-        if (f.kind != Kind::kill) bad(spec, "checkpoint_write applies to kill only");
+        if (f.kind != Kind::kill && f.kind != Kind::fill) bad(spec, "checkpoint_write applies to kill and fill only");
         f.checkpoint_write = true;
       } else if (eq == std::string::npos) {
         bad(spec, "'" + kv + "' is not KEY=VALUE");
@@ -115,8 +119,11 @@ std::string arm(const std::string& spec) {
         bad(spec, "unknown key '" + key + "' for " + kind);
       }
     }
-    if ((f.kind == Kind::hang || f.kind == Kind::kill) && f.rank < 0) bad(spec, kind + " needs rank=R");
-    if (f.first < 0 && !(f.kind == Kind::kill && f.checkpoint_write)) bad(spec, kind + " needs step=N");
+    if ((f.kind == Kind::hang || f.kind == Kind::kill || f.kind == Kind::fill) && f.rank < 0)
+      bad(spec, kind + " needs rank=R");
+    if (f.kind == Kind::fill && !f.checkpoint_write) bad(spec, "fill needs checkpoint_write");
+    if (f.first < 0 && !((f.kind == Kind::kill || f.kind == Kind::fill) && f.checkpoint_write))
+      bad(spec, kind + " needs step=N");
     faults.push_back(f);
     norm += (norm.empty() ? "" : ",") + one;
   }
@@ -198,12 +205,34 @@ void at_step() {
     }
 }
 
-void at_checkpoint_write() {
-  for (Fault& f : g_faults)
-    if (f.kind == Kind::kill && f.checkpoint_write && rank_matches(f) && (f.first < 0 || step_matches(f))) {
+void at_checkpoint_write(const std::string& path) {
+  for (Fault& f : g_faults) {
+    if (!f.checkpoint_write || !rank_matches(f) || !(f.first < 0 || step_matches(f))) continue;
+    if (f.kind == Kind::kill) {
       say("SIGKILL while writing a checkpoint");
       std::raise(SIGKILL);
     }
+    if (f.kind == Kind::fill && f.fired_step != g_step) {
+      f.fired_step = g_step;
+      // Another job fills the disk: a file beside the checkpoint, written until the file
+      // system refuses (at most 1 GiB), left in place.
+      const std::size_t slash = path.rfind('/');
+      const std::string filler = (slash == std::string::npos ? std::string(".") : path.substr(0, slash)) +
+                                 "/examoe-fault-fill." + std::to_string(static_cast<long>(::getpid()));
+      const int fd = ::open(filler.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+      long long written = 0;
+      if (fd >= 0) {
+        std::vector<char> block(1 << 16, 'x');
+        for (std::size_t n = block.size(); n >= 512 && written < (1LL << 30);) {
+          const ssize_t w = ::write(fd, block.data(), n);
+          if (w > 0) written += w;
+          else n /= 2;
+        }
+        ::close(fd);
+      }
+      say("filled the file system of the checkpoint with " + filler + " (" + std::to_string(written) + " bytes)");
+    }
+  }
 }
 
 bool poison(const char* where, double& value) {

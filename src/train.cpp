@@ -1,6 +1,7 @@
 // Training loop: data sharded over all ranks, FSDP + expert parallelism, AdamW with global
 // norm clipping and warmup + cosine schedule, validation, progress and JSON-lines metrics.
 #include <examoe/checkpoint.hpp>
+#include <examoe/checkpoint_dir.hpp>
 #include <examoe/error.hpp>
 #include <examoe/impl/fault.hpp>
 #include <examoe/impl/files.hpp>
@@ -240,7 +241,8 @@ const std::vector<ConfigKey>& config_keys() {
       EXAMOE_KEY_BOOL("log.quiet", log.quiet, "Only the summary"),
       EXAMOE_KEY_STR("checkpoint.dir", checkpoint.dir, "Directory of the step-<N>.h5 checkpoints"),
       EXAMOE_KEY_INT("checkpoint.interval", checkpoint.interval, "Checkpoint every N steps (0 = only on SIGTERM/SIGUSR1)"),
-      EXAMOE_KEY_INT("checkpoint.keep", checkpoint.keep, "Keep the newest K checkpoints"),
+      EXAMOE_KEY_INT("checkpoint.keep", checkpoint.keep, "Keep the newest K checkpoints of this run (other runs' are never pruned)"),
+      EXAMOE_KEY_BOOL("checkpoint.allow_existing", checkpoint.allow_existing, "Start a new run (no --resume) in a checkpoint.dir that already holds other checkpoints; they stay untouched (default: refused)"),
       EXAMOE_KEY_INT("placement.rebalance_interval", placement.rebalance_interval, "Rebalance experts over ranks every N steps from their load (0 = never)"),
       EXAMOE_KEY_DBL("placement.ema", placement.ema, "Decay of the per-expert load average used by the rebalancer"),
       EXAMOE_KEY_STR("checkpoint.resume", checkpoint.resume, "Resume from this checkpoint, or 'latest' in checkpoint.dir"),
@@ -587,16 +589,6 @@ struct SignalGuard {
   }
 };
 
-void make_dirs(const std::string& dir) {
-  std::string cur;
-  for (std::size_t i = 0; i <= dir.size(); ++i) {
-    if (i == dir.size() || dir[i] == '/') {
-      if (!cur.empty()) ::mkdir(cur.c_str(), 0755);
-    }
-    if (i < dir.size()) cur += dir[i];
-  }
-}
-
 /// [first, first+count) of n items split as evenly as possible over `parts`.
 std::pair<int, int> split(int n, int parts, int part) {
   const int base = n / parts, extra = n % parts;
@@ -809,6 +801,9 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
 
   std::string err;
   std::unique_ptr<Corpus> corpus = make_corpus<S>(cfg, mesh);
+  // The checkpoint directory: refuses a new run beside other checkpoints, takes its lock
+  // (docs/checkpoint-format.md, "The checkpoint directory"); released when run() returns or throws.
+  RunCheckpoints ckdir(cfg.checkpoint, mesh.world(), log);
 
   Model<S> model(cfg.model, cfg.parallel, mesh, cfg.train.seed);
   AdamW<S> opt(adamw_config(cfg));
@@ -825,8 +820,11 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
       model.n_layers(), std::vector<long long>(cfg.model.num_experts, 0));
   std::ofstream metrics;
   if (root && !cfg.log.metrics.empty()) {
-    metrics.open(cfg.log.metrics, std::ios::app);
-    if (!metrics) err = "examoe::train: cannot open metrics file '" + clip_for_message(cfg.log.metrics) + "'";
+    // Appending to a checkpoint or an input would destroy it.
+    const std::string why = metrics_output_conflict(cfg);
+    if (!why.empty()) err = why;
+    else metrics.open(cfg.log.metrics, std::ios::app);
+    if (err.empty() && !metrics) err = "examoe::train: cannot open metrics file '" + clip_for_message(cfg.log.metrics) + "'";
   }
   throw_if_any(mesh.world(), err);
   // Rank 0 writes the metrics; a failed write (a full disk, /dev/full) is kept and agreed at
@@ -906,22 +904,10 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
   };
   auto write_checkpoint = [&](long long step_done) {
     impl::CollectiveLabel label("checkpoint.write");
-    std::string cerr;
-    if (root) {
-      make_dirs(cfg.checkpoint.dir);
-      struct stat st;
-      if (::stat(cfg.checkpoint.dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
-        cerr = "examoe::train: cannot create checkpoint directory '" + cfg.checkpoint.dir + "'";
-    }
-    throw_if_any(mesh.world(), cerr);
-    const std::string path = checkpoint_path(cfg.checkpoint.dir, step_done);
+    const std::string path = ckdir.prepare_write(step_done);
     const auto t0 = Clock::now();
-    save_checkpoint(path, model, opt, cfg, step_done, tokens_cum, placement_history.dump(), load_ema);
-    if (root) {
-      prune_checkpoints(cfg.checkpoint.dir, cfg.checkpoint.keep);
-      for (const auto& p : remove_incomplete_checkpoints(cfg.checkpoint.dir))
-        if (log) *log << "  note: removed " << p << ", left by an interrupted checkpoint write\n";
-    }
+    save_checkpoint(path, model, opt, cfg, step_done, tokens_cum, placement_history.dump(), load_ema, ckdir.run_id());
+    ckdir.after_write();
     res.last_checkpoint = path;
     if (log && !cfg.log.quiet)
       *log << "  checkpoint " << path << " written in "
@@ -938,24 +924,12 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
          << "; batch " << cfg.train.batch << " x " << seq << " tokens, " << cfg.train.steps << " steps\n";
   }
   long long start_step = 0;
+  std::string resumed_from;
   if (!cfg.checkpoint.resume.empty()) {
-    std::string path = cfg.checkpoint.resume;
-    std::string rerr;
     impl::CollectiveLabel label("checkpoint.resume");
-    if (path == "latest") {
-      // Temporary files of interrupted writes are never taken; they are removed with a note.
-      if (root)
-        for (const auto& p : remove_incomplete_checkpoints(cfg.checkpoint.dir))
-          if (log) *log << "  note: ignored and removed " << p << ", left by an interrupted checkpoint write\n";
-      path = root ? latest_checkpoint(cfg.checkpoint.dir) : std::string();
-      int len = static_cast<int>(path.size());
-      mesh.world().broadcast(&len, sizeof len, 0);
-      path.resize(static_cast<std::size_t>(len));
-      mesh.world().broadcast(path.data(), path.size(), 0);
-      if (path.empty())
-        rerr = "examoe::train: --resume latest: no checkpoint step-<N>.h5 in '" + cfg.checkpoint.dir + "'";
-    }
-    throw_if_any(mesh.world(), rerr);
+    // "latest": temporary files of interrupted writes are never taken; removed with a note.
+    const std::string path = ckdir.resolve_resume(cfg.checkpoint.resume);
+    resumed_from = path;
     {
       // Same expert-parallel size: take over the saved placement (other sizes rebalance anew).
       const CheckpointInfo head = read_checkpoint_info(path, mesh.world().mpi_comm());
@@ -977,6 +951,7 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
       if (!placement_history.is_array()) placement_history = nlohmann::json::array();  // history only
     }
     const CheckpointInfo info = load_checkpoint(path, model, opt, cfg);
+    ckdir.adopt_run_id(info.run_id);  // the run goes on; its checkpoints are pruned as one
     start_step = info.step;
     for (int l = 0; l < model.n_layers() && l < static_cast<int>(info.tokens_per_expert.size()); ++l)
       for (int e = 0; e < cfg.model.num_experts && e < static_cast<int>(info.tokens_per_expert[l].size()); ++e)
@@ -1095,8 +1070,10 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
       }
       if (stop_now) {
         // The weights and optimizer state are those of the last good step; the checkpoint
-        // carries this step's number, so a resumed run goes on with the next batch.
-        write_checkpoint(step + 1);
+        // carries this step's number, so a resumed run goes on with the next batch. Unless
+        // they are not finite themselves (an earlier update overflowed): nothing is written.
+        const std::string bad_state = find_bad_checkpoint_state(model, opt);
+        if (bad_state.empty()) write_checkpoint(step + 1);
         res.losses.push_back(ce_or_nan(sq[1], gvalid) + st.aux + st.z);
         res.ce.push_back(ce_or_nan(sq[1], gvalid));
         res.last_step = step + 1;
@@ -1107,8 +1084,10 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
                                            : " in " + std::to_string(skipped_in_a_row) +
                                                  " steps in a row (train.max_skipped = " +
                                                  std::to_string(cfg.train.max_skipped) + ")") +
-            "; the last good weights and optimizer state are in " + res.last_checkpoint +
-            " (resume with --resume latest; it goes on after this step)";
+            (bad_state.empty() ? "; the last good weights and optimizer state are in " + res.last_checkpoint +
+                                     " (resume with --resume latest; it goes on after this step)"
+                               : invalid_state_note(bad_state, res.last_checkpoint.empty() ? resumed_from
+                                                                                               : res.last_checkpoint));
         if (log) *log << "examoe: " << res.stop_message << std::endl;
         res.final = evaluate(model, *corpus, seq);
         break;
@@ -1538,6 +1517,20 @@ double eval_run(const TrainConfig& cfg, const std::string& ckpt, const std::stri
 
 double eval_file(const std::string& ckpt, const std::string& input, const std::string& output, int ep,
                  MPI_Comm comm, std::ostream* out) {
+  {
+    // No output may overwrite a checkpoint or an input (compared by device and inode).
+    auto c = make_mpi_communicator(comm);
+    std::string err;
+    if (c->rank() == 0) {
+      const std::string why =
+          output_conflict(output, {{"the checkpoint being evaluated", ckpt}, {"the input (--input)", input}}, true);
+      if (!why.empty())
+        err = "examoe eval: --output " + why +
+              ": refused, writing the logits would destroy it (no output may overwrite a checkpoint or an input; "
+              "choose another --output)";
+    }
+    throw_if_any(*c, err);
+  }
   const CheckpointInfo info = read_checkpoint_info(ckpt, comm);
   TrainConfig cfg;
   // Every rank read the same file, so every rank reaches the same verdict.

@@ -129,6 +129,7 @@ TEST(FaultsInjection, SpecsParseAndBadOnesAreNamed) {
   EXPECT_EQ(fault::arm("nan:step=2,nan:step=4-5:rank=0:where=loss,hang:rank=1:step=3:phase=moe.dispatch:seconds=2"),
             "nan:step=2,nan:step=4-5:rank=0:where=loss,hang:rank=1:step=3:phase=moe.dispatch:seconds=2");
   EXPECT_EQ(fault::arm("kill:rank=1:checkpoint_write"), "kill:rank=1:checkpoint_write");
+  EXPECT_EQ(fault::arm("fill:rank=0:checkpoint_write:step=2"), "fill:rank=0:checkpoint_write:step=2");
   // Poisoning follows rank, step and where.
   fault::arm("nan:step=4-5:rank=1:where=loss");
   double v = 0;
@@ -142,7 +143,8 @@ TEST(FaultsInjection, SpecsParseAndBadOnesAreNamed) {
   EXPECT_TRUE(std::isnan(v));
   for (const char* bad : {"boom", "kill:step=3", "hang:step=3", "nan", "nan:step=5-3", "nan:step=x",
                           "nan:step=1:where=weights", "nan:step=1:phase=a", "kill:rank=0:step=1:checkpoint",
-                          "nan:step=1:checkpoint_write"}) {
+                          "nan:step=1:checkpoint_write", "fill:rank=0:step=2", "fill:checkpoint_write",
+                          "hang:rank=0:step=1:checkpoint_write"}) {
     try {
       fault::arm(bad);
       ADD_FAILURE() << "accepted EXAMOE_FAULT=" << bad;

@@ -1,4 +1,5 @@
 #pragma once
+#include <examoe/checkpoint_dir.hpp>
 #include <examoe/model.hpp>
 #include <examoe/optimizer.hpp>
 #include <examoe/train.hpp>
@@ -30,6 +31,7 @@ struct CheckpointInfo {
   long long parameters = 0;
   std::string placement_history;  ///< JSON array of the migrations so far
   std::vector<std::vector<double>> expert_load_ema;  ///< [layer][expert], the rebalancer's input
+  std::string run_id;  ///< the run that wrote it (header line `run`); "" = unknown (older file)
 };
 
 /// Writes `path` collectively (parallel HDF5, MPI-IO): every tensor in global order, dense
@@ -37,17 +39,30 @@ struct CheckpointInfo {
 /// the same layout, config, step, placement and cumulative tokens per expert. Written to
 /// `path + ".tmp"` and renamed only when complete: an existing file is never damaged.
 /// `opt` must hold the dense unit shards first, then per layer the expert tensors w1, w2(, w3),
-/// as the trainer registers them.
+/// as the trainer registers them. `run_id` goes into the header ("" = none).
+/// Refused before anything is written (examoe::Error on every rank) when a parameter or
+/// moment is not finite or a second moment is negative (find_bad_checkpoint_state). A failed
+/// write (disk full, I/O error) is agreed by every rank and names the cause the file system
+/// gave ("No space left on device"); the partial temporary file is removed, the HDF5 file
+/// closed on every rank, and existing checkpoints are untouched.
 template <class S>
 void save_checkpoint(const std::string& path, Model<S>& model, const AdamW<S>& opt,
                      const TrainConfig& cfg, long long step,
                      const std::vector<std::vector<long long>>& tokens_per_expert,
                      const std::string& placement_history_json = "[]",
-                     const std::vector<std::vector<double>>& expert_load_ema = {});
+                     const std::vector<std::vector<double>>& expert_load_ema = {},
+                     const std::string& run_id = "");
+
+/// Collective over the model's world: the first parameter or AdamW moment (in the order of
+/// the checkpoint: /params, /adam_m, /adam_v; lowest rank first) that is NaN or infinite, or
+/// second moment that is negative, as "params/lm_head[3][7] = inf"; "" if all are fine.
+template <class S>
+std::string find_bad_checkpoint_state(Model<S>& model, const AdamW<S>& opt);
 
 /// Restores parameters, AdamW moments and step count from `path` into a model of the same
 /// shape on any mesh. Errors (missing, truncated, corrupt, other format version, other model
-/// shape or precision) are examoe::Error on every rank, naming the problem. Returns the info.
+/// shape or precision, a NaN or infinite parameter or moment, a negative second moment) are
+/// examoe::Error on every rank, naming the problem (and the tensor and element). Returns the info.
 template <class S>
 CheckpointInfo load_checkpoint(const std::string& path, Model<S>& model, AdamW<S>& opt,
                                const TrainConfig& cfg);
@@ -63,19 +78,21 @@ CheckpointInfo read_checkpoint_info(const std::string& path, MPI_Comm comm);
 /// all of that and throws examoe::Error on every rank, naming the file and the problem
 /// (missing, not a regular file, no ExaMoE header, other format version, truncated or
 /// extended, checksum mismatch); the readers call it before handing the file to HDF5, so a
-/// damaged file never reaches HDF5's parser. Both collective over `comm`.
+/// damaged file never reaches HDF5's parser. Both collective over `comm`. The header's
+/// `run` line is `run_id`, or with "" the one the file's header already has (so a tool that
+/// edits and seals a checkpoint keeps its run id).
 constexpr std::size_t kCheckpointChecksumChunk = std::size_t(1) << 26;
-void seal_checkpoint_file(const std::string& path, MPI_Comm comm);
+void seal_checkpoint_file(const std::string& path, MPI_Comm comm, const std::string& run_id = "");
 void verify_checkpoint_file(const std::string& path, MPI_Comm comm);
 
-/// Path of the newest complete checkpoint in `dir` ("" if none). Names: step-<N>.h5.
-std::string latest_checkpoint(const std::string& dir);
-/// Deletes the temporary files (step-<N>.h5.tmp) that writes interrupted by a crash left in
-/// `dir`; never taken for checkpoints, they only take space. Returns their paths (call on one
-/// rank, when no checkpoint is being written).
-std::vector<std::string> remove_incomplete_checkpoints(const std::string& dir);
-/// Deletes all but the newest `keep` checkpoints in `dir` (call on one rank).
-void prune_checkpoints(const std::string& dir, int keep);
-std::string checkpoint_path(const std::string& dir, long long step);
+/// What the header of a file says, read with plain POSIX calls (no HDF5, no MPI, only the
+/// first 512 bytes): whether it starts like an ExaMoE checkpoint, and the id of the run that
+/// wrote it ("" when the header has none: a checkpoint written before run ids, or not a
+/// checkpoint). Nothing is verified (verify_checkpoint_file does that).
+struct CheckpointHeaderPeek {
+  bool is_checkpoint = false;
+  std::string run_id;
+};
+CheckpointHeaderPeek peek_checkpoint_header(const std::string& path);
 
 }  // namespace examoe

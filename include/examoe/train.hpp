@@ -48,8 +48,11 @@ struct LogOptions {
 struct CheckpointOptions {
   std::string dir = "checkpoints";  ///< where step-<N>.h5 files go
   int interval = 0;                 ///< write every N steps (0 = only on SIGTERM/SIGUSR1)
-  int keep = 3;                     ///< keep the newest K checkpoints
+  int keep = 3;                     ///< keep the newest K checkpoints (of this run)
   std::string resume;               ///< "", a checkpoint path, or "latest" (newest in dir)
+  /// A new run (no resume) in a directory that already holds checkpoints is refused unless
+  /// this is set; they are never pruned or replaced by this run either way.
+  bool allow_existing = false;
 };
 
 struct PlacementOptions {

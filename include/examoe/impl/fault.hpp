@@ -15,6 +15,9 @@
 //               of step S (after forward and backward, before the gradient-norm allreduce)
 //   kill        rank=R checkpoint_write [step=S]         raise(SIGKILL) on rank R while it
 //               writes a checkpoint (of step S; default the first), after the parameters
+//   fill        rank=R checkpoint_write [step=S]         rank R fills the file system of the
+//               checkpoint (a file examoe-fault-fill.<pid> beside it, up to 1 GiB, left there)
+//               at the same point: a disk that runs full during the write
 // Steps are numbered from 1, as in the progress lines ("step 30" = the 30th step).
 #include <string>
 #include <vector>
@@ -47,7 +50,8 @@ void set_context(int rank, long long step) noexcept;
 /// Hooks, called only when armed().
 void at_collective(const char* label);  ///< hang
 void at_step();                         ///< kill at a step
-void at_checkpoint_write();             ///< kill while writing a checkpoint
+/// kill, or fill the file system, while writing the checkpoint file `path`
+void at_checkpoint_write(const std::string& path);
 /// nan/inf: true (and `value` set to NaN or +Inf) when a fault poisons `where` ("grad" or
 /// "loss") on this rank at this step.
 bool poison(const char* where, double& value);

@@ -22,10 +22,11 @@ echo '{"model": {"d_modle": 3}}' > unknown.json
 echo '{"model": ' > bad.json
 echo '[1]' > list.json
 echo "== a good checkpoint to damage"
-if ! "$mpiexec" -n 2 "$examoe" train "${small[@]}" --checkpoint.interval 1 > good.log 2>&1; then
+# (In its own directory: the rows' new runs in the default checkpoints/ must not find it.)
+if ! "$mpiexec" -n 2 "$examoe" train "${small[@]}" --checkpoint.interval 1 --checkpoint.dir good_ckpt > good.log 2>&1; then
   cat good.log; echo "FAIL: could not write the checkpoint the rows need"; exit 1
 fi
-good=checkpoints/step-00000001.h5
+good=good_ckpt/step-00000001.h5
 size=$(stat -c %s "$good")
 head -c $((size / 2)) "$good" > truncated.h5
 python3 - "$good" <<'PY'
