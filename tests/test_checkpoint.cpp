@@ -1,5 +1,6 @@
 // Checkpoints: exact resume (bitwise at the same rank count, 1e-10 across rank counts and
 // dp x ep splits), and clear errors on every rank for bad files, never damaging a good one.
+#include "test_hdf5.hpp"
 #include "test_util.hpp"
 
 #include <examoe/checkpoint.hpp>
@@ -246,38 +247,19 @@ TEST(TrainCheckpoint, EvalWritesLogitsThatReproduceTheValidationLoss) {
   examoe::Batch b;
   corpus.val_batch(0, n, seq, b);
   const std::string in = dir + "/in.h5", out = dir + "/out.h5";
-  if (rank_() == 0) {
-    hid_t f = H5Fcreate(in.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
-    hsize_t dims[2] = {static_cast<hsize_t>(n), static_cast<hsize_t>(seq)};
-    hid_t sp = H5Screate_simple(2, dims, nullptr);
-    for (auto [name, data] : {std::make_pair("tokens", &b.tokens), std::make_pair("targets", &b.targets)}) {
-      hid_t ds = H5Dcreate2(f, name, H5T_STD_I32LE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-      H5Dwrite(ds, H5T_NATIVE_INT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data->data());
-      H5Dclose(ds);
-    }
-    H5Sclose(sp);
-    H5Fclose(f);
-  }
+  if (rank_() == 0)
+    examoe::test::write_int_datasets(in, {{"tokens", &b.tokens}, {"targets", &b.targets}}, n, seq);
   MPI_Barrier(MPI_COMM_WORLD);
   const double loss = examoe::eval_file(examoe::checkpoint_path(dir, 4), in, out, 0, MPI_COMM_WORLD, nullptr);
   EXPECT_NEAR(loss, r.final.loss, 1e-12 * r.final.loss) << "eval of the checkpoint vs the run's validation";
   if (rank_() == 0) {
     // Recompute the cross-entropy from the written logits alone.
-    hid_t f = H5Fopen(out.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
-    ASSERT_GE(f, 0);
-    hid_t ds = H5Dopen2(f, "logits", H5P_DEFAULT);
-    hid_t sp = H5Dget_space(ds);
-    hsize_t dims[3];
-    ASSERT_EQ(H5Sget_simple_extent_ndims(sp), 3);
-    H5Sget_simple_extent_dims(sp, dims, nullptr);
+    std::vector<hsize_t> dims;
+    const std::vector<float> lg = examoe::test::read_logits(out, &dims);
+    ASSERT_EQ(dims.size(), 3u);
     EXPECT_EQ(dims[0], static_cast<hsize_t>(n));
     EXPECT_EQ(dims[1], static_cast<hsize_t>(seq));
     EXPECT_EQ(dims[2], 256u);
-    std::vector<float> lg(dims[0] * dims[1] * dims[2]);
-    H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, lg.data());
-    H5Sclose(sp);
-    H5Dclose(ds);
-    H5Fclose(f);
     double ce = 0;
     long long cnt = 0;
     for (std::size_t i = 0; i < b.targets.size(); ++i) {

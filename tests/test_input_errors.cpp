@@ -6,6 +6,7 @@
 // resume past train.steps, malformed environment variables and metrics that cannot be written. Each case asserts
 // that EVERY rank throws examoe::Error naming the problem, and that the ranks are still in
 // step afterwards (a barrier completes).
+#include "test_hdf5.hpp"
 #include "test_util.hpp"
 
 #include <examoe/checkpoint.hpp>
@@ -598,14 +599,7 @@ TEST(InputErrors, NonFiniteLayerInputs) {
 
 #if EXAMOE_ENABLE_HDF5
 void write_tokens(const std::string& path, const char* name, const std::vector<int>& v, int rows, int cols) {
-  hid_t f = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
-  hsize_t dims[2] = {static_cast<hsize_t>(rows), static_cast<hsize_t>(cols)};
-  hid_t sp = H5Screate_simple(2, dims, nullptr);
-  hid_t ds = H5Dcreate2(f, name, H5T_STD_I32LE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-  H5Dwrite(ds, H5T_NATIVE_INT, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data());
-  H5Dclose(ds);
-  H5Sclose(sp);
-  H5Fclose(f);
+  write_int_datasets(path, {{name, &v}}, rows, cols);
 }
 
 TEST(InputErrors, EvalInputFiles) {

@@ -7,6 +7,7 @@
 //
 // This is the test that would have found the stale-count bug: a rank whose token count dropped
 // to zero reused the previous step's per-expert counts.
+#include "test_hdf5.hpp"
 #include "test_util.hpp"
 
 #include <examoe/checkpoint.hpp>
@@ -17,9 +18,6 @@
 
 #include <Kokkos_Core.hpp>
 
-#if EXAMOE_ENABLE_HDF5
-#include <hdf5.h>
-#endif
 
 #include <string>
 #include <type_traits>
@@ -270,33 +268,8 @@ TEST(Ragged, TrainBatchesSmallerThanTheWorld) {
 void write_eval_input(const std::string& path, const Corpus& corpus, int n, int seq) {
   Batch b;
   corpus.val_batch(0, n, seq, b);
-  if (world_rank() == 0) {
-    hid_t f = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
-    hsize_t dims[2] = {static_cast<hsize_t>(n), static_cast<hsize_t>(seq)};
-    hid_t sp = H5Screate_simple(2, dims, nullptr);
-    for (auto [name, data] : {std::make_pair("tokens", &b.tokens), std::make_pair("targets", &b.targets)}) {
-      hid_t ds = H5Dcreate2(f, name, H5T_STD_I32LE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-      H5Dwrite(ds, H5T_NATIVE_INT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data->data());
-      H5Dclose(ds);
-    }
-    H5Sclose(sp);
-    H5Fclose(f);
-  }
+  if (world_rank() == 0) write_int_datasets(path, {{"tokens", &b.tokens}, {"targets", &b.targets}}, n, seq);
   MPI_Barrier(MPI_COMM_WORLD);
-}
-
-/// The "logits" dataset of an eval output, read by rank 0.
-std::vector<float> read_logits(const std::string& path) {
-  hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
-  if (f < 0) return {};
-  hid_t ds = H5Dopen2(f, "logits", H5P_DEFAULT);
-  hid_t sp = H5Dget_space(ds);
-  std::vector<float> v(static_cast<std::size_t>(H5Sget_simple_extent_npoints(sp)));
-  if (!v.empty()) H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data());
-  H5Sclose(sp);
-  H5Dclose(ds);
-  H5Fclose(f);
-  return v;
 }
 
 TEST(Ragged, EvalFewerSequencesThanRanks) {
