@@ -366,7 +366,7 @@ TEST(TrainCheckpointDir, NoOutputOverwritesACheckpointOrAnInput) {
       {other, "is an ExaMoE checkpoint"},
   };
   for (const auto& [out, needle] : outputs) {
-    expect_error_everywhere([&] { examoe::eval_file(ck, in, out, 0, MPI_COMM_WORLD, nullptr); },
+    expect_error_everywhere([&, &out = out] { examoe::eval_file(ck, in, out, 0, MPI_COMM_WORLD, nullptr); },
                             {"examoe eval: --output '" + out + "' " + needle, ev}, "eval --output " + out);
   }
   // An output whose temporary file (output + ".tmp") is the input.
