@@ -14,7 +14,11 @@ namespace examoe::impl {
 // tests). Double precision keeps the library functions.
 
 /// exp(x) for float: Cephes range reduction x = n ln2 + r and a degree-6 polynomial.
-KOKKOS_INLINE_FUNCTION float exp_fast(float x) {
+KOKKOS_INLINE_FUNCTION float exp_fast(float x_in) {
+  // NaN passes through (it must reach the non-finite checks); the arithmetic below runs on a
+  // finite stand-in, since converting NaN to int is undefined. Selects, so it still vectorizes.
+  const bool nan = !(x_in == x_in);
+  float x = nan ? 0.0f : x_in;
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   const float t = x * 1.44269504088896341f;
   const int n = static_cast<int>(t + (t >= 0.0f ? 0.5f : -0.5f));
@@ -32,7 +36,7 @@ KOKKOS_INLINE_FUNCTION float exp_fast(float x) {
   const std::int32_t bits = static_cast<std::int32_t>(n + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return nan ? x_in : p * scale;
 }
 
 /// erf(x) for float: odd/even rational minimax approximation on [-4, 4] (erf is +-1 in
