@@ -3,6 +3,7 @@
 // run's, the directory lock, outputs that would overwrite a checkpoint or an input, and
 // states that no checkpoint may hold (non-finite values, negative second moments). Every
 // error must be thrown on every rank, and no file may change.
+#include "test_hdf5.hpp"
 #include "test_util.hpp"
 
 #include <examoe/checkpoint.hpp>
@@ -335,15 +336,8 @@ TEST(TrainCheckpointDir, NoOutputOverwritesACheckpointOrAnInput) {
   const std::string ck = checkpoint_path(dir + "/ck", 1);
   const std::string in = dir + "/in.h5", data = dir + "/data.txt", other = dir + "/copy.h5";
   if (world_rank() == 0) {
-    std::vector<int> tokens(2 * c.model.seq_len, 65);
-    hid_t f = H5Fcreate(in.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
-    hsize_t dims[2] = {2, static_cast<hsize_t>(c.model.seq_len)};
-    hid_t sp = H5Screate_simple(2, dims, nullptr);
-    hid_t ds = H5Dcreate2(f, "tokens", H5T_STD_I32LE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-    H5Dwrite(ds, H5T_NATIVE_INT, H5S_ALL, H5S_ALL, H5P_DEFAULT, tokens.data());
-    H5Dclose(ds);
-    H5Sclose(sp);
-    H5Fclose(f);
+    const std::vector<int> tokens(2 * c.model.seq_len, 65);
+    examoe::test::write_int_datasets(in, {{"tokens", &tokens}}, 2, c.model.seq_len);
     std::ofstream(data) << std::string(4096, 'a') + "the quick brown fox jumps over the lazy dog\n";
     std::ofstream(other, std::ios::binary) << read_file(ck);
     ::symlink(ck.c_str(), (dir + "/link.h5").c_str());
