@@ -68,6 +68,7 @@ class Fsdp {
   void reduce_scatter_grad(int unit);
 
   int num_units() const { return static_cast<int>(units_.size()); }
+  const std::string& unit_name(int u) const { return units_[u].name; }
   int num_params() const { return static_cast<int>(params_.size()); }
   const std::string& param_name(int p) const { return params_[p].name; }
   int param_unit(int p) const { return params_[p].unit; }

@@ -92,6 +92,19 @@ struct StepStats {
   double aux = 0, z = 0;      ///< router losses summed over layers (global)
 };
 
+/// One tensor the optimizer steps, as one row of Model::param_table().
+struct ParamSlot {
+  enum class Owner { fsdp_unit, experts };
+  Owner owner = Owner::fsdp_unit;
+  int unit = -1;                           ///< fsdp_unit: the FSDP unit
+  int layer = -1;                          ///< experts: the MoE layer
+  ExpertTensor tensor = ExpertTensor::w1;  ///< experts: which expert tensor
+  std::string name;                        ///< the unit's name, or "layer{l}.w1" (its dataset)
+  std::vector<int> shape;                  ///< global shape: [unit numel], or [E][a][b]
+  /// AdamW weight decay: experts decay on every element; a unit's parameters by its decay mask.
+  bool decay = true;
+};
+
 /// One model replica's slice on this rank: FSDP shards of the dense parameters, the local
 /// experts of every MoE layer, and the buffers of one step.
 template <class S>
@@ -124,6 +137,20 @@ class Model {
   Mesh& mesh() { return mesh_; }
   MemoryReport memory() const;
 
+  /// The optimizer's tensors in their one order: the FSDP units, then per MoE layer w1, w2
+  /// (and w3 for SwiGLU). AdamW tensor i is param_table()[i]; optimizer registration, expert
+  /// migration and checkpoint I/O all walk this table.
+  const std::vector<ParamSlot>& param_table() const { return table_; }
+  /// The row of layer `layer`'s expert tensor `t` in param_table().
+  int param_slot(int layer, ExpertTensor t) const;
+  using flat = Kokkos::View<S*, memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+  /// This rank's part of row i, flat: a unit's shard (padding included) or the local experts
+  /// [n_local][a][b] of the current placement (valid until the experts move).
+  flat param_values(int i) const;
+  flat param_grads(int i) const;
+  /// 1/0 per element of a unit's shard; extent 0 for experts (decay applies to every element).
+  flat param_decay_mask(int i) const;
+
   /// Parameter ids in the FSDP registry.
   struct BlockParams { int attn_norm, wq, wk, wv, wo, moe_norm, router; };
   int unit_embed() const { return u_embed_; }
@@ -151,6 +178,7 @@ class Model {
   int u_embed_ = -1, u_head_ = -1, p_wte_ = -1, p_wpe_ = -1, p_fnorm_ = -1, p_head_ = -1;
   std::vector<int> u_block_;
   std::vector<BlockParams> bp_;
+  std::vector<ParamSlot> table_;
   std::vector<std::unique_ptr<Acts>> acts_;  // per layer (or one shared with checkpointing)
   std::vector<matrix> xin_;                  // block inputs (checkpointing)
   matrix x_, dx_, t1_, t2_, f_, logits_;

@@ -10,6 +10,11 @@ enum class Activation {
   swiglu  ///< y = W2^T (silu(W1^T x) * (W3^T x))
 };
 std::string to_string(Activation a);
+
+/// The weight tensors of an expert: w1 [d][h], w2 [h][d] and, for SwiGLU only, w3 [d][h].
+enum class ExpertTensor { w1, w2, w3 };
+/// "w1", "w2" or "w3" (the tensor's name in checkpoints: "layer{l}.w1").
+const char* to_string(ExpertTensor t);
 Activation activation_from_string(const std::string& s);
 
 /// Router settings. Equations: docs/moe-layer.md.

@@ -99,6 +99,11 @@ class MoELayer {
   tensor3 w1_grad() const;
   tensor3 w2_grad() const;
   tensor3 w3_grad() const;
+  /// The same by name: weights(ExpertTensor::w1) is w1(), weight_grads(...) its gradient.
+  tensor3 weights(ExpertTensor t) const;
+  tensor3 weight_grads(ExpertTensor t) const;
+  /// The tensors this layer's experts hold: w1, w2 and, for SwiGLU, w3.
+  std::vector<ExpertTensor> expert_tensors() const;
   int num_local_experts() const;
 
   /// Router decisions of the last forward: expert ids [T][k] and gates [T][k].

@@ -4,6 +4,7 @@
 #include "layer/dispatch_plan.hpp"
 
 #include <examoe/error.hpp>
+#include <examoe/impl/agree.hpp>
 #include <examoe/impl/collectives.hpp>
 #include <examoe/impl/dispatch_kernels.hpp>
 #include <examoe/impl/expert_kernels.hpp>
@@ -296,26 +297,13 @@ struct MoELayer<Scalar>::Impl {
   }
 
   void check_same_config() {
-    const std::string mine = cfg.to_string();
-    std::string root = mine;
-    int len = static_cast<int>(root.size());
-    scomm->broadcast(&len, sizeof(len), 0);
-    root.resize(static_cast<std::size_t>(len));
-    scomm->broadcast(root.data(), static_cast<std::size_t>(len), 0);
-    std::string err;
-    if (root != mine) {
-      std::istringstream a(root), b(mine);
-      std::string la, lb, fields;
-      while (std::getline(a, la) && std::getline(b, lb))
-        if (la != lb) {
-          if (!fields.empty()) fields += ", ";
-          fields += lb.substr(0, lb.find('=')) + " (" + la.substr(la.find('=') + 1) +
-                    " on rank 0, " + lb.substr(lb.find('=') + 1) + " here)";
-        }
-      err = "examoe::MoELayer::MoELayer: the MoE config differs between ranks: rank " +
-            std::to_string(scomm->rank()) + " disagrees with rank 0 on " + fields;
+    std::vector<impl::NamedValue> fields;
+    std::istringstream lines(cfg.to_string());
+    for (std::string line; std::getline(lines, line);) {
+      const std::size_t eq = line.find('=');
+      fields.push_back({line.substr(0, eq), eq == std::string::npos ? std::string() : line.substr(eq + 1)});
     }
-    throw_if_any(*scomm, err);
+    impl::check_same_on_every_rank(*scomm, fields, "examoe::MoELayer::MoELayer", "MoE config");
   }
 
   void init_parameters(std::uint64_t seed) {
@@ -715,6 +703,19 @@ template <class S>
 auto MoELayer<S>::w2_grad() const -> tensor3 { return impl_->dW2; }
 template <class S>
 auto MoELayer<S>::w3_grad() const -> tensor3 { return impl_->dW3; }
+template <class S>
+auto MoELayer<S>::weights(ExpertTensor t) const -> tensor3 {
+  return t == ExpertTensor::w1 ? impl_->W1 : t == ExpertTensor::w2 ? impl_->W2 : impl_->W3;
+}
+template <class S>
+auto MoELayer<S>::weight_grads(ExpertTensor t) const -> tensor3 {
+  return t == ExpertTensor::w1 ? impl_->dW1 : t == ExpertTensor::w2 ? impl_->dW2 : impl_->dW3;
+}
+template <class S>
+std::vector<ExpertTensor> MoELayer<S>::expert_tensors() const {
+  if (impl_->swiglu) return {ExpertTensor::w1, ExpertTensor::w2, ExpertTensor::w3};
+  return {ExpertTensor::w1, ExpertTensor::w2};
+}
 template <class S>
 int MoELayer<S>::num_local_experts() const { return impl_->nloc; }
 template <class S>

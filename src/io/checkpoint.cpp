@@ -8,7 +8,7 @@
 #include <examoe/impl/watchdog.hpp>
 
 #if EXAMOE_ENABLE_HDF5
-#include <hdf5.h>
+#include "io/hdf5.hpp"
 #endif
 
 #include <algorithm>
@@ -65,58 +65,22 @@ const char* group_name(int which) { return which == 0 ? "params" : which == 1 ? 
 
 namespace {
 
-/// RAII for HDF5 handles.
-class Hid {
- public:
-  Hid() = default;
-  Hid(hid_t id, herr_t (*close)(hid_t)) : id_(id), close_(close) {}
-  Hid(const Hid&) = delete;
-  Hid& operator=(const Hid&) = delete;
-  Hid(Hid&& o) noexcept : id_(o.id_), close_(o.close_) { o.id_ = -1; }
-  Hid& operator=(Hid&& o) noexcept {
-    reset();
-    id_ = o.id_;
-    close_ = o.close_;
-    o.id_ = -1;
-    return *this;
-  }
-  ~Hid() { reset(); }
-  void reset() {
-    if (id_ >= 0 && close_) close_(id_);
-    id_ = -1;
-  }
-  operator hid_t() const { return id_; }
-  bool ok() const { return id_ >= 0; }
-  /// Gives up ownership (the caller closes it).
-  hid_t release() {
-    const hid_t id = id_;
-    id_ = -1;
-    return id;
-  }
+using io::add_flat_range;
+using io::dims_of;
+using io::fail;
+using io::h5type;
+using io::hdf5_cause;
+using io::Hid;
+using io::make_group;
+using io::need;
+using io::need_ok;
+using io::read_attr;
+using io::read_attr_string;
+using io::select_flat_range;
+using io::Transfer;
+using io::write_attr;
+using io::write_attr_string;
 
- private:
-  hid_t id_ = -1;
-  herr_t (*close_)(hid_t) = nullptr;
-};
-
-[[noreturn]] void fail(const std::string& what) { throw Error("examoe::checkpoint: " + what); }
-
-herr_t collect_desc(unsigned, const H5E_error2_t* e, void* out) {
-  if (e && e->desc) *static_cast<std::string*>(out) += std::string(e->desc) + "\n";
-  return 0;
-}
-/// What the file system or MPI-IO said about the HDF5 call that just failed, as ": cause"
-/// ("" if nothing recognisable): HDF5 reports "write failed"; the errno text ("No space left
-/// on device") is deep in its error stack, in the message of the MPI-IO call.
-std::string hdf5_cause() {
-  std::string all;
-  H5Ewalk2(H5E_DEFAULT, H5E_WALK_DOWNWARD, collect_desc, &all);
-  for (int e : {ENOSPC, EDQUOT, EFBIG, EROFS, EACCES, EPERM, ENOENT, EIO})
-    if (all.find(std::strerror(e)) != std::string::npos) return std::string(": ") + std::strerror(e);
-  if (all.find("Not enough space") != std::string::npos) return std::string(": ") + std::strerror(ENOSPC);
-  if (all.find("Quota") != std::string::npos) return std::string(": ") + std::strerror(EDQUOT);
-  return {};
-}
 /// The message of `e`, naming `path` if it does not yet.
 std::string naming(const Error& e, const std::string& path) {
   std::string m = e.what();
@@ -124,13 +88,6 @@ std::string naming(const Error& e, const std::string& path) {
   const std::string prefix = "examoe::checkpoint: ";
   if (m.rfind(prefix, 0) == 0) m = m.substr(prefix.size());
   return prefix + "'" + path + "': " + m;
-}
-hid_t need(hid_t id, const std::string& what) {
-  if (id < 0) fail(what + hdf5_cause());
-  return id;
-}
-void need(herr_t rc, const std::string& what, int) {
-  if (rc < 0) fail(what + hdf5_cause());
 }
 /// Sums `s` over the ranks (modulo 2^64) and, in the same allreduce, counts the ranks whose
 /// `err` is set; if any is, every rank throws the lowest such rank's message.
@@ -156,11 +113,6 @@ void agreed(Communicator& comm, F&& f) {
 }
 
 
-template <class S>
-hid_t h5type() {
-  return std::is_same<S, float>::value ? H5T_NATIVE_FLOAT : H5T_NATIVE_DOUBLE;
-}
-
 /// Order-independent checksum of a tensor: sum over elements of a hash of (flat index, bits).
 template <class S>
 std::uint64_t element_hash(std::uint64_t flat, S v) {
@@ -168,127 +120,6 @@ std::uint64_t element_hash(std::uint64_t flat, S v) {
   std::memcpy(&bits, &v, sizeof(S));
   return impl::splitmix64(flat * 0x9E3779B97F4A7C15ull ^ bits ^ 0xC0FFEEull);
 }
-
-void write_attr_string(hid_t obj, const char* name, const std::string& value) {
-  Hid type(H5Tcopy(H5T_C_S1), H5Tclose);
-  H5Tset_size(type, std::max<std::size_t>(1, value.size()));
-  H5Tset_strpad(type, H5T_STR_NULLPAD);
-  Hid space(H5Screate(H5S_SCALAR), H5Sclose);
-  Hid a(need(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT), std::string("cannot create attribute ") + name), H5Aclose);
-  std::string v = value.empty() ? std::string(1, '\0') : value;
-  need(H5Awrite(a, type, v.data()), std::string("cannot write attribute ") + name, 0);
-}
-/// Opens attribute `name`, which must hold exactly one value (scalar or one element).
-Hid open_single_attr(hid_t obj, const char* name) {
-  if (H5Aexists(obj, name) <= 0) fail(std::string("attribute '") + name + "' is missing");
-  Hid a(need(H5Aopen(obj, name, H5P_DEFAULT), std::string("cannot open attribute ") + name), H5Aclose);
-  Hid space(H5Aget_space(a), H5Sclose);
-  if (!space.ok() || H5Sget_simple_extent_npoints(space) != 1)
-    fail(std::string("attribute '") + name + "' must hold one value (the file is corrupt)");
-  return a;
-}
-std::string read_attr_string(hid_t obj, const char* name) {
-  Hid a = open_single_attr(obj, name);
-  Hid type(H5Aget_type(a), H5Tclose);
-  if (H5Tget_class(type) != H5T_STRING) fail(std::string("attribute '") + name + "' is not a string");
-  if (H5Tis_variable_str(type) > 0) {  // h5py writes variable-length strings
-    Hid mem(H5Tcopy(H5T_C_S1), H5Tclose);
-    H5Tset_size(mem, H5T_VARIABLE);
-    char* p = nullptr;
-    need(H5Aread(a, mem, &p), std::string("cannot read attribute ") + name, 0);
-    std::string v = p ? std::string(p) : std::string();
-    if (p) H5free_memory(p);
-    return v;
-  }
-  const std::size_t n = H5Tget_size(type);
-  if (n == 0 || n > (std::size_t(1) << 24)) fail(std::string("attribute '") + name + "' has an implausible size");
-  std::string v(n, '\0');
-  need(H5Aread(a, type, v.data()), std::string("cannot read attribute ") + name, 0);
-  v.erase(std::find(v.begin(), v.end(), '\0'), v.end());
-  return v;
-}
-template <class T>
-void write_attr(hid_t obj, const char* name, T value, hid_t type) {
-  Hid space(H5Screate(H5S_SCALAR), H5Sclose);
-  Hid a(need(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT), std::string("cannot create attribute ") + name), H5Aclose);
-  need(H5Awrite(a, type, &value), std::string("cannot write attribute ") + name, 0);
-}
-template <class T>
-T read_attr(hid_t obj, const char* name, hid_t type) {
-  Hid a = open_single_attr(obj, name);
-  Hid ftype(H5Aget_type(a), H5Tclose);
-  const H5T_class_t cls = H5Tget_class(ftype);
-  if (cls != H5T_INTEGER && cls != H5T_FLOAT) fail(std::string("attribute '") + name + "' is not a number");
-  T v{};
-  need(H5Aread(a, type, &v), std::string("cannot read attribute ") + name, 0);
-  return v;
-}
-
-Hid make_group(hid_t parent, const std::string& name) {
-  return Hid(need(H5Gcreate2(parent, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create group " + name), H5Gclose);
-}
-
-/// Selects the flat (row-major) element range [lo, hi) of a dataspace of rank 1..3 as a
-/// union of hyperslabs (at most one partial row, one block of full rows, one partial row,
-/// applied recursively over leading dimensions for rank 3 by treating it as [n0*n1][n2]).
-void add_flat_range(hid_t space, const std::vector<hsize_t>& dims, hsize_t lo, hsize_t hi,
-                    bool& first) {
-  if (lo >= hi) return;
-  const int rank = static_cast<int>(dims.size());
-  if (rank == 1) {
-    hsize_t start = lo, count = hi - lo;
-    H5Sselect_hyperslab(space, first ? H5S_SELECT_SET : H5S_SELECT_OR, &start, nullptr, &count, nullptr);
-    first = false;
-    return;
-  }
-  const hsize_t cols = dims.back();
-  hsize_t rows_total = 1;
-  for (int i = 0; i + 1 < rank; ++i) rows_total *= dims[i];
-  auto add = [&](hsize_t row, hsize_t c0, hsize_t nrows, hsize_t ncols, bool& first) {  // NOLINT
-    // row in [0, rows_total) of the flattened leading dims
-    std::vector<hsize_t> start(rank, 0), count(rank, 1);
-    if (rank == 2) {
-      start[0] = row;
-      count[0] = nrows;
-    } else {  // rank 3: split rows over dims[0] x dims[1]; callers pass nrows within one dims[1] block
-      start[0] = row / dims[1];
-      start[1] = row % dims[1];
-      count[1] = nrows;
-    }
-    start[rank - 1] = c0;
-    count[rank - 1] = ncols;
-    H5Sselect_hyperslab(space, first ? H5S_SELECT_SET : H5S_SELECT_OR, start.data(), nullptr,
-                        count.data(), nullptr);
-    first = false;
-  };
-  hsize_t pos = lo;
-  while (pos < hi) {
-    const hsize_t row = pos / cols, c0 = pos % cols;
-    if (c0 != 0 || hi - pos < cols) {  // partial row
-      const hsize_t n = std::min(cols - c0, hi - pos);
-      add(row, c0, 1, n, first);
-      pos += n;
-    } else {  // full rows (for rank 3, within one block of dims[1] rows)
-      hsize_t nrows = (hi - pos) / cols;
-      if (rank == 3) nrows = std::min(nrows, dims[1] - row % dims[1]);
-      add(row, 0, nrows, cols, first);
-      pos += nrows * cols;
-    }
-  }
-  (void)rows_total;
-}
-void select_flat_range(hid_t space, const std::vector<hsize_t>& dims, hsize_t lo, hsize_t hi) {
-  H5Sselect_none(space);
-  bool first = true;
-  add_flat_range(space, dims, lo, hi, first);
-}
-
-struct Transfer {
-  Hid dxpl;
-  explicit Transfer(bool collective) : dxpl(H5Pcreate(H5P_DATASET_XFER), H5Pclose) {
-    H5Pset_dxpl_mpio(dxpl, collective ? H5FD_MPIO_COLLECTIVE : H5FD_MPIO_INDEPENDENT);
-  }
-};
 
 Hid open_file_parallel(const std::string& path, MPI_Comm comm, bool create) {
   Hid fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
@@ -299,12 +130,6 @@ Hid open_file_parallel(const std::string& path, MPI_Comm comm, bool create) {
   hid_t f = create ? H5Fcreate(path.c_str(), H5F_ACC_TRUNC, fcpl, fapl)
                    : H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl);
   return Hid(f, H5Fclose);
-}
-
-std::vector<hsize_t> dims_of(const std::vector<int>& shape) {
-  std::vector<hsize_t> d;
-  for (int s : shape) d.push_back(static_cast<hsize_t>(s));
-  return d;
 }
 
 /// One flat piece this rank owns: elements [lo, hi) of a tensor, at `mem` in host memory.
@@ -994,6 +819,7 @@ void save_checkpoint(const std::string& path, Model<S>& model, const AdamW<S>& o
                      const std::vector<std::vector<long long>>& tokens_per_expert,
                      const std::string& placement_history_json,
                      const std::vector<std::vector<double>>& expert_load_ema, const std::string& run_id) {
+  io::ErrorPrefix errors("examoe::checkpoint");  // of the HDF5 helpers
   Mesh& mesh = model.mesh();
   Communicator& comm = mesh.world();
   impl::CollectiveLabel label("checkpoint.write");
@@ -1050,6 +876,7 @@ void save_checkpoint(const std::string& path, Model<S>& model, const AdamW<S>& o
 }
 
 CheckpointInfo read_checkpoint_info(const std::string& path, MPI_Comm mpi_comm) {
+  io::ErrorPrefix errors("examoe::checkpoint");  // of the HDF5 helpers
   impl::CollectiveLabel label("checkpoint.read");
   auto comm = make_mpi_communicator(mpi_comm);
   H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
@@ -1155,6 +982,7 @@ CheckpointInfo read_checkpoint_info(const std::string& path, MPI_Comm mpi_comm) 
 template <class S>
 CheckpointInfo load_checkpoint(const std::string& path, Model<S>& model, AdamW<S>& opt,
                                const TrainConfig& cfg) {
+  io::ErrorPrefix errors("examoe::checkpoint");  // of the HDF5 helpers
   Communicator& comm = model.mesh().world();
   impl::CollectiveLabel label("checkpoint.read");
   CheckpointInfo info = read_checkpoint_info(path, comm.mpi_comm());

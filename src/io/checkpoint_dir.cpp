@@ -3,6 +3,7 @@
 // (include/examoe/checkpoint_dir.hpp, docs/checkpoint-format.md "The checkpoint directory").
 #include <examoe/checkpoint.hpp>
 #include <examoe/checkpoint_dir.hpp>
+#include <examoe/impl/agree.hpp>
 #include <examoe/error.hpp>
 #include <examoe/impl/random.hpp>
 
@@ -400,10 +401,7 @@ std::string RunCheckpoints::resolve_resume(const std::string& resume) {
     }
     path = latest_checkpoint(opt_.dir);
   }
-  int len = static_cast<int>(path.size());
-  comm_.broadcast(&len, sizeof len, 0);
-  path.resize(static_cast<std::size_t>(len));
-  comm_.broadcast(path.data(), path.size(), 0);
+  impl::broadcast_string(comm_, path, 0);
   if (path.empty())
     throw Error("examoe::train: --resume latest: no checkpoint step-<N>.h5 in '" + opt_.dir + "'");
   return path;

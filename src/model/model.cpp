@@ -132,6 +132,25 @@ Model<S>::Model(const ModelConfig& cfg, const ParallelConfig& par, Mesh& mesh, s
     moe_.push_back(std::make_unique<MoELayer<S>>(m, mesh_.ep_shared(), mesh_.world_shared()));
     moe_.back()->init_parameters(m.router.seed);
   }
+  for (int u = 0; u < F.num_units(); ++u) {
+    ParamSlot row;
+    row.owner = ParamSlot::Owner::fsdp_unit;
+    row.unit = u;
+    row.name = F.unit_name(u);
+    row.shape = {static_cast<int>(F.unit_numel(u))};
+    table_.push_back(row);
+  }
+  for (int l = 0; l < cfg_.n_layers; ++l)
+    for (ExpertTensor t : moe_[l]->expert_tensors()) {
+      const auto w = moe_[l]->weights(t);
+      ParamSlot row;
+      row.owner = ParamSlot::Owner::experts;
+      row.layer = l;
+      row.tensor = t;
+      row.name = "layer" + std::to_string(l) + "." + to_string(t);
+      row.shape = {E, static_cast<int>(w.extent(1)), static_cast<int>(w.extent(2))};
+      table_.push_back(row);
+    }
   const int nacts = par_.activation_checkpointing ? 1 : cfg_.n_layers;
   for (int i = 0; i < nacts; ++i) acts_.push_back(std::make_unique<Acts>());
   xin_.resize(cfg_.n_layers + 1);
@@ -219,6 +238,39 @@ template <class S>
 StepStats Model<S>::evaluate(const Batch& local, std::vector<int>* correct,
                              std::vector<float>* logits) {
   return run(local, 0, false, 0, correct, logits);
+}
+
+template <class S>
+int Model<S>::param_slot(int layer, ExpertTensor t) const {
+  for (std::size_t i = 0; i < table_.size(); ++i)
+    if (table_[i].owner == ParamSlot::Owner::experts && table_[i].layer == layer && table_[i].tensor == t)
+      return static_cast<int>(i);
+  throw Error("examoe::Model::param_slot: layer " + std::to_string(layer) + " has no expert tensor " + to_string(t));
+}
+
+template <class S>
+auto Model<S>::param_values(int i) const -> flat {
+  const ParamSlot& row = table_[i];
+  if (row.owner == ParamSlot::Owner::fsdp_unit) return flat(fsdp_->shard(row.unit).data(), fsdp_->shard_numel(row.unit));
+  const auto w = moe_[row.layer]->weights(row.tensor);
+  return flat(w.data(), w.size());
+}
+
+template <class S>
+auto Model<S>::param_grads(int i) const -> flat {
+  const ParamSlot& row = table_[i];
+  if (row.owner == ParamSlot::Owner::fsdp_unit)
+    return flat(fsdp_->shard_grad(row.unit).data(), fsdp_->shard_numel(row.unit));
+  const auto g = moe_[row.layer]->weight_grads(row.tensor);
+  return flat(g.data(), g.size());
+}
+
+template <class S>
+auto Model<S>::param_decay_mask(int i) const -> flat {
+  const ParamSlot& row = table_[i];
+  if (row.owner == ParamSlot::Owner::fsdp_unit)
+    return flat(fsdp_->shard_decay_mask(row.unit).data(), fsdp_->shard_numel(row.unit));
+  return flat();
 }
 
 template <class S>

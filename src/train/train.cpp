@@ -3,6 +3,8 @@
 #include <examoe/checkpoint.hpp>
 #include <examoe/checkpoint_dir.hpp>
 #include <examoe/error.hpp>
+#include <examoe/device.hpp>
+#include <examoe/impl/agree.hpp>
 #include <examoe/impl/fault.hpp>
 #include <examoe/impl/files.hpp>
 #include <examoe/impl/watchdog.hpp>
@@ -451,53 +453,9 @@ std::uint64_t config_hash(const TrainConfig& cfg) {
 
 namespace {
 void check_same_config(const TrainConfig& cfg, Communicator& c) {
-  Communicator* comm = &c;
-  // One allreduce: min over ranks of (h, ~h) gives the smallest and (complemented) largest hash.
-  const std::uint64_t h = config_hash(cfg);
-  std::uint64_t mm[2] = {h, ~h};
-  MPI_Allreduce(MPI_IN_PLACE, mm, 2, MPI_UINT64_T, MPI_MIN, comm->mpi_comm());
-  if (mm[0] == ~mm[1]) return;
-  // They differ: rank 0's values go to every rank, each rank lists its differing keys, and
-  // every rank learns every rank's list.
-  nlohmann::json mine = nlohmann::json::object();
-  for (const auto& k : config_keys()) mine[k.name] = k.get(cfg);
-  std::string root = mine.dump();
-  int len = static_cast<int>(root.size());
-  comm->broadcast(&len, sizeof len, 0);
-  root.resize(static_cast<std::size_t>(len));
-  comm->broadcast(root.data(), root.size(), 0);
-  const nlohmann::json ref = nlohmann::json::parse(root);
-  std::string diff;
-  int ndiff = 0;
-  for (const auto& k : config_keys()) {
-    const std::string a = ref.value(k.name, std::string()), b = k.get(cfg);
-    if (a == b) continue;
-    if (++ndiff <= 6)
-      diff += std::string(diff.empty() ? "" : ", ") + k.name + " = " + clip_text(b, 40) + " (rank 0: " + clip_text(a, 40) + ")";
-  }
-  if (ndiff > 6) diff += " and " + std::to_string(ndiff - 6) + " more keys";
-  const int P = comm->size();
-  std::vector<int> lens(P), displs(P);
-  int n = static_cast<int>(diff.size());
-  MPI_Allgather(&n, 1, MPI_INT, lens.data(), 1, MPI_INT, comm->mpi_comm());
-  int total = 0;
-  for (int r = 0; r < P; ++r) {
-    displs[r] = total;
-    total += lens[r];
-  }
-  std::string all(static_cast<std::size_t>(total), '\0');
-  MPI_Allgatherv(diff.data(), n, MPI_CHAR, all.data(), lens.data(), displs.data(), MPI_CHAR, comm->mpi_comm());
-  std::string msg = "examoe::train: the config differs between ranks (every rank must pass the same config): ";
-  int listed = 0, ranks = 0;
-  for (int r = 0; r < P; ++r) {
-    if (lens[r] == 0) continue;
-    ++ranks;
-    if (++listed <= 8)
-      msg += std::string(listed > 1 ? "; " : "") + "rank " + std::to_string(r) + " has " +
-             all.substr(static_cast<std::size_t>(displs[r]), static_cast<std::size_t>(lens[r]));
-  }
-  if (ranks > 8) msg += "; and " + std::to_string(ranks - 8) + " more ranks";
-  throw Error(msg);
+  std::vector<impl::NamedValue> fields;
+  for (const auto& k : config_keys()) fields.push_back({k.name, k.get(cfg)});
+  impl::check_same_on_every_rank(c, fields, "examoe::train", "config");
 }
 }  // namespace
 
@@ -548,11 +506,7 @@ std::size_t memory_limit_bytes(const std::string& setting, MPI_Comm comm, std::s
   const double phys = pages > 0 && page > 0 ? static_cast<double>(pages) * static_cast<double>(page) : 0.0;
   const double cg = cgroup_memory_limit();
   const double node = cg > 0 && (phys <= 0 || cg < phys) ? cg : phys;
-  MPI_Comm shared = MPI_COMM_NULL;
-  MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &shared);
-  int local = 1;
-  MPI_Comm_size(shared, &local);
-  MPI_Comm_free(&shared);
+  const int local = node_local(comm).size;
   if (node <= 0) {
     if (how) *how = "train.memory_limit = auto, but the physical memory is unknown: not checked";
     return 0;
@@ -706,26 +660,16 @@ CommOptions comm_options(const ParallelConfig& p) {
   return o;
 }
 
-/// Registers every parameter with the optimizer: the dense unit shards first, then per layer
-/// w1, w2 (and w3 for SwiGLU), also where this rank owns no expert (the checkpoint code relies
-/// on this order). Returns the expert gradient views (for the global norm).
+/// Registers every row of the model's parameter table with the optimizer (AdamW tensor i is
+/// row i), also where this rank owns no expert. Returns the expert gradient views (for the
+/// global norm), in table order.
 template <class S>
 std::vector<typename AdamW<S>::vector> register_parameters(Model<S>& model, AdamW<S>& opt) {
-  using U = typename AdamW<S>::vector;
-  auto& F = model.fsdp();
-  for (int u = 0; u < F.num_units(); ++u)
-    opt.add(U(F.shard(u).data(), F.shard_numel(u)), U(F.shard_grad(u).data(), F.shard_numel(u)),
-            U(F.shard_decay_mask(u).data(), F.shard_numel(u)), true);
-  std::vector<U> expert_grads;
-  for (int l = 0; l < model.n_layers(); ++l) {
-    auto& m = model.moe(l);
-    const std::pair<typename MoELayer<S>::tensor3, typename MoELayer<S>::tensor3> pg[] = {
-        {m.w1(), m.w1_grad()}, {m.w2(), m.w2_grad()}, {m.w3(), m.w3_grad()}};
-    for (int t = 0; t < (model.config().activation == Activation::swiglu ? 3 : 2); ++t) {
-      const auto& [p, g] = pg[t];
-      opt.add(U(p.data(), p.size()), U(g.data(), g.size()), U(), true);
-      expert_grads.emplace_back(g.data(), g.size());
-    }
+  std::vector<typename AdamW<S>::vector> expert_grads;
+  const auto& table = model.param_table();
+  for (int i = 0; i < static_cast<int>(table.size()); ++i) {
+    opt.add(model.param_values(i), model.param_grads(i), model.param_decay_mask(i), table[i].decay);
+    if (table[i].owner == ParamSlot::Owner::experts) expert_grads.push_back(model.param_grads(i));
   }
   return expert_grads;
 }
@@ -853,24 +797,22 @@ TrainResult run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
   // weights and AdamW moments move with their expert. Outputs do not depend on placement.
   std::vector<std::vector<double>> load_ema(model.n_layers(), std::vector<double>(cfg.model.num_experts, 0.0));
   bool have_ema = false;  // load_ema holds an average (from training or a checkpoint)
-  const int tensors_per_layer = cfg.model.activation == Activation::swiglu ? 3 : 2;
   /// Moves layer l's experts (weights and AdamW moments) to `np`; returns the old owners.
   auto move_layer = [&](int l, const Placement& np) {
     auto& m = model.moe(l);
     std::vector<int> old_owner = m.placement().owners();
+    std::vector<int> slots;
+    for (ExpertTensor t : m.expert_tensors()) slots.push_back(model.param_slot(l, t));
     std::vector<typename MoELayer<S>::flat_vector> state;
-    const int base = F.num_units() + l * tensors_per_layer;
-    for (int t = 0; t < tensors_per_layer; ++t) {
-      state.push_back(opt.m(base + t));
-      state.push_back(opt.v(base + t));
+    for (int i : slots) {
+      state.push_back(opt.m(i));
+      state.push_back(opt.v(i));
     }
     m.set_placement(np, state);
-    const std::pair<typename MoELayer<S>::tensor3, typename MoELayer<S>::tensor3> pg[] = {
-        {m.w1(), m.w1_grad()}, {m.w2(), m.w2_grad()}, {m.w3(), m.w3_grad()}};
-    for (int t = 0; t < tensors_per_layer; ++t) {
-      const auto& [p, g] = pg[t];
-      opt.rebind(base + t, U(p.data(), p.size()), U(g.data(), g.size()), state[2 * t], state[2 * t + 1]);
-      expert_grads[l * tensors_per_layer + t] = U(g.data(), g.size());
+    for (std::size_t t = 0; t < slots.size(); ++t) {
+      const int i = slots[t];
+      opt.rebind(i, model.param_values(i), model.param_grads(i), state[2 * t], state[2 * t + 1]);
+      expert_grads[l * slots.size() + t] = model.param_grads(i);
     }
     return old_owner;
   };

@@ -10,6 +10,15 @@ namespace examoe {
 
 std::string to_string(Activation a) { return a == Activation::gelu ? "gelu" : "swiglu"; }
 
+const char* to_string(ExpertTensor t) {
+  switch (t) {
+    case ExpertTensor::w1: return "w1";
+    case ExpertTensor::w2: return "w2";
+    case ExpertTensor::w3: return "w3";
+  }
+  return "?";
+}
+
 Activation activation_from_string(const std::string& s) {
   if (s == "gelu") return Activation::gelu;
   if (s == "swiglu") return Activation::swiglu;
