@@ -55,7 +55,7 @@ int main(int argc, char** argv) {
   int any_failed = 0;
   MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
   if (rank == 0 && any_failed && !failed)
-    std::fprintf(stderr, "examoe_tests: a test failed on another rank (see [rank N] lines)\n");
+    std::fprintf(stderr, "examoe test: a test failed on another rank (see [rank N] lines)\n");
 
   if (own_kokkos) Kokkos::finalize();
   MPI_Finalize();

@@ -38,7 +38,7 @@ cmake --build build-cuda -j 16 > "$OUT/build.txt" 2>&1 || { grep -B2 -A8 error "
 
 log "tests"
 timeout 300 ctest --test-dir build-cuda --output-on-failure \
-  -R '^(placement\.np1|layer\.np1|gradcheck\.np1|errors\.np1|comm\.np1|train\.np1|ragged\.np1|nccl\.device\.np1)$' \
+  -R '^(placement|kernels|dense|layer|gradcheck|errors|comm|train|ragged|nccl\.device)\.np1$' \
   2>&1 | tee "$OUT/ctest.txt"
 
 log "bench"
