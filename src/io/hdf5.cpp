@@ -91,6 +91,14 @@ std::string read_attr_string(hid_t obj, const char* name) {
 Hid make_group(hid_t parent, const std::string& name) {
   return Hid(need(H5Gcreate2(parent, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create group " + name), H5Gclose);
 }
+Hid open_group(hid_t parent, const std::string& name) {
+  if (H5Lexists(parent, name.c_str(), H5P_DEFAULT) <= 0) fail("group '" + name + "' is missing");
+  return Hid(need(H5Gopen2(parent, name.c_str(), H5P_DEFAULT), "cannot open group '" + name + "'"), H5Gclose);
+}
+Hid open_dataset(hid_t parent, const std::string& name) {
+  if (H5Lexists(parent, name.c_str(), H5P_DEFAULT) <= 0) fail("dataset '" + name + "' is missing");
+  return Hid(need(H5Dopen2(parent, name.c_str(), H5P_DEFAULT), "cannot open dataset '" + name + "'"), H5Dclose);
+}
 
 /// Selects the flat (row-major) element range [lo, hi) of a dataspace of rank 1..3 as a
 /// union of hyperslabs (at most one partial row, one block of full rows, one partial row,
