@@ -123,7 +123,7 @@ void write_metadata(hid_t f, Model<S>& model, const AdamW<S>& opt, const TrainCo
     d2 = Hid(need(H5Dcreate2(f, "tokens_per_expert", H5T_NATIVE_LLONG, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create tokens_per_expert"), H5Dclose);
     d3 = Hid(need(H5Dcreate2(f, "expert_load_ema", H5T_NATIVE_DOUBLE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create expert_load_ema"), H5Dclose);
   });
-  Transfer t(false);  // independent (rank 0 writes): see io_dataset
+  Transfer t(false);  // independent (rank 0 writes): see write_dataset (checkpoint_tensors.cpp)
   Hid ms(H5Screate_simple(2, dims, nullptr), H5Sclose);
   Hid fs(H5Scopy(sp), H5Sclose);
   if (comm.rank() != 0) {
