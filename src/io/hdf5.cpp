@@ -114,10 +114,8 @@ void add_flat_range(hid_t space, const std::vector<hsize_t>& dims, hsize_t lo, h
     return;
   }
   const hsize_t cols = dims.back();
-  hsize_t rows_total = 1;
-  for (int i = 0; i + 1 < rank; ++i) rows_total *= dims[i];
   auto add = [&](hsize_t row, hsize_t c0, hsize_t nrows, hsize_t ncols, bool& first) {  // NOLINT
-    // row in [0, rows_total) of the flattened leading dims
+    // row: a row of the leading dimensions flattened ([n0*n1] for rank 3)
     std::vector<hsize_t> start(rank, 0), count(rank, 1);
     if (rank == 2) {
       start[0] = row;
@@ -147,7 +145,6 @@ void add_flat_range(hid_t space, const std::vector<hsize_t>& dims, hsize_t lo, h
       pos += nrows * cols;
     }
   }
-  (void)rows_total;
 }
 void select_flat_range(hid_t space, const std::vector<hsize_t>& dims, hsize_t lo, hsize_t hi) {
   H5Sselect_none(space);
