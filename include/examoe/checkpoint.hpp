@@ -38,8 +38,9 @@ struct CheckpointInfo {
 /// parameters from their FSDP shards, experts as [E][...] from their owners, AdamW moments in
 /// the same layout, config, step, placement and cumulative tokens per expert. Written to
 /// `path + ".tmp"` and renamed only when complete: an existing file is never damaged.
-/// `opt` must hold the dense unit shards first, then per layer the expert tensors w1, w2(, w3),
-/// as the trainer registers them. `run_id` goes into the header ("" = none).
+/// `opt` holds one tensor per row of `model.param_table()` (AdamW tensor i is row i: the
+/// dense units, then per layer the expert tensors w1, w2(, w3)), as the trainer registers
+/// them; each row is one dataset per group. `run_id` goes into the header ("" = none).
 /// Refused before anything is written (examoe::Error on every rank) when a parameter or
 /// moment is not finite or a second moment is negative (find_bad_checkpoint_state). A failed
 /// write (disk full, I/O error) is agreed by every rank and names the cause the file system

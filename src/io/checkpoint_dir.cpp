@@ -7,6 +7,8 @@
 #include <examoe/error.hpp>
 #include <examoe/impl/random.hpp>
 
+#include "io/checkpoint_dir_scan.hpp"
+
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -29,36 +31,12 @@ namespace examoe {
 
 namespace {
 
-constexpr char kLockName[] = "examoe.lock";
+using io::DirEntryKind;
+constexpr const char* kLockName = io::kCheckpointLockName;
 
 bool is_dir(const std::string& p) {
   struct stat st;
   return ::stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
-}
-
-/// The step of a checkpoint name "step-<digits>.h5" + `suffix` (at least 8 digits), or -1.
-long long step_of_name(const std::string& name, const std::string& suffix) {
-  const std::string head = "step-", tail = ".h5" + suffix;
-  if (name.size() < head.size() + 8 + tail.size() || name.compare(0, head.size(), head) != 0 ||
-      name.compare(name.size() - tail.size(), tail.size(), tail) != 0)
-    return -1;
-  const std::string digits = name.substr(head.size(), name.size() - head.size() - tail.size());
-  if (digits.size() > 18 || digits.find_first_not_of("0123456789") != std::string::npos) return -1;
-  return std::stoll(digits);
-}
-
-/// Names in `dir` (no "." or ".."); empty if it cannot be read.
-std::vector<std::string> names_in(const std::string& dir) {
-  std::vector<std::string> out;
-  if (DIR* d = ::opendir(dir.c_str())) {
-    while (dirent* e = ::readdir(d)) {
-      const std::string n = e->d_name;
-      if (n != "." && n != "..") out.push_back(n);
-    }
-    ::closedir(d);
-  }
-  std::sort(out.begin(), out.end());
-  return out;
 }
 
 void make_dirs(const std::string& dir) {
@@ -143,6 +121,43 @@ std::string now_text() {
 
 }  // namespace
 
+// ------------------------------------------------------------------ the scanner
+
+io::DirEntry io::classify_dir_entry(const std::string& name) {
+  DirEntry e;
+  e.name = name;
+  if (name == kCheckpointLockName) {
+    e.kind = DirEntryKind::lock;
+    return e;
+  }
+  const std::string head = "step-", h5 = ".h5", tmp = ".h5.tmp";
+  const bool temporary = name.size() >= tmp.size() && name.compare(name.size() - tmp.size(), tmp.size(), tmp) == 0;
+  const std::string& tail = temporary ? tmp : h5;
+  if (name.size() < head.size() + 8 + tail.size() || name.compare(0, head.size(), head) != 0 ||
+      name.compare(name.size() - tail.size(), tail.size(), tail) != 0)
+    return e;
+  const std::string digits = name.substr(head.size(), name.size() - head.size() - tail.size());
+  if (digits.size() > 18 || digits.find_first_not_of("0123456789") != std::string::npos) return e;
+  e.kind = temporary ? DirEntryKind::temporary : DirEntryKind::checkpoint;
+  e.step = std::stoll(digits);
+  return e;
+}
+
+std::vector<io::DirEntry> io::scan_checkpoint_dir(const std::string& dir) {
+  std::vector<std::string> names;
+  if (DIR* d = ::opendir(dir.c_str())) {
+    while (dirent* e = ::readdir(d)) {
+      const std::string n = e->d_name;
+      if (n != "." && n != "..") names.push_back(n);
+    }
+    ::closedir(d);
+  }
+  std::sort(names.begin(), names.end());
+  std::vector<DirEntry> out;
+  for (const auto& n : names) out.push_back(classify_dir_entry(n));
+  return out;
+}
+
 // ------------------------------------------------------------------ names, pruning
 
 std::string checkpoint_path(const std::string& dir, long long step) {
@@ -153,10 +168,8 @@ std::string checkpoint_path(const std::string& dir, long long step) {
 
 std::vector<std::pair<long long, std::string>> list_checkpoints(const std::string& dir) {
   std::vector<std::pair<long long, std::string>> all;
-  for (const auto& n : names_in(dir)) {
-    const long long s = step_of_name(n, "");
-    if (s >= 0) all.emplace_back(s, dir + "/" + n);
-  }
+  for (const auto& e : io::scan_checkpoint_dir(dir))
+    if (e.kind == DirEntryKind::checkpoint) all.emplace_back(e.step, dir + "/" + e.name);
   std::sort(all.rbegin(), all.rend());
   return all;
 }
@@ -181,9 +194,9 @@ std::string new_run_id() {
 
 IncompleteCheckpoints remove_incomplete_checkpoints(const std::string& dir, bool remove, const std::string& why_kept) {
   IncompleteCheckpoints r;
-  for (const auto& n : names_in(dir)) {
-    if (step_of_name(n, ".tmp") < 0) continue;
-    const std::string p = dir + "/" + n;
+  for (const auto& e : io::scan_checkpoint_dir(dir)) {
+    if (e.kind != DirEntryKind::temporary) continue;
+    const std::string p = dir + "/" + e.name;
     struct stat st;
     if (::lstat(p.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;  // not a file a write left
     if (!remove) r.kept.emplace_back(p, why_kept);
@@ -234,7 +247,7 @@ std::string output_conflict(const std::string& path, const std::vector<std::pair
     struct stat sp, sd;
     if (::stat(parent.c_str(), &sp) == 0 && ::stat(checkpoint_dir.c_str(), &sd) == 0 && sp.st_dev == sd.st_dev &&
         sp.st_ino == sd.st_ino &&
-        (step_of_name(base, "") >= 0 || step_of_name(base, ".tmp") >= 0 || base == kLockName))
+        io::classify_dir_entry(base).kind != DirEntryKind::other)
       return "'" + path + "' is a name the run's checkpoints use in checkpoint.dir '" + checkpoint_dir +
              "' (step-<N>.h5, step-<N>.h5.tmp, " + kLockName + ")";
   }

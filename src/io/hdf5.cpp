@@ -91,6 +91,14 @@ std::string read_attr_string(hid_t obj, const char* name) {
 Hid make_group(hid_t parent, const std::string& name) {
   return Hid(need(H5Gcreate2(parent, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create group " + name), H5Gclose);
 }
+Hid open_group(hid_t parent, const std::string& name) {
+  if (H5Lexists(parent, name.c_str(), H5P_DEFAULT) <= 0) fail("group '" + name + "' is missing");
+  return Hid(need(H5Gopen2(parent, name.c_str(), H5P_DEFAULT), "cannot open group '" + name + "'"), H5Gclose);
+}
+Hid open_dataset(hid_t parent, const std::string& name) {
+  if (H5Lexists(parent, name.c_str(), H5P_DEFAULT) <= 0) fail("dataset '" + name + "' is missing");
+  return Hid(need(H5Dopen2(parent, name.c_str(), H5P_DEFAULT), "cannot open dataset '" + name + "'"), H5Dclose);
+}
 
 /// Selects the flat (row-major) element range [lo, hi) of a dataspace of rank 1..3 as a
 /// union of hyperslabs (at most one partial row, one block of full rows, one partial row,
@@ -106,10 +114,8 @@ void add_flat_range(hid_t space, const std::vector<hsize_t>& dims, hsize_t lo, h
     return;
   }
   const hsize_t cols = dims.back();
-  hsize_t rows_total = 1;
-  for (int i = 0; i + 1 < rank; ++i) rows_total *= dims[i];
   auto add = [&](hsize_t row, hsize_t c0, hsize_t nrows, hsize_t ncols, bool& first) {  // NOLINT
-    // row in [0, rows_total) of the flattened leading dims
+    // row: a row of the leading dimensions flattened ([n0*n1] for rank 3)
     std::vector<hsize_t> start(rank, 0), count(rank, 1);
     if (rank == 2) {
       start[0] = row;
@@ -139,7 +145,6 @@ void add_flat_range(hid_t space, const std::vector<hsize_t>& dims, hsize_t lo, h
       pos += nrows * cols;
     }
   }
-  (void)rows_total;
 }
 void select_flat_range(hid_t space, const std::vector<hsize_t>& dims, hsize_t lo, hsize_t hi) {
   H5Sselect_none(space);

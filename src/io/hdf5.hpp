@@ -106,6 +106,10 @@ T read_attr(hid_t obj, const char* name, hid_t type) {
 }
 
 Hid make_group(hid_t parent, const std::string& name);
+/// Group `name` of `parent`: fails "group 'NAME' is missing" or "cannot open group 'NAME'".
+Hid open_group(hid_t parent, const std::string& name);
+/// Dataset `name` of `parent`: fails "dataset 'NAME' is missing" or "cannot open dataset 'NAME'".
+Hid open_dataset(hid_t parent, const std::string& name);
 
 /// Adds the flat (row-major) element range [lo, hi) of a dataspace of rank 1..3 to its
 /// selection (`first`: replaces it, and is cleared).
