@@ -202,7 +202,7 @@ int run(const BenchOptions& o) {
   cfg.router.temperature = o.temperature;
   cfg.router.seed = o.seed;
   CommOptions copts;
-  copts.backend = o.comm;
+  copts.backend = comm_backend_from_string(o.comm);  // one of its spellings (checked by CLI11)
   MoELayer<S> layer(cfg, comm, MPI_COMM_NULL, copts);
 
   Mat<S> x("examoe::bench::x", o.tokens, o.d_model), out("examoe::bench::out", o.tokens, o.d_model);

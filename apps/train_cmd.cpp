@@ -3,6 +3,7 @@
 #include "train_cmd.hpp"
 
 #include <examoe/error.hpp>
+#include <examoe/impl/agree.hpp>
 #include <examoe/impl/files.hpp>
 #include <examoe/train.hpp>
 
@@ -80,8 +81,9 @@ int run_train(CLI::App& app, const TrainCli& cli) {
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   auto* sub = app.get_subcommand("train");
   TrainConfig cfg;
-  std::string err;
-  try {
+  // Same arguments on every rank, so the same error; agreed anyway (no rank may hang).
+  auto comm = make_mpi_communicator(MPI_COMM_WORLD);
+  impl::agree(*comm, [&] {
     const std::vector<std::string> extra = sub->remaining();
     if (!extra.empty()) {
       const std::string& a = extra.front();
@@ -98,12 +100,7 @@ int run_train(CLI::App& app, const TrainCli& cli) {
       if (sub->count("--" + k.name) > 0) k.set(cfg, cli.values.at(k.name));
     if (!cli.data.empty()) cfg.data.path = cli.data;
     if (!cli.resume.empty()) cfg.checkpoint.resume = cli.resume;
-  } catch (const Error& e) {
-    err = e.what();
-  }
-  // Same arguments on every rank, so the same error; agree anyway (no rank may hang).
-  auto comm = make_mpi_communicator(MPI_COMM_WORLD);
-  throw_if_any(*comm, err);
+  });
   if (cli.print_config) {
     if (rank == 0) {
       std::cout << "{\n";

@@ -456,7 +456,7 @@ TEST(TrainCheckpointDir, NonFiniteWeightsAreNeverWrittenAsTheLastGoodState) {
   c.train.lr = 1e39;
   c.train.min_lr = 0;
   c.train.warmup = 0;
-  c.train.nonfinite = "stop";
+  c.train.nonfinite = examoe::NonfinitePolicy::stop;
   const auto r = examoe::train(c, MPI_COMM_WORLD, nullptr);
   EXPECT_TRUE(r.stopped_nonfinite);
   EXPECT_EQ(r.last_step, 2);

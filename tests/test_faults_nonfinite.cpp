@@ -173,7 +173,7 @@ TEST(FaultsNonfinite, SkippedStepChangesNothingAndTheRunGoesOnExactly) {
   // (bitwise the clean run's after step 3), then --resume latest continues as the skip run.
   auto cs = tiny(dir + "/s");
   cs.train.steps = 6;
-  cs.train.nonfinite = "stop";
+  cs.train.nonfinite = examoe::NonfinitePolicy::stop;
   examoe::TrainResult s;
   {
     FaultEnv env("inf:step=4:where=loss");
@@ -198,7 +198,7 @@ TEST(FaultsNonfinite, SkippedStepChangesNothingAndTheRunGoesOnExactly) {
   // --resume latest ignores (and removes) the incomplete file and continues as the skip run.
   EXPECT_EQ(examoe::latest_checkpoint(dir + "/s"), s.last_checkpoint);
   auto cs2 = cs;
-  cs2.train.nonfinite = "skip";
+  cs2.train.nonfinite = examoe::NonfinitePolicy::skip;
   cs2.checkpoint.resume = "latest";
   const auto s2 = examoe::train(cs2, MPI_COMM_WORLD, nullptr);
   EXPECT_EQ(s2.first_step, 4);

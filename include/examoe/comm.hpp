@@ -31,7 +31,7 @@ std::size_t size_of(DataType t);
 enum class Memory { host, device };
 
 /// The collectives ExaMoE needs, behind one interface, with two implementations: MPI
-/// (`MpiCommunicator`) and NCCL (`make_communicator` with backend "nccl", when built with
+/// (`MpiCommunicator`) and NCCL (`make_communicator` with CommBackend::nccl, when built with
 /// ExaMoE_ENABLE_NCCL).
 ///
 /// Two tiers:
@@ -140,15 +140,27 @@ class MpiCommunicator final : public Communicator {
 
 std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm);
 
-/// How to build a communicator (`parallel.comm`, `parallel.gpu_aware_mpi`).
+/// The collectives backend (`parallel.comm`). automatic: NCCL when this build has it and the
+/// data lives in device memory, MPI otherwise.
+enum class CommBackend { automatic, mpi, nccl };
+/// Whether MPI may be handed device buffers (`parallel.gpu_aware_mpi`). automatic asks the MPI
+/// library (MPIX_Query_cuda_support, MPICH and Open MPI); no: device buffers are staged through
+/// host memory (only the rows that leave the rank).
+enum class GpuAwareMpi { automatic, yes, no };
+
+/// The config spellings: "auto", "mpi", "nccl".
+std::string to_string(CommBackend b);
+/// The config spellings: "auto", "true", "false".
+std::string to_string(GpuAwareMpi g);
+/// Parses a config spelling; throws examoe::Error (not collective) for any other text.
+CommBackend comm_backend_from_string(const std::string& s);
+GpuAwareMpi gpu_aware_mpi_from_string(const std::string& s);
+
+/// How to build a communicator (`parallel.comm`, `parallel.gpu_aware_mpi`): one options struct,
+/// parsed once where the config is read.
 struct CommOptions {
-  /// "auto", "mpi" or "nccl". auto: NCCL when this build has it and the data lives in device
-  /// memory, MPI otherwise.
-  std::string backend = "auto";
-  /// "auto", "true" or "false": whether MPI may be handed device buffers. auto asks the MPI
-  /// library (MPIX_Query_cuda_support, MPICH and Open MPI); otherwise device buffers are staged
-  /// through host memory (only the rows that leave the rank).
-  std::string gpu_aware_mpi = "auto";
+  CommBackend backend = CommBackend::automatic;
+  GpuAwareMpi gpu_aware_mpi = GpuAwareMpi::automatic;
 };
 
 /// Whether this build of ExaMoE has the NCCL backend (ExaMoE_ENABLE_NCCL).
@@ -156,14 +168,14 @@ bool have_nccl();
 /// Whether the MPI library reports CUDA-aware support at run time (false when it cannot tell).
 bool mpi_reports_cuda_support();
 /// The backend `opts.backend` resolves to ("mpi" or "nccl") for data in device memory or not.
-/// Throws examoe::Error (not collective) for an unknown name, or "nccl" without NCCL or device
-/// data.
+/// Throws examoe::Error (not collective) for nccl without NCCL or without device data.
 std::string resolve_backend(const CommOptions& opts, bool device_data);
 
 /// Builds a communicator over a duplicate of `comm`. `stream` is the native stream of the
 /// execution-space instance the device collectives must be ordered on (cudaStream_t for CUDA,
 /// nullptr elsewhere); `device_data` tells whether the caller's views live in device memory.
-/// Collective over `comm`: errors (unknown backend, NCCL init failure) are thrown on every rank.
+/// Collective over `comm`: errors (nccl where it cannot run, ranks that chose different
+/// backends, NCCL init failure) are thrown on every rank.
 std::unique_ptr<Communicator> make_communicator(MPI_Comm comm, const CommOptions& opts,
                                                 bool device_data, void* stream = nullptr);
 

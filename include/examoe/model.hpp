@@ -34,8 +34,10 @@ struct ParallelConfig {
   int ep = 0;                         ///< expert-parallel degree; 0 = world size (dp = 1)
   bool reshard_after_forward = true;  ///< FSDP: free gathered units after their forward
   bool activation_checkpointing = false;  ///< recompute each block in backward
-  std::string comm = "auto";           ///< collectives backend: auto, mpi or nccl
-  std::string gpu_aware_mpi = "auto";  ///< MPI takes GPU buffers: auto, true or false
+  CommBackend comm = CommBackend::automatic;            ///< collectives backend: auto, mpi or nccl
+  GpuAwareMpi gpu_aware_mpi = GpuAwareMpi::automatic;  ///< MPI takes GPU buffers: auto, true or false
+  /// The options of the communicators built from this config.
+  CommOptions comm_options() const { return {comm, gpu_aware_mpi}; }
   /// Deadline of every collective while training (s); a collective that misses it is reported
   /// (label, ranks that did not arrive) and the job aborted. 0 = off (blocking MPI calls).
   double watchdog_seconds = 600;

@@ -13,6 +13,15 @@
 
 namespace examoe {
 
+/// What a step whose loss or gradient is NaN/Inf on any rank does (`train.nonfinite`): skip
+/// its update (weights, AdamW moments and step count stay as they were), or write a checkpoint
+/// of the last good state and stop.
+enum class NonfinitePolicy { skip, stop };
+/// The config spellings: "skip", "stop".
+std::string to_string(NonfinitePolicy p);
+/// Parses a config spelling; throws examoe::Error (not collective) for any other text.
+NonfinitePolicy nonfinite_policy_from_string(const std::string& s);
+
 struct TrainOptions {
   int steps = 3000;
   int batch = 32;           ///< global batch, sequences per step (split over all ranks)
@@ -22,9 +31,8 @@ struct TrainOptions {
   double clip = 1.0;        ///< global gradient-norm clip (0 = off)
   std::uint64_t seed = 1;
   std::string precision = "float";  ///< float or double
-  /// A step whose loss or gradient is NaN/Inf on any rank: "skip" its update (weights, AdamW
-  /// moments and step count stay as they were) or "stop" (checkpoint, then stop).
-  std::string nonfinite = "skip";
+  /// A step whose loss or gradient is NaN/Inf on any rank: skip its update or stop.
+  NonfinitePolicy nonfinite = NonfinitePolicy::skip;
   int max_skipped = 10;     ///< stop (with a checkpoint) after this many skipped steps in a row
   /// Memory a rank may use: "auto" (physical memory, or the cgroup limit if lower, shared by
   /// the ranks on the node), "off" (no check), or a size per rank such as "8GiB", "512MiB",
@@ -87,6 +95,8 @@ std::uint64_t config_hash(const TrainConfig& cfg);
 /// differ, every rank throws examoe::Error naming, per differing rank, the keys whose values
 /// differ from rank 0's. Called by train() before any other collective.
 void check_same_config(const TrainConfig& cfg, MPI_Comm comm);
+/// The same over an existing communicator.
+void check_same_config(const TrainConfig& cfg, Communicator& comm);
 
 /// Parses a memory size: "8GiB", "512MiB", "1.5GB", "4G" (binary), "2e9" (bytes). Returns
 /// false for anything else (including negative or non-finite sizes).

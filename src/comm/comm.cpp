@@ -1,6 +1,7 @@
 #include <examoe/comm.hpp>
 #include <examoe/config.hpp>
 #include <examoe/error.hpp>
+#include <examoe/impl/agree.hpp>
 #include <examoe/impl/nccl_comm.hpp>
 #include <examoe/impl/watchdog.hpp>
 
@@ -228,27 +229,57 @@ bool mpi_reports_cuda_support() {
 #endif
 }
 
+std::string to_string(CommBackend b) {
+  switch (b) {
+    case CommBackend::mpi: return "mpi";
+    case CommBackend::nccl: return "nccl";
+    case CommBackend::automatic: break;
+  }
+  return "auto";
+}
+
+std::string to_string(GpuAwareMpi g) {
+  switch (g) {
+    case GpuAwareMpi::yes: return "true";
+    case GpuAwareMpi::no: return "false";
+    case GpuAwareMpi::automatic: break;
+  }
+  return "auto";
+}
+
+CommBackend comm_backend_from_string(const std::string& s) {
+  for (CommBackend b : {CommBackend::automatic, CommBackend::mpi, CommBackend::nccl})
+    if (s == to_string(b)) return b;
+  throw Error("examoe::comm_backend_from_string: unknown communication backend '" + clip_for_message(s) +
+              "' (expected auto, mpi or nccl)");
+}
+
+GpuAwareMpi gpu_aware_mpi_from_string(const std::string& s) {
+  for (GpuAwareMpi g : {GpuAwareMpi::automatic, GpuAwareMpi::yes, GpuAwareMpi::no})
+    if (s == to_string(g)) return g;
+  throw Error("examoe::gpu_aware_mpi_from_string: gpu_aware_mpi must be auto, true or false, not '" +
+              clip_for_message(s) + "'");
+}
+
 std::string resolve_backend(const CommOptions& opts, bool device_data) {
-  const std::string& b = opts.backend;
-  if (b == "mpi") return b;
-  if (b == "auto") return have_nccl() && device_data ? "nccl" : "mpi";
-  if (b != "nccl")
-    throw Error("examoe: unknown communication backend '" + b + "' (expected auto, mpi or nccl)");
+  switch (opts.backend) {
+    case CommBackend::mpi: return "mpi";
+    case CommBackend::automatic: return have_nccl() && device_data ? "nccl" : "mpi";
+    case CommBackend::nccl: break;
+  }
   if (!have_nccl())
     throw Error("examoe: the nccl backend was requested but this ExaMoE was built without NCCL "
                 "(configure with -DExaMoE_ENABLE_NCCL=ON and a CUDA-enabled Kokkos)");
   if (!device_data)
     throw Error("examoe: the nccl backend needs data in GPU memory, but this build's Kokkos "
                 "execution space keeps it in host memory (use --parallel.comm mpi)");
-  return b;
+  return "nccl";
 }
 
 namespace {
-bool resolve_gpu_aware(const std::string& v) {
-  if (v == "true") return true;
-  if (v == "false") return false;
-  if (v == "auto") return mpi_reports_cuda_support();
-  throw Error("examoe: gpu_aware_mpi must be auto, true or false, not '" + v + "'");
+bool resolve_gpu_aware(GpuAwareMpi g) {
+  if (g == GpuAwareMpi::automatic) return mpi_reports_cuda_support();
+  return g == GpuAwareMpi::yes;
 }
 }  // namespace
 
@@ -257,15 +288,9 @@ std::unique_ptr<Communicator> make_communicator(MPI_Comm comm, const CommOptions
   // Resolve locally, then agree, so a bad option (or one that differs between ranks) is an
   // error on every rank before any backend is built.
   auto mpi = std::make_unique<MpiCommunicator>(comm);
-  std::string err, backend;
-  bool gpu_aware = false;
-  try {
-    backend = resolve_backend(opts, device_data);
-    gpu_aware = device_data && resolve_gpu_aware(opts.gpu_aware_mpi);
-  } catch (const Error& e) {
-    err = e.what();
-  }
-  throw_if_any(*mpi, err);
+  const std::string backend = impl::agree(*mpi, [&] { return resolve_backend(opts, device_data); });
+  const bool gpu_aware = device_data && resolve_gpu_aware(opts.gpu_aware_mpi);
+  std::string err;
   // Every rank must pick the same backend (NCCL and MPI ranks would wait on each other).
   const int mine = backend == "nccl" ? 1 : 0;
   int sum = 0;

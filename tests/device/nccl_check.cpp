@@ -64,7 +64,7 @@ int main(int argc, char** argv) {
     cudaStreamCreate(&stream);
     {
       examoe::CommOptions o;
-      o.backend = "nccl";
+      o.backend = examoe::CommBackend::nccl;
       auto nccl = examoe::make_communicator(MPI_COMM_WORLD, o, true, stream);
       auto mpi = examoe::make_mpi_communicator(MPI_COMM_WORLD);
       expect(nccl->backend() == "nccl" && nccl->stream_ordered(), "backend", rank);

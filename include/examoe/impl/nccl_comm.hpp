@@ -1,5 +1,5 @@
 // The NCCL backend of examoe::Communicator (built with ExaMoE_ENABLE_NCCL). Reached through
-// examoe::make_communicator(comm, {backend = "nccl"}, ...); declared here so comm.cpp can build
+// examoe::make_communicator(comm, {CommBackend::nccl}, ...); declared here so comm.cpp can build
 // it without including NCCL or CUDA headers.
 #pragma once
 #include <examoe/comm.hpp>
