@@ -65,7 +65,7 @@ void expect_train_error(const examoe::TrainConfig& c, const std::string& needle)
 
 }  // namespace
 
-TEST(TrainCheckpoint, ResumeContinuesExactly) {
+TEST(Checkpoint, ResumeContinuesExactly) {
   const std::string dir = shared_dir("resume");
   auto full = tiny(dir);
   full.checkpoint.interval = 6;
@@ -109,7 +109,7 @@ TEST(TrainCheckpoint, ResumeContinuesExactly) {
   remove_dir(dir);
 }
 
-TEST(TrainCheckpoint, LatestAndKeep) {
+TEST(Checkpoint, LatestAndKeep) {
   const std::string dir = shared_dir("keep");
   auto c = tiny(dir);
   c.train.steps = 8;
@@ -135,7 +135,7 @@ TEST(TrainCheckpoint, LatestAndKeep) {
   remove_dir(dir);
 }
 
-TEST(TrainCheckpoint, BadFilesGiveClearErrorsAndDamageNothing) {
+TEST(Checkpoint, BadFilesGiveClearErrorsAndDamageNothing) {
   const std::string dir = shared_dir("bad");
   auto c = tiny(dir);
   c.train.steps = 2;
@@ -235,7 +235,7 @@ TEST(TrainCheckpoint, BadFilesGiveClearErrorsAndDamageNothing) {
   EXPECT_EQ(ok.first_step, 2);
   remove_dir(dir);
 }
-TEST(TrainCheckpoint, EvalWritesLogitsThatReproduceTheValidationLoss) {
+TEST(Checkpoint, EvalWritesLogitsThatReproduceTheValidationLoss) {
   const std::string dir = shared_dir("eval");
   auto c = tiny(dir);
   c.train.steps = 4;

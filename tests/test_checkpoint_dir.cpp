@@ -132,7 +132,7 @@ void poison_element(const std::string& path, const std::string& name, std::size_
 
 }  // namespace
 
-TEST(TrainCheckpointDir, RunIdsAndPruningOfTheRunsOwnCheckpointsOnly) {
+TEST(CheckpointDir, RunIdsAndPruningOfTheRunsOwnCheckpointsOnly) {
   const std::string dir = shared_dir("prune");
   // Run A: steps 1..8, a checkpoint every 2, keep 2: A's 6 and 8 stay.
   auto a = tiny(dir);
@@ -193,7 +193,7 @@ TEST(TrainCheckpointDir, RunIdsAndPruningOfTheRunsOwnCheckpointsOnly) {
   remove_dir(dir);
 }
 
-TEST(TrainCheckpointDir, CheckpointsWithoutRunIdLoadAndAreNeverPruned) {
+TEST(CheckpointDir, CheckpointsWithoutRunIdLoadAndAreNeverPruned) {
   const std::string dir = shared_dir("norunid");
   auto c = tiny(dir + "/old");
   c.train.steps = 2;
@@ -238,7 +238,7 @@ TEST(TrainCheckpointDir, CheckpointsWithoutRunIdLoadAndAreNeverPruned) {
   remove_dir(dir);
 }
 
-TEST(TrainCheckpointDir, TheLockRefusesASecondJobAndStaleLocksAreTakenOver) {
+TEST(CheckpointDir, TheLockRefusesASecondJobAndStaleLocksAreTakenOver) {
   const std::string dir = shared_dir("lock");
   char host[256] = {0};
   ::gethostname(host, sizeof host - 1);
@@ -327,7 +327,7 @@ TEST(TrainCheckpointDir, TheLockRefusesASecondJobAndStaleLocksAreTakenOver) {
   remove_dir(dir);
 }
 
-TEST(TrainCheckpointDir, NoOutputOverwritesACheckpointOrAnInput) {
+TEST(CheckpointDir, NoOutputOverwritesACheckpointOrAnInput) {
   const std::string dir = shared_dir("outputs");
   auto c = tiny(dir + "/ck");
   c.train.steps = 1;
@@ -402,7 +402,7 @@ TEST(TrainCheckpointDir, NoOutputOverwritesACheckpointOrAnInput) {
   remove_dir(dir);
 }
 
-TEST(TrainCheckpointDir, NonFiniteOrNegativeStateIsRefusedOnLoad) {
+TEST(CheckpointDir, NonFiniteOrNegativeStateIsRefusedOnLoad) {
   const std::string dir = shared_dir("poison");
   auto c = tiny(dir);
   c.train.steps = 2;
@@ -446,7 +446,7 @@ TEST(TrainCheckpointDir, NonFiniteOrNegativeStateIsRefusedOnLoad) {
   remove_dir(dir);
 }
 
-TEST(TrainCheckpointDir, NonFiniteWeightsAreNeverWrittenAsTheLastGoodState) {
+TEST(CheckpointDir, NonFiniteWeightsAreNeverWrittenAsTheLastGoodState) {
   // Float, lr 1e39: step 1's gradients are finite, but its update overflows every weight it
   // moves to +-inf; step 2's loss is then NaN. Before the fix, train.nonfinite = stop wrote
   // those weights as "the last good weights" (a checkpoint that cannot be resumed).

@@ -181,9 +181,9 @@ const std::map<std::string, std::string>& keys_without_range() {
       {"log.quiet", "boolean"},
       {"train.seed", "every 64-bit value is a seed"},
       {"data.path", "a file: InputErrors.DataFiles"},
-      {"log.metrics", "a file: InputErrors.DataFiles (a directory), TrainCheckpointDir.NoOutputOverwritesACheckpointOrAnInput"},
-      {"checkpoint.allow_existing", "boolean; what it allows: TrainCheckpointDir.RunIdsAndPruningOfTheRunsOwnCheckpointsOnly"},
-      {"checkpoint.resume", "a file: TrainCheckpoint.BadFilesGiveClearErrorsAndDamageNothing"},
+      {"log.metrics", "a file: InputErrors.DataFiles (a directory), CheckpointDir.NoOutputOverwritesACheckpointOrAnInput"},
+      {"checkpoint.allow_existing", "boolean; what it allows: CheckpointDir.RunIdsAndPruningOfTheRunsOwnCheckpointsOnly"},
+      {"checkpoint.resume", "a file: Checkpoint.BadFilesGiveClearErrorsAndDamageNothing"},
   };
   return m;
 }

@@ -16,7 +16,7 @@ MoEConfig valid_config() {
   return c;
 }
 
-TEST(Config, ValidateNamesTheField) {
+TEST(MoEConfig, ValidateNamesTheField) {
   MoEConfig c = valid_config();
   EXPECT_NO_THROW(c.validate());
   auto expect_field = [](MoEConfig bad, const char* field) {
@@ -47,7 +47,7 @@ TEST(Config, ValidateNamesTheField) {
   expect_field(b, "temperature");
 }
 
-TEST(Config, HashDetectsDifferences) {
+TEST(MoEConfig, HashDetectsDifferences) {
   const MoEConfig a = valid_config();
   MoEConfig b = a;
   EXPECT_EQ(a.hash(), b.hash());
@@ -65,7 +65,7 @@ TEST(Config, HashDetectsDifferences) {
   EXPECT_FALSE(a.to_string().empty());
 }
 
-TEST(Config, ActivationStrings) {
+TEST(MoEConfig, ActivationStrings) {
   EXPECT_EQ(activation_from_string("gelu"), Activation::gelu);
   EXPECT_EQ(activation_from_string("swiglu"), Activation::swiglu);
   EXPECT_EQ(activation_from_string(to_string(Activation::gelu)), Activation::gelu);
