@@ -178,10 +178,7 @@ std::string MpiCommunicator::first_error(const std::string& local_error) {
       [&](MPI_Request* r) { return MPI_Iallreduce(MPI_IN_PLACE, &bad, 1, MPI_INT, MPI_MIN, comm_, r); });
   if (bad == size_) return {};
   std::string msg = rank_ == bad ? local_error : std::string();
-  int len = static_cast<int>(msg.size());
-  broadcast(&len, sizeof len, bad);
-  msg.resize(static_cast<std::size_t>(len));
-  broadcast(msg.data(), static_cast<std::size_t>(len), bad);
+  impl::broadcast_string(*this, msg, bad);
   if (size_ > 1) msg += " [reported by rank " + std::to_string(bad) + "]";
   return msg;
 }
