@@ -151,18 +151,9 @@ class Model {
   /// 1/0 per element of a unit's shard; extent 0 for experts (decay applies to every element).
   flat param_decay_mask(int i) const;
 
-  /// Parameter ids in the FSDP registry.
-  struct BlockParams { int attn_norm, wq, wk, wv, wo, moe_norm, router; };
-  int unit_embed() const { return u_embed_; }
-  int unit_block(int l) const { return u_block_[l]; }
-  int unit_head() const { return u_head_; }
-  const BlockParams& block_params(int l) const { return bp_[l]; }
-  int param_wte() const { return p_wte_; }
-  int param_wpe() const { return p_wpe_; }
-  int param_final_norm() const { return p_fnorm_; }
-  int param_lm_head() const { return p_head_; }
-
  private:
+  /// Parameter ids of one block in the FSDP registry.
+  struct BlockParams { int attn_norm, wq, wk, wv, wo, moe_norm, router; };
   struct Acts;
   void prepare(const Batch& b);
   void block_forward(int l, Acts& a, bool training);
