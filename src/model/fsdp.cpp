@@ -143,9 +143,9 @@ auto Fsdp<S>::param2(int p) const -> umatrix {
 }
 
 template <class S>
-void Fsdp<S>::begin_grad(int u) {
+void Fsdp<S>::begin_grad(const execution_space& space, int u) {
   grad_unit_ = u;
-  Kokkos::deep_copy(space_, Kokkos::subview(gbuf_, Kokkos::make_pair(std::size_t(0), units_[u].padded)), S(0));
+  Kokkos::deep_copy(space, Kokkos::subview(gbuf_, Kokkos::make_pair(std::size_t(0), units_[u].padded)), S(0));
 }
 template <class S>
 auto Fsdp<S>::grad1(int p) const -> uvector {
