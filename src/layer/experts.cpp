@@ -65,11 +65,12 @@ void Experts<Scalar>::init_weights(std::uint64_t seed, const Placement& placemen
   Kokkos::View<int*, Mem> gids("examoe::moe::global_ids", std::max(1, nloc_));
   auto gh = Kokkos::create_mirror_view(gids);
   for (int l = 0; l < nloc_; ++l) gh(l) = placement.global_expert(me, l);
-  Kokkos::deep_copy(gids, gh);
+  Kokkos::deep_copy(space_, gids, gh);
   const double sd = 1.0 / std::sqrt(static_cast<double>(d_)), sh = 1.0 / std::sqrt(static_cast<double>(h_));
   init_expert_weights(space_, W1_, gids, seed, 2, sd);
   init_expert_weights(space_, W2_, gids, seed, 3, sh);
   init_expert_weights(space_, W3_, gids, seed, 4, sd);
+  space_.fence();  // gids and gh are temporaries
 }
 
 template <class Scalar>

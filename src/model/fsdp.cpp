@@ -88,8 +88,9 @@ void Fsdp<S>::finalize(std::uint64_t seed) {
       hp(i) = static_cast<S>(v);
       hm(i) = P.decay ? S(1) : S(0);
     }
-    Kokkos::deep_copy(U.shard_param, hp);
-    Kokkos::deep_copy(U.decay_mask, hm);
+    Kokkos::deep_copy(space_, U.shard_param, hp);
+    Kokkos::deep_copy(space_, U.decay_mask, hm);
+    space_.fence();  // hp and hm are temporary host mirrors
     if (!reshard_) U.full = vector(lbl + "full", U.padded);
   }
   if (reshard_) pool_ = vector("examoe::fsdp::gather_pool", max_padded);

@@ -229,8 +229,9 @@ void Model<S>::prepare(const Batch& b) {
       ht(i) = t;
       hg(i) = b.targets[i];
     }
-    Kokkos::deep_copy(tokens_, ht);
-    Kokkos::deep_copy(targets_, hg);
+    Kokkos::deep_copy(space_, tokens_, ht);
+    Kokkos::deep_copy(space_, targets_, hg);
+    space_.fence();  // ht and hg are temporary host mirrors
   }
 }
 
