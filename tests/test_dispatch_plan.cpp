@@ -71,7 +71,7 @@ std::vector<int> to_host_ints(const V& v) {
 
 /// The plan of rank `me` for step `st` under `pl`, checked against counting.
 void check_plan(const DispatchPlan& plan, const Step& st, const Placement& pl, int me) {
-  const int P = pl.num_ranks(), E = pl.num_experts(), k = st.k;
+  const int P = pl.num_ranks(), E = pl.num_experts();
   const std::vector<int>& mine = st.topk[me];
   const int A = static_cast<int>(mine.size());
   ASSERT_TRUE(plan.complete());
@@ -161,7 +161,6 @@ void check_plan(const DispatchPlan& plan, const Step& st, const Placement& pl, i
       EXPECT_EQ(loc[a], -1 - (sd[o] + earlier_same_dest)) << "assignment " << a;
     }
   }
-  (void)k;
 }
 
 TEST(DispatchPlan, MatchesCountingThroughRandomSteps) {

@@ -1,5 +1,5 @@
 // The expert-parallel MoE layer: router -> dispatch plan -> dispatch -> experts -> combine,
-// and the mirror image in backward. It composes its parts (docs/architecture.md):
+// and the mirror image in backward. It composes its parts (docs/moe-layer.md):
 //   impl::Router        router.{hpp,cpp}          Wr, top-k, gates, global statistics, losses
 //   impl::DispatchPlan  dispatch_plan.{hpp,cpp}   this step's counts, offsets and permutation
 //   impl::Experts       experts.{hpp,cpp}         local expert weights, expert rows, GEMMs
