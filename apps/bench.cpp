@@ -175,6 +175,29 @@ void check_bench_memory(const BenchOptions& o, MPI_Comm comm, std::size_t sb) {
   throw_if_any(*c, err);
 }
 
+/// Mean seconds of a forward + backward step over `o.steps` steps after `o.warmup`, and the
+/// mean seconds of each phase in `phase`.
+template <class S>
+double time_steps(const BenchOptions& o, MPI_Comm comm, MoELayer<S>& layer, const Mat<S>& x,
+                  const Mat<S>& out, const Mat<S>& dout, const Mat<S>& dx,
+                  std::array<double, kNumPhases>& phase) {
+  double step_time = 0;
+  for (int s = 0; s < o.warmup + o.steps; ++s) {
+    MPI_Barrier(comm);
+    const auto t = Clock::now();
+    layer.forward(x, out);
+    layer.backward(dout, dx);
+    Kokkos::fence();
+    const double dt = seconds_since(t);
+    if (s >= o.warmup) {
+      step_time += dt;
+      for (int p = 0; p < kNumPhases; ++p) phase[p] += layer.stats().seconds[p];
+    }
+  }
+  for (auto& p : phase) p /= o.steps;
+  return step_time / o.steps;
+}
+
 template <class S>
 int run(const BenchOptions& o) {
   MPI_Comm comm = MPI_COMM_WORLD;
@@ -201,9 +224,10 @@ int run(const BenchOptions& o) {
   cfg.activation = activation_from_string(o.activation);
   cfg.router.temperature = o.temperature;
   cfg.router.seed = o.seed;
-  CommOptions copts;
-  copts.backend = comm_backend_from_string(o.comm);  // one of its spellings (checked by CLI11)
-  MoELayer<S> layer(cfg, comm, MPI_COMM_NULL, copts);
+  MoELayerOptions lopts;
+  lopts.comm = comm;
+  lopts.comm_options.backend = comm_backend_from_string(o.comm);  // one of its spellings (checked by CLI11)
+  MoELayer<S> layer(cfg, lopts);
 
   Mat<S> x("examoe::bench::x", o.tokens, o.d_model), out("examoe::bench::out", o.tokens, o.d_model);
   Mat<S> dout("examoe::bench::dout", o.tokens, o.d_model), dx("examoe::bench::dx", o.tokens, o.d_model);
@@ -211,21 +235,7 @@ int run(const BenchOptions& o) {
   fill_uniform(dout, o.seed, 200 + rank);
 
   std::array<double, kNumPhases> phase{};
-  double step_time = 0;
-  for (int s = 0; s < o.warmup + o.steps; ++s) {
-    MPI_Barrier(comm);
-    const auto t = Clock::now();
-    layer.forward(x, out);
-    layer.backward(dout, dx);
-    Kokkos::fence();
-    const double dt = seconds_since(t);
-    if (s >= o.warmup) {
-      step_time += dt;
-      for (int p = 0; p < kNumPhases; ++p) phase[p] += layer.stats().seconds[p];
-    }
-  }
-  step_time /= o.steps;
-  for (auto& p : phase) p /= o.steps;
+  const double step_time = time_steps(o, comm, layer, x, out, dout, dx, phase);
 
   const LayerStats& st = layer.stats();
   const double gemm = gemm_only_seconds<S>(st.rows_per_local_expert, o.d_model, o.d_hidden,

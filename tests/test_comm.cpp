@@ -163,7 +163,9 @@ TEST(Comm, LayerOnSharedCommunicatorMatchesOwnCommunicator) {
   const int P = world_size();
   MoEConfig cfg = small_config(std::max(4, P), 2, Activation::gelu);
   auto shared = std::shared_ptr<Communicator>(make_mpi_communicator(MPI_COMM_WORLD));
-  MoELayer<double> a(cfg, MPI_COMM_WORLD), b(cfg, shared, shared), c(cfg, shared, shared);
+  MoELayerOptions on_shared;
+  on_shared.shared_comm = on_shared.shared_stats_comm = shared;
+  MoELayer<double> a(cfg, MPI_COMM_WORLD), b(cfg, on_shared), c(cfg, on_shared);
   a.init_parameters(3);
   b.init_parameters(3);
   c.init_parameters(3);
@@ -178,7 +180,9 @@ TEST(Comm, LayerOnSharedCommunicatorMatchesOwnCommunicator) {
   EXPECT_TRUE(all_ranks(bitwise_equal(to_host(ya), to_host(yb))));
   EXPECT_TRUE(all_ranks(bitwise_equal(to_host(ya), to_host(yc))));
   EXPECT_EQ(&b.communicator(), shared.get());
-  EXPECT_THROW(MoELayer<double>(cfg, std::shared_ptr<Communicator>(), shared), Error);
+  MoELayerOptions null_comm;
+  null_comm.shared_stats_comm = shared;
+  EXPECT_THROW(MoELayer<double>(cfg, null_comm), Error);
 }
 
 }  // namespace

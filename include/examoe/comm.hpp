@@ -40,7 +40,7 @@ enum class Memory { host, device };
 ///   memory always; device memory for NCCL, and for MPI only when it is GPU-aware. Callers with
 ///   Kokkos views use impl::Collectives, which stages device buffers through host mirrors when
 ///   the backend cannot take them.
-/// - the *control collectives* (alltoall_int, all_ok, first_error, broadcast, exscan_sum,
+/// - the *control collectives* (alltoall_int, first_error, broadcast, exscan_sum,
 ///   barrier) move a few host values (counts, flags, messages) and always run over MPI on the
 ///   host, whatever the backend. The dispatch counts are exchanged this way: the plan needs
 ///   them on the host anyway to size and post the grouped NCCL sends and receives.
@@ -77,8 +77,6 @@ class Communicator {
   /// Sums size()*count elements of `send` over ranks; rank r receives block r (count elements).
   virtual void reduce_scatter_sum(const void* send, void* recv, std::size_t count, DataType type,
                                   Memory mem = Memory::host) = 0;
-  /// Logical AND of `ok` over all ranks (used to agree on errors before throwing).
-  virtual bool all_ok(bool ok) = 0;
   /// Collective error agreement: returns "" when `local_error` is empty on every rank,
   /// otherwise the message of the lowest rank that reported one, prefixed with that rank,
   /// identical on every rank. Callers then throw on every rank, so no rank is left waiting.
@@ -118,7 +116,6 @@ class MpiCommunicator final : public Communicator {
                  Memory mem = Memory::host) override;
   void reduce_scatter_sum(const void* send, void* recv, std::size_t count, DataType type,
                           Memory mem = Memory::host) override;
-  bool all_ok(bool ok) override;
   std::string first_error(const std::string& local_error) override;
   void broadcast(void* buf, std::size_t bytes, int root) override;
   long long exscan_sum(long long v) override;

@@ -39,7 +39,10 @@ class Fsdp {
   using uvector = Kokkos::View<S*, memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
   using umatrix =
       Kokkos::View<S**, Kokkos::LayoutRight, memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+  static_assert(Kokkos::SpaceAccessibility<execution_space, memory_space>::accessible,
+                "examoe::Fsdp: the shards must be accessible from the execution space");
 
+  /// The gathers and reduce-scatters run on `space` (the instance of the communicator adapter).
   Fsdp(Communicator& world, bool reshard_after_forward,
        const execution_space& space = execution_space());
   ~Fsdp();
@@ -60,8 +63,11 @@ class Fsdp {
   /// Views of a parameter inside its gathered unit (valid while it is gathered).
   uvector param1(int p) const;
   umatrix param2(int p) const;
-  /// Starts the backward of a unit: zeroes the shared gradient buffer and binds it.
-  void begin_grad(int unit);
+  /// Starts the backward of a unit: zeroes the shared gradient buffer (on `space`) and binds it.
+  void begin_grad(const execution_space& space, int unit);
+  /// The same on the instance given at construction.
+  void begin_grad(int unit) { begin_grad(space_, unit); }
+  const execution_space& space() const { return space_; }
   uvector grad1(int p) const;
   umatrix grad2(int p) const;
   /// Sums the unit's full gradient over all ranks into this rank's shard gradient (=).

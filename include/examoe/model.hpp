@@ -118,7 +118,13 @@ class Model {
   using vector = Kokkos::View<S*, memory_space>;
   using ivector = Kokkos::View<int*, memory_space>;
 
-  Model(const ModelConfig& cfg, const ParallelConfig& par, Mesh& mesh, std::uint64_t seed);
+  static_assert(Kokkos::SpaceAccessibility<execution_space, memory_space>::accessible,
+                "examoe::Model: the model's views must be accessible from its execution space");
+
+  /// Every kernel of the model, its FSDP units and its MoE layers runs on `space` (the
+  /// layers' and FSDP's communicators are ordered on it, so it is fixed for the model's life).
+  Model(const ModelConfig& cfg, const ParallelConfig& par, Mesh& mesh, std::uint64_t seed,
+        const execution_space& space = execution_space());
   ~Model();
 
   /// Forward + backward of this rank's sequences (`local.batch` may be 0). The loss is
@@ -137,6 +143,7 @@ class Model {
   const ModelConfig& config() const { return cfg_; }
   const ParallelConfig& parallel() const { return par_; }
   Mesh& mesh() { return mesh_; }
+  const execution_space& space() const { return space_; }
   MemoryReport memory() const;
 
   /// The optimizer's tensors in their one order: the FSDP units, then per MoE layer w1, w2
@@ -153,27 +160,31 @@ class Model {
   /// 1/0 per element of a unit's shard; extent 0 for experts (decay applies to every element).
   flat param_decay_mask(int i) const;
 
-  /// Parameter ids in the FSDP registry.
-  struct BlockParams { int attn_norm, wq, wk, wv, wo, moe_norm, router; };
-  int unit_embed() const { return u_embed_; }
-  int unit_block(int l) const { return u_block_[l]; }
-  int unit_head() const { return u_head_; }
-  const BlockParams& block_params(int l) const { return bp_[l]; }
-  int param_wte() const { return p_wte_; }
-  int param_wpe() const { return p_wpe_; }
-  int param_final_norm() const { return p_fnorm_; }
-  int param_lm_head() const { return p_head_; }
-
  private:
+  /// Parameter ids of one block in the FSDP registry.
+  struct BlockParams { int attn_norm, wq, wk, wv, wo, moe_norm, router; };
   struct Acts;
-  void prepare(const Batch& b);
-  void block_forward(int l, Acts& a, bool training);
+  // Construction.
+  void register_dense_parameters(std::uint64_t seed);
+  void build_moe_layers(std::uint64_t seed);
+  void build_param_table();
+  // One step, in the order run() calls them.
   StepStats run(const Batch& local, long long global_valid, bool training, std::uint64_t step,
                 std::vector<int>* correct, std::vector<float>* logits = nullptr);
+  void prepare(const Batch& b);
+  void forward_blocks(bool training, std::uint64_t step, StepStats& st);
+  void block_forward(int l, Acts& a, bool training);
+  void head_forward_loss(long long global_valid, StepStats& st, std::vector<int>* correct,
+                         std::vector<float>* logits);
+  void head_backward();
+  void block_backward(int l, std::uint64_t step);
+  void embedding_backward();
+  void reduce_expert_grads();
 
   ModelConfig cfg_;
   ParallelConfig par_;
   Mesh& mesh_;
+  execution_space space_;
   std::unique_ptr<Fsdp<S>> fsdp_;
   std::vector<std::unique_ptr<MoELayer<S>>> moe_;
   std::unique_ptr<impl::Collectives<execution_space>> edp_coll_;  // expert gradients over edp

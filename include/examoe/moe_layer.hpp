@@ -16,6 +16,31 @@ struct RouterLosses {
   double z = 0.0;    ///< beta * mean_t logsumexp(u_t)^2
 };
 
+/// How a MoELayer is connected: its communicators and its execution-space instance.
+///
+/// The layer needs a communicator for dispatch and combine, given either as an MPI
+/// communicator (`comm`, duplicated by the layer, backend chosen by `comm_options`) or as one
+/// the caller built (`shared_comm`, e.g. examoe::Mesh's, shared by every layer of a model so
+/// a model has one NCCL communicator, not one per layer). The router statistics (aux and z
+/// losses, their gradients, token counts, error agreement in forward/backward) are reduced
+/// over the statistics communicator (`stats_comm` or `shared_stats_comm`; neither: the
+/// dispatch communicator). It must contain the dispatch communicator: with data-parallel
+/// replicas of the expert-parallel group, pass the world so the losses are those of the
+/// global batch at any dp x ep split.
+struct MoELayerOptions {
+  using execution_space = Kokkos::DefaultExecutionSpace;
+  MPI_Comm comm = MPI_COMM_NULL;           ///< dispatch and combine (duplicated)
+  /// The backend of `comm` (auto takes NCCL when this build has it and the views live in
+  /// GPU memory).
+  CommOptions comm_options;
+  MPI_Comm stats_comm = MPI_COMM_NULL;     ///< router statistics (duplicated, MPI)
+  std::shared_ptr<Communicator> shared_comm;        ///< instead of `comm`
+  std::shared_ptr<Communicator> shared_stats_comm;  ///< instead of `stats_comm`
+  /// Every kernel of the layer runs on this instance; a device backend in `shared_comm` must
+  /// have been built for its stream.
+  execution_space space;
+};
+
 /// One expert-parallel Mixture-of-Experts layer.
 ///
 /// Each rank passes its own tokens x[T][d] (T may differ between ranks and may be 0) and gets
@@ -24,7 +49,7 @@ struct RouterLosses {
 /// variable-size all-to-all per direction, and so does backward. Parameter gradients
 /// accumulate (+=) until zero_grad(). Equations: docs/moe-layer.md.
 ///
-/// All Kokkos work runs on the execution-space instance given at construction. Views are
+/// All Kokkos work runs on the execution-space instance of the options. Views are
 /// LayoutRight in the default execution space's memory space. `x` must stay unchanged
 /// between forward() and the matching backward().
 template <class Scalar>
@@ -36,29 +61,17 @@ class MoELayer {
   using matrix = Kokkos::View<Scalar**, Kokkos::LayoutRight, memory_space>;
   using const_matrix = Kokkos::View<const Scalar**, Kokkos::LayoutRight, memory_space>;
   using tensor3 = Kokkos::View<Scalar***, Kokkos::LayoutRight, memory_space>;
+  static_assert(Kokkos::SpaceAccessibility<execution_space, memory_space>::accessible,
+                "examoe::MoELayer: the layer's views must be accessible from its execution space");
 
-  /// Builds the layer on a duplicate of `comm`. Collective: every rank must pass an
-  /// identical config; a difference, or an invalid config on any rank, throws examoe::Error
-  /// on every rank.
-  MoELayer(const MoEConfig& config, MPI_Comm comm,
-           const execution_space& space = execution_space());
-  /// As above, with the router statistics (aux and z losses, their gradients, token counts,
-  /// error agreement in forward/backward) reduced over `stats_comm`, a communicator that
-  /// contains `comm`: with data-parallel replicas of the expert-parallel group, pass the
-  /// world so the losses are those of the global batch at any dp x ep split.
-  MoELayer(const MoEConfig& config, MPI_Comm comm, MPI_Comm stats_comm,
-           const execution_space& space = execution_space());
-  /// As above, choosing the communication backend (`opts.backend`: auto, mpi or nccl; auto
-  /// takes NCCL when this build has it and the views live in GPU memory).
-  MoELayer(const MoEConfig& config, MPI_Comm comm, MPI_Comm stats_comm, const CommOptions& opts,
-           const execution_space& space = execution_space());
-  /// On communicators the caller built (e.g. examoe::Mesh's, shared by every layer of a model,
-  /// so a model has one NCCL communicator, not one per layer). `comm` carries dispatch and
-  /// combine; `stats_comm` (may be the same object) the router statistics. A device backend
-  /// must have been built for `space`'s stream.
-  MoELayer(const MoEConfig& config, std::shared_ptr<Communicator> comm,
-           std::shared_ptr<Communicator> stats_comm,
-           const execution_space& space = execution_space());
+  /// Builds the layer as `options` say. Collective over the statistics communicator: every
+  /// rank must pass an identical config; a difference, or an invalid config on any rank,
+  /// throws examoe::Error on every rank. Options without a communicator, or with both
+  /// `comm` and `shared_comm`, throw examoe::Error.
+  MoELayer(const MoEConfig& config, const MoELayerOptions& options);
+  /// The common case: on a duplicate of `comm` (default backend, default instance), which
+  /// also carries the router statistics.
+  MoELayer(const MoEConfig& config, MPI_Comm comm);
   ~MoELayer();
   MoELayer(const MoELayer&) = delete;
   MoELayer& operator=(const MoELayer&) = delete;

@@ -19,7 +19,10 @@ class AdamW {
   using execution_space = Kokkos::DefaultExecutionSpace;
   using memory_space = execution_space::memory_space;
   using vector = Kokkos::View<S*, memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+  static_assert(Kokkos::SpaceAccessibility<execution_space, memory_space>::accessible,
+                "examoe::AdamW: the tensors must be accessible from the execution space");
 
+  /// `space`: the instance of the operations called without one.
   explicit AdamW(const AdamWConfig& cfg, const execution_space& space = execution_space())
       : cfg_(cfg), space_(space) {}
 
@@ -28,11 +31,16 @@ class AdamW {
   void add(const vector& param, const vector& grad, const vector& decay_mask, bool decay);
 
   /// One update with learning rate `lr`; gradients are multiplied by `grad_scale` first
-  /// (global-norm clipping). Increments the step count.
-  void step(double lr, double grad_scale);
+  /// (global-norm clipping). Increments the step count. Runs on `space` (and returns when it
+  /// is done), or on the instance given at construction.
+  void step(const execution_space& space, double lr, double grad_scale);
+  void step(double lr, double grad_scale) { step(space_, lr, grad_scale); }
 
-  /// Sum of squares of the registered gradients (for the global norm).
-  double grad_sum_squares() const;
+  /// Sum of squares of the registered gradients (for the global norm), on `space` or on the
+  /// instance given at construction.
+  double grad_sum_squares(const execution_space& space) const;
+  double grad_sum_squares() const { return grad_sum_squares(space_); }
+  const execution_space& space() const { return space_; }
   std::size_t state_bytes() const;
   std::int64_t steps() const { return t_; }
   /// Restores the step count (bias correction) from a checkpoint.
@@ -69,9 +77,14 @@ class AdamW {
 /// decay to `min_lr` at `total`.
 double lr_schedule(std::int64_t step, std::int64_t total, std::int64_t warmup, double lr, double min_lr);
 
-/// Sum of squares of a flat view (deterministic reduction).
+/// Sum of squares of a flat view (deterministic reduction), on `space` ...
+template <class ExecSpace, class V>
+double sum_squares(const ExecSpace& space, const V& v);
+/// ... or on a default instance of the view's execution space.
 template <class V>
-double sum_squares(const V& v);
+double sum_squares(const V& v) {
+  return sum_squares(typename V::execution_space(), v);
+}
 
 extern template class AdamW<float>;
 extern template class AdamW<double>;

@@ -161,15 +161,6 @@ void MpiCommunicator::reduce_scatter_sum(const void* send, void* recv, std::size
       });
 }
 
-bool MpiCommunicator::all_ok(bool ok) {
-  int v = ok ? 1 : 0;
-  collective(
-      *wd_, "MPI_Allreduce", "MPI_Iallreduce",
-      [&] { return MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_INT, MPI_LAND, comm_); },
-      [&](MPI_Request* r) { return MPI_Iallreduce(MPI_IN_PLACE, &v, 1, MPI_INT, MPI_LAND, comm_, r); });
-  return v != 0;
-}
-
 std::string MpiCommunicator::first_error(const std::string& local_error) {
   int bad = local_error.empty() ? size_ : rank_;
   collective(

@@ -117,7 +117,6 @@ class NcclCommunicator final : public Communicator {
           "ncclReduceScatter");
   }
 
-  bool all_ok(bool ok) override { return mpi_.all_ok(ok); }
   std::string first_error(const std::string& e) override { return mpi_.first_error(e); }
   void broadcast(void* buf, std::size_t bytes, int root) override { mpi_.broadcast(buf, bytes, root); }
   long long exscan_sum(long long v) override { return mpi_.exscan_sum(v); }

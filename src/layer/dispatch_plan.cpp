@@ -71,10 +71,7 @@ void DispatchPlan::set_placement(const Space& space, const Placement& placement,
   }
   send_mat_.assign(static_cast<std::size_t>(P_) * ml_, 0);
   recv_mat_.assign(static_cast<std::size_t>(P_) * ml_, 0);
-  scount_.assign(P_, 0);
-  sdispl_.assign(P_, 0);
-  rcount_.assign(P_, 0);
-  rdispl_.assign(P_, 0);
+  exchange_.reset(P_);
   expert_offset_.assign(nloc_ + 1, 0);
   space.fence();  // koe is a temporary host mirror
   sorted_ = complete_ = false;
@@ -127,21 +124,19 @@ void DispatchPlan::exchange_counts(const Space& space, Communicator& comm) {
   }
   self_begin_ = key_start_h_(placement_.rank_offset(me_));
   self_count_ = key_start_h_(placement_.rank_offset(me_) + nloc_) - self_begin_;
-  rows_send_ = rows_recv_ = 0;
   for (int r = 0; r < P_; ++r) {
     int sr = 0, rr = 0;
     for (int lx = 0; lx < ml_; ++lx) {
       sr += send_mat_[static_cast<std::size_t>(r) * ml_ + lx];
       rr += recv_mat_[static_cast<std::size_t>(r) * ml_ + lx];
     }
-    // Rows that stay on this rank are copied, never sent.
-    scount_[r] = r == me_ ? 0 : sr;
-    rcount_[r] = r == me_ ? 0 : rr;
-    sdispl_[r] = key_start_h_(placement_.rank_offset(r)) - (r > me_ ? self_count_ : 0);
-    rdispl_[r] = rows_recv_;
-    rows_send_ += scount_[r];
-    rows_recv_ += rcount_[r];
+    // Rows that stay on this rank are copied, never sent: the send buffer is the sorted
+    // slots without this rank's own run.
+    exchange_.send_counts[r] = r == me_ ? 0 : sr;
+    exchange_.recv_counts[r] = r == me_ ? 0 : rr;
+    exchange_.send_displs[r] = key_start_h_(placement_.rank_offset(r)) - (r > me_ ? self_count_ : 0);
   }
+  exchange_.finish(false);
   lay_out_expert_rows();
   Kokkos::deep_copy(space, blocks_, blocks_h_);
   return_locations(space, A_, keys_, inv_perm_, key_start_, blocks_, placement_.rank_offset(me_),
@@ -163,7 +158,7 @@ void DispatchPlan::lay_out_expert_rows() {
       if (src == me_) {
         b.from = key_start_h_(placement_.rank_offset(me_) + lx);
       } else {
-        int off = rdispl_[src];
+        int off = exchange_.recv_displs[src];
         for (int l2 = 0; l2 < lx; ++l2) off += recv_mat_[static_cast<std::size_t>(src) * ml_ + l2];
         b.from = off;
       }

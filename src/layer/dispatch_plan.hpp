@@ -17,6 +17,8 @@
 #include <examoe/impl/workspace.hpp>
 #include <examoe/placement.hpp>
 
+#include "layer/row_exchange.hpp"
+
 #include <Kokkos_Core.hpp>
 
 #include <cstdint>
@@ -66,13 +68,14 @@ class DispatchPlan {
   /// Sorted slots of the rows that stay on this rank: [self_begin, self_begin + self_count).
   int self_begin() const { return self_begin_; }
   int self_count() const { return self_count_; }
-  int rows_sent() const { return rows_send_; }
-  int rows_received() const { return rows_recv_; }
-  /// Dispatch direction, in rows (combine uses them with send and receive swapped).
-  const std::vector<int>& send_counts() const { return scount_; }
-  const std::vector<int>& send_displs() const { return sdispl_; }
-  const std::vector<int>& recv_counts() const { return rcount_; }
-  const std::vector<int>& recv_displs() const { return rdispl_; }
+  int rows_sent() const { return exchange_.rows_sent; }
+  int rows_received() const { return exchange_.rows_received; }
+  /// The dispatch direction's all-to-all, in rows (combine runs it in Direction::reverse).
+  const RowExchange& exchange() const { return exchange_; }
+  const std::vector<int>& send_counts() const { return exchange_.send_counts; }
+  const std::vector<int>& send_displs() const { return exchange_.send_displs; }
+  const std::vector<int>& recv_counts() const { return exchange_.recv_counts; }
+  const std::vector<int>& recv_displs() const { return exchange_.recv_displs; }
   std::int64_t workspace_allocations() const { return ws_.allocations(); }
 
  private:
@@ -81,7 +84,7 @@ class DispatchPlan {
   Placement placement_;
   int P_ = 1, me_ = 0, nloc_ = 0, ml_ = 1;
   int T_ = 0, A_ = 0, nblocks_ = 0, nrows_ = 0;
-  int self_begin_ = 0, self_count_ = 0, rows_send_ = 0, rows_recv_ = 0;
+  int self_begin_ = 0, self_count_ = 0;
   bool sorted_ = false, complete_ = false;
 
   IView1 key_of_expert_;  // [E]
@@ -90,7 +93,7 @@ class DispatchPlan {
   BlockView blocks_;
   BlockView::HostMirror blocks_h_;
   std::vector<int> send_mat_, recv_mat_;  // [P][max_local]
-  std::vector<int> scount_, sdispl_, rcount_, rdispl_;
+  RowExchange exchange_;
   std::vector<int> expert_offset_;        // [nloc + 1]
   Workspace ws_{"examoe::dispatch::"};
 };

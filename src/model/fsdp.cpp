@@ -88,8 +88,9 @@ void Fsdp<S>::finalize(std::uint64_t seed) {
       hp(i) = static_cast<S>(v);
       hm(i) = P.decay ? S(1) : S(0);
     }
-    Kokkos::deep_copy(U.shard_param, hp);
-    Kokkos::deep_copy(U.decay_mask, hm);
+    Kokkos::deep_copy(space_, U.shard_param, hp);
+    Kokkos::deep_copy(space_, U.decay_mask, hm);
+    space_.fence();  // hp and hm are temporary host mirrors
     if (!reshard_) U.full = vector(lbl + "full", U.padded);
   }
   if (reshard_) pool_ = vector("examoe::fsdp::gather_pool", max_padded);
@@ -143,9 +144,9 @@ auto Fsdp<S>::param2(int p) const -> umatrix {
 }
 
 template <class S>
-void Fsdp<S>::begin_grad(int u) {
+void Fsdp<S>::begin_grad(const execution_space& space, int u) {
   grad_unit_ = u;
-  Kokkos::deep_copy(space_, Kokkos::subview(gbuf_, Kokkos::make_pair(std::size_t(0), units_[u].padded)), S(0));
+  Kokkos::deep_copy(space, Kokkos::subview(gbuf_, Kokkos::make_pair(std::size_t(0), units_[u].padded)), S(0));
 }
 template <class S>
 auto Fsdp<S>::grad1(int p) const -> uvector {

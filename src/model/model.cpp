@@ -1,6 +1,7 @@
 // The MoE decoder on a dp x ep mesh: FSDP for every dense parameter, expert parallelism for
 // the experts. Equations and parameter layout: docs/model.md.
 #include <examoe/error.hpp>
+#include <examoe/impl/agree.hpp>
 #include <examoe/impl/dense_kernels.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/watchdog.hpp>
@@ -51,11 +52,11 @@ auto head(const V& v, int n) {
   return impl::head(v, static_cast<std::size_t>(n));
 }
 /// y = a + b (element-wise); y may alias a.
-template <class A, class B, class Y>
-void add(const A& a, const B& b, const Y& y) {
+template <class Space, class A, class B, class Y>
+void add(const Space& space, const A& a, const B& b, const Y& y) {
   const int n = static_cast<int>(y.extent(0)), d = static_cast<int>(y.extent(1));
   Kokkos::parallel_for(
-      "examoe::model::residual", Kokkos::RangePolicy<>(0, n), KOKKOS_LAMBDA(const int i) {
+      "examoe::model::residual", Kokkos::RangePolicy<Space>(space, 0, n), KOKKOS_LAMBDA(const int i) {
         for (int c = 0; c < d; ++c) y(i, c) = a(i, c) + b(i, c);
       });
 }
@@ -67,6 +68,14 @@ long long sum_ints(const Space& space, const V& v) {
                           Kokkos::RangePolicy<Space>(space, 0, static_cast<int>(v.extent(0))),
                           KOKKOS_LAMBDA(const int i, long long& acc) { acc += v(i); }, c);
   return c;
+}
+/// The attention shape of a batch of `batch` sequences.
+dk::AttentionShape attention_shape(int batch, const ModelConfig& cfg) {
+  dk::AttentionShape sh;
+  sh.batch = batch;
+  sh.seq = cfg.seq_len;
+  sh.heads = cfg.n_heads;
+  return sh;
 }
 }  // namespace
 
@@ -80,18 +89,25 @@ struct Model<S>::Acts {
 };
 
 template <class S>
-Model<S>::Model(const ModelConfig& cfg, const ParallelConfig& par, Mesh& mesh, std::uint64_t seed)
-    : cfg_(cfg), par_(par), mesh_(mesh) {
-  std::string err;
-  try {
-    cfg_.validate();
-  } catch (const Error& e) {
-    err = e.what();
-  }
-  throw_if_any(mesh_.world(), err);
+Model<S>::Model(const ModelConfig& cfg, const ParallelConfig& par, Mesh& mesh, std::uint64_t seed,
+                const execution_space& space)
+    : cfg_(cfg), par_(par), mesh_(mesh), space_(space) {
+  impl::agree(mesh_.world(), [&] { cfg_.validate(); });
+  register_dense_parameters(seed);
+  build_moe_layers(seed);
+  build_param_table();
+  const int nacts = par_.activation_checkpointing ? 1 : cfg_.n_layers;
+  for (int i = 0; i < nacts; ++i) acts_.push_back(std::make_unique<Acts>());
+  xin_.resize(cfg_.n_layers + 1);
+}
+
+/// FSDP units embed [wte, wpe], block l [attn_norm, wq, wk, wv, wo, moe_norm, router] and
+/// head [final_norm, lm_head], laid out and filled from `seed`.
+template <class S>
+void Model<S>::register_dense_parameters(std::uint64_t seed) {
   const int d = cfg_.d_model, V = cfg_.vocab, E = cfg_.num_experts;
   const double sd = 1.0 / std::sqrt(static_cast<double>(d));
-  fsdp_ = std::make_unique<Fsdp<S>>(mesh_.world(), par_.reshard_after_forward);
+  fsdp_ = std::make_unique<Fsdp<S>>(mesh_.world(), par_.reshard_after_forward, space_);
   auto& F = *fsdp_;
   u_embed_ = F.add_unit("embed");
   p_wte_ = F.add_param(u_embed_, "embed.wte", {V, d}, {ParamInit::uniform, 1.0}, false);
@@ -114,12 +130,16 @@ Model<S>::Model(const ModelConfig& cfg, const ParallelConfig& par, Mesh& mesh, s
   p_fnorm_ = F.add_param(u_head_, "final_norm", {d}, {ParamInit::constant, 1.0}, false);
   p_head_ = F.add_param(u_head_, "lm_head", {d, V}, {ParamInit::uniform, sd}, true);
   F.finalize(seed);
+}
 
+/// One MoE layer per block, on the mesh's communicators and the model's instance.
+template <class S>
+void Model<S>::build_moe_layers(std::uint64_t seed) {
   for (int l = 0; l < cfg_.n_layers; ++l) {
     MoEConfig m;
-    m.d_model = d;
+    m.d_model = cfg_.d_model;
     m.d_hidden = cfg_.d_hidden;
-    m.num_experts = E;
+    m.num_experts = cfg_.num_experts;
     m.top_k = cfg_.top_k;
     m.activation = cfg_.activation;
     m.router = cfg_.router;
@@ -129,9 +149,19 @@ Model<S>::Model(const ModelConfig& cfg, const ParallelConfig& par, Mesh& mesh, s
     // input error of the layer.
     m.check_finite_inputs = false;
     // Every layer shares the mesh's communicators (one NCCL communicator per group, not per layer).
-    moe_.push_back(std::make_unique<MoELayer<S>>(m, mesh_.ep_shared(), mesh_.world_shared()));
+    MoELayerOptions on_mesh;
+    on_mesh.shared_comm = mesh_.ep_shared();
+    on_mesh.shared_stats_comm = mesh_.world_shared();
+    on_mesh.space = space_;
+    moe_.push_back(std::make_unique<MoELayer<S>>(m, on_mesh));
     moe_.back()->init_parameters(m.router.seed);
   }
+}
+
+/// The FSDP units, then per MoE layer its expert tensors (param_table()).
+template <class S>
+void Model<S>::build_param_table() {
+  const auto& F = *fsdp_;
   for (int u = 0; u < F.num_units(); ++u) {
     ParamSlot row;
     row.owner = ParamSlot::Owner::fsdp_unit;
@@ -148,12 +178,9 @@ Model<S>::Model(const ModelConfig& cfg, const ParallelConfig& par, Mesh& mesh, s
       row.layer = l;
       row.tensor = t;
       row.name = "layer" + std::to_string(l) + "." + to_string(t);
-      row.shape = {E, static_cast<int>(w.extent(1)), static_cast<int>(w.extent(2))};
+      row.shape = {cfg_.num_experts, static_cast<int>(w.extent(1)), static_cast<int>(w.extent(2))};
       table_.push_back(row);
     }
-  const int nacts = par_.activation_checkpointing ? 1 : cfg_.n_layers;
-  for (int i = 0; i < nacts; ++i) acts_.push_back(std::make_unique<Acts>());
-  xin_.resize(cfg_.n_layers + 1);
 }
 
 template <class S>
@@ -202,8 +229,9 @@ void Model<S>::prepare(const Batch& b) {
       ht(i) = t;
       hg(i) = b.targets[i];
     }
-    Kokkos::deep_copy(tokens_, ht);
-    Kokkos::deep_copy(targets_, hg);
+    Kokkos::deep_copy(space_, tokens_, ht);
+    Kokkos::deep_copy(space_, targets_, hg);
+    space_.fence();  // ht and hg are temporary host mirrors
   }
 }
 
@@ -212,21 +240,17 @@ void Model<S>::block_forward(int l, Acts& A, bool training) {
   auto& F = *fsdp_;
   const BlockParams& P = bp_[l];
   const int n = rows_;
-  const execution_space sp;
-  dk::AttentionShape sh;
-  sh.batch = batch_;
-  sh.seq = cfg_.seq_len;
-  sh.heads = cfg_.n_heads;
+  const execution_space& sp = space_;
   auto x = rows(xin_[l], n);
   dk::rmsnorm_forward(sp, x, F.param1(P.attn_norm), cfg_.norm_eps, rows(A.a, n), head(A.r1, n));
-  dk::attention_forward(sp, sh, rows(A.a, n), F.param2(P.wq), F.param2(P.wk), F.param2(P.wv),
-                        F.param2(P.wo), rows(A.q, n), rows(A.k, n), rows(A.v, n),
+  dk::attention_forward(sp, attention_shape(batch_, cfg_), rows(A.a, n), F.param2(P.wq), F.param2(P.wk),
+                        F.param2(P.wv), F.param2(P.wo), rows(A.q, n), rows(A.k, n), rows(A.v, n),
                         rows(A.p, n * cfg_.n_heads), rows(A.o, n), rows(t1_, n));
-  add(x, rows(t1_, n), rows(A.h, n));
+  add(sp, x, rows(t1_, n), rows(A.h, n));
   dk::rmsnorm_forward(sp, rows(A.h, n), F.param1(P.moe_norm), cfg_.norm_eps, rows(A.m, n), head(A.r2, n));
-  Kokkos::deep_copy(moe_[l]->router_weight(), F.param2(P.router));
+  Kokkos::deep_copy(sp, moe_[l]->router_weight(), F.param2(P.router));
   moe_[l]->forward(rows(A.m, n), rows(t2_, n), training);
-  add(rows(A.h, n), rows(t2_, n), rows(xin_[l + 1], n));
+  add(sp, rows(A.h, n), rows(t2_, n), rows(xin_[l + 1], n));
 }
 
 template <class S>
@@ -273,55 +297,75 @@ auto Model<S>::param_decay_mask(int i) const -> flat {
   return flat();
 }
 
+/// One step: forward through every block, the head's loss, and (training) backward and the
+/// expert-gradient reduction.
 template <class S>
 StepStats Model<S>::run(const Batch& local, long long global_valid, bool training,
                         std::uint64_t step, std::vector<int>* correct,
                         std::vector<float>* logits_out) {
-  std::string err;
-  try {
-    prepare(local);
-  } catch (const Error& e) {
-    err = e.what();
-  }
   {
     impl::CollectiveLabel label("model.check_batch");
-    throw_if_any(mesh_.world(), err);
+    impl::agree(mesh_.world(), [&] { prepare(local); });
   }
-  auto& F = *fsdp_;
-  const int n = rows_, L = cfg_.n_layers, H = cfg_.n_heads;
-  const execution_space sp;
-  const bool ckpt = par_.activation_checkpointing;
   StepStats st;
+  forward_blocks(training, step, st);
+  head_forward_loss(global_valid, st, correct, logits_out);
+  if (!training) {
+    fsdp_->release(u_head_);
+    return st;
+  }
+  for (int l = 0; l < cfg_.n_layers; ++l) moe_[l]->zero_grad();
+  head_backward();
+  for (int l = cfg_.n_layers - 1; l >= 0; --l) block_backward(l, step);
+  embedding_backward();
+  reduce_expert_grads();
+  Kokkos::fence();
+  return st;
+}
 
-  // ---- forward
+/// Embedding, then every block (gathering each unit, releasing it after its forward when
+/// resharding or evaluating); adds the layers' router losses to `st`.
+template <class S>
+void Model<S>::forward_blocks(bool training, std::uint64_t step, StepStats& st) {
+  auto& F = *fsdp_;
+  const int n = rows_;
   F.gather(u_embed_);
   if (n > 0)
-    dk::embedding_forward(sp, head(tokens_, n), cfg_.seq_len, F.param2(p_wte_), F.param2(p_wpe_),
+    dk::embedding_forward(space_, head(tokens_, n), cfg_.seq_len, F.param2(p_wte_), F.param2(p_wpe_),
                           rows(xin_[0], n));
   if (par_.reshard_after_forward || !training) F.release(u_embed_);
-  for (int l = 0; l < L; ++l) {
+  for (int l = 0; l < cfg_.n_layers; ++l) {
     F.gather(u_block_[l]);
     if (training) moe_[l]->set_step(step);
-    block_forward(l, *acts_[ckpt ? 0 : l], training);
+    block_forward(l, *acts_[par_.activation_checkpointing ? 0 : l], training);
     if (par_.reshard_after_forward || !training) F.release(u_block_[l]);
     st.aux += moe_[l]->losses().aux;
     st.z += moe_[l]->losses().z;
   }
+}
+
+/// Final norm, LM head and cross-entropy (sum scaled by 1/global_valid); the logits become
+/// their gradient in place. Leaves the head unit gathered.
+template <class S>
+void Model<S>::head_forward_loss(long long global_valid, StepStats& st, std::vector<int>* correct,
+                                 std::vector<float>* logits_out) {
+  auto& F = *fsdp_;
+  const int n = rows_, L = cfg_.n_layers;
   F.gather(u_head_);
-  dk::rmsnorm_forward(sp, rows(xin_[L], n), F.param1(p_fnorm_), cfg_.norm_eps, rows(f_, n), head(rf_, n));
+  dk::rmsnorm_forward(space_, rows(xin_[L], n), F.param1(p_fnorm_), cfg_.norm_eps, rows(f_, n), head(rf_, n));
   auto lg = rows(logits_, n);
-  impl::kc::gemm(sp, "N", "N", S(1), rows(f_, n), F.param2(p_head_), S(0), lg);
+  impl::kc::gemm(space_, "N", "N", S(1), rows(f_, n), F.param2(p_head_), S(0), lg);
   const double scale = global_valid > 0 ? 1.0 / static_cast<double>(global_valid) : 0.0;
   long long valid = 0;
   if (logits_out) {  // before cross_entropy turns them into gradients in place
     auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), lg);
     logits_out->assign(h.data(), h.data() + static_cast<std::size_t>(n) * cfg_.vocab);
   }
-  st.ce_sum = n > 0 ? dk::cross_entropy(sp, lg, head(targets_, n), scale, lg, head(correct_, n), &valid) : 0.0;
+  st.ce_sum = n > 0 ? dk::cross_entropy(space_, lg, head(targets_, n), scale, lg, head(correct_, n), &valid) : 0.0;
   st.valid = valid;
   if (n > 0) {
     auto cv = head(correct_, n);
-    st.correct = sum_ints(sp, cv);
+    st.correct = sum_ints(space_, cv);
     if (correct) {
       auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), cv);
       correct->assign(h.data(), h.data() + n);
@@ -329,78 +373,89 @@ StepStats Model<S>::run(const Batch& local, long long global_valid, bool trainin
   } else if (correct) {
     correct->clear();
   }
-  if (!training) {
-    F.release(u_head_);
-    return st;
-  }
+}
 
-  // ---- backward (dlogits is in logits_)
-  for (int l = 0; l < L; ++l) moe_[l]->zero_grad();
-  F.begin_grad(u_head_);
-  auto dx = rows(dx_, n);
+/// Backward of the LM head and final norm from dlogits (in logits_) into dx_.
+template <class S>
+void Model<S>::head_backward() {
+  auto& F = *fsdp_;
+  const int n = rows_, L = cfg_.n_layers;
+  F.begin_grad(space_, u_head_);
   if (n > 0) {
-    impl::kc::gemm(sp, "T", "N", S(1), rows(f_, n), lg, S(1), F.grad2(p_head_));
-    impl::kc::gemm(sp, "N", "T", S(1), lg, F.param2(p_head_), S(0), rows(t1_, n));
-    dk::rmsnorm_backward(sp, rows(xin_[L], n), F.param1(p_fnorm_), head(rf_, n), rows(t1_, n), dx,
-                         F.grad1(p_fnorm_));
+    auto lg = rows(logits_, n);
+    impl::kc::gemm(space_, "T", "N", S(1), rows(f_, n), lg, S(1), F.grad2(p_head_));
+    impl::kc::gemm(space_, "N", "T", S(1), lg, F.param2(p_head_), S(0), rows(t1_, n));
+    dk::rmsnorm_backward(space_, rows(xin_[L], n), F.param1(p_fnorm_), head(rf_, n), rows(t1_, n),
+                         rows(dx_, n), F.grad1(p_fnorm_));
   }
   F.reduce_scatter_grad(u_head_);
   F.release(u_head_);
+}
 
-  dk::AttentionShape sh;
-  sh.batch = batch_;
-  sh.seq = cfg_.seq_len;
-  sh.heads = H;
-  for (int l = L - 1; l >= 0; --l) {
-    const BlockParams& P = bp_[l];
-    Acts& A = *acts_[ckpt ? 0 : l];
-    F.gather(u_block_[l]);
-    if (ckpt) {  // recompute the block (same router noise step) instead of storing it
-      moe_[l]->set_step(step);
-      block_forward(l, A, true);
-    }
-    F.begin_grad(u_block_[l]);
-    // x_out = h + moe(m): dh = dx + rmsnorm2^T(moe^T(dx))
-    auto dm = rows(t1_, n);
-    moe_[l]->backward(dx, dm);
-    auto dh = rows(t2_, n);
-    dk::rmsnorm_backward(sp, rows(A.h, n), F.param1(P.moe_norm), head(A.r2, n), dm, dh,
-                         F.grad1(P.moe_norm));
-    add(dh, dx, dh);
-    // h = x + attn(a): dx = dh + rmsnorm1^T(attn^T(dh))
-    auto da = rows(t1_, n);
-    dk::attention_backward(sp, sh, rows(A.a, n), F.param2(P.wq), F.param2(P.wk), F.param2(P.wv),
-                           F.param2(P.wo), rows(A.q, n), rows(A.k, n), rows(A.v, n),
-                           rows(A.p, n * H), rows(A.o, n), dh, da, F.grad2(P.wq), F.grad2(P.wk),
-                           F.grad2(P.wv), F.grad2(P.wo), rows(dq_, n), rows(dk_, n), rows(dv_, n),
-                           rows(do_, n));
-    dk::rmsnorm_backward(sp, rows(xin_[l], n), F.param1(P.attn_norm), head(A.r1, n), da, dx,
-                         F.grad1(P.attn_norm));
-    add(dx, dh, dx);
-    Kokkos::deep_copy(F.grad2(P.router), moe_[l]->router_grad());
-    F.reduce_scatter_grad(u_block_[l]);
-    F.release(u_block_[l]);
+/// Backward of block l (recomputing its forward first with activation checkpointing):
+/// dx_ in, dx_ out; its unit's gradient reduce-scattered.
+template <class S>
+void Model<S>::block_backward(int l, std::uint64_t step) {
+  auto& F = *fsdp_;
+  const int n = rows_, H = cfg_.n_heads;
+  const execution_space& sp = space_;
+  const bool ckpt = par_.activation_checkpointing;
+  const BlockParams& P = bp_[l];
+  Acts& A = *acts_[ckpt ? 0 : l];
+  auto dx = rows(dx_, n);
+  F.gather(u_block_[l]);
+  if (ckpt) {  // recompute the block (same router noise step) instead of storing it
+    moe_[l]->set_step(step);
+    block_forward(l, A, true);
   }
+  F.begin_grad(sp, u_block_[l]);
+  // x_out = h + moe(m): dh = dx + rmsnorm2^T(moe^T(dx))
+  auto dm = rows(t1_, n);
+  moe_[l]->backward(dx, dm);
+  auto dh = rows(t2_, n);
+  dk::rmsnorm_backward(sp, rows(A.h, n), F.param1(P.moe_norm), head(A.r2, n), dm, dh,
+                       F.grad1(P.moe_norm));
+  add(sp, dh, dx, dh);
+  // h = x + attn(a): dx = dh + rmsnorm1^T(attn^T(dh))
+  auto da = rows(t1_, n);
+  dk::attention_backward(sp, attention_shape(batch_, cfg_), rows(A.a, n), F.param2(P.wq), F.param2(P.wk),
+                         F.param2(P.wv), F.param2(P.wo), rows(A.q, n), rows(A.k, n), rows(A.v, n),
+                         rows(A.p, n * H), rows(A.o, n), dh, da, F.grad2(P.wq), F.grad2(P.wk),
+                         F.grad2(P.wv), F.grad2(P.wo), rows(dq_, n), rows(dk_, n), rows(dv_, n),
+                         rows(do_, n));
+  dk::rmsnorm_backward(sp, rows(xin_[l], n), F.param1(P.attn_norm), head(A.r1, n), da, dx,
+                       F.grad1(P.attn_norm));
+  add(sp, dx, dh, dx);
+  Kokkos::deep_copy(sp, F.grad2(P.router), moe_[l]->router_grad());
+  F.reduce_scatter_grad(u_block_[l]);
+  F.release(u_block_[l]);
+}
+
+/// Backward of the embeddings from dx_.
+template <class S>
+void Model<S>::embedding_backward() {
+  auto& F = *fsdp_;
+  const int n = rows_;
   F.gather(u_embed_);
-  F.begin_grad(u_embed_);
+  F.begin_grad(space_, u_embed_);
   if (n > 0)
-    dk::embedding_backward(sp, head(tokens_, n), cfg_.seq_len, dx, F.grad2(p_wte_), F.grad2(p_wpe_));
+    dk::embedding_backward(space_, head(tokens_, n), cfg_.seq_len, rows(dx_, n), F.grad2(p_wte_),
+                           F.grad2(p_wpe_));
   F.reduce_scatter_grad(u_embed_);
   F.release(u_embed_);
+}
 
-  // Expert gradients: summed over the replicas of this expert-parallel group.
-  if (mesh_.dp_size() > 1) {
-    impl::CollectiveLabel label("experts.grad_allreduce");
-    if (!edp_coll_)
-      edp_coll_ = std::make_unique<impl::Collectives<execution_space>>(mesh_.edp(), execution_space());
-    for (int l = 0; l < L; ++l) {
-      auto& m = *moe_[l];
-      for (auto g : {m.w1_grad(), m.w2_grad(), m.w3_grad()})
-        if (g.size() > 0) edp_coll_->allreduce_sum(g.data(), g.size());
-    }
+/// Expert gradients: summed over the replicas of this expert-parallel group.
+template <class S>
+void Model<S>::reduce_expert_grads() {
+  if (mesh_.dp_size() <= 1) return;
+  impl::CollectiveLabel label("experts.grad_allreduce");
+  if (!edp_coll_) edp_coll_ = std::make_unique<impl::Collectives<execution_space>>(mesh_.edp(), space_);
+  for (int l = 0; l < cfg_.n_layers; ++l) {
+    auto& m = *moe_[l];
+    for (auto g : {m.w1_grad(), m.w2_grad(), m.w3_grad()})
+      if (g.size() > 0) edp_coll_->allreduce_sum(g.data(), g.size());
   }
-  Kokkos::fence();
-  return st;
 }
 
 template <class S>
@@ -430,84 +485,6 @@ MemoryReport Model<S>::memory() const {
   r.activations_without_checkpointing = per_block * cfg_.n_layers + inputs;
   r.activations = per_block * acts_.size() + inputs;
   return r;
-}
-
-namespace {
-/// Bytes as a double (exact below 2^53) to a size_t, saturating.
-std::size_t saturate(double b) {
-  return b >= 1.8e19 ? std::numeric_limits<std::size_t>::max() : static_cast<std::size_t>(b);
-}
-}  // namespace
-
-std::size_t MemoryReport::total() const {
-  const std::size_t parts[] = {dense_shard, dense_grad_shard, dense_shard /* decay mask */,
-                               gathered_peak, grad_buffer, experts, expert_grads, optimizer,
-                               activations, buffers};
-  std::size_t t = 0;
-  for (std::size_t p : parts) {
-    if (p > std::numeric_limits<std::size_t>::max() - t) return std::numeric_limits<std::size_t>::max();
-    t += p;
-  }
-  return t;
-}
-
-namespace {
-/// A MoE layer's numbers of values on the fullest rank (doubles: exact to 2^53, no overflow):
-/// local expert parameters, and router state plus the rows of the k assignments per token.
-std::pair<double, double> moe_layer_values(const ModelConfig& cfg, int ep_size, double rows) {
-  const double d = cfg.d_model, h = cfg.d_hidden, E = cfg.num_experts, k = cfg.top_k;
-  const double per_expert = d * h * (cfg.activation == Activation::swiglu ? 3 : 2);
-  const double local_experts = std::ceil(E / std::max(ep_size, 1));  // balanced blocks
-  const double A = rows * k;
-  return {local_experts * per_expert, rows * (3 * E + 3 * k) + A * (8 * d + 5 * h)};
-}
-}  // namespace
-
-MoELayerMemory estimate_moe_layer_memory(const ModelConfig& cfg, int ep_size, long long rows,
-                                         std::size_t scalar_bytes) {
-  const auto [experts, buffers] = moe_layer_values(cfg, ep_size, static_cast<double>(std::max(rows, 0LL)));
-  const double sb = static_cast<double>(scalar_bytes);
-  MoELayerMemory m;
-  m.experts = saturate(experts * sb);
-  m.buffers = saturate(buffers * sb);
-  return m;
-}
-
-MemoryReport estimate_memory(const ModelConfig& cfg, const ParallelConfig& par, int world_size,
-                             int ep_size, long long rows, std::size_t scalar_bytes) {
-  // Same layout as Model: units embed [wte, wpe], block l [attn_norm, wq, wk, wv, wo,
-  // moe_norm, router], head [final_norm, lm_head], each padded to a multiple of the world.
-  // In doubles: every product stays exact up to 2^53 and cannot overflow.
-  const double d = cfg.d_model, V = cfg.vocab, Sq = cfg.seq_len, E = cfg.num_experts,
-               L = cfg.n_layers, h = cfg.d_hidden, H = cfg.n_heads, W = std::max(world_size, 1),
-               sb = static_cast<double>(scalar_bytes), r = static_cast<double>(std::max(rows, 0LL));
-  auto padded = [&](double n) { return std::ceil(n / W) * W; };
-  const double embed = V * d + Sq * d, block = 2 * d + 4 * d * d + d * E, head = d + d * V;
-  const double shard = padded(embed) / W + L * (padded(block) / W) + padded(head) / W;
-  const double max_padded = std::max({padded(embed), padded(block), padded(head)});
-  const double all_padded = padded(embed) + L * padded(block) + padded(head);
-  const double per_expert = d * h * (cfg.activation == Activation::swiglu ? 3 : 2);
-  const auto [local_expert_values, moe] = moe_layer_values(cfg, ep_size, r);
-  MemoryReport m;
-  m.dense_total_params = saturate(embed + L * block + head);
-  m.expert_total_params = saturate(per_expert * E * L);
-  m.dense_shard = saturate(shard * sb);
-  m.dense_grad_shard = m.dense_shard;
-  m.gathered_unit_max = saturate(max_padded * sb);
-  m.gathered_peak = saturate((par.reshard_after_forward ? max_padded : all_padded) * sb);
-  m.grad_buffer = saturate(max_padded * sb);
-  m.experts = saturate(local_expert_values * L * sb);
-  m.expert_grads = m.experts;
-  m.optimizer = saturate(2 * (shard + local_expert_values * L) * sb);
-  const double per_block = 7 * r * d + r * H * Sq + 2 * r;
-  const double inputs = (L + 1) * r * d;
-  m.activations_without_checkpointing = saturate((per_block * L + inputs) * sb);
-  m.activations = saturate((per_block * (par.activation_checkpointing ? 1 : L) + inputs) * sb);
-  // Logits, 8 activation-gradient/scratch matrices, and per MoE layer its router state and
-  // the rows of its k assignments per token (dispatch, expert input/output and their
-  // gradients, hidden activations).
-  m.buffers = saturate((r * V + 8 * r * d + r + L * moe) * sb);
-  return m;
 }
 
 template class Model<float>;

@@ -21,7 +21,7 @@ void AdamW<S>::add(const vector& param, const vector& grad, const vector& decay_
 }
 
 template <class S>
-void AdamW<S>::step(double lr, double grad_scale) {
+void AdamW<S>::step(const execution_space& space, double lr, double grad_scale) {
   ++t_;
   const double b1 = cfg_.beta1, b2 = cfg_.beta2, eps = cfg_.eps, wd = cfg_.weight_decay;
   const double c1 = 1.0 / (1.0 - std::pow(b1, static_cast<double>(t_)));
@@ -31,7 +31,7 @@ void AdamW<S>::step(double lr, double grad_scale) {
     const bool use_mask = mask.extent(0) != 0;
     const double dec = t.decay ? 1.0 : 0.0;
     Kokkos::parallel_for(
-        "examoe::adamw::step", Kokkos::RangePolicy<execution_space>(space_, 0, p.extent(0)),
+        "examoe::adamw::step", Kokkos::RangePolicy<execution_space>(space, 0, p.extent(0)),
         KOKKOS_LAMBDA(const std::size_t i) {
           const double gi = static_cast<double>(g(i)) * grad_scale;
           const double mi = b1 * static_cast<double>(m(i)) + (1 - b1) * gi;
@@ -43,13 +43,13 @@ void AdamW<S>::step(double lr, double grad_scale) {
           p(i) = static_cast<S>(pi - lr * (mi * c1 / (impl::kc::sqrt(vi * c2) + eps) + wd * decay * pi));
         });
   }
-  space_.fence();
+  space.fence();
 }
 
 template <class S>
-double AdamW<S>::grad_sum_squares() const {
+double AdamW<S>::grad_sum_squares(const execution_space& space) const {
   double s = 0;
-  for (const Tensor& t : tensors_) s += sum_squares(t.g);
+  for (const Tensor& t : tensors_) s += sum_squares(space, t.g);
   return s;
 }
 
@@ -60,11 +60,13 @@ std::size_t AdamW<S>::state_bytes() const {
   return n;
 }
 
-template <class V>
-double sum_squares(const V& v) {
+template <class ExecSpace, class V>
+double sum_squares(const ExecSpace& space, const V& v) {
+  static_assert(Kokkos::SpaceAccessibility<ExecSpace, typename V::memory_space>::accessible,
+                "examoe::sum_squares: the view must be accessible from the execution space");
   double s = 0;
   Kokkos::parallel_reduce(
-      "examoe::sum_squares", Kokkos::RangePolicy<typename V::execution_space>(0, v.extent(0)),
+      "examoe::sum_squares", Kokkos::RangePolicy<ExecSpace>(space, 0, v.extent(0)),
       KOKKOS_LAMBDA(const std::size_t i, double& acc) {
         const double x = static_cast<double>(v(i));
         acc += x * x;
@@ -82,7 +84,7 @@ double lr_schedule(std::int64_t step, std::int64_t total, std::int64_t warmup, d
 
 template class AdamW<float>;
 template class AdamW<double>;
-template double sum_squares(const AdamW<float>::vector&);
-template double sum_squares(const AdamW<double>::vector&);
+template double sum_squares(const AdamW<float>::execution_space&, const AdamW<float>::vector&);
+template double sum_squares(const AdamW<double>::execution_space&, const AdamW<double>::vector&);
 
 }  // namespace examoe

@@ -1,0 +1,184 @@
+// The experts of one MoE layer: see experts.hpp. Kernels are free functions (nvcc does not
+// allow device lambdas in private members).
+#include "layer/experts.hpp"
+
+#include <examoe/impl/expert_kernels.hpp>
+#include <examoe/impl/kokkos_compat.hpp>
+#include <examoe/impl/random.hpp>
+
+#include <algorithm>
+#include <cmath>
+
+namespace examoe::impl {
+namespace {
+
+/// w[l][..] ~ U(-scale, scale), keyed by (seed, tensor id, global expert id, element): the
+/// same expert gets the same weights on whichever rank holds it.
+template <class Space, class T3, class IV>
+void init_expert_weights(const Space& space, const T3& w, const IV& gids, std::uint64_t seed,
+                         std::uint64_t tensor_id, double scale) {
+  const int n1 = static_cast<int>(w.extent(1)), n2 = static_cast<int>(w.extent(2));
+  const int total = static_cast<int>(w.extent(0)) * n1 * n2;
+  using S = typename T3::non_const_value_type;
+  Kokkos::parallel_for(
+      "examoe::moe::init_experts", Kokkos::RangePolicy<Space>(space, 0, total),
+      KOKKOS_LAMBDA(const int i) {
+        const int l = i / (n1 * n2), r = i % (n1 * n2);
+        const double u = uniform01(hash_key(seed, tensor_id, static_cast<std::uint64_t>(gids(l)),
+                                            static_cast<std::uint64_t>(r)));
+        w(l, r / n2, r % n2) = static_cast<S>(scale * (2 * u - 1));
+      });
+}
+
+/// Rows [b, e) of a row buffer, and local expert lx's matrix of a weight tensor.
+template <class V>
+auto rows(const V& v, int b, int e) {
+  return Kokkos::subview(v, Kokkos::make_pair(b, e), Kokkos::ALL);
+}
+template <class T3>
+auto expert_w(const T3& w, int lx) {
+  return Kokkos::subview(w, lx, Kokkos::ALL, Kokkos::ALL);
+}
+
+}  // namespace
+
+template <class Scalar>
+Experts<Scalar>::Experts(const MoEConfig& cfg, int num_local, const Space& space)
+    : space_(space), d_(cfg.d_model), h_(cfg.d_hidden), nloc_(num_local),
+      swiglu_(cfg.activation == Activation::swiglu) {
+  const std::string p = "examoe::moe::";
+  W1_ = tensor3(p + "W1", nloc_, d_, h_);
+  W2_ = tensor3(p + "W2", nloc_, h_, d_);
+  W3_ = tensor3(p + "W3", swiglu_ ? nloc_ : 0, d_, h_);
+  allocate_grads();
+}
+
+template <class Scalar>
+void Experts<Scalar>::allocate_grads() {
+  dW1_ = tensor3("examoe::moe::dW1", nloc_, d_, h_);
+  dW2_ = tensor3("examoe::moe::dW2", nloc_, h_, d_);
+  dW3_ = tensor3("examoe::moe::dW3", swiglu_ ? nloc_ : 0, d_, h_);
+}
+
+template <class Scalar>
+void Experts<Scalar>::init_weights(std::uint64_t seed, const Placement& placement, int me) {
+  Kokkos::View<int*, Mem> gids("examoe::moe::global_ids", std::max(1, nloc_));
+  auto gh = Kokkos::create_mirror_view(gids);
+  for (int l = 0; l < nloc_; ++l) gh(l) = placement.global_expert(me, l);
+  Kokkos::deep_copy(space_, gids, gh);
+  const double sd = 1.0 / std::sqrt(static_cast<double>(d_)), sh = 1.0 / std::sqrt(static_cast<double>(h_));
+  init_expert_weights(space_, W1_, gids, seed, 2, sd);
+  init_expert_weights(space_, W2_, gids, seed, 3, sh);
+  init_expert_weights(space_, W3_, gids, seed, 4, sd);
+  space_.fence();  // gids and gh are temporaries
+}
+
+template <class Scalar>
+auto Experts<Scalar>::inputs(int rows) -> matrix& {
+  ws_.reserve(xe_, "xe", rows, d_);
+  return xe_;
+}
+
+template <class Scalar>
+auto Experts<Scalar>::output_grads(int rows) -> matrix& {
+  ws_.reserve(dye_, "dye", rows, d_);
+  return dye_;
+}
+
+template <class Scalar>
+void Experts<Scalar>::forward(const DispatchPlan& plan) {
+  const int nrows = plan.expert_rows();
+  ws_.reserve(hbuf_, "h", nrows, h_);
+  ws_.reserve(abuf_, "a", nrows, h_);
+  if (swiglu_) ws_.reserve(ubuf_, "u", nrows, h_);
+  ws_.reserve(ye_, "ye", nrows, d_);
+  auto H = rows_of(hbuf_, nrows);
+  auto Aa = rows_of(abuf_, nrows);
+  for (int lx = 0; lx < nloc_; ++lx) {
+    const int b = plan.expert_row_begin(lx), e = plan.expert_row_begin(lx + 1);
+    if (b == e) continue;
+    kc::gemm(space_, "N", "N", Scalar(1), rows(xe_, b, e), expert_w(W1_, lx), Scalar(0), rows(hbuf_, b, e));
+    if (swiglu_)
+      kc::gemm(space_, "N", "N", Scalar(1), rows(xe_, b, e), expert_w(W3_, lx), Scalar(0), rows(ubuf_, b, e));
+  }
+  if (swiglu_)
+    swiglu_forward(space_, H, rows_of(ubuf_, nrows), Aa);
+  else
+    gelu_forward(space_, H, Aa);
+  for (int lx = 0; lx < nloc_; ++lx) {
+    const int b = plan.expert_row_begin(lx), e = plan.expert_row_begin(lx + 1);
+    if (b == e) continue;
+    kc::gemm(space_, "N", "N", Scalar(1), rows(abuf_, b, e), expert_w(W2_, lx), Scalar(0), rows(ye_, b, e));
+  }
+}
+
+template <class Scalar>
+void Experts<Scalar>::backward(const DispatchPlan& plan) {
+  const int nrows = plan.expert_rows();
+  ws_.reserve(dabuf_, "da", nrows, h_);
+  if (swiglu_) ws_.reserve(dubuf_, "du", nrows, h_);
+  ws_.reserve(dxe_, "dxe", nrows, d_);
+  // da = dy W2^T, dW2 += a^T dy
+  for (int lx = 0; lx < nloc_; ++lx) {
+    const int b = plan.expert_row_begin(lx), e = plan.expert_row_begin(lx + 1);
+    if (b == e) continue;
+    kc::gemm(space_, "N", "T", Scalar(1), rows(dye_, b, e), expert_w(W2_, lx), Scalar(0), rows(dabuf_, b, e));
+    kc::gemm(space_, "T", "N", Scalar(1), rows(abuf_, b, e), rows(dye_, b, e), Scalar(1), expert_w(dW2_, lx));
+  }
+  auto H = rows_of(hbuf_, nrows);
+  auto dA = rows_of(dabuf_, nrows);
+  if (swiglu_)
+    swiglu_backward(space_, H, rows_of(ubuf_, nrows), dA, rows_of(dubuf_, nrows));
+  else
+    gelu_backward(space_, H, dA);
+  for (int lx = 0; lx < nloc_; ++lx) {
+    const int b = plan.expert_row_begin(lx), e = plan.expert_row_begin(lx + 1);
+    if (b == e) continue;
+    kc::gemm(space_, "T", "N", Scalar(1), rows(xe_, b, e), rows(dabuf_, b, e), Scalar(1), expert_w(dW1_, lx));
+    kc::gemm(space_, "N", "T", Scalar(1), rows(dabuf_, b, e), expert_w(W1_, lx), Scalar(0), rows(dxe_, b, e));
+    if (swiglu_) {
+      kc::gemm(space_, "T", "N", Scalar(1), rows(xe_, b, e), rows(dubuf_, b, e), Scalar(1), expert_w(dW3_, lx));
+      kc::gemm(space_, "N", "T", Scalar(1), rows(dubuf_, b, e), expert_w(W3_, lx), Scalar(1), rows(dxe_, b, e));
+    }
+  }
+}
+
+template <class Scalar>
+void Experts<Scalar>::migrate(const MigrationPlan& plan, Collectives<Space>& coll,
+                              std::vector<flat_vector>& state) {
+  const std::size_t block = static_cast<std::size_t>(d_) * h_;
+  auto move3 = [&](tensor3& w) {
+    auto flat = migrate_blocks(space_, coll, plan, w.data(), block);
+    tensor3 nw(Kokkos::view_alloc(Kokkos::WithoutInitializing, w.label()), plan.new_local(),
+               w.extent(1), w.extent(2));
+    Kokkos::deep_copy(space_, Kokkos::View<Scalar*, Mem, Kokkos::MemoryTraits<Kokkos::Unmanaged>>(nw.data(), nw.size()), flat);
+    w = nw;
+  };
+  move3(W1_);
+  move3(W2_);
+  if (swiglu_) move3(W3_);
+  for (auto& t : state) t = migrate_blocks(space_, coll, plan, t.data(), block);
+  nloc_ = plan.new_local();
+  allocate_grads();
+}
+
+template <class Scalar>
+auto Experts<Scalar>::weights(ExpertTensor t) const -> const tensor3& {
+  return t == ExpertTensor::w1 ? W1_ : t == ExpertTensor::w2 ? W2_ : W3_;
+}
+template <class Scalar>
+auto Experts<Scalar>::grads(ExpertTensor t) const -> const tensor3& {
+  return t == ExpertTensor::w1 ? dW1_ : t == ExpertTensor::w2 ? dW2_ : dW3_;
+}
+
+template <class Scalar>
+void Experts<Scalar>::zero_grad() {
+  Kokkos::deep_copy(space_, dW1_, Scalar(0));
+  Kokkos::deep_copy(space_, dW2_, Scalar(0));
+  Kokkos::deep_copy(space_, dW3_, Scalar(0));
+}
+
+template class Experts<float>;
+template class Experts<double>;
+
+}  // namespace examoe::impl

@@ -1,0 +1,145 @@
+// The router of one MoE layer: see router.hpp. Kernels are free functions (nvcc does not
+// allow device lambdas in private members).
+#include "layer/router.hpp"
+
+#include <examoe/impl/kokkos_compat.hpp>
+#include <examoe/impl/random.hpp>
+#include <examoe/impl/watchdog.hpp>
+
+#include <algorithm>
+#include <cmath>
+
+namespace examoe::impl {
+namespace {
+
+/// W[i/E][i%E] ~ U(-scale, scale), keyed by (seed, tensor 1, element).
+template <class Space, class M>
+void init_router_weights(const Space& space, const M& W, std::uint64_t seed, double scale) {
+  const int E = static_cast<int>(W.extent(1)), n = static_cast<int>(W.size());
+  using S = typename M::non_const_value_type;
+  Kokkos::parallel_for(
+      "examoe::moe::init_router", Kokkos::RangePolicy<Space>(space, 0, n), KOKKOS_LAMBDA(const int i) {
+        const double u = uniform01(hash_key(seed, 1, 0, static_cast<std::uint64_t>(i)));
+        W(i / E, i % E) = static_cast<S>(scale * (2 * u - 1));
+      });
+}
+
+/// a += b, element-wise over two [n][m] matrices.
+template <class Space, class M>
+void accumulate(const Space& space, const M& a, const M& b) {
+  const int m = static_cast<int>(a.extent(1)), n = static_cast<int>(a.size());
+  Kokkos::parallel_for(
+      "examoe::router::accumulate_dWr", Kokkos::RangePolicy<Space>(space, 0, n),
+      KOKKOS_LAMBDA(const int i) { a(i / m, i % m) += b(i / m, i % m); });
+}
+
+}  // namespace
+
+template <class Scalar>
+Router<Scalar>::Router(const MoEConfig& cfg, const Space& space)
+    : space_(space), E_(cfg.num_experts), k_(cfg.top_k), d_(cfg.d_model),
+      alpha_(cfg.router.aux_loss_coef), beta_(cfg.router.z_loss_coef) {
+  params_.inv_temperature = 1.0 / cfg.router.temperature;
+  params_.renormalize = cfg.router.renormalize;
+  params_.seed = cfg.router.seed;
+  jitter_ = cfg.router.jitter;
+  const std::string p = "examoe::moe::";
+  Wr_ = matrix(p + "Wr", d_, E_);
+  dWr_ = matrix(p + "dWr", d_, E_);
+  dWr_step_ = matrix(p + "dWr_step", d_, E_);
+  aux_coef_ = DView1(p + "aux_coef", E_);
+  aux_coef_h_ = Kokkos::create_mirror_view(aux_coef_);
+  red_.assign(2 * static_cast<std::size_t>(E_) + 3, 0.0);
+}
+
+template <class Scalar>
+void Router<Scalar>::init_weights(std::uint64_t seed) {
+  init_router_weights(space_, Wr_, seed, 1.0 / std::sqrt(static_cast<double>(d_)));
+}
+
+template <class Scalar>
+void Router<Scalar>::set_step(std::uint64_t step) {
+  step_ = step;
+  step_set_ = true;
+}
+
+template <class Scalar>
+void Router<Scalar>::forward(const const_matrix& x, bool training, Communicator& stats_comm) {
+  T_ = static_cast<int>(x.extent(0));
+  if (!step_set_) ++step_;
+  step_set_ = false;
+  params_.step = step_;
+  params_.jitter = training ? jitter_ : 0.0;
+  params_.token_offset = params_.jitter > 0 ? stats_comm.exscan_sum(T_) : 0;
+
+  ws_.reserve(probs_, "probs", T_, E_);
+  ws_.reserve(lse_, "lse", T_);
+  ws_.reserve(topk_, "topk", T_, k_);
+  ws_.reserve(gates_, "gates", T_, k_);
+  auto p = rows_of(probs_, T_);
+  auto l = head(lse_, T_);
+  impl::kc::gemm(space_, "N", "N", Scalar(1), x, Wr_, Scalar(0), p);
+  router_softmax_topk(space_, params_, p, l, topk(), gates());
+  std::fill(red_.begin(), red_.end(), 0.0);
+  if (T_ > 0) {
+    RouterStatsFunctor<Space, decltype(p), decltype(l)> f(p, l);
+    Kokkos::View<double*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> result(
+        red_.data() + E_, static_cast<std::size_t>(E_) + 1);
+    Kokkos::parallel_reduce("examoe::router::stats", Kokkos::RangePolicy<Space>(space_, 0, T_), f,
+                            result);
+  }
+}
+
+template <class Scalar>
+void Router<Scalar>::reduce_statistics(const DispatchPlan& plan, const Placement& placement,
+                                       Communicator& stats_comm, LayerStats& stats) {
+  const int E = E_, P = placement.num_ranks();
+  for (int e = 0; e < E; ++e) red_[e] = plan.assignments_to(e);
+  red_[2 * E + 1] = T_;
+  stats_comm.allreduce_sum(red_.data(), red_.size(), DataType::f64);
+  const double Tg = red_[2 * E + 1];
+  double aux = 0;
+  for (int e = 0; e < E; ++e) {
+    stats.tokens_per_expert[e] = static_cast<std::int64_t>(red_[e]);
+    const double f = Tg > 0 ? red_[e] / (k_ * Tg) : 0.0;
+    const double Pe = Tg > 0 ? red_[E + e] / Tg : 0.0;
+    aux += f * Pe;
+    aux_coef_h_(e) = Tg > 0 ? alpha_ * E * f / Tg : 0.0;
+  }
+  losses_.aux = alpha_ * E * aux;
+  losses_.z = Tg > 0 ? beta_ * red_[2 * E] / Tg : 0.0;
+  zcoef_ = Tg > 0 ? 2.0 * beta_ / Tg : 0.0;
+  Kokkos::deep_copy(space_, aux_coef_, aux_coef_h_);
+  // Imbalance of expert rows per rank, from the global counts.
+  double mx = 0, sum = 0;
+  for (int r = 0; r < P; ++r) {
+    double rr = 0;
+    for (int lx = 0; lx < placement.num_local(r); ++lx) rr += red_[placement.global_expert(r, lx)];
+    mx = std::max(mx, rr);
+    sum += rr;
+  }
+  stats.imbalance = sum > 0 ? mx / (sum / P) : 1.0;
+}
+
+template <class Scalar>
+void Router<Scalar>::backward(const const_matrix& x, Collectives<Space>* reduce, const matrix& dx) {
+  ws_.reserve(dz_, "dz", T_, E_);
+  auto dzv = rows_of(dz_, T_);
+  router_backward(space_, params_, rows_of(probs_, T_), head(lse_, T_), topk(), gates(),
+                  rows_of(dgate_, T_), aux_coef_, zcoef_, dzv);
+  if (T_ > 0)
+    impl::kc::gemm(space_, "T", "N", Scalar(1), x, dzv, Scalar(0), dWr_step_);
+  else
+    Kokkos::deep_copy(space_, dWr_step_, Scalar(0));
+  if (reduce) {
+    CollectiveLabel scope("moe.router_grad");
+    reduce->allreduce_sum(dWr_step_.data(), dWr_step_.size());
+  }
+  accumulate(space_, dWr_, dWr_step_);
+  impl::kc::gemm(space_, "N", "T", Scalar(1), dzv, Wr_, Scalar(0), dx);
+}
+
+template class Router<float>;
+template class Router<double>;
+
+}  // namespace examoe::impl

@@ -1,0 +1,102 @@
+// The router of one MoE layer: its weight Wr[d][E] (replicated) and gradient, and its state
+// of the last forward: logits turned probabilities, top-k choices, gates, the global
+// statistics (aux and z losses and their coefficients for backward). Equations:
+// docs/moe-layer.md, "Router".
+#pragma once
+
+#include "layer/dispatch_plan.hpp"
+
+#include <examoe/comm.hpp>
+#include <examoe/impl/collectives.hpp>
+#include <examoe/impl/router_kernels.hpp>
+#include <examoe/impl/workspace.hpp>
+#include <examoe/metrics.hpp>
+#include <examoe/moe_config.hpp>
+#include <examoe/moe_layer.hpp>
+#include <examoe/placement.hpp>
+
+#include <Kokkos_Core.hpp>
+
+#include <cstdint>
+#include <vector>
+
+namespace examoe::impl {
+
+template <class Scalar>
+class Router {
+ public:
+  using Space = Kokkos::DefaultExecutionSpace;
+  using Mem = Space::memory_space;
+  using matrix = Kokkos::View<Scalar**, Kokkos::LayoutRight, Mem>;
+  using const_matrix = Kokkos::View<const Scalar**, Kokkos::LayoutRight, Mem>;
+  using IView2 = Kokkos::View<int**, Kokkos::LayoutRight, Mem>;
+  static_assert(Kokkos::SpaceAccessibility<Space, Mem>::accessible,
+                "examoe::impl::Router: the router's views must be accessible from its space");
+
+  Router(const MoEConfig& cfg, const Space& space);
+
+  /// Wr ~ U(-1/sqrt(d), 1/sqrt(d)), keyed by (seed, element).
+  void init_weights(std::uint64_t seed);
+  /// The step that keys the jitter noise of the next forward (else each forward adds one).
+  void set_step(std::uint64_t step);
+
+  /// Local half of forward for x[T][d]: logits x Wr, softmax, top-k and gates, and this
+  /// rank's probability and lse^2 sums. With jitter (training) the noise is keyed by the
+  /// step and the global token index (an exclusive scan of T over `stats_comm`).
+  void forward(const const_matrix& x, bool training, Communicator& stats_comm);
+  /// Global half: ONE allreduce over `stats_comm` of [assignments per expert (from `plan`) |
+  /// probability sums | lse^2 sum | T | 0], which is also the agreement that every rank got
+  /// here; then the losses, backward's coefficients, tokens per expert and the imbalance
+  /// of expert rows per rank under `placement`.
+  void reduce_statistics(const DispatchPlan& plan, const Placement& placement,
+                         Communicator& stats_comm, LayerStats& stats);
+
+  int tokens() const { return T_; }
+  /// The last forward's choices [T][k] and gates [T][k].
+  auto topk() const { return rows_of(topk_, T_); }
+  auto gates() const { return rows_of(gates_, T_); }
+  RouterLosses losses() const { return losses_; }
+
+  /// dL/dgate [T][k] of the current backward, for the combine^T to fill.
+  auto gate_grads();
+  /// Router backward from the gate gradients: dWr += x^T dz (the step's part summed over
+  /// `reduce` first when given), and dx = dz Wr^T (=, the caller adds the expert part).
+  void backward(const const_matrix& x, Collectives<Space>* reduce, const matrix& dx);
+
+  const matrix& weight() const { return Wr_; }
+  const matrix& grad() const { return dWr_; }
+  void zero_grad() { Kokkos::deep_copy(space_, dWr_, Scalar(0)); }
+  std::int64_t workspace_allocations() const { return ws_.allocations(); }
+
+ private:
+  using SView1 = Kokkos::View<Scalar*, Mem>;
+  using DView1 = Kokkos::View<double*, Mem>;
+  Space space_;
+  int E_ = 0, k_ = 1, d_ = 0, T_ = 0;
+  double alpha_ = 0, beta_ = 0;  // aux and z loss coefficients
+  double jitter_ = 0;            // the config's jitter (training forwards only)
+  matrix Wr_, dWr_, dWr_step_;
+  matrix probs_, dz_, gates_, dgate_;
+  SView1 lse_;
+  IView2 topk_;
+  DView1 aux_coef_;  // [E]: alpha E f_e / T_g
+  typename DView1::HostMirror aux_coef_h_;
+  double zcoef_ = 0;  // 2 beta / T_g
+  RouterLosses losses_;
+  RouterParams params_;
+  std::uint64_t step_ = 0;
+  bool step_set_ = false;
+  std::vector<double> red_;  // statistics allreduce buffer
+  Workspace ws_{"examoe::moe::"};
+};
+
+template <class Scalar>
+auto Router<Scalar>::gate_grads() {
+  ws_.reserve(dgate_, "dgate", T_, k_);
+  return rows_of(dgate_, T_);
+}
+
+extern template class Router<float>;
+extern template class Router<double>;
+
+}  // namespace examoe::impl
