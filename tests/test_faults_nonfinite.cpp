@@ -2,32 +2,18 @@
 // on bitwise as if it never happened), and too many in a row stop the run with a checkpoint of
 // the last good state.
 #include "test_faults.hpp"
-#include "test_util.hpp"
 
 #include <examoe/checkpoint.hpp>
-#include <examoe/comm.hpp>
 #include <examoe/config.hpp>
-#include <examoe/error.hpp>
-#include <examoe/impl/fault.hpp>
-#include <examoe/impl/watchdog.hpp>
-#include <examoe/train.hpp>
-
-#include <gtest/gtest.h>
-#include <mpi.h>
 
 #if EXAMOE_ENABLE_HDF5
 #include <hdf5.h>
 #endif
 
-#include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <map>
-#include <string>
 #include <sys/stat.h>
-#include <unistd.h>
-#include <vector>
 
 namespace {
 
