@@ -26,15 +26,19 @@ S=(--model.d_model 32 --model.seq_len 16 --model.d_hidden 32 --train.batch 8 --t
 fail() { echo "FAIL: $*"; exit 1; }
 
 # run_fault NAME NP SPEC ARGS...: runs under `timeout 120` with EXAMOE_FAULT=SPEC; sets $rc
-# and $secs; output in NAME.log.
+# and $secs; output in NAME.log (stdout, then stderr).
 run_fault() {
   local name=$1 np=$2 spec=$3
   shift 3
   local t0=$SECONDS
   set +e
-  EXAMOE_FAULT=$spec timeout 120 "$mpiexec" -n "$np" "$examoe" train "$@" < /dev/null > "$name.log" 2>&1
+  # stdout (rank 0's report) and stderr (every rank's messages) apart, then one after the other:
+  # written to one file, mpiexec's forwarding of one rank's stderr can land inside a line of rank
+  # 0's stdout and break the line-anchored checks below.
+  EXAMOE_FAULT=$spec timeout 120 "$mpiexec" -n "$np" "$examoe" train "$@" < /dev/null > "$name.out" 2> "$name.err"
   rc=$?
   set -e
+  cat "$name.out" "$name.err" > "$name.log"
   secs=$((SECONDS - t0))
   echo "-- $name: EXAMOE_FAULT=$spec on $np ranks: exit code $rc after ${secs} s"
   [[ $rc != 124 ]] || { cat "$name.log"; fail "$name: the job was still running after 120 s"; }
