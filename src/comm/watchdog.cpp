@@ -224,6 +224,7 @@ void WatchdogChannel::timed_out(MPI_Request& req, double seconds) {
   }
   std::fprintf(stderr, "%s\n", rep.message.c_str());
   std::fflush(stderr);
+  std::this_thread::sleep_for(std::chrono::duration<double>(kWatchdogReportDrainSeconds));
   end_job();
 }
 

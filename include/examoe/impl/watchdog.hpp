@@ -64,6 +64,10 @@ constexpr int kWatchdogAbortCode = 4;
 /// After the report, how long MPI_Abort may take to end the job before the reporting process
 /// exits by itself with kWatchdogAbortCode (MPI_Abort need not return).
 constexpr double kWatchdogExitGraceSeconds = 5.0;
+/// How long the reporting process waits after writing its report before MPI_Abort: the process
+/// manager forwards a rank's output asynchronously, and an abort that follows the write at once
+/// can end the job before the report is forwarded (seen with MPICH's mpiexec under load).
+constexpr double kWatchdogReportDrainSeconds = 1.0;
 
 /// What one rank said about itself when asked (or when it asked).
 struct WatchdogPeerState {
