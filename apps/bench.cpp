@@ -7,6 +7,7 @@
 #include <examoe/examoe.hpp>
 #include <examoe/model.hpp>
 #include <examoe/train.hpp>
+#include <examoe/impl/host_sync.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/random.hpp>
 
@@ -198,6 +199,35 @@ double time_steps(const BenchOptions& o, MPI_Comm comm, MoELayer<S>& layer, cons
   return step_time / o.steps;
 }
 
+/// What one forward and one backward make, counted (impl/host_sync.hpp): host waits, kernel
+/// launches (Kokkos Tools callbacks) and GEMM calls.
+struct StepWork {
+  impl::WorkCounts forward, backward;
+};
+template <class S>
+StepWork count_step(MoELayer<S>& layer, const Mat<S>& x, const Mat<S>& out, const Mat<S>& dout, const Mat<S>& dx) {
+  StepWork w;
+  impl::KernelLaunchCounter launches;
+  const impl::WorkCounts t0 = impl::work_counts();
+  layer.forward(x, out);
+  const impl::WorkCounts t1 = impl::work_counts();
+  layer.backward(dout, dx);
+  const impl::WorkCounts t2 = impl::work_counts();
+  Kokkos::fence();
+  w.forward = t1 - t0;
+  w.backward = t2 - t1;
+  return w;
+}
+
+std::string counts_text(const impl::WorkCounts& c) {
+  return std::to_string(c.host_syncs) + " host syncs, " + std::to_string(c.kernel_launches) + " kernel launches, " +
+         std::to_string(c.gemm_calls) + " GEMM calls";
+}
+std::string counts_json(const impl::WorkCounts& c) {
+  return "{\"host_syncs\":" + std::to_string(c.host_syncs) + ",\"kernel_launches\":" +
+         std::to_string(c.kernel_launches) + ",\"gemm_calls\":" + std::to_string(c.gemm_calls) + "}";
+}
+
 template <class S>
 int run(const BenchOptions& o) {
   MPI_Comm comm = MPI_COMM_WORLD;
@@ -224,6 +254,7 @@ int run(const BenchOptions& o) {
   cfg.activation = activation_from_string(o.activation);
   cfg.router.temperature = o.temperature;
   cfg.router.seed = o.seed;
+  cfg.time_phases = true;  // no fences: host clocks, or CUDA events on the stream
   MoELayerOptions lopts;
   lopts.comm = comm;
   lopts.comm_options.backend = comm_backend_from_string(o.comm);  // one of its spellings (checked by CLI11)
@@ -236,6 +267,7 @@ int run(const BenchOptions& o) {
 
   std::array<double, kNumPhases> phase{};
   const double step_time = time_steps(o, comm, layer, x, out, dout, dx, phase);
+  const StepWork work = count_step(layer, x, out, dout, dx);  // rank 0's counts are printed
 
   const LayerStats& st = layer.stats();
   const double gemm = gemm_only_seconds<S>(st.rows_per_local_expert, o.d_model, o.d_hidden,
@@ -281,6 +313,8 @@ int run(const BenchOptions& o) {
     std::printf("  data movement       %10.2f GB/s (dispatch + combine + dy dispatch, rank 0) vs device copy %.2f GB/s: %.1f %%\n",
                 move_s > 0 ? move_bytes / move_s * 1e-9 : 0.0, copy_min * 1e-9,
                 move_s > 0 && copy_min > 0 ? 100.0 * move_bytes / move_s / copy_min : 0.0);
+    std::printf("  per forward:  %s (rank 0)\n", counts_text(work.forward).c_str());
+    std::printf("  per backward: %s (rank 0)\n", counts_text(work.backward).c_str());
     std::printf("  backend: %s on %s\n", layer.communicator().backend().c_str(),
                 Kokkos::DefaultExecutionSpace::name());
     if (!o.json.empty()) {
@@ -294,7 +328,8 @@ int run(const BenchOptions& o) {
          << ",\"bytes_sent\":" << sent_sum << ",\"imbalance\":" << st.imbalance
          << ",\"comm\":\"" << layer.communicator().backend() << "\",\"space\":\""
          << Kokkos::DefaultExecutionSpace::name() << "\",\"move_bytes_per_s\":" << (move_s > 0 ? move_bytes / move_s : 0.0)
-         << ",\"copy_bytes_per_s\":" << copy_min << ",\"phases_s\":{";
+         << ",\"copy_bytes_per_s\":" << copy_min << ",\"forward_counts\":" << counts_json(work.forward)
+         << ",\"backward_counts\":" << counts_json(work.backward) << ",\"phases_s\":{";
       for (int p = 0; p < kNumPhases; ++p)
         js << (p ? "," : "") << "\"" << phase_name(static_cast<Phase>(p)) << "\":" << phase_max[p];
       js << "}}\n";

@@ -47,8 +47,10 @@ struct MoEConfig {
   /// router. One extra pass over the input, agreed with the shape checks (no extra message).
   /// The trainer turns it off: there, non-finite values are train.nonfinite's business.
   bool check_finite_inputs = true;
-  /// Fence and time each phase (router, plan, pack, all-to-all, experts, combine, backward).
-  bool time_phases = true;
+  /// Time each phase (router, plan, pack, all-to-all, experts, combine, backward) into
+  /// stats().seconds. No fences: a host clock on host spaces, CUDA events on the stream on
+  /// GPUs (one wait when stats() is read). Off by default; the trainer and the bench turn it on.
+  bool time_phases = false;
 
   /// Local validity checks; throws examoe::Error naming the bad field.
   void validate() const;

@@ -7,6 +7,7 @@
 #include <examoe/error.hpp>
 #include <examoe/impl/agree.hpp>
 #include <examoe/impl/fault.hpp>
+#include <examoe/impl/host_sync.hpp>
 #include <examoe/impl/watchdog.hpp>
 
 #if EXAMOE_ENABLE_HDF5
@@ -426,6 +427,7 @@ CheckpointInfo load_checkpoint(const std::string& path, Model<S>& model, AdamW<S
     opt.set_steps(adam_step);
     for (io::TensorGroup group : io::kTensorGroups) io::read_tensors<S>(f, model, opt, group);
   });
+  impl::count_host_sync();
   Kokkos::fence();
   return info;
 }

@@ -85,6 +85,7 @@ template <class S>
 long long first_bad(const Flat<S>& v, bool second_moment) {
   if (v.size() == 0) return -1;
   long long first = 0;
+  impl::count_host_sync();  // a reduction into a host value waits for it
   Kokkos::parallel_reduce(
       "examoe::checkpoint::find_bad",
       Kokkos::RangePolicy<Kokkos::DefaultExecutionSpace>(0, v.size()),
@@ -101,6 +102,7 @@ long long first_bad(const Flat<S>& v, bool second_moment) {
 template <class S>
 std::string value_at(const Flat<S>& v, long long at) {
   S x{};
+  impl::count_host_sync();
   Kokkos::deep_copy(x, Kokkos::subview(v, at));
   return value_text(static_cast<double>(x));
 }
@@ -361,7 +363,7 @@ void read_unsummed_pieces(hid_t parent, TensorGroup group, const std::string& na
 
 template <class S>
 std::vector<S> to_host(const Flat<S>& v) {
-  auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), v);
+  auto h = impl::host_copy_of(v);
   return std::vector<S>(h.data(), h.data() + h.size());
 }
 template <class S>

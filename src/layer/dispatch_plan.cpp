@@ -3,6 +3,7 @@
 #include "layer/dispatch_plan.hpp"
 
 #include <examoe/error.hpp>
+#include <examoe/impl/host_sync.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/watchdog.hpp>
 
@@ -25,9 +26,9 @@ void assignment_keys(const Space& space, int A, int k, const IV& key_of_expert, 
 
 /// Where each assignment's expert output comes back: >= 0 a row of this rank's expert rows,
 /// < 0 (-1 - i) row i of the combine receive buffer.
-template <class Space, class IV, class BV>
+template <class Space, class IV, class SV, class BV>
 void return_locations(const Space& space, int A, const IV& keys, const IV& inv_perm,
-                      const IV& key_start, const BV& blocks, int my_first, int nloc, int P, int me,
+                      const SV& key_start, const BV& blocks, int my_first, int nloc, int P, int me,
                       int self_begin, int self_count, const IV& loc) {
   const int my_last = my_first + nloc;
   Kokkos::parallel_for(
@@ -45,8 +46,7 @@ void return_locations(const Space& space, int A, const IV& keys, const IV& inv_p
 
 }  // namespace
 
-DispatchPlan::DispatchPlan()
-    : key_start_h_("examoe::dispatch::key_start_host", 1) {}
+DispatchPlan::DispatchPlan() = default;
 
 void DispatchPlan::set_placement(const Space& space, const Placement& placement, int my_rank) {
   placement_ = placement;
@@ -60,20 +60,17 @@ void DispatchPlan::set_placement(const Space& space, const Placement& placement,
   auto koe = Kokkos::create_mirror_view(key_of_expert_);
   for (int e = 0; e < E; ++e) koe(e) = placement.key(e);
   Kokkos::deep_copy(space, key_of_expert_, koe);
-  if (key_start_.extent(0) != static_cast<std::size_t>(E) + 1) {
-    key_start_ = IView1("examoe::dispatch::key_start", E + 1);
-    key_start_h_ = Kokkos::create_mirror_view(key_start_);
-  }
+  if (key_start_slot_.count != static_cast<std::size_t>(E) + 1) key_start_slot_ = readback_.reserve<int>(E + 1);
   const auto nb = static_cast<std::size_t>(std::max(1, nloc_ * P_));
   if (blocks_.extent(0) < nb) {
     blocks_ = BlockView("examoe::dispatch::blocks", nb);
-    blocks_h_ = Kokkos::create_mirror_view(blocks_);
+    blocks_h_ = Kokkos::View<RowBlock*, kc::StagingSpace>("examoe::dispatch::blocks_host", nb);
   }
   send_mat_.assign(static_cast<std::size_t>(P_) * ml_, 0);
   recv_mat_.assign(static_cast<std::size_t>(P_) * ml_, 0);
   exchange_.reset(P_);
   expert_offset_.assign(nloc_ + 1, 0);
-  space.fence();  // koe is a temporary host mirror
+  host_sync(space);  // koe is a temporary host mirror
   sorted_ = complete_ = false;
 }
 
@@ -91,16 +88,23 @@ void DispatchPlan::sort(const Space& space, const TopkView& topk) {
   ws_.reserve(hist_, "hist", static_cast<std::size_t>(C) * E);
   assignment_keys(space, A_, k, key_of_expert_, topk, keys_);
   stable_counting_sort(space, head(keys_, A_), E, kSortChunk, hist_, head(perm_, A_),
-                       head(inv_perm_, A_), key_start_);
-  Kokkos::deep_copy(space, key_start_h_, key_start_);
-  space.fence();
+                       head(inv_perm_, A_), key_start());
+  sorted_at_fetch_ = readback_.fetches();
   sorted_ = true;
   complete_ = false;
 }
 
+void DispatchPlan::fetch_counts(const Space& space) {
+  if (!sorted_) throw Error("examoe::DispatchPlan::fetch_counts: called before sort()");
+  if (readback_.fetches() == sorted_at_fetch_) readback_.fetch(space);
+}
+
 int DispatchPlan::assignments_to(int e) const {
+  if (!sorted_ || readback_.fetches() == sorted_at_fetch_)
+    throw Error("examoe::DispatchPlan::assignments_to: the counts of the last sort are not on the host (fetch_counts)");
   const int key = placement_.key(e);
-  return key_start_h_(key + 1) - key_start_h_(key);
+  const auto ks = key_start_host();
+  return ks(key + 1) - ks(key);
 }
 
 void DispatchPlan::exchange_counts(const Space& space, Communicator& comm) {
@@ -111,19 +115,21 @@ void DispatchPlan::exchange_counts(const Space& space, Communicator& comm) {
                 ") is not the one of the placement (rank " + std::to_string(me_) + " of " +
                 std::to_string(P_) + ")");
   kc::ScopedRegion region("examoe::DispatchPlan::exchange_counts");
+  fetch_counts(space);
+  const auto ks = key_start_host();
   // This step's counts only: every entry is rewritten.
   for (int r = 0; r < P_; ++r)
     for (int lx = 0; lx < ml_; ++lx) {
       const int key = placement_.rank_offset(r) + lx;
       send_mat_[static_cast<std::size_t>(r) * ml_ + lx] =
-          lx < placement_.num_local(r) ? key_start_h_(key + 1) - key_start_h_(key) : 0;
+          lx < placement_.num_local(r) ? ks(key + 1) - ks(key) : 0;
     }
   {
     CollectiveLabel label("moe.plan");
     comm.alltoall_int(send_mat_.data(), recv_mat_.data(), ml_);
   }
-  self_begin_ = key_start_h_(placement_.rank_offset(me_));
-  self_count_ = key_start_h_(placement_.rank_offset(me_) + nloc_) - self_begin_;
+  self_begin_ = ks(placement_.rank_offset(me_));
+  self_count_ = ks(placement_.rank_offset(me_) + nloc_) - self_begin_;
   for (int r = 0; r < P_; ++r) {
     int sr = 0, rr = 0;
     for (int lx = 0; lx < ml_; ++lx) {
@@ -134,18 +140,19 @@ void DispatchPlan::exchange_counts(const Space& space, Communicator& comm) {
     // slots without this rank's own run.
     exchange_.send_counts[r] = r == me_ ? 0 : sr;
     exchange_.recv_counts[r] = r == me_ ? 0 : rr;
-    exchange_.send_displs[r] = key_start_h_(placement_.rank_offset(r)) - (r > me_ ? self_count_ : 0);
+    exchange_.send_displs[r] = ks(placement_.rank_offset(r)) - (r > me_ ? self_count_ : 0);
   }
   exchange_.finish(false);
   lay_out_expert_rows();
   Kokkos::deep_copy(space, blocks_, blocks_h_);
-  return_locations(space, A_, keys_, inv_perm_, key_start_, blocks_, placement_.rank_offset(me_),
+  return_locations(space, A_, keys_, inv_perm_, key_start(), blocks_, placement_.rank_offset(me_),
                    nloc_, P_, me_, self_begin_, self_count_, loc_);
   complete_ = true;
 }
 
 /// Expert-row blocks in (local expert, source rank) order.
 void DispatchPlan::lay_out_expert_rows() {
+  const auto ks = key_start_host();
   nblocks_ = nloc_ * P_;
   int q = 0;
   for (int lx = 0; lx < nloc_; ++lx) {
@@ -156,7 +163,7 @@ void DispatchPlan::lay_out_expert_rows() {
       b.count = recv_mat_[static_cast<std::size_t>(src) * ml_ + lx];
       b.local = src == me_ ? 1 : 0;
       if (src == me_) {
-        b.from = key_start_h_(placement_.rank_offset(me_) + lx);
+        b.from = ks(placement_.rank_offset(me_) + lx);
       } else {
         int off = exchange_.recv_displs[src];
         for (int l2 = 0; l2 < lx; ++l2) off += recv_mat_[static_cast<std::size_t>(src) * ml_ + l2];

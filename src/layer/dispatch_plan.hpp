@@ -4,16 +4,20 @@
 //
 // Built in two halves each forward, from this step's top-k choices alone:
 //   sort()            local: keys (owner rank, local expert), stable counting sort -> perm,
-//                     inv_perm and the assignments per key (one device-to-host copy);
+//                     inv_perm and the assignments per key, all queued on the device;
+//   fetch_counts()    the assignments per key to the host through the plan's readback: the
+//                     one wait of the layer's forward (other units' values ride in the same
+//                     copy: readback() takes their slots at set-up);
 //   exchange_counts() collective: ONE all-to-all of the per-(rank, local expert) counts, then
 //                     send/receive counts and displacements, the expert-row blocks and every
-//                     assignment's return location.
+//                     assignment's return location (fetches first if nobody did).
 // Every member a step reads is rewritten by these two calls, whatever T was the step
 // before (T = 0 included), so nothing of an earlier step survives. Backward reuses the plan.
 #pragma once
 
 #include <examoe/comm.hpp>
 #include <examoe/impl/dispatch_kernels.hpp>
+#include <examoe/impl/host_readback.hpp>
 #include <examoe/impl/workspace.hpp>
 #include <examoe/placement.hpp>
 
@@ -43,8 +47,12 @@ class DispatchPlan {
 
   /// Local half: sorts the assignments a = t*k + j of `topk` [T][k] (T may be 0) by key.
   void sort(const Space& space, const TopkView& topk);
-  /// This rank's assignments to global expert e in the last sort.
+  /// The counts of the last sort to the host (one copy, one wait; no-op if already fetched).
+  void fetch_counts(const Space& space);
+  /// This rank's assignments to global expert e in the last sort (after fetch_counts).
   int assignments_to(int e) const;
+  /// The buffer the counts come down in; other units reserve their slots in it at set-up.
+  HostReadback<Space>& readback() { return readback_; }
 
   /// Collective half over the expert-parallel communicator `comm` (same placement on
   /// every rank): exchanges the counts and lays out both directions of the exchange.
@@ -64,6 +72,8 @@ class DispatchPlan {
   /// Rows of this rank's local experts (local expert lx: [expert_row_begin(lx), ..(lx+1))).
   int expert_rows() const { return nrows_; }
   int expert_row_begin(int lx) const { return expert_offset_[lx]; }
+  /// All of them: [num_local() + 1], the groups of the experts' grouped GEMMs.
+  const std::vector<int>& expert_row_offsets() const { return expert_offset_; }
   int num_local() const { return nloc_; }
   /// Sorted slots of the rows that stay on this rank: [self_begin, self_begin + self_count).
   int self_begin() const { return self_begin_; }
@@ -88,10 +98,14 @@ class DispatchPlan {
   bool sorted_ = false, complete_ = false;
 
   IView1 key_of_expert_;  // [E]
-  IView1 keys_, perm_, inv_perm_, loc_, hist_, key_start_;
-  IView1::HostMirror key_start_h_;
+  IView1 keys_, perm_, inv_perm_, loc_, hist_;
+  HostReadback<Space> readback_{"examoe::dispatch::readback"};
+  HostReadback<Space>::Slot key_start_slot_;  // [E+1] start of each key's run of sorted slots
+  std::uint64_t sorted_at_fetch_ = 0;         // readback_.fetches() when sort() queued its kernels
+  HostReadback<Space>::DeviceSlot<int> key_start() const { return readback_.device<int>(key_start_slot_); }
+  HostReadback<Space>::HostSlot<int> key_start_host() const { return readback_.host<int>(key_start_slot_); }
   BlockView blocks_;
-  BlockView::HostMirror blocks_h_;
+  Kokkos::View<RowBlock*, kc::StagingSpace> blocks_h_;  // pinned on CUDA: the upload is asynchronous
   std::vector<int> send_mat_, recv_mat_;  // [P][max_local]
   RowExchange exchange_;
   std::vector<int> expert_offset_;        // [nloc + 1]

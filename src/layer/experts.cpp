@@ -3,6 +3,7 @@
 #include "layer/experts.hpp"
 
 #include <examoe/impl/expert_kernels.hpp>
+#include <examoe/impl/host_sync.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/random.hpp>
 
@@ -28,16 +29,6 @@ void init_expert_weights(const Space& space, const T3& w, const IV& gids, std::u
                                             static_cast<std::uint64_t>(r)));
         w(l, r / n2, r % n2) = static_cast<S>(scale * (2 * u - 1));
       });
-}
-
-/// Rows [b, e) of a row buffer, and local expert lx's matrix of a weight tensor.
-template <class V>
-auto rows(const V& v, int b, int e) {
-  return Kokkos::subview(v, Kokkos::make_pair(b, e), Kokkos::ALL);
-}
-template <class T3>
-auto expert_w(const T3& w, int lx) {
-  return Kokkos::subview(w, lx, Kokkos::ALL, Kokkos::ALL);
 }
 
 }  // namespace
@@ -70,7 +61,7 @@ void Experts<Scalar>::init_weights(std::uint64_t seed, const Placement& placemen
   init_expert_weights(space_, W1_, gids, seed, 2, sd);
   init_expert_weights(space_, W2_, gids, seed, 3, sh);
   init_expert_weights(space_, W3_, gids, seed, 4, sd);
-  space_.fence();  // gids and gh are temporaries
+  host_sync(space_);  // gids and gh are temporaries
 }
 
 template <class Scalar>
@@ -88,58 +79,45 @@ auto Experts<Scalar>::output_grads(int rows) -> matrix& {
 template <class Scalar>
 void Experts<Scalar>::forward(const DispatchPlan& plan) {
   const int nrows = plan.expert_rows();
+  const std::vector<int>& o = plan.expert_row_offsets();
   ws_.reserve(hbuf_, "h", nrows, h_);
   ws_.reserve(abuf_, "a", nrows, h_);
   if (swiglu_) ws_.reserve(ubuf_, "u", nrows, h_);
   ws_.reserve(ye_, "ye", nrows, d_);
   auto H = rows_of(hbuf_, nrows);
   auto Aa = rows_of(abuf_, nrows);
-  for (int lx = 0; lx < nloc_; ++lx) {
-    const int b = plan.expert_row_begin(lx), e = plan.expert_row_begin(lx + 1);
-    if (b == e) continue;
-    kc::gemm(space_, "N", "N", Scalar(1), rows(xe_, b, e), expert_w(W1_, lx), Scalar(0), rows(hbuf_, b, e));
-    if (swiglu_)
-      kc::gemm(space_, "N", "N", Scalar(1), rows(xe_, b, e), expert_w(W3_, lx), Scalar(0), rows(ubuf_, b, e));
-  }
+  // h = x W1 (and u = x W3), a = act(h[, u]), y = a W2: one grouped GEMM per projection
+  grouped_gemm_rows(space_, gemm_, false, Scalar(1), xe_, W1_, Scalar(0), hbuf_, o);
+  if (swiglu_) grouped_gemm_rows(space_, gemm_, false, Scalar(1), xe_, W3_, Scalar(0), ubuf_, o);
   if (swiglu_)
     swiglu_forward(space_, H, rows_of(ubuf_, nrows), Aa);
   else
     gelu_forward(space_, H, Aa);
-  for (int lx = 0; lx < nloc_; ++lx) {
-    const int b = plan.expert_row_begin(lx), e = plan.expert_row_begin(lx + 1);
-    if (b == e) continue;
-    kc::gemm(space_, "N", "N", Scalar(1), rows(abuf_, b, e), expert_w(W2_, lx), Scalar(0), rows(ye_, b, e));
-  }
+  grouped_gemm_rows(space_, gemm_, false, Scalar(1), abuf_, W2_, Scalar(0), ye_, o);
 }
 
 template <class Scalar>
 void Experts<Scalar>::backward(const DispatchPlan& plan) {
   const int nrows = plan.expert_rows();
+  const std::vector<int>& o = plan.expert_row_offsets();
   ws_.reserve(dabuf_, "da", nrows, h_);
   if (swiglu_) ws_.reserve(dubuf_, "du", nrows, h_);
   ws_.reserve(dxe_, "dxe", nrows, d_);
   // da = dy W2^T, dW2 += a^T dy
-  for (int lx = 0; lx < nloc_; ++lx) {
-    const int b = plan.expert_row_begin(lx), e = plan.expert_row_begin(lx + 1);
-    if (b == e) continue;
-    kc::gemm(space_, "N", "T", Scalar(1), rows(dye_, b, e), expert_w(W2_, lx), Scalar(0), rows(dabuf_, b, e));
-    kc::gemm(space_, "T", "N", Scalar(1), rows(abuf_, b, e), rows(dye_, b, e), Scalar(1), expert_w(dW2_, lx));
-  }
+  grouped_gemm_rows(space_, gemm_, true, Scalar(1), dye_, W2_, Scalar(0), dabuf_, o);
+  grouped_gemm_weights(space_, gemm_, Scalar(1), abuf_, dye_, dW2_, o);
   auto H = rows_of(hbuf_, nrows);
   auto dA = rows_of(dabuf_, nrows);
   if (swiglu_)
     swiglu_backward(space_, H, rows_of(ubuf_, nrows), dA, rows_of(dubuf_, nrows));
   else
     gelu_backward(space_, H, dA);
-  for (int lx = 0; lx < nloc_; ++lx) {
-    const int b = plan.expert_row_begin(lx), e = plan.expert_row_begin(lx + 1);
-    if (b == e) continue;
-    kc::gemm(space_, "T", "N", Scalar(1), rows(xe_, b, e), rows(dabuf_, b, e), Scalar(1), expert_w(dW1_, lx));
-    kc::gemm(space_, "N", "T", Scalar(1), rows(dabuf_, b, e), expert_w(W1_, lx), Scalar(0), rows(dxe_, b, e));
-    if (swiglu_) {
-      kc::gemm(space_, "T", "N", Scalar(1), rows(xe_, b, e), rows(dubuf_, b, e), Scalar(1), expert_w(dW3_, lx));
-      kc::gemm(space_, "N", "T", Scalar(1), rows(dubuf_, b, e), expert_w(W3_, lx), Scalar(1), rows(dxe_, b, e));
-    }
+  // dW1 += x^T dh, dx = dh W1^T (+ du W3^T, dW3 += x^T du)
+  grouped_gemm_weights(space_, gemm_, Scalar(1), xe_, dabuf_, dW1_, o);
+  grouped_gemm_rows(space_, gemm_, true, Scalar(1), dabuf_, W1_, Scalar(0), dxe_, o);
+  if (swiglu_) {
+    grouped_gemm_weights(space_, gemm_, Scalar(1), xe_, dubuf_, dW3_, o);
+    grouped_gemm_rows(space_, gemm_, true, Scalar(1), dubuf_, W3_, Scalar(1), dxe_, o);
   }
 }
 

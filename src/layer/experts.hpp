@@ -8,6 +8,7 @@
 #include "layer/migration_plan.hpp"
 
 #include <examoe/impl/collectives.hpp>
+#include <examoe/impl/grouped_gemm.hpp>
 #include <examoe/impl/workspace.hpp>
 #include <examoe/moe_config.hpp>
 #include <examoe/placement.hpp>
@@ -67,6 +68,7 @@ class Experts {
   tensor3 W1_, W2_, W3_, dW1_, dW2_, dW3_;
   matrix xe_, ye_, hbuf_, ubuf_, abuf_, dabuf_, dubuf_, dye_, dxe_;
   Workspace ws_{"examoe::moe::"};
+  GroupedGemm<Space> gemm_;  // one call per projection for all local experts
 };
 
 extern template class Experts<float>;

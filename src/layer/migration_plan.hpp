@@ -75,7 +75,7 @@ Kokkos::View<S*, typename Space::memory_space> migrate_blocks(const Space& space
                       blk(old, static_cast<std::size_t>(kept.first)));
   for (std::size_t i = 0; i < nr; ++i)
     Kokkos::deep_copy(space, blk(out, static_cast<std::size_t>(plan.recv_blocks()[i])), blk(recvb, i));
-  space.fence();
+  host_sync(space);
   return out;
 }
 

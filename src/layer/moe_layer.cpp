@@ -9,6 +9,7 @@
 #include "layer/dispatch_plan.hpp"
 #include "layer/experts.hpp"
 #include "layer/migration_plan.hpp"
+#include "layer/phase_timer.hpp"
 #include "layer/router.hpp"
 #include "layer/row_workspace.hpp"
 
@@ -16,12 +17,12 @@
 #include <examoe/impl/agree.hpp>
 #include <examoe/impl/collectives.hpp>
 #include <examoe/impl/dispatch_kernels.hpp>
+#include <examoe/impl/host_sync.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/watchdog.hpp>
 #include <examoe/moe_layer.hpp>
 
 #include <algorithm>
-#include <chrono>
 #include <climits>
 #include <cmath>
 #include <sstream>
@@ -32,23 +33,20 @@ namespace examoe {
 // nvcc does not allow device lambdas inside a class that is private to another class.
 namespace impl {
 
-/// Row-major index of the first NaN/Inf element of a [n0][n1] matrix, LLONG_MAX if none.
-template <class Space, class M>
-long long first_nonfinite(const Space& space, const M& v) {
+/// first() = row-major index of the first NaN/Inf element of a [n0][n1] matrix, LLONG_MAX
+/// if none, written on the device (the minimum over rows is order-independent).
+template <class Space, class M, class F>
+void find_first_nonfinite(const Space& space, const M& v, const F& first) {
   const int n0 = static_cast<int>(v.extent(0)), n1 = static_cast<int>(v.extent(1));
-  long long first = LLONG_MAX;
-  Kokkos::parallel_reduce(
-      "examoe::moe::finite_check", Kokkos::RangePolicy<Space>(space, 0, n0),
-      KOKKOS_LAMBDA(const int i, long long& f) {
+  Kokkos::deep_copy(space, first, LLONG_MAX);
+  Kokkos::parallel_for(
+      "examoe::moe::finite_check", Kokkos::RangePolicy<Space>(space, 0, n0), KOKKOS_LAMBDA(const int i) {
         for (int j = 0; j < n1; ++j)
           if (!kc::isfinite(v(i, j))) {
-            const long long at = static_cast<long long>(i) * n1 + j;
-            if (at < f) f = at;
+            Kokkos::atomic_fetch_min(&first(0), static_cast<long long>(i) * n1 + j);
             break;
           }
-      },
-      Kokkos::Min<long long>(first));
-  return first;
+      });
 }
 
 }  // namespace impl
@@ -76,22 +74,20 @@ struct MoELayer<Scalar>::Impl {
   const_matrix x_saved;
   bool have_forward = false;
   LayerStats stats;
+  impl::HostReadback<Space>::Slot first_bad_slot;  // [1]: first non-finite input element
 
   // ---------------------------------------------------------------- timing
-  std::chrono::steady_clock::time_point t0;
+  impl::PhaseTimer<Space> timer{space};
   void tic() {
-    if (cfg.time_phases) {
-      space.fence();
-      t0 = std::chrono::steady_clock::now();
-    }
+    if (cfg.time_phases) timer.start();
   }
   void toc(Phase ph) {
-    if (cfg.time_phases) {
-      space.fence();
-      stats.seconds[static_cast<int>(ph)] +=
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      t0 = std::chrono::steady_clock::now();
-    }
+    if (cfg.time_phases) timer.mark(ph);
+  }
+  /// The statistics, with the phase times marked so far (on CUDA: one wait for their events).
+  const LayerStats& current_stats() {
+    timer.collect(stats.seconds.data());
+    return stats;
   }
 
   // ---------------------------------------------------------------- setup
@@ -136,7 +132,8 @@ struct MoELayer<Scalar>::Impl {
     E = cfg.num_experts;
     k = cfg.top_k;
     d = cfg.d_model;
-    router = std::make_unique<impl::Router<Scalar>>(cfg, space);
+    router = std::make_unique<impl::Router<Scalar>>(cfg, space, plan.readback());
+    first_bad_slot = plan.readback().reserve<long long>(1);
     stats.tokens_per_expert.assign(E, 0);
     apply_placement(placement);
     experts = std::make_unique<impl::Experts<Scalar>>(cfg, nloc, space);
@@ -156,7 +153,7 @@ struct MoELayer<Scalar>::Impl {
   void init_parameters(std::uint64_t seed) {
     router->init_weights(seed);
     experts->init_weights(seed, placement, me);
-    space.fence();
+    impl::host_sync(space);
   }
 
   /// Everything that depends on the placement except the expert tensors themselves.
@@ -178,28 +175,13 @@ struct MoELayer<Scalar>::Impl {
     const impl::MigrationPlan migration(placement, np, me);
     experts->migrate(migration, *coll, state);
     apply_placement(np);
-    space.fence();
+    impl::host_sync(space);
   }
 
   // ------------------------------------------------------------------ checks
-  /// "" if every element of v is finite, else a message naming the first bad one.
-  std::string nonfinite_message(const const_matrix& v, const char* fn, const char* name) {
-    const int n0 = static_cast<int>(v.extent(0)), n1 = static_cast<int>(v.extent(1));
-    if (n0 == 0 || n1 == 0) return {};
-    const long long first = impl::first_nonfinite(space, v);
-    if (first == LLONG_MAX) return {};
-    const int i = static_cast<int>(first / n1), j = static_cast<int>(first % n1);
-    auto hv = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), Kokkos::subview(v, i, j));
-    std::ostringstream os;
-    os << "examoe::MoELayer::" << fn << ": " << name << " contains non-finite values (" << name << "(" << i
-       << ", " << j << ") = " << static_cast<double>(hv()) << " on rank " << comm->rank()
-       << " of the expert-parallel group); the inputs must be finite";
-    return os.str();
-  }
-
-  /// Shape and finiteness errors of forward's inputs, agreed over the statistics
-  /// communicator so a bad rank does not leave the others waiting in a collective.
-  void check_forward_inputs(const const_matrix& x, const matrix& out) {
+  /// Shape errors of forward's inputs, agreed over the statistics communicator so a bad
+  /// rank does not leave the others waiting in a collective.
+  void check_forward_shapes(const const_matrix& x, const matrix& out) {
     std::string err;
     if (x.extent(1) != static_cast<std::size_t>(d) || out.extent(1) != static_cast<std::size_t>(d) ||
         out.extent(0) != x.extent(0))
@@ -209,13 +191,11 @@ struct MoELayer<Scalar>::Impl {
     else if (static_cast<long long>(x.extent(0)) * k > INT_MAX / 2)
       err = "examoe::MoELayer::forward: T * top_k = " + std::to_string(x.extent(0) * k) +
             " assignments exceed the supported 2^30";
-    else if (cfg.check_finite_inputs)
-      err = nonfinite_message(x, "forward", "x");
     throw_if_any(*scomm, err);
   }
 
-  /// The same for backward's: a preceding forward, shapes of that forward's x, finiteness.
-  void check_backward_inputs(const const_matrix& dout, const matrix& dx) {
+  /// The same for backward's: a preceding forward, shapes of that forward's x.
+  void check_backward_shapes(const const_matrix& dout, const matrix& dx) {
     std::string err;
     if (!have_forward)
       err = "examoe::MoELayer::backward: called without a preceding forward";
@@ -225,8 +205,29 @@ struct MoELayer<Scalar>::Impl {
             "][" + std::to_string(d) + "] (the last forward's x), got dout [" +
             std::to_string(dout.extent(0)) + "][" + std::to_string(dout.extent(1)) + "] and dx [" +
             std::to_string(dx.extent(0)) + "][" + std::to_string(dx.extent(1)) + "]";
-    else if (cfg.check_finite_inputs)
-      err = nonfinite_message(dout, "backward", "dout");
+    throw_if_any(*scomm, err);
+  }
+
+  /// Queues the search for v's first non-finite element into the readback (no wait).
+  void queue_finite_check(const const_matrix& v) {
+    impl::find_first_nonfinite(space, v, plan.readback().device<long long>(first_bad_slot));
+  }
+
+  /// After the readback's fetch: an error on every rank if any rank's v had a non-finite
+  /// element, naming the first one (reading its value is the one extra wait, on error only).
+  void agree_finite(const const_matrix& v, const char* fn, const char* name) {
+    const long long first = plan.readback().host<long long>(first_bad_slot)(0);
+    std::string err;
+    if (first != LLONG_MAX) {
+      const int n1 = static_cast<int>(v.extent(1));
+      const int i = static_cast<int>(first / n1), j = static_cast<int>(first % n1);
+      auto hv = impl::host_copy_of(Kokkos::subview(v, i, j));
+      std::ostringstream os;
+      os << "examoe::MoELayer::" << fn << ": " << name << " contains non-finite values (" << name << "(" << i
+         << ", " << j << ") = " << static_cast<double>(hv()) << " on rank " << comm->rank()
+         << " of the expert-parallel group); the inputs must be finite";
+      err = os.str();
+    }
     throw_if_any(*scomm, err);
   }
 
@@ -235,18 +236,23 @@ struct MoELayer<Scalar>::Impl {
     impl::kc::ScopedRegion region("examoe::MoELayer::forward");
     impl::CollectiveLabel label("moe.router");
     have_forward = false;  // until this forward completes, backward has nothing to reuse
-    for (auto& s : stats.seconds) s = 0;
+    stats.seconds.fill(0);
+    timer.clear();
     tic();
-    check_forward_inputs(x, out);
+    check_forward_shapes(x, out);
     T = static_cast<int>(x.extent(0));
     A = T * k;
     x_saved = x;
     router->forward(x, training, *scomm);
     toc(Phase::router);
 
-    // ---- plan: local sort by (owner rank, local expert), the global router statistics,
-    // then the counts exchange and layout
+    // ---- plan: local sort by (owner rank, local expert); the layer's ONE wait brings the
+    // counts, the router's sums and the finite check to the host together; then the global
+    // router statistics, the counts exchange and the layout
+    if (cfg.check_finite_inputs) queue_finite_check(x);
     plan.sort(space, router->topk());
+    plan.fetch_counts(space);
+    if (cfg.check_finite_inputs) agree_finite(x, "forward", "x");
     router->reduce_statistics(plan, placement, *scomm, stats);
     plan.exchange_counts(space, *comm);
     record_plan_stats();
@@ -309,7 +315,12 @@ struct MoELayer<Scalar>::Impl {
   void backward(const const_matrix& dout, const matrix& dx) {
     impl::kc::ScopedRegion region("examoe::MoELayer::backward");
     impl::CollectiveLabel label("moe.backward");
-    check_backward_inputs(dout, dx);
+    check_backward_shapes(dout, dx);
+    if (cfg.check_finite_inputs) {  // a guard that costs one wait; the trainer turns it off
+      queue_finite_check(dout);
+      plan.readback().fetch(space);
+      agree_finite(dout, "backward", "dout");
+    }
     tic();
     const auto g = router->gates();
     const auto dg = router->gate_grads();
@@ -391,7 +402,7 @@ void MoELayer<S>::zero_grad() {
 template <class S>
 RouterLosses MoELayer<S>::losses() const { return impl_->router->losses(); }
 template <class S>
-const LayerStats& MoELayer<S>::stats() const { return impl_->stats; }
+const LayerStats& MoELayer<S>::stats() const { return impl_->current_stats(); }
 template <class S>
 const Placement& MoELayer<S>::placement() const { return impl_->placement; }
 template <class S>

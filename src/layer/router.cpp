@@ -36,9 +36,9 @@ void accumulate(const Space& space, const M& a, const M& b) {
 }  // namespace
 
 template <class Scalar>
-Router<Scalar>::Router(const MoEConfig& cfg, const Space& space)
+Router<Scalar>::Router(const MoEConfig& cfg, const Space& space, HostReadback<Space>& readback)
     : space_(space), E_(cfg.num_experts), k_(cfg.top_k), d_(cfg.d_model),
-      alpha_(cfg.router.aux_loss_coef), beta_(cfg.router.z_loss_coef) {
+      alpha_(cfg.router.aux_loss_coef), beta_(cfg.router.z_loss_coef), readback_(readback) {
   params_.inv_temperature = 1.0 / cfg.router.temperature;
   params_.renormalize = cfg.router.renormalize;
   params_.seed = cfg.router.seed;
@@ -48,7 +48,8 @@ Router<Scalar>::Router(const MoEConfig& cfg, const Space& space)
   dWr_ = matrix(p + "dWr", d_, E_);
   dWr_step_ = matrix(p + "dWr_step", d_, E_);
   aux_coef_ = DView1(p + "aux_coef", E_);
-  aux_coef_h_ = Kokkos::create_mirror_view(aux_coef_);
+  aux_coef_h_ = Kokkos::View<double*, kc::StagingSpace>(p + "aux_coef_host", E_);
+  sums_slot_ = readback_.template reserve<double>(static_cast<std::size_t>(E_) + 1);
   red_.assign(2 * static_cast<std::size_t>(E_) + 3, 0.0);
 }
 
@@ -80,13 +81,13 @@ void Router<Scalar>::forward(const const_matrix& x, bool training, Communicator&
   auto l = head(lse_, T_);
   impl::kc::gemm(space_, "N", "N", Scalar(1), x, Wr_, Scalar(0), p);
   router_softmax_topk(space_, params_, p, l, topk(), gates());
-  std::fill(red_.begin(), red_.end(), 0.0);
+  // Every step rewrites the slot, also at T = 0: no sum of an earlier step survives.
+  const auto sums = readback_.template device<double>(sums_slot_);
   if (T_ > 0) {
     RouterStatsFunctor<Space, decltype(p), decltype(l)> f(p, l);
-    Kokkos::View<double*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> result(
-        red_.data() + E_, static_cast<std::size_t>(E_) + 1);
-    Kokkos::parallel_reduce("examoe::router::stats", Kokkos::RangePolicy<Space>(space_, 0, T_), f,
-                            result);
+    Kokkos::parallel_reduce("examoe::router::stats", Kokkos::RangePolicy<Space>(space_, 0, T_), f, sums);
+  } else {
+    Kokkos::deep_copy(space_, sums, 0.0);
   }
 }
 
@@ -94,7 +95,10 @@ template <class Scalar>
 void Router<Scalar>::reduce_statistics(const DispatchPlan& plan, const Placement& placement,
                                        Communicator& stats_comm, LayerStats& stats) {
   const int E = E_, P = placement.num_ranks();
+  const auto sums = readback_.template host<double>(sums_slot_);
   for (int e = 0; e < E; ++e) red_[e] = plan.assignments_to(e);
+  for (int i = 0; i <= E; ++i) red_[E + i] = sums(i);
+  red_[2 * E + 2] = 0;
   red_[2 * E + 1] = T_;
   stats_comm.allreduce_sum(red_.data(), red_.size(), DataType::f64);
   const double Tg = red_[2 * E + 1];

@@ -8,6 +8,7 @@
 
 #include <examoe/comm.hpp>
 #include <examoe/impl/collectives.hpp>
+#include <examoe/impl/host_readback.hpp>
 #include <examoe/impl/router_kernels.hpp>
 #include <examoe/impl/workspace.hpp>
 #include <examoe/metrics.hpp>
@@ -33,7 +34,8 @@ class Router {
   static_assert(Kokkos::SpaceAccessibility<Space, Mem>::accessible,
                 "examoe::impl::Router: the router's views must be accessible from its space");
 
-  Router(const MoEConfig& cfg, const Space& space);
+  /// The router's statistics come down in `readback` (the plan's), where it takes a slot.
+  Router(const MoEConfig& cfg, const Space& space, HostReadback<Space>& readback);
 
   /// Wr ~ U(-1/sqrt(d), 1/sqrt(d)), keyed by (seed, element).
   void init_weights(std::uint64_t seed);
@@ -41,10 +43,12 @@ class Router {
   void set_step(std::uint64_t step);
 
   /// Local half of forward for x[T][d]: logits x Wr, softmax, top-k and gates, and this
-  /// rank's probability and lse^2 sums. With jitter (training) the noise is keyed by the
-  /// step and the global token index (an exclusive scan of T over `stats_comm`).
+  /// rank's probability and lse^2 sums into its readback slot (queued; nothing waits). With
+  /// jitter (training) the noise is keyed by the step and the global token index (an
+  /// exclusive scan of T over `stats_comm`).
   void forward(const const_matrix& x, bool training, Communicator& stats_comm);
-  /// Global half: ONE allreduce over `stats_comm` of [assignments per expert (from `plan`) |
+  /// Global half, after the readback's fetch: ONE allreduce over `stats_comm` of
+  /// [assignments per expert (from `plan`) |
   /// probability sums | lse^2 sum | T | 0], which is also the agreement that every rank got
   /// here; then the losses, backward's coefficients, tokens per expert and the imbalance
   /// of expert rows per rank under `placement`.
@@ -80,7 +84,9 @@ class Router {
   SView1 lse_;
   IView2 topk_;
   DView1 aux_coef_;  // [E]: alpha E f_e / T_g
-  typename DView1::HostMirror aux_coef_h_;
+  Kokkos::View<double*, kc::StagingSpace> aux_coef_h_;  // pinned on CUDA: the upload is asynchronous
+  HostReadback<Space>& readback_;
+  HostReadback<Space>::Slot sums_slot_;  // [E+1]: sum_t p[t][e], then sum_t lse[t]^2
   double zcoef_ = 0;  // 2 beta / T_g
   RouterLosses losses_;
   RouterParams params_;

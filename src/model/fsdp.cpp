@@ -90,7 +90,7 @@ void Fsdp<S>::finalize(std::uint64_t seed) {
     }
     Kokkos::deep_copy(space_, U.shard_param, hp);
     Kokkos::deep_copy(space_, U.decay_mask, hm);
-    space_.fence();  // hp and hm are temporary host mirrors
+    impl::host_sync(space_);  // hp and hm are temporary host mirrors
     if (!reshard_) U.full = vector(lbl + "full", U.padded);
   }
   if (reshard_) pool_ = vector("examoe::fsdp::gather_pool", max_padded);

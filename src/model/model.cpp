@@ -64,6 +64,7 @@ void add(const Space& space, const A& a, const B& b, const Y& y) {
 template <class Space, class V>
 long long sum_ints(const Space& space, const V& v) {
   long long c = 0;
+  impl::count_host_sync();  // a reduction into a host value waits for it
   Kokkos::parallel_reduce("examoe::model::count_correct",
                           Kokkos::RangePolicy<Space>(space, 0, static_cast<int>(v.extent(0))),
                           KOKKOS_LAMBDA(const int i, long long& acc) { acc += v(i); }, c);
@@ -148,6 +149,8 @@ void Model<S>::build_moe_layers(std::uint64_t seed) {
     // Non-finite activations in training are the trainer's policy (train.nonfinite), not an
     // input error of the layer.
     m.check_finite_inputs = false;
+    // The run log reports the layers' phases (no fences on a GPU: events on the stream).
+    m.time_phases = true;
     // Every layer shares the mesh's communicators (one NCCL communicator per group, not per layer).
     MoELayerOptions on_mesh;
     on_mesh.shared_comm = mesh_.ep_shared();
@@ -231,7 +234,7 @@ void Model<S>::prepare(const Batch& b) {
     }
     Kokkos::deep_copy(space_, tokens_, ht);
     Kokkos::deep_copy(space_, targets_, hg);
-    space_.fence();  // ht and hg are temporary host mirrors
+    impl::host_sync(space_);  // ht and hg are temporary host mirrors
   }
 }
 
@@ -319,6 +322,7 @@ StepStats Model<S>::run(const Batch& local, long long global_valid, bool trainin
   for (int l = cfg_.n_layers - 1; l >= 0; --l) block_backward(l, step);
   embedding_backward();
   reduce_expert_grads();
+  impl::count_host_sync();
   Kokkos::fence();
   return st;
 }
@@ -358,7 +362,7 @@ void Model<S>::head_forward_loss(long long global_valid, StepStats& st, std::vec
   const double scale = global_valid > 0 ? 1.0 / static_cast<double>(global_valid) : 0.0;
   long long valid = 0;
   if (logits_out) {  // before cross_entropy turns them into gradients in place
-    auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), lg);
+    auto h = impl::host_copy_of(lg);
     logits_out->assign(h.data(), h.data() + static_cast<std::size_t>(n) * cfg_.vocab);
   }
   st.ce_sum = n > 0 ? dk::cross_entropy(space_, lg, head(targets_, n), scale, lg, head(correct_, n), &valid) : 0.0;
@@ -367,7 +371,7 @@ void Model<S>::head_forward_loss(long long global_valid, StepStats& st, std::vec
     auto cv = head(correct_, n);
     st.correct = sum_ints(space_, cv);
     if (correct) {
-      auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), cv);
+      auto h = impl::host_copy_of(cv);
       correct->assign(h.data(), h.data() + n);
     }
   } else if (correct) {

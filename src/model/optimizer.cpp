@@ -43,7 +43,7 @@ void AdamW<S>::step(const execution_space& space, double lr, double grad_scale) 
           p(i) = static_cast<S>(pi - lr * (mi * c1 / (impl::kc::sqrt(vi * c2) + eps) + wd * decay * pi));
         });
   }
-  space.fence();
+  impl::host_sync(space);
 }
 
 template <class S>
@@ -65,6 +65,7 @@ double sum_squares(const ExecSpace& space, const V& v) {
   static_assert(Kokkos::SpaceAccessibility<ExecSpace, typename V::memory_space>::accessible,
                 "examoe::sum_squares: the view must be accessible from the execution space");
   double s = 0;
+  impl::count_host_sync();  // a reduction into a host value waits for it
   Kokkos::parallel_reduce(
       "examoe::sum_squares", Kokkos::RangePolicy<ExecSpace>(space, 0, v.extent(0)),
       KOKKOS_LAMBDA(const std::size_t i, double& acc) {

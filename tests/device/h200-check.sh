@@ -3,10 +3,10 @@
 #   1. unpack the carried Debian packages (MPICH, GoogleTest, OpenBLAS, CLI11, nlohmann-json);
 #   2. build ExaMoE with the carried CUDA Kokkos (+ Kokkos Kernels/cuBLAS) and the machine's
 #      NCCL (/usr/local/cuda, or the nvidia-nccl wheel of its Python);
-#   3. run the layer's correctness tests on the GPU, the NCCL backend check, and a short
-#      training run, at 1 rank;
+#   3. run the layer's correctness tests on the GPU, the counted waits per step (host_syncs),
+#      the NCCL backend check, the cuBLAS grouped-GEMM check, and a short training run, at 1 rank;
 #   4. `examoe bench` with --comm nccl and --comm mpi: expert GEMM rate against the bare GEMM
-#      bound, data movement against the device copy rate.
+#      bound, data movement against the device copy rate, host syncs / launches / GEMM calls.
 # Prepare here with tests/device/prepare-carry.sh, then run it with carry [".device"] and
 #   bash tests/device/h200-check.sh
 # Results: $OUT/{gpu.txt,ctest.txt,bench.jsonl,bench.txt,train.txt} (or ./device-out/ without $OUT).
@@ -38,7 +38,7 @@ cmake --build build-cuda -j 16 > "$OUT/build.txt" 2>&1 || { grep -B2 -A8 error "
 
 log "tests"
 timeout 300 ctest --test-dir build-cuda --output-on-failure \
-  -R '^(placement|kernels|dense|layer|gradcheck|errors|comm|train|ragged|nccl\.device)\.np1$' \
+  -R '^((placement|kernels|dense|layer|gradcheck|errors|comm|train|ragged|host_syncs|nccl\.device)\.np1|grouped_gemm\.device)$' \
   2>&1 | tee "$OUT/ctest.txt"
 
 log "bench"

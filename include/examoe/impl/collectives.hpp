@@ -7,6 +7,7 @@
 //    chunks that cross ranks (the all-to-all's own rows are copied on the device).
 #pragma once
 #include <examoe/comm.hpp>
+#include <examoe/impl/host_sync.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 
 #include <algorithm>
@@ -64,7 +65,7 @@ class Collectives {
       if (hsc_[r] > 0)
         Kokkos::deep_copy(space_, host(hs + hsd_[r] * w, hsc_[r] * w),
                           dev(const_cast<T*>(send) + static_cast<std::size_t>(sd[r]) * w, hsc_[r] * w));
-    space_.fence();
+    host_sync(space_);
     comm_->alltoallv_rows(hs, hsc_.data(), hsd_.data(), hr, hrc_.data(), hrd_.data(), row_elems,
                           data_type_of<T>(), Memory::host);
     for (int r = 0; r < P; ++r)
@@ -85,7 +86,7 @@ class Collectives {
     }
     T* h = reserve<T>(send_host_, n);
     Kokkos::deep_copy(space_, host(h, n), dev(buf, n));
-    space_.fence();
+    host_sync(space_);
     comm_->allreduce_sum(h, n, data_type_of<T>(), Memory::host);
     Kokkos::deep_copy(space_, dev(buf, n), host(h, n));
     staged_bytes_ += 2 * n * sizeof(T);
@@ -103,7 +104,7 @@ class Collectives {
     T* hs = reserve<T>(send_host_, n);
     T* hr = reserve<T>(recv_host_, all);
     Kokkos::deep_copy(space_, host(hs, n), dev(const_cast<T*>(send), n));
-    space_.fence();
+    host_sync(space_);
     comm_->allgather(hs, hr, n, data_type_of<T>(), Memory::host);
     Kokkos::deep_copy(space_, dev(recv, all), host(hr, all));
     staged_bytes_ += (n + all) * sizeof(T);
@@ -121,7 +122,7 @@ class Collectives {
     T* hs = reserve<T>(send_host_, all);
     T* hr = reserve<T>(recv_host_, n);
     Kokkos::deep_copy(space_, host(hs, all), dev(const_cast<T*>(send), all));
-    space_.fence();
+    host_sync(space_);
     comm_->reduce_scatter_sum(hs, hr, n, data_type_of<T>(), Memory::host);
     Kokkos::deep_copy(space_, dev(recv, n), host(hr, n));
     staged_bytes_ += (n + all) * sizeof(T);
@@ -139,9 +140,11 @@ class Collectives {
 
   Memory mem() const { return device ? Memory::device : Memory::host; }
   /// Kernels that produced the send data must be done before a backend that is not ordered on
-  /// the execution space's stream reads it.
+  /// the execution space's stream reads it. A stream-ordered backend (NCCL) waits for them on
+  /// the stream itself: no host synchronisation. (Host execution spaces finish their kernels
+  /// before returning, so for them only the count differs.)
   void ready() {
-    if (!(device && comm_->stream_ordered())) space_.fence();
+    if (!comm_->stream_ordered()) host_sync(space_);
   }
   template <class T>
   T* reserve(Kokkos::View<char*, kc::StagingSpace>& buf, std::size_t n) {

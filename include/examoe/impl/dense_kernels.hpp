@@ -6,6 +6,7 @@
 // writer and every sum runs in a fixed order, so results are bitwise reproducible. Nothing
 // here allocates; the caller owns every buffer (the saved activations and the scratch).
 #pragma once
+#include <examoe/impl/host_sync.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 
 namespace examoe::impl::dense {
@@ -263,6 +264,7 @@ double cross_entropy(const Space& space, const L& logits, const T& targets, doub
   using S = typename DL::non_const_value_type;
   const int n = static_cast<int>(logits.extent(0)), V = static_cast<int>(logits.extent(1));
   double loss = 0;
+  count_host_sync();  // a reduction into a host value waits for it
   Kokkos::parallel_reduce(
       "examoe::dense::cross_entropy", Kokkos::RangePolicy<Space>(space, 0, n),
       KOKKOS_LAMBDA(const int i, double& acc) {
@@ -301,6 +303,7 @@ double cross_entropy(const Space& space, const L& logits, const T& targets, doub
       loss);
   if (valid_count) {
     long long cnt = 0;
+    count_host_sync();
     Kokkos::parallel_reduce(
         "examoe::dense::cross_entropy_count", Kokkos::RangePolicy<Space>(space, 0, n),
         KOKKOS_LAMBDA(const int i, long long& acc) { acc += targets(i) >= 0 ? 1 : 0; }, cnt);

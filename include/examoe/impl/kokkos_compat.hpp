@@ -5,6 +5,8 @@
 #include <Kokkos_Core.hpp>
 #include <KokkosBlas3_gemm.hpp>
 
+#include <examoe/impl/host_sync.hpp>
+
 #include <string>
 #include <type_traits>
 
@@ -114,11 +116,15 @@ class ScopedRegion {
 
 // ---- GEMM on an execution-space instance ----
 // Kokkos Kernels 4.x takes the instance as first argument; 3.4 runs on the default
-// instance of the views' space, so we fence the caller's instance first.
+// instance of the views' space, so we fence the caller's instance first (Kokkos 3.4 builds are
+// host-only: that fence costs nothing and is not counted as a host synchronisation).
+// Every call is counted (work_counts().gemm_calls).
+/// One GEMM, not counted: the building block of the counted interfaces (gemm below and
+/// impl/grouped_gemm.hpp).
 template <class ExecSpace, class A, class B, class C>
-void gemm(const ExecSpace& space, const char* ta, const char* tb,
-          typename C::const_value_type alpha, const A& a, const B& b,
-          typename C::const_value_type beta, const C& c) {
+void gemm_uncounted(const ExecSpace& space, const char* ta, const char* tb,
+                    typename C::const_value_type alpha, const A& a, const B& b,
+                    typename C::const_value_type beta, const C& c) {
   if (c.extent(0) == 0 || c.extent(1) == 0) return;
 #if EXAMOE_KOKKOS4
   KokkosBlas::gemm(space, ta, tb, alpha, a, b, beta, c);
@@ -126,6 +132,15 @@ void gemm(const ExecSpace& space, const char* ta, const char* tb,
   space.fence();
   KokkosBlas::gemm(ta, tb, alpha, a, b, beta, c);
 #endif
+}
+
+/// c = alpha op(a) op(b) + beta c on the instance `space`; one counted GEMM call.
+template <class ExecSpace, class A, class B, class C>
+void gemm(const ExecSpace& space, const char* ta, const char* tb,
+          typename C::const_value_type alpha, const A& a, const B& b,
+          typename C::const_value_type beta, const C& c) {
+  count_gemm_call();
+  gemm_uncounted(space, ta, tb, alpha, a, b, beta, c);
 }
 
 }  // namespace examoe::impl::kc
