@@ -62,6 +62,10 @@ TEST(MoEConfig, HashDetectsDifferences) {
   b = a;
   b.placement.assign(a.num_experts, 0);
   EXPECT_NE(a.hash(), b.hash());
+  b = a;
+  b.allow_tf32 = !a.allow_tf32;  // changes float results on GPUs: must agree across ranks
+  EXPECT_NE(a.hash(), b.hash());
+  EXPECT_NE(a.to_string(), b.to_string());
   EXPECT_FALSE(a.to_string().empty());
 }
 

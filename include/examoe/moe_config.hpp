@@ -51,6 +51,9 @@ struct MoEConfig {
   /// stats().seconds. No fences: a host clock on host spaces, CUDA events on the stream on
   /// GPUs (one wait when stats() is read). Off by default; the trainer and the bench turn it on.
   bool time_phases = false;
+  /// Float expert GEMMs may use TF32 tensor cores (CUDA builds; about 1e-3 relative per
+  /// product instead of float's 6e-8). No effect in double or on host builds.
+  bool allow_tf32 = false;
 
   /// Local validity checks; throws examoe::Error naming the bad field.
   void validate() const;

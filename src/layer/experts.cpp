@@ -36,7 +36,7 @@ void init_expert_weights(const Space& space, const T3& w, const IV& gids, std::u
 template <class Scalar>
 Experts<Scalar>::Experts(const MoEConfig& cfg, int num_local, const Space& space)
     : space_(space), d_(cfg.d_model), h_(cfg.d_hidden), nloc_(num_local),
-      swiglu_(cfg.activation == Activation::swiglu) {
+      swiglu_(cfg.activation == Activation::swiglu), gemm_(cfg.allow_tf32) {
   const std::string p = "examoe::moe::";
   W1_ = tensor3(p + "W1", nloc_, d_, h_);
   W2_ = tensor3(p + "W2", nloc_, h_, d_);

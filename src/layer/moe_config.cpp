@@ -75,6 +75,7 @@ std::uint64_t MoEConfig::hash() const {
   for (int o : placement) f.add(o);
   f.add(reduce_router_grad);
   f.add(check_finite_inputs);
+  f.add(allow_tf32);
   return f.h;
 }
 
@@ -89,7 +90,7 @@ std::string MoEConfig::to_string() const {
      << "\nrouter.z_loss_coef=" << router.z_loss_coef << "\nplacement=";
   for (std::size_t i = 0; i < placement.size(); ++i) os << (i ? "," : "") << placement[i];
   os << "\nreduce_router_grad=" << reduce_router_grad << "\ncheck_finite_inputs=" << check_finite_inputs
-     << "\n";
+     << "\nallow_tf32=" << allow_tf32 << "\n";
   return os.str();
 }
 
