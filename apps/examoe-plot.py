@@ -13,7 +13,7 @@ DIR (created if missing):
                            layer, migrations marked
     imbalance.png          rank imbalance (max over ranks / mean rows per rank, worst layer)
     phase_time.png         MoE time per phase (rank 0, all layers), stacked
-    bytes_moved.png        all-to-all bytes per logged step (all ranks and layers)
+    bytes_moved.png        bytes the forward all-to-alls sent per logged step (all ranks, layers)
 
 and prints a summary (first, final and best losses, accuracy, imbalance, time per phase,
 bytes per step) to stdout. A plot whose records are absent is skipped and said so. The input
@@ -443,17 +443,22 @@ def plot_imbalance(run):
 
 
 def plot_phase_time(run):
+    """Stacked bars at each logged step; a stacked area where there are too many for bars."""
     P = run.progress
     steps = _steps(P)
-    width = 0.8 * (min(b - a for a, b in zip(steps, steps[1:])) if len(steps) > 1 else 1)
     fig = _figure(height=4.5)
     ax = fig.add_subplot()
-    bottom = [0.0] * len(P)
     colors = __import__("matplotlib").colormaps["tab10"]
-    for i, name in enumerate(phase_names(P)):
-        ms = [1e3 * p["phase_s"].get(name, 0.0) for p in P]
-        ax.bar(steps, ms, width, bottom=bottom, label=name, color=colors(i % 10))
-        bottom = [b + v for b, v in zip(bottom, ms)]
+    names = phase_names(P)
+    ms = [[1e3 * p["phase_s"].get(name, 0.0) for p in P] for name in names]
+    if len(P) <= 120:
+        width = 0.8 * (min(b - a for a, b in zip(steps, steps[1:])) if len(steps) > 1 else 1)
+        bottom = [0.0] * len(P)
+        for i, name in enumerate(names):
+            ax.bar(steps, ms[i], width, bottom=bottom, label=name, color=colors(i % 10))
+            bottom = [b + v for b, v in zip(bottom, ms[i])]
+    else:
+        ax.stackplot(steps, ms, labels=names, colors=[colors(i % 10) for i in range(len(names))])
     ax.set(xlabel="step", ylabel="ms", title="MoE time per phase at each logged step (rank 0, all layers)")
     ax.legend(ncol=5, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15))
     ax.grid(alpha=0.3, axis="y")
@@ -470,7 +475,7 @@ def plot_bytes_moved(run):
     ax.plot(_steps(P), [v / scale for v in b], marker=".", lw=1.2, color="tab:purple")
     _mark_migrations(ax, run)
     ax.set(xlabel="step", ylabel=unit, ylim=(0, None),
-           title="Bytes moved by the all-to-alls per step (all ranks and layers)")
+           title="Bytes sent by the forward all-to-alls per step (dispatch + combine, all ranks and layers)")
     ax.grid(alpha=0.3)
     if run.migrations:
         ax.legend()
@@ -586,4 +591,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except BrokenPipeError:  # the reader went away (`| head`): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
