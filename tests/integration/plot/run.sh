@@ -17,6 +17,9 @@ trap 'rm -rf "$tmp"' EXIT
 cd "$tmp"
 check() { python3 "$here/check_plot.py" "$@"; }
 step() { echo "== $*"; }
+# has FILE LINE: FILE holds exactly that line; contains FILE TEXT: some line holds TEXT
+has() { grep -qxF -- "$2" "$1" || { echo "FAIL: $1 lacks the line: $2"; cat "$1"; exit 1; }; }
+contains() { grep -qF -- "$2" "$1" || { echo "FAIL: $1 lacks: $2"; cat "$1"; exit 1; }; }
 all=(loss.png accuracy.png tokens_per_expert.png imbalance.png phase_time.png bytes_moved.png)
 
 # The interpreter on examoe-plot's first line must have matplotlib: a missing one fails here.
@@ -42,8 +45,6 @@ check summary run.jsonl plot.txt train.txt
 check pngs pics/new "${all[@]}"
 grep -q "^migrations: [1-9]" plot.txt || { echo "FAIL: the run was meant to migrate experts"; exit 1; }
 [ "$(sha256sum < run.jsonl)" = "$before" ] || { echo "FAIL: the input changed"; exit 1; }
-"$plot" run.jsonl --out pics/new > again.txt   # a second time over the same pictures
-cmp plot.txt again.txt
 
 step "2. hand-computed figures"
 # (In the order examoe train writes them: a migration and a non-finite step before the progress
@@ -73,10 +74,23 @@ migrations: 1 (layer 0: 1), 1 expert move in all
 non-finite steps: 1 (steps 6; last: loss, skip)
 summary record: 8 steps in 1.2346 s, 1000.0 tokens/s, val loss 5.0000 -> 2.4000 (unigram entropy 2.0000), exact match 50.0 %, 1 step skipped
 T
-"$plot" hand.jsonl --out hand > hand.txt
+for f in "${all[@]}"; do sha256sum < "pics/new/$f" > "$f.sum"; done
+"$plot" hand.jsonl --out pics/new > hand.txt   # over the pictures of part 1
 grep -v '^rounding: \|^wrote ' hand.txt > hand.got
 diff hand.expected hand.got || { echo "FAIL: hand-computed summary"; exit 1; }
-check pngs hand "${all[@]}"
+for f in "${all[@]}"; do
+  grep -qx "wrote pics/new/$f ($(stat -c %s "pics/new/$f") bytes)" hand.txt && ! sha256sum < "pics/new/$f" | cmp -s - "$f.sum" ||
+    { echo "FAIL: $f not replaced"; exit 1; }
+done
+check pngs pics/new "${all[@]}"
+
+# A null (non-finite) loss is printed as nan and never the best, also when it comes first.
+sed '1s/"loss":3.0/"loss":null/' hand.jsonl > nan1.jsonl
+"$plot" nan1.jsonl > nan1.txt
+has nan1.txt "training loss: first nan (step 2), final 2.7500 (step 8), best 2.5000 (step 4)"
+sed 's/"loss":[0-9.]\+/"loss":null/' hand.jsonl > nanall.jsonl
+"$plot" nanall.jsonl > nanall.txt
+has nanall.txt "training loss: first nan (step 2), final nan (step 8), best none (no finite value)"
 
 step "2b. resumed at step 6 (logged before): the later records replace those from step 6 on"
 { head -n 5 hand.jsonl
@@ -84,15 +98,15 @@ step "2b. resumed at step 6 (logged before): the later records replace those fro
   tail -n 2 hand.jsonl; } > resumed.jsonl
 "$plot" resumed.jsonl > resumed.txt 2> resumed.err   # no --out: the summary alone
 cat resumed.err
-grep -q "resumed.jsonl line 6: step 6 comes again" resumed.err
-grep -qx "examoe-plot: resumed.jsonl: 4 progress records (steps 2 to 8), 2 with validation, 1 migration, 0 non-finite steps, 1 summary record" resumed.txt
-grep -qx "training loss: first 3.0000 (step 2), final 2.7500 (step 8), best 2.0000 (step 6)" resumed.txt
-! grep -q "^wrote \|^skipped " resumed.txt
+contains resumed.err "resumed.jsonl line 6: step 6 comes again"
+has resumed.txt "examoe-plot: resumed.jsonl: 4 progress records (steps 2 to 8), 2 with validation, 1 migration, 0 non-finite steps, 1 summary record"
+has resumed.txt "training loss: first 3.0000 (step 2), final 2.7500 (step 8), best 2.0000 (step 6)"
+if grep -q "^wrote \|^skipped " resumed.txt; then echo "FAIL: pictures without --out"; exit 1; fi
 
 step "2c. the same run appended twice: the second one is used"
 cat hand.jsonl hand.jsonl > twice.jsonl
 "$plot" twice.jsonl > twice.txt 2> twice.err
-grep -q "twice.jsonl line 8: a new run starts" twice.err
+contains twice.err "twice.jsonl line 8: a new run starts"
 diff <(sed 1d hand.got) <(grep -v '^rounding: \|^wrote ' twice.txt | sed 1d)
 
 step "3. records of a kind missing"
@@ -100,18 +114,18 @@ python3 -c "print(('The quick brown fox jumps over the lazy dog. ' * 60))" > tex
 "$mpiexec" -n 2 "$examoe" train "${shape[@]}" --data text.txt --train.steps 6 --log.interval 3 \
   --log.metrics bytes.jsonl > bytes-train.txt
 "$plot" bytes.jsonl --out bytes > bytes.txt
-grep -qx "skipped bytes/accuracy.png: no record has val_accuracy (only the built-in addition corpus has held-out problems)" bytes.txt
+has bytes.txt "skipped bytes/accuracy.png: no record has val_accuracy (only the built-in addition corpus has held-out problems)"
 [ ! -e bytes/accuracy.png ]
 check summary bytes.jsonl bytes.txt bytes-train.txt
 check pngs bytes loss.png tokens_per_expert.png imbalance.png phase_time.png bytes_moved.png
 "$mpiexec" -n 2 "$examoe" train "${shape[@]}" --train.steps 0 --log.metrics zero.jsonl > /dev/null
 "$plot" zero.jsonl --out zero > zero.txt
-for f in "${all[@]}"; do grep -qx "skipped zero/$f: no progress records" zero.txt; done
-grep -q "^summary record: 0 steps in " zero.txt
+for f in "${all[@]}"; do has zero.txt "skipped zero/$f: no progress records"; done
+contains zero.txt "summary record: 0 steps in "
 [ -z "$(ls -A zero)" ]
 head -n 6 hand.jsonl > killed.jsonl
 "$plot" killed.jsonl > killed.txt
-grep -qx "summary record: none (the run did not finish: stopped, killed, or still running)" killed.txt
+has killed.txt "summary record: none (the run did not finish: stopped, killed, or still running)"
 
 step "4. bad input"
 # fails EXPECTED_STATUS MESSAGE_PART ARGS...: that status, the message on stderr, nothing on stdout
@@ -135,7 +149,7 @@ fails 1 "'blank.jsonl' is empty" blank.jsonl --out o
 fails 1 "examoe-plot: notjson.jsonl line 3: not JSON: Expecting value" notjson.jsonl --out o
 { head -n 2 hand.jsonl; head -n 3 hand.jsonl | tail -n 1 | head -c 40; } > cut.jsonl
 fails 1 "cut.jsonl line 3: not JSON: " cut.jsonl --out o
-grep -qF "(the last line, without its newline: was the run stopped while writing it?)" err.txt
+contains err.txt "(the last line, without its newline: was the run stopped while writing it?)"
 printf '\xff\xfe\n' > binary.jsonl
 fails 1 "binary.jsonl line 1: not JSON: 'utf-8' codec can't decode" binary.jsonl --out o
 echo '[1, 2]' > array.jsonl
@@ -172,9 +186,9 @@ fails 2 "the following arguments are required: metrics" --out o
 fails 2 "--dpi 0: not in 10..1000" hand.jsonl --out o --dpi 0
 mkdir -p nompl/matplotlib && echo 'raise ImportError("No module named matplotlib (test)")' > nompl/matplotlib/__init__.py
 PYTHONPATH=$tmp/nompl fails 1 "examoe-plot: needs matplotlib and numpy" hand.jsonl --out o
-grep -qF "apt-get install python3-matplotlib" err.txt
+contains err.txt "apt-get install python3-matplotlib"
 PYTHONPATH=$tmp/nompl "$plot" hand.jsonl | grep -v '^rounding: ' | cmp - hand.expected   # the summary needs none
 [ ! -e o ]
-"$plot" --help | grep -q "tokens_per_expert.png"
-"$plot" --version | grep -q "^examoe-plot [0-9]"
+"$plot" --help > help.txt && contains help.txt "tokens_per_expert.png"
+"$plot" --version > version.txt && contains version.txt "examoe-plot 0"
 echo "plot.examoe_plot: all checks passed"
