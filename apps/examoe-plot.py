@@ -3,21 +3,11 @@
 
     examoe-plot run.jsonl --out DIR     (without --out: only the summary)
 
-reads the JSON lines the run wrote (progress records every log.interval / log.eval_interval
-steps, migration events, non-finite steps, the summary record; docs/metrics.md) and writes into
-DIR (created if missing):
-
-    loss.png               training loss (total and cross-entropy) and validation loss
-    accuracy.png           validation exact match (the built-in addition corpus only)
-    tokens_per_expert.png  tokens routed to each expert at each logged step, one heat map per
-                           layer, migrations marked
-    imbalance.png          rank imbalance (max over ranks / mean rows per rank, worst layer)
-    phase_time.png         MoE time per phase (rank 0, all layers), stacked
-    bytes_moved.png        bytes the forward all-to-alls sent per logged step (all ranks, layers)
-
-and prints a summary (first, final and best losses, accuracy, imbalance, time per phase,
-bytes per step) to stdout. A plot whose records are absent is skipped and said so. The input
-is only read; no output may replace it.
+Reads the JSON lines of the run (progress records, migration and non-finite events, the summary
+record), prints a summary of them to stdout and writes loss.png, accuracy.png,
+tokens_per_expert.png, imbalance.png, phase_time.png and bytes_moved.png into DIR (created if
+missing). A picture whose records are absent is skipped and said so; the input is only read.
+The records, the pictures and the messages: docs/metrics.md.
 """
 import argparse
 import json

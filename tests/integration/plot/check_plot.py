@@ -93,7 +93,9 @@ def expected_lines(recs):
             f"tokens per expert, layer {l}: summed over the logged steps {cum}, "
             f"final step {P[-1]['tokens_per_expert'][l]} (step {steps[-1]})")
     rss = [p["peak_rss_bytes"] for p in P]
-    out["peak RSS"] = f"peak RSS: {max(rss)} bytes (step {steps[rss.index(max(rss))]}; {max(rss) / 2 ** 20:.1f} MiB)"
+    e = next(e for e in (4, 3, 2, 1, 0) if max(rss) >= 1024 ** e or e == 0)
+    human = f"{max(rss)} B" if e == 0 else f"{max(rss) / 1024 ** e:.1f} {['', 'KiB', 'MiB', 'GiB', 'TiB'][e]}"
+    out["peak RSS"] = f"peak RSS: {max(rss)} bytes (step {steps[rss.index(max(rss))]}; {human})"
     if M:
         layers = sorted({m["layer"] for m in M})
         out["migrations"] = (f"migrations: {len(M)} ("
