@@ -16,7 +16,7 @@ PACKAGES=(cmake make g++ pkg-config
           libtrilinos-kokkos-dev libtrilinos-kokkos-kernels-dev
           mpich libmpich-dev libhdf5-mpich-dev hdf5-tools libopenblas-dev
           libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev
-          python3 python3-numpy python3-h5py-serial slurm-wlm munge
+          python3 python3-numpy python3-h5py-serial python3-matplotlib slurm-wlm munge
           clang libclang-rt-14-dev)
 
 install_deps() {

@@ -4,7 +4,7 @@
 #   1. examples/consumer        (CMake, find_package(ExaMoE))
 #   2. examples/host-mpi-code   (CMake, find_package(ExaMoE), 4 ranks)
 #   3. examples/makefile        (Makefile + pkg-config)
-# and checks the installed `examoe` command.
+# and checks the installed `examoe` and `examoe-plot` commands.
 # usage: run.sh <build dir> <source dir> [mpiexec]
 set -euo pipefail
 build=$1 src=$2 mpiexec=${3:-mpiexec}
@@ -31,6 +31,7 @@ if grep -rq "$tmp/prefix" "$prefix/lib/cmake/ExaMoE" "$prefix/lib/pkgconfig" 2>/
   echo "the installed package hard-codes its install prefix"; exit 1
 fi
 "$prefix/bin/examoe" --version
+"$prefix/bin/examoe-plot" --version   # the plotting script, installed beside it
 
 step "find_package consumer"
 cmake -S "$src/examples/consumer" -B "$tmp/consumer" -DCMAKE_PREFIX_PATH="$prefix" "${gen_args[@]}" > "$tmp/c.log" || { cat "$tmp/c.log"; exit 1; }
