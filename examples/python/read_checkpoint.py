@@ -120,6 +120,13 @@ def model_shape(config, V):
         if key not in config:
             raise CheckpointError(f"/config has no key '{key}'")
         return config[key]
+    try:
+        return _model_shape(need, V)
+    except ValueError as e:
+        raise CheckpointError(f"/config holds a model key that is not a number: {e}")
+
+
+def _model_shape(need, V):
     return ModelShape(
         V=V, d=int(need("model.d_model")), L=int(need("model.n_layers")), H=int(need("model.n_heads")),
         S=int(need("model.seq_len")), E=int(need("model.num_experts")), k=int(need("model.top_k")),

@@ -19,9 +19,8 @@
 #     examoe:
 #       package_attributes:
 #         git: https://git.example.org/hpc/examoe.git
-# (a source mirror made with `spack mirror create` works too: Spack looks there first). To
-# build a working tree as it is, edits included: `spack develop --path <checkout> examoe@main`
-# in a Spack environment, then `spack install`.
+# To build a working tree as it is, edits included: `spack develop --path <checkout>
+# examoe@main` in a Spack environment, then `spack install`.
 #
 # tests/integration/spack/check_recipe.py (ctest -L spack, no Spack needed) checks this file
 # against the project's CMakeLists.txt; run it after every change here.

@@ -86,6 +86,18 @@ grep -q "layer1.w3  *\[5, 16, 24\]" swiglu.txt
 "$py" "$reader" swiglu/step-00000012.h5 --input in.h5 --compare swiglu-logits.h5 --tolerance 1e-6 | tee swiglu.cmp
 grep -q ": ok$" swiglu.cmp
 
+# Edits through h5py may change the file's size: reseal.py FILE... sets the header's `bytes` to
+# it (the reader checks the size, not the checksum; examoe::seal_checkpoint_file does both).
+cat > reseal.py <<'PY'
+import os, sys
+for path in sys.argv[1:]:
+    with open(path, "r+b") as f:
+        lines = f.read(512).split(b"\0", 1)[0].split(b"\n")
+        lines = [b"bytes %d" % os.path.getsize(path) if l.startswith(b"bytes ") else l for l in lines]
+        f.seek(0)
+        f.write(b"\n".join(lines).ljust(512, b"\0"))
+PY
+
 echo "== the comparison fails when the experts are read in the wrong order"
 cp gelu/step-00000012.h5 swapped.h5
 "$py" - swapped.h5 <<'PY'
@@ -96,6 +108,7 @@ with h5py.File(sys.argv[1], "r+") as f:
         w[[0, 1]] = w[[1, 0]]
         f["params"][name][...] = w
 PY
+"$py" reseal.py swapped.h5
 if "$py" "$reader" swapped.h5 --input in.h5 --compare gelu-logits.h5 > swapped.cmp; then
   cat swapped.cmp; echo "FAIL: experts 0 and 1 swapped, yet the logits agree"; exit 1
 fi
@@ -119,6 +132,7 @@ cp gelu/step-00000012.h5 missing.h5
 cp gelu/step-00000012.h5 zeroed.h5  # the header intact, HDF5's superblock zeroed
 dd if=/dev/zero of=zeroed.h5 bs=512 seek=1 count=8 conv=notrunc status=none
 cp gelu/step-00000012.h5 misshapen.h5
+cp gelu/step-00000012.h5 badconfig.h5
 "$py" - <<'PY'
 import h5py, numpy as np
 with h5py.File("missing.h5", "r+") as f:
@@ -126,17 +140,21 @@ with h5py.File("missing.h5", "r+") as f:
 with h5py.File("misshapen.h5", "r+") as f:
     del f["params/block0.attn.wq"]
     f["params/block0.attn.wq"] = np.zeros((16, 8), np.float32)
+with h5py.File("badconfig.h5", "r+") as f:
+    f["config"].attrs["model.d_model"] = "sixteen"
 with h5py.File("bad-tokens.h5", "w") as f:
     f["tokens"] = np.array([[1, 2, 300] + [0] * 13], np.int32)
 with h5py.File("long.h5", "w") as f:
     f["tokens"] = np.zeros((1, 17), np.int32)
 PY
+"$py" reseal.py missing.h5 misshapen.h5 badconfig.h5
 expect_error "does not exist" nowhere.h5
 expect_error "is not an ExaMoE checkpoint (no 'EXAMOE CHECKPOINT' header)" notes.txt
 expect_error "is an HDF5 file without ExaMoE's header" gelu-logits.h5
 expect_error "truncated or appended to" cut.h5
 expect_error "'zeroed.h5': HDF5 cannot open it" zeroed.h5
 expect_error "has no parameter 'params/layer1.w2'" missing.h5
+expect_error "/config holds a model key that is not a number: invalid literal for int() with base 10: 'sixteen'" badconfig.h5
 expect_error "'misshapen.h5': parameter 'params/block0.attn.wq' has shape \[16, 8\]; the model's is \[16, 16\]" misshapen.h5
 expect_error "token 300 outside \[0, 256) at \[0\]\[2\] (the first of 1 bad value)" gelu/step-00000012.h5 --input bad-tokens.h5 --compare gelu-logits.h5
 expect_error "sequences of 17 tokens; the model takes 1 to seq_len = 16" gelu/step-00000012.h5 --input long.h5 --compare gelu-logits.h5

@@ -1038,9 +1038,9 @@ class Checker:
         floor = max(cpu, gpu, key=lambda r: _vkey(r[1]))
         stated = {}
         recipe = open(self.recipe_path).read()
-        stated["recipe"] = re.findall(r"[Nn]eeds Spack >= ([\d.]+)", recipe)
+        stated["recipe"] = re.findall(r"[Nn]eeds Spack >= (\d+(?:\.\d+)*)", recipe)
         readme = self._readme()
-        stated["README"] = re.findall(r"Spack (?:\()?>= ([\d.]+)", readme)
+        stated["README"] = re.findall(r"Spack (?:\()?>= (\d+(?:\.\d+)*)", readme)
         wrong = {k: v for k, v in stated.items() if not v or any(x != floor[1] for x in v)}
         builtin = {k: floor[0] in t for k, t in (("recipe", recipe), ("README", readme))}
         self.check(f"the Spack floor is stated: Spack >= {floor[1]}, builtin packages "
