@@ -5,25 +5,41 @@
 #   spack install examoe                      # CPU (Kokkos Serial; ^kokkos+openmp for threads)
 #   spack install examoe +cuda cuda_arch=90   # Hopper: Kokkos gets Kokkos_ARCH_HOPPER90
 #
-# Needs Spack >= 1.0. This is a Package API v1 repository (spack/repo.yaml, packages/<name>/),
-# which Spack 1.x still loads; the Kokkos versions asked for below and the `kokkos_cxx`
-# property of the kokkos *package* (no longer of its spec) exist only in Spack >= 1.0's
-# spack-packages.
+# Needs Spack >= 1.1 with its builtin packages of release v2025.11 or newer (Spack 1.1's
+# default): the first builtin packages with Kokkos 4.7 (4.7.01) and CUDA 13. Spack 1.0's
+# builtin packages (v2025.07) stop at Kokkos 4.6.01 and CUDA 12.9, so nothing concretizes
+# there. This is a Package API v1 repository (spack/repo.yaml, packages/<name>/), which Spack
+# 1.x still loads; `kokkos_cxx` is a property of the kokkos *package* (Spack >= 1.0).
 #
-# ExaMoE has no public URL yet: `git` below is a placeholder. Until it is filled in, build a
-# local checkout inside a Spack environment with `spack develop --path <checkout> examoe@main`.
+# The source is a git repository, by default the one this recipe is part of: `spack repo add
+# ./spack` in a clone builds that clone's `main` branch (Spack resolves the branch to its
+# commit and records it as the spec's `commit=`). A site that keeps ExaMoE on its own git
+# server or mirror points the recipe there in packages.yaml (no edit of this file):
+#   packages:
+#     examoe:
+#       package_attributes:
+#         git: https://git.example.org/hpc/examoe.git
+# To build a working tree as it is, edits included: `spack develop --path <checkout>
+# examoe@main` in a Spack environment, then `spack install`.
 #
 # tests/integration/spack/check_recipe.py (ctest -L spack, no Spack needed) checks this file
 # against the project's CMakeLists.txt; run it after every change here.
+import os
+
 from spack.package import *
+
+# The ExaMoE checkout that holds this file (spack/packages/examoe/package.py).
+_CHECKOUT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
 
 
 class Examoe(CMakePackage, CudaPackage):
     """Expert-parallel Mixture-of-Experts layers and training for MPI codes, on Kokkos."""
 
-    # FIXME: placeholders until ExaMoE has a public home (.invalid never resolves, RFC 2606).
+    # FIXME: a placeholder until ExaMoE has a public home (.invalid never resolves, RFC 2606);
+    # Spack only shows it (`spack info`).
     homepage = "https://examoe.invalid/"
-    git = "https://examoe.invalid/examoe.git"
+    # The checkout this recipe came with; sites override it (packages.yaml, see above).
+    git = "file://" + _CHECKOUT
     # FIXME: add maintainers("<github-handle>", ...) and license("<SPDX id>") once the project
     # has chosen them (there is no LICENSE file in the repository yet).
 
@@ -79,7 +95,9 @@ class Examoe(CMakePackage, CudaPackage):
         depends_on(f"kokkos-kernels+cuda cuda_arch={_arch}", when=f"+cuda cuda_arch={_arch}")
         depends_on(f"nccl+cuda cuda_arch={_arch}", when=f"+nccl +cuda cuda_arch={_arch}")
 
-    depends_on("nccl+cuda", when="+nccl")
+    # Only with +cuda: +nccl ~cuda is refused by the conflict below, with the recipe's message
+    # (declared for +nccl alone, nccl's own "Must specify CUDA compute capabilities" came first).
+    depends_on("nccl+cuda", when="+nccl +cuda")
     depends_on("hdf5+mpi", when="+hdf5")
 
     # Header-only. CLI11 is used by the examoe command only (apps/CMakeLists.txt). nlohmann_json
@@ -135,8 +153,8 @@ class Examoe(CMakePackage, CudaPackage):
             self.define("MPI_CXX_COMPILER", spec["mpi"].mpicxx),
         ]
         if spec.satisfies("+cuda"):
-            # The compiler Kokkos was built with (nvcc_wrapper): Spack >= 1.0 defines
-            # kokkos_cxx on the kokkos package.
+            # The compiler Kokkos was built with (nvcc_wrapper): kokkos_cxx, defined on the
+            # kokkos package.
             args.append(self.define("CMAKE_CXX_COMPILER", self["kokkos"].kokkos_cxx))
         return args
 

@@ -7,7 +7,12 @@ records every directive per class, as Spack's DirectiveMeta does. The recorded d
 then checked for self-consistency and against the project's CMake files:
 
   * spack/repo.yaml: namespace, and a directory layout that matches the repository API;
-  * the Examoe class: derives from CMakePackage and CudaPackage; git/version("main");
+  * the Examoe class: derives from CMakePackage and CudaPackage; version("main") of a git
+    source that resolves (by default the checkout that holds the recipe, not a placeholder
+    host), with the packages.yaml override for a site's own server shown in the recipe and
+    the README;
+  * the Spack floor: the oldest builtin-packages release (and the Spack that defaults to it)
+    with the Kokkos and CUDA versions the recipe asks for, as the recipe and README state it;
   * every condition (when=, `with when(...)`, conflicts/requires specs, dependency specs)
     names only declared variants with allowed values and known dependencies / variants;
   * the variants of the issue with the defaults of the CMake options they drive;
@@ -16,7 +21,8 @@ then checked for self-consistency and against the project's CMake files:
   * a small concretizer over the recipe's own directives (plus the few upstream rules of
     kokkos, kokkos-kernels and nccl that matter here): every cuda_arch value reaches kokkos,
     kokkos-kernels and nccl; kokkos and kokkos-kernels get the same version range; ^cuda@13
-    needs Kokkos >= 4.7.01; +nccl~cuda and +cuda cuda_arch=none are rejected; the README's
+    needs Kokkos >= 4.7.01; +nccl~cuda (with the recipe's own message only: no nccl
+    dependency, so none of nccl's rules) and +cuda cuda_arch=none are rejected; the README's
     `examoe +cuda cuda_arch=90` resolves with Kokkos_ARCH_HOPPER90;
   * cmake_args() for several specs: defines exactly the option()s of CMakeLists.txt with the
     right values, CMAKE_CXX_COMPILER = kokkos_cxx only with +cuda;
@@ -106,6 +112,13 @@ CANDIDATES = {
     "nccl": ["2.27.7-1", "2.23.4-1"],
 }
 CANDIDATES["kokkos-kernels"] = list(CANDIDATES["kokkos"])
+# Releases of the builtin packages (spack/spack-packages tags vYYYY.MM.0): the Spack release that
+# defaults to each (its etc/spack/defaults/.../repos.yaml: branch releases/vYYYY.MM) and the
+# newest kokkos / kokkos-kernels and cuda each has.
+BUILTIN_RELEASES = [
+    ("v2025.07", "1.0", "4.6.01", "12.9.0"),
+    ("v2025.11", "1.1", "4.7.01", "13.0.2"),
+]
 # CMake package name (find_package / find_dependency) -> Spack package.
 CMAKE_TO_SPACK = {
     "MPI": "mpi", "Kokkos": "kokkos", "KokkosKernels": "kokkos-kernels", "CLI11": "cli11",
@@ -968,6 +981,7 @@ class Checker:
         git = getattr(cls, "git", None)
         url_ok = isinstance(git, str) and re.match(r"^((https?|ssh|git|file)://|git@)", git)
         self.check("git attribute", bool(url_ok), f"git = {git!r}")
+        self.check_source(git if url_ok else "")
         main = [d for d in vs if d.args and d.args[0] == "main"]
         self.check('version("main", branch="main")',
                    len(main) == 1 and main[0].kwargs.get("branch") == "main",
@@ -976,6 +990,64 @@ class Checker:
                and not d.kwargs.get("git") and not git]
         self.check("every branch/tag/commit version has a git URL", not vcs,
                    "; ".join(map(repr, vcs)) or f"{len(vs)} version(s)")
+
+    def check_source(self, git):
+        """The source resolves: a file:// URL must be this checkout (the recipe's default);
+        a remote one must not be a reserved placeholder host (.invalid, .example, ...), whose
+        branch Spack can never resolve to a commit (a warning on every spec)."""
+        if git.startswith("file://"):
+            path = git[len("file://"):]
+            ok = os.path.isdir(path) and os.path.samefile(path, self.root)
+            self.check("git source: the checkout that holds the recipe", ok,
+                       f"git = {git!r}, checkout {self.root}")
+        else:
+            host = re.sub(r"^(\w+://)?([^@/]*@)?", "", git).split("/")[0].split(":")[0]
+            ok = bool(host) and not re.search(r"\.(invalid|example|test|localhost)$|^example\.",
+                                              host)
+            self.check("git source: a host that exists", ok, f"git = {git!r} (host {host!r})")
+        texts = {"recipe": open(self.recipe_path).read(), "README": self._readme()}
+        missing = [k for k, t in texts.items()
+                   if not re.search(r"package_attributes:\s*\n[#\s]*git:", t)]
+        self.check("the recipe and the README show a site's override (packages.yaml "
+                   "package_attributes: git:)", not missing, "missing in " + ", ".join(missing)
+                   if missing else "both")
+
+    def _readme(self):
+        path = os.path.join(self.root, "README.md")
+        return open(path).read() if os.path.isfile(path) else ""
+
+    # -- the Spack floor ---------------------------------------------------------------------
+    def check_spack_floor(self):
+        """The oldest builtin release with a Kokkos the recipe accepts (CPU builds) and, for
+        `+cuda ^cuda@13`, a CUDA 13 and a Kokkos accepted with it: its Spack is the floor."""
+        def allowed(variants, pins, release):
+            _, _, kokkos, cuda = release
+            c = self._concretize(variants, pins)
+            ranges = [vc for node, src in c.constraints.get("kokkos", []) if src != "scenario"
+                      for vc in node.versions]
+            ok = [v for v in CANDIDATES["kokkos"] if _vkey(v) <= _vkey(kokkos)
+                  and all(version_satisfies(v, r) for r in ranges)]
+            return bool(ok) and all(version_satisfies(cuda, p[1:]) for k, p in pins.items()
+                                    if k == "cuda")
+        cpu = next((r for r in BUILTIN_RELEASES if allowed({"cuda": False}, {}, r)), None)
+        gpu = next((r for r in BUILTIN_RELEASES
+                    if allowed({"cuda": True, "cuda_arch": "90"}, {"cuda": "@13:"}, r)), None)
+        if not self.check("some builtin release has what the recipe needs", cpu and gpu,
+                          f"CPU: {cpu}, +cuda ^cuda@13: {gpu}"):
+            return
+        floor = max(cpu, gpu, key=lambda r: _vkey(r[1]))
+        stated = {}
+        recipe = open(self.recipe_path).read()
+        stated["recipe"] = re.findall(r"[Nn]eeds Spack >= (\d+(?:\.\d+)*)", recipe)
+        readme = self._readme()
+        stated["README"] = re.findall(r"Spack (?:\()?>= (\d+(?:\.\d+)*)", readme)
+        wrong = {k: v for k, v in stated.items() if not v or any(x != floor[1] for x in v)}
+        builtin = {k: floor[0] in t for k, t in (("recipe", recipe), ("README", readme))}
+        self.check(f"the Spack floor is stated: Spack >= {floor[1]}, builtin packages "
+                   f"{floor[0]}", not wrong and all(builtin.values()),
+                   f"first release with kokkos {floor[2]} and cuda {floor[3]}; stated: " +
+                   ", ".join(f"{k} {v or 'nothing'}" for k, v in stated.items()) +
+                   "; " + ", ".join(f"{k} names {floor[0]}: {v}" for k, v in builtin.items()))
 
     # -- every condition names declared things ---------------------------------------------
     def _validate_node(self, node, errors, where, own_vars, deps):
@@ -1255,6 +1327,13 @@ class Checker:
             return bool(c.problems), bool(own), "; ".join(c.problems) or "accepted"
 
         # (label, variants, by the recipe itself: not left to kokkos/nccl to fail)
+        # +nccl ~cuda: the recipe's conflict alone. A nccl dependency there would add nccl's own
+        # rules (cuda_arch=none), whose unrelated message the real Spack prints first.
+        bad, own, why = outcome({"nccl": True, "cuda": False})
+        c = self._concretize({"nccl": True, "cuda": False})
+        others = [p for p in c.problems if not p.startswith(("conflicts(", "requires("))]
+        self.check("+nccl ~cuda: only the recipe's conflict, no nccl dependency",
+                   bad and own and not others and "nccl" not in c.root.deps, why)
         for label, variants, own_needed in [
             ("+nccl ~cuda", {"nccl": True, "cuda": False}, True),
             ("+cuda cuda_arch=none", {"cuda": True, "cuda_arch": "none"}, True),
@@ -1408,6 +1487,7 @@ class Checker:
         self.run("dependency variants", self.check_explicit_dependency_variants)
         self.run("kokkos versions", self.check_kokkos_versions)
         self.run("conflicts", self.check_conflicts)
+        self.run("Spack floor", self.check_spack_floor)
         self.run("README spec", self.check_readme_spec)
         self.run("cmake_args", lambda: self.check_cmake_args(options))
         self.run("standalone test", self.check_standalone_test)
