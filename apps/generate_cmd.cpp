@@ -109,8 +109,8 @@ int run_generate(const GenerateCli& cli) {
   std::string note = why ? why
                          : "stopped at the model's seq_len " + std::to_string(o.seq_len) +
                                " (the longest context it was trained with)";
-  std::fprintf(stderr, "examoe generate: %zu tokens generated after a prompt of %zu; %s\n", r.tokens.size(),
-               o.prompt.size(), note.c_str());
+  std::fprintf(stderr, "examoe generate: %zu token%s generated after a prompt of %zu; %s\n", r.tokens.size(),
+               r.tokens.size() == 1 ? "" : "s", o.prompt.size(), note.c_str());
   if (o.addition) {
     const std::string sum = addition_answer(o.prompt, r.tokens);
     if (!sum.empty())

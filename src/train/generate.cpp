@@ -10,6 +10,7 @@
 #include <examoe/generate.hpp>
 #include <examoe/impl/agree.hpp>
 #include <examoe/impl/random.hpp>
+#include <examoe/placement.hpp>
 #include <examoe/train.hpp>
 
 #include <algorithm>
@@ -213,7 +214,8 @@ std::vector<int> request_prompt(const GenerateRequest& q, const TrainConfig& cfg
 }
 
 template <class S>
-void generate_run(const GenerateRequest& q, const TrainConfig& cfg, GenerateOutcome& out, MPI_Comm comm) {
+void generate_run(const GenerateRequest& q, const TrainConfig& cfg, const CheckpointInfo& info, GenerateOutcome& out,
+                  MPI_Comm comm) {
   Mesh mesh(comm, 0, cfg.parallel.comm_options());
   Communicator& w = mesh.world();
   impl::agree(w, [&] {
@@ -233,6 +235,14 @@ void generate_run(const GenerateRequest& q, const TrainConfig& cfg, GenerateOutc
   Model<S> model(cfg.model, cfg.parallel, mesh, cfg.train.seed);
   AdamW<S> opt(impl::adamw_config(cfg));
   impl::register_parameters(model, opt);
+  // At the expert-parallel size that wrote it, the experts go where the checkpoint's placement
+  // put them (a rebalanced run's included); at another size, balanced blocks.
+  bool same_table = info.ep == mesh.ep_size() && static_cast<int>(info.placement.size()) == cfg.model.n_layers;
+  for (const auto& row : info.placement) same_table = same_table && static_cast<int>(row.size()) == cfg.model.num_experts;
+  for (int l = 0; same_table && l < cfg.model.n_layers; ++l) {
+    const Placement saved = Placement::from_owners(info.placement[l], mesh.ep_size());
+    if (saved != model.moe(l).placement()) model.moe(l).set_placement(saved);
+  }
   load_checkpoint(q.checkpoint, model, opt, cfg);
   if (q.held_out) {
     out.held_out = generate_held_out(model, *corpus);
@@ -271,8 +281,8 @@ GenerateOutcome generate_from_checkpoint(const GenerateRequest& q, MPI_Comm comm
       if (q.max_new < 1) throw Error("examoe generate: --max-new must be at least 1, got " + std::to_string(q.max_new));
     }
   });
-  if (cfg.train.precision == "double") generate_run<double>(q, cfg, out, comm);
-  else generate_run<float>(q, cfg, out, comm);
+  if (cfg.train.precision == "double") generate_run<double>(q, cfg, info, out, comm);
+  else generate_run<float>(q, cfg, info, out, comm);
   return out;
 }
 
