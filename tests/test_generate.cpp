@@ -8,6 +8,7 @@
 #include "model/decoder.hpp"
 
 #include <examoe/checkpoint_dir.hpp>
+#include <examoe/config.hpp>
 #include <examoe/generate.hpp>
 #include <examoe/impl/random.hpp>
 #include <examoe/mesh.hpp>
@@ -285,6 +286,7 @@ TEST(Generate, BadPromptsAreAgreedOnEveryRank) {
   expect_error(o, "--temperature must be a finite number >= 0");
 }
 
+#if EXAMOE_ENABLE_HDF5  // checkpoints need parallel HDF5
 /// One trained checkpoint (double, the addition corpus) shared by the tests that read one,
 /// and what train() reported for it.
 class GenerateCheckpoint : public ::testing::Test {
@@ -381,6 +383,8 @@ TEST_F(GenerateCheckpoint, BadRequestsNameTheProblemOnEveryRank) {
   bad.checkpoint = junk;
   expect_error(bad, "junk.h5");
 }
+
+#endif  // EXAMOE_ENABLE_HDF5
 
 }  // namespace
 }  // namespace examoe::test
