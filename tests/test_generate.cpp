@@ -35,8 +35,8 @@ ModelConfig small_model(Activation act) {
   return m;
 }
 
-/// Sequences of this rank: rank 1 has none (it only serves its experts), rank r another r + 1.
-int sequences_of_rank(int rank) { return rank == 1 ? 0 : rank + 1; }
+/// Sequences of this rank: rank 1 has none (it only serves its experts), rank r another r + 2.
+int sequences_of_rank(int rank) { return rank == 1 ? 0 : rank + 2; }
 
 /// Random tokens of this rank's sequences, [B][S], a hash of (rank, sequence, position).
 Batch random_batch(int rank, int B, int S) {
