@@ -76,25 +76,29 @@ std::vector<int> parse_token_list(const std::string& text) {
   return out;
 }
 
+namespace {
+/// The options' errors against the model (not collective: the callers agree them).
+void check_generate_options(const GenerateOptions& o, const ModelConfig& mc) {
+  const std::string f = "examoe generate: ";
+  if (o.prompt.empty()) throw Error(f + "the prompt is empty: give at least one token");
+  if (static_cast<int>(o.prompt.size()) > mc.seq_len)
+    throw Error(f + "the prompt holds " + std::to_string(o.prompt.size()) + " tokens; the model was trained with seq_len " +
+                std::to_string(mc.seq_len) + " and reads at most that many");
+  for (std::size_t i = 0; i < o.prompt.size(); ++i)
+    if (o.prompt[i] < 0 || o.prompt[i] >= mc.vocab)
+      throw Error(f + "prompt token " + std::to_string(o.prompt[i]) + " (position " + std::to_string(i) +
+                  ") is outside the model's vocabulary [0, " + std::to_string(mc.vocab) + ")");
+  if (o.max_new < 1) throw Error(f + "--max-new must be at least 1, got " + std::to_string(o.max_new));
+  if (!(o.sampling.temperature >= 0) || !std::isfinite(o.sampling.temperature))
+    throw Error(f + "--temperature must be a finite number >= 0 (0 = greedy), got " + std::to_string(o.sampling.temperature));
+  if (o.sampling.top_k < 0) throw Error(f + "--top-k must be >= 0 (0 = all tokens), got " + std::to_string(o.sampling.top_k));
+}
+}  // namespace
+
 template <class S>
 GenerateResult generate_tokens(Model<S>& model, const GenerateOptions& o) {
-  const ModelConfig& mc = model.config();
   Communicator& w = model.mesh().world();
-  impl::agree(w, [&] {
-    const std::string f = "examoe generate: ";
-    if (o.prompt.empty()) throw Error(f + "the prompt is empty: give at least one token");
-    if (static_cast<int>(o.prompt.size()) > mc.seq_len)
-      throw Error(f + "the prompt holds " + std::to_string(o.prompt.size()) + " tokens; the model was trained with seq_len " +
-                  std::to_string(mc.seq_len) + " and reads at most that many");
-    for (std::size_t i = 0; i < o.prompt.size(); ++i)
-      if (o.prompt[i] < 0 || o.prompt[i] >= mc.vocab)
-        throw Error(f + "prompt token " + std::to_string(o.prompt[i]) + " (position " + std::to_string(i) +
-                    ") is outside the model's vocabulary [0, " + std::to_string(mc.vocab) + ")");
-    if (o.max_new < 1) throw Error(f + "--max-new must be at least 1, got " + std::to_string(o.max_new));
-    if (!(o.sampling.temperature >= 0) || !std::isfinite(o.sampling.temperature))
-      throw Error(f + "--temperature must be a finite number >= 0 (0 = greedy), got " + std::to_string(o.sampling.temperature));
-    if (o.sampling.top_k < 0) throw Error(f + "--top-k must be >= 0 (0 = all tokens), got " + std::to_string(o.sampling.top_k));
-  });
+  impl::agree(w, [&] { check_generate_options(o, model.config()); });
   const bool holder = w.rank() == 0;  // world rank 0 decodes; every rank serves its experts
   impl::IncrementalDecoder<S> dec(model, holder ? 1 : 0);
   std::vector<S> logits;
@@ -213,6 +217,16 @@ std::vector<int> request_prompt(const GenerateRequest& q, const TrainConfig& cfg
   return prompt;
 }
 
+/// The generation the request asks for; for the addition corpus it also stops at '\n'.
+GenerateOptions generate_options(const GenerateRequest& q, const GenerateOutcome& out) {
+  GenerateOptions o;
+  o.prompt = out.prompt;
+  o.max_new = q.max_new;
+  o.sampling = q.sampling;
+  o.stop_token = out.addition ? '\n' : -1;
+  return o;
+}
+
 template <class S>
 void generate_run(const GenerateRequest& q, const TrainConfig& cfg, const CheckpointInfo& info, GenerateOutcome& out,
                   MPI_Comm comm) {
@@ -248,12 +262,7 @@ void generate_run(const GenerateRequest& q, const TrainConfig& cfg, const Checkp
     out.held_out = generate_held_out(model, *corpus);
     return;
   }
-  GenerateOptions o;
-  o.prompt = out.prompt;
-  o.max_new = q.max_new;
-  o.sampling = q.sampling;
-  o.stop_token = out.addition ? '\n' : -1;
-  out.result = generate_tokens(model, o);
+  out.result = generate_tokens(model, generate_options(q, out));
 }
 
 }  // namespace
@@ -269,17 +278,7 @@ GenerateOutcome generate_from_checkpoint(const GenerateRequest& q, MPI_Comm comm
     out.seq_len = cfg.model.seq_len;
     out.addition = cfg.data.path.empty();
     out.prompt = request_prompt(q, cfg);
-    if (!q.held_out) {
-      if (static_cast<int>(out.prompt.size()) > cfg.model.seq_len)
-        throw Error("examoe generate: the prompt holds " + std::to_string(out.prompt.size()) +
-                    " tokens; the model was trained with seq_len " + std::to_string(cfg.model.seq_len) +
-                    " and reads at most that many");
-      for (std::size_t i = 0; i < out.prompt.size(); ++i)
-        if (out.prompt[i] >= cfg.model.vocab)
-          throw Error("examoe generate: prompt token " + std::to_string(out.prompt[i]) + " (position " + std::to_string(i) +
-                      ") is outside the model's vocabulary [0, " + std::to_string(cfg.model.vocab) + ")");
-      if (q.max_new < 1) throw Error("examoe generate: --max-new must be at least 1, got " + std::to_string(q.max_new));
-    }
+    if (!q.held_out) check_generate_options(generate_options(q, out), cfg.model);
   });
   if (cfg.train.precision == "double") generate_run<double>(q, cfg, info, out, comm);
   else generate_run<float>(q, cfg, info, out, comm);
