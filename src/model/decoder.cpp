@@ -204,6 +204,7 @@ void IncrementalDecoder<S>::step(const std::vector<int>& tokens, std::vector<S>&
     auto ht = Kokkos::create_mirror_view(tokens_);
     for (int b = 0; b < B; ++b) ht(b) = tokens[b];
     Kokkos::deep_copy(space_, tokens_, ht);
+    space_.fence();  // ht is a temporary host mirror
     embed_at_position(space_, impl::head(tokens_, B), pos_, wte_, wpe_, first_rows(x_, B));
   }
   for (int l = 0; l < L; ++l) block_step(l);
