@@ -2,6 +2,7 @@
 #include "bench.hpp"
 #include "train_cmd.hpp"
 #include "inspect_cmd.hpp"
+#include "generate_cmd.hpp"
 
 #include <examoe/examoe.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
@@ -93,6 +94,8 @@ int main(int argc, char** argv) {
     examoe::app::add_inspect_command(app, inspect);
     examoe::app::EvalCli eval;
     examoe::app::add_eval_command(app, eval);
+    examoe::app::GenerateCli generate;
+    examoe::app::add_generate_command(app, generate);
     try {
       // Usage errors are errors like any other: the same prefix on every rank, exit status 1
       // (docs/errors.md).
@@ -107,6 +110,7 @@ int main(int argc, char** argv) {
         if (app.got_subcommand("train")) rc = examoe::app::run_train(app, train);
         if (app.got_subcommand("inspect")) rc = examoe::app::run_inspect(inspect);
         if (app.got_subcommand("eval")) rc = examoe::app::run_eval(eval);
+        if (app.got_subcommand("generate")) rc = examoe::app::run_generate(generate);
       }
     } catch (const std::exception& e) {
       // A bounded message whatever an error quotes.
