@@ -27,7 +27,16 @@ double silu_grad(double s) {
 
 }  // namespace
 
-RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in) {
+double round_to_bf16(double v) {
+  const double f = static_cast<double>(static_cast<float>(v));
+  if (f == 0.0 || !std::isfinite(f)) return f;
+  int e = 0;
+  const double m = std::frexp(f, &e);       // f = m 2^e, 0.5 <= |m| < 1
+  const double r = std::nearbyint(std::ldexp(m, 8));  // 8 significant bits; ties to even
+  return std::ldexp(r, e - 8);
+}
+
+RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in, const RefWire* wire) {
   const int T = in.T, d = cfg.d_model, h = cfg.d_hidden, E = cfg.num_experts, k = cfg.top_k;
   const bool swiglu = cfg.activation == Activation::swiglu;
   const double temp = cfg.router.temperature;
@@ -105,12 +114,25 @@ RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in) {
     r.z = beta * zz / Tg;
   }
 
+  // Whether assignment (t, e) crosses ranks (only with `wire`), and row v as it arrives.
+  auto crosses = [&](int t, int e) { return wire && wire->token_rank[t] != wire->expert_rank[e]; };
+  auto arrive = [&](bool cross, std::vector<double>& v) {
+    if (cross)
+      for (double& a : v) a = round_to_bf16(a);
+  };
+  auto expert_input = [&](int t, int e) {
+    std::vector<double> v(in.x.begin() + t * d, in.x.begin() + (t + 1) * d);
+    arrive(crosses(t, e), v);
+    return v;
+  };
+
   // ---------------- experts + combine ----------------
   for (int t = 0; t < T; ++t) {
-    const double* xt = &in.x[t * d];
     for (int j = 0; j < k; ++j) {
       const int e = r.topk[t * k + j];
       const int tj = t * k + j;
+      const std::vector<double> xin = expert_input(t, e);
+      const double* xt = xin.data();
       const double* W1e = &in.W1[static_cast<std::size_t>(e) * d * h];
       const double* W2e = &in.W2[static_cast<std::size_t>(e) * h * d];
       for (int c = 0; c < h; ++c) {
@@ -127,11 +149,14 @@ RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in) {
           act[tj * h + c] = gelu(a1);
         }
       }
+      std::vector<double> yrow(d);
       for (int o = 0; o < d; ++o) {
         double v = 0.0;
         for (int c = 0; c < h; ++c) v += act[tj * h + c] * W2e[c * d + o];
-        y[tj * d + o] = v;
+        yrow[o] = v;
       }
+      arrive(crosses(t, e), yrow);
+      std::copy(yrow.begin(), yrow.end(), y.begin() + tj * d);
     }
     for (int j = 0; j < k; ++j)
       for (int o = 0; o < d; ++o) r.out[t * d + o] += r.gates[t * k + j] * y[(t * k + j) * d + o];
@@ -148,6 +173,9 @@ RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in) {
       const int e = r.topk[t * k + j];
       const int tj = t * k + j;
       const double g = r.gates[tj];
+      const bool cross = crosses(t, e);
+      const std::vector<double> xin = expert_input(t, e);
+      std::vector<double> dxe(d, 0.0);  // this assignment's part of dx, returned as a row
       const double* W1e = &in.W1[static_cast<std::size_t>(e) * d * h];
       const double* W2e = &in.W2[static_cast<std::size_t>(e) * h * d];
       double* dW1e = &r.dW1[static_cast<std::size_t>(e) * d * h];
@@ -158,6 +186,7 @@ RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in) {
       dg[j] = acc;
       std::vector<double> dy(d), da(h);
       for (int o = 0; o < d; ++o) dy[o] = g * dot[o];
+      arrive(cross, dy);
       // dW2 += a^T dy, da = dy W2^T
       for (int c = 0; c < h; ++c) {
         double v = 0.0;
@@ -171,8 +200,8 @@ RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in) {
         for (int c = 0; c < h; ++c) {
           const double ds = da[c] * gelu_grad(s1[tj * h + c]);
           for (int i = 0; i < d; ++i) {
-            dW1e[i * h + c] += xt[i] * ds;
-            dxt[i] += ds * W1e[i * h + c];
+            dW1e[i * h + c] += xin[i] * ds;
+            dxe[i] += ds * W1e[i * h + c];
           }
         }
       } else {
@@ -183,12 +212,14 @@ RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in) {
           const double ds1 = da[c] * a3 * silu_grad(a1);
           const double ds3 = da[c] * silu(a1);
           for (int i = 0; i < d; ++i) {
-            dW1e[i * h + c] += xt[i] * ds1;
-            dW3e[i * h + c] += xt[i] * ds3;
-            dxt[i] += ds1 * W1e[i * h + c] + ds3 * W3e[i * h + c];
+            dW1e[i * h + c] += xin[i] * ds1;
+            dW3e[i * h + c] += xin[i] * ds3;
+            dxe[i] += ds1 * W1e[i * h + c] + ds3 * W3e[i * h + c];
           }
         }
       }
+      arrive(cross, dxe);
+      for (int i = 0; i < d; ++i) dxt[i] += dxe[i];
     }
 
     // gates -> dp

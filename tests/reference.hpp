@@ -44,7 +44,20 @@ struct RefResult {
   std::vector<double> dW2;   ///< [E][h][d]
 };
 
-/// Forward and backward of the dense reference.
-RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in);
+/// Where rows would cross ranks, for a reference of the layer with rows on the wire in bf16
+/// (MoEConfig::dispatch_dtype): every row element of an assignment whose token and expert live
+/// on different ranks is rounded to bf16 where the layer sends it: the expert input x, the
+/// expert output y, the dispatched g * dout and the returned expert input gradient.
+struct RefWire {
+  std::vector<int> token_rank;   ///< [T] the rank holding token t
+  std::vector<int> expert_rank;  ///< [E] the rank owning expert e
+};
+
+/// bf16(float(v)) by frexp/ldexp arithmetic (round to nearest even, normal numbers), written
+/// apart from the library's bit-level conversion.
+double round_to_bf16(double v);
+
+/// Forward and backward of the dense reference; with `wire`, crossing rows rounded to bf16.
+RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in, const RefWire* wire = nullptr);
 
 }  // namespace examoe::test

@@ -12,7 +12,8 @@ class WatchdogChannel;  // impl/watchdog.hpp
 }
 
 /// Element types the collectives move.
-enum class DataType { f32, f64, i32, i64 };
+/// bf16: rows moved as bfloat16 bits (impl/bf16.hpp); moved, never reduced.
+enum class DataType { f32, f64, i32, i64, bf16 };
 
 template <class T>
 constexpr DataType data_type_of();

@@ -27,6 +27,8 @@ struct ModelConfig {
   Activation activation = Activation::gelu;
   RouterConfig router;
   double norm_eps = 1e-5;
+  /// The type MoE rows travel in between ranks (MoEConfig::dispatch_dtype).
+  DispatchDtype dispatch_dtype = DispatchDtype::scalar;
   void validate() const;
 };
 

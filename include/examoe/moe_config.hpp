@@ -17,6 +17,16 @@ enum class ExpertTensor { w1, w2, w3 };
 const char* to_string(ExpertTensor t);
 Activation activation_from_string(const std::string& s);
 
+/// The type rows travel in through the layer's exchanges (dispatch and combine, forward and
+/// backward). Compute stays in the layer's scalar either way; rows that stay on their rank are
+/// never converted.
+enum class DispatchDtype {
+  scalar,  ///< the layer's scalar (float or double)
+  bf16     ///< bfloat16, rounded to nearest even: half of float's bytes (impl/bf16.hpp)
+};
+const char* to_string(DispatchDtype t);
+DispatchDtype dispatch_dtype_from_string(const std::string& s);
+
 /// Router settings. Equations: docs/moe-layer.md.
 struct RouterConfig {
   double temperature = 1.0;   ///< u = z / temperature (+ jitter noise)
@@ -54,6 +64,7 @@ struct MoEConfig {
   /// Float expert GEMMs may use TF32 tensor cores (CUDA builds; about 1e-3 relative per
   /// product instead of float's 6e-8). No effect in double or on host builds.
   bool allow_tf32 = false;
+  DispatchDtype dispatch_dtype = DispatchDtype::scalar;
 
   /// Local validity checks; throws examoe::Error naming the bad field.
   void validate() const;

@@ -19,6 +19,7 @@ MPI_Datatype mpi_type(DataType t) {
     case DataType::f64: return MPI_DOUBLE;
     case DataType::i32: return MPI_INT32_T;
     case DataType::i64: return MPI_INT64_T;
+    case DataType::bf16: return MPI_UINT16_T;  // moved as bits, never reduced
   }
   return MPI_DATATYPE_NULL;
 }
@@ -52,6 +53,7 @@ std::size_t size_of(DataType t) {
     case DataType::f64: return 8;
     case DataType::i32: return 4;
     case DataType::i64: return 8;
+    case DataType::bf16: return 2;
   }
   return 0;
 }
@@ -120,6 +122,7 @@ void MpiCommunicator::alltoallv_rows(const void* send, const int* send_counts,
 
 void MpiCommunicator::allreduce_sum(void* buf, std::size_t count, DataType type, Memory mem) {
   check_memory(mem, "allreduce_sum");
+  if (type == DataType::bf16) throw Error("examoe::MpiCommunicator::allreduce_sum: bf16 rows are moved, never reduced");
   // Chunk so that no count overflows int.
   const std::size_t chunk = static_cast<std::size_t>(INT_MAX / 2);
   char* p = static_cast<char*>(buf);
@@ -149,6 +152,7 @@ void MpiCommunicator::allgather(const void* send, void* recv, std::size_t count,
 void MpiCommunicator::reduce_scatter_sum(const void* send, void* recv, std::size_t count,
                                          DataType type, Memory mem) {
   check_memory(mem, "reduce_scatter_sum");
+  if (type == DataType::bf16) throw Error("examoe::MpiCommunicator::reduce_scatter_sum: bf16 rows are moved, never reduced");
   if (count > static_cast<std::size_t>(INT_MAX))
     throw Error("examoe::MpiCommunicator::reduce_scatter_sum: block of " + std::to_string(count) +
                 " elements exceeds INT_MAX");

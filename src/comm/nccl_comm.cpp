@@ -20,6 +20,7 @@ ncclDataType_t nccl_type(DataType t) {
     case DataType::f64: return ncclFloat64;
     case DataType::i32: return ncclInt32;
     case DataType::i64: return ncclInt64;
+    case DataType::bf16: return ncclBfloat16;
   }
   return ncclFloat32;
 }

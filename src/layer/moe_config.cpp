@@ -19,6 +19,14 @@ const char* to_string(ExpertTensor t) {
   return "?";
 }
 
+const char* to_string(DispatchDtype t) { return t == DispatchDtype::bf16 ? "bf16" : "scalar"; }
+
+DispatchDtype dispatch_dtype_from_string(const std::string& s) {
+  if (s == "scalar") return DispatchDtype::scalar;
+  if (s == "bf16") return DispatchDtype::bf16;
+  throw Error("examoe::dispatch_dtype_from_string: unknown dispatch dtype '" + s + "' (scalar or bf16)");
+}
+
 Activation activation_from_string(const std::string& s) {
   if (s == "gelu") return Activation::gelu;
   if (s == "swiglu") return Activation::swiglu;
@@ -76,6 +84,7 @@ std::uint64_t MoEConfig::hash() const {
   f.add(reduce_router_grad);
   f.add(check_finite_inputs);
   f.add(allow_tf32);
+  f.add(static_cast<int>(dispatch_dtype));
   return f.h;
 }
 
@@ -90,7 +99,7 @@ std::string MoEConfig::to_string() const {
      << "\nrouter.z_loss_coef=" << router.z_loss_coef << "\nplacement=";
   for (std::size_t i = 0; i < placement.size(); ++i) os << (i ? "," : "") << placement[i];
   os << "\nreduce_router_grad=" << reduce_router_grad << "\ncheck_finite_inputs=" << check_finite_inputs
-     << "\nallow_tf32=" << allow_tf32 << "\n";
+     << "\nallow_tf32=" << allow_tf32 << "\ndispatch_dtype=" << examoe::to_string(dispatch_dtype) << "\n";
   return os.str();
 }
 

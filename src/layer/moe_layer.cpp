@@ -68,7 +68,8 @@ struct MoELayer<Scalar>::Impl {
   std::unique_ptr<impl::Router<Scalar>> router;
   impl::DispatchPlan plan;
   std::unique_ptr<impl::Experts<Scalar>> experts;
-  impl::RowWorkspace<Scalar> rows;
+  impl::RowWorkspace<Scalar> scalar_rows;  // rows on the wire in the layer's scalar ...
+  impl::RowWorkspace<impl::bf16> bf16_rows;  // ... or in bf16 (cfg.dispatch_dtype)
 
   int T = 0, A = 0;
   const_matrix x_saved;
@@ -257,7 +258,16 @@ struct MoELayer<Scalar>::Impl {
     plan.exchange_counts(space, *comm);
     record_plan_stats();
     toc(Phase::plan);
+    if (cfg.dispatch_dtype == DispatchDtype::bf16)
+      dispatch_experts_combine(bf16_rows, x, out);
+    else
+      dispatch_experts_combine(scalar_rows, x, out);
+    have_forward = true;
+  }
 
+  /// Forward after the plan: rows out (in the wire type W), experts, rows back, combine.
+  template <class W>
+  void dispatch_experts_combine(impl::RowWorkspace<W>& rows, const const_matrix& x, const matrix& out) {
     // ---- dispatch
     const int nrows = plan.expert_rows();
     const auto g = router->gates();
@@ -283,14 +293,14 @@ struct MoELayer<Scalar>::Impl {
     impl::combine_rows(space, plan.return_location(), k, g, true, experts->outputs(), rows.back_recv,
                        false, out);
     toc(Phase::combine);
-    have_forward = true;
   }
 
   /// The dispatch statistics of this step's plan.
   void record_plan_stats() {
     for (int lx = 0; lx < nloc; ++lx)
       stats.rows_per_local_expert[lx] = plan.expert_row_begin(lx + 1) - plan.expert_row_begin(lx);
-    const std::int64_t row_bytes = static_cast<std::int64_t>(d) * sizeof(Scalar);
+    const std::int64_t row_bytes =
+        static_cast<std::int64_t>(d) * (cfg.dispatch_dtype == DispatchDtype::bf16 ? sizeof(impl::bf16) : sizeof(Scalar));
     const std::int64_t sent = plan.rows_sent(), received = plan.rows_received();
     stats.tokens = T;
     stats.assignments = A;
@@ -306,7 +316,8 @@ struct MoELayer<Scalar>::Impl {
 
   /// ONE variable-size all-to-all of rows through the plan: in the dispatch direction
   /// (forward), or the combine direction (reverse: the same counts, send and receive swapped).
-  void exchange(const char* label, impl::Direction dir, const matrix& send, const matrix& recv) {
+  template <class M>
+  void exchange(const char* label, impl::Direction dir, const M& send, const M& recv) {
     impl::CollectiveLabel scope(label);
     impl::exchange_rows(*coll, plan.exchange(), dir, send.data(), recv.data(), d);
   }
@@ -322,6 +333,15 @@ struct MoELayer<Scalar>::Impl {
       agree_finite(dout, "backward", "dout");
     }
     tic();
+    if (cfg.dispatch_dtype == DispatchDtype::bf16)
+      backward_rows(bf16_rows, dout, dx);
+    else
+      backward_rows(scalar_rows, dout, dx);
+  }
+
+  /// Backward through the forward's plan, rows in the wire type W.
+  template <class W>
+  void backward_rows(impl::RowWorkspace<W>& rows, const const_matrix& dout, const matrix& dx) {
     const auto g = router->gates();
     const auto dg = router->gate_grads();
     // ---- combine^T: gate gradients, then dy = gate * dout dispatched like x
@@ -452,7 +472,7 @@ auto MoELayer<S>::gates() const -> matrix {
 }
 template <class S>
 std::int64_t MoELayer<S>::workspace_allocations() const {
-  return impl_->rows.ws.allocations() + impl_->plan.workspace_allocations() +
+  return impl_->scalar_rows.ws.allocations() + impl_->bf16_rows.ws.allocations() + impl_->plan.workspace_allocations() +
          impl_->router->workspace_allocations() + impl_->experts->workspace_allocations();
 }
 

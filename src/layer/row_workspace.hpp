@@ -1,5 +1,6 @@
 // The persistent row buffers of one MoE layer's two all-to-alls: grow-only, reused by every
-// step (and by backward, which runs the same exchanges with the same plan).
+// step (and by backward, which runs the same exchanges with the same plan). W is the type rows
+// travel in: the layer's scalar, or impl::bf16 (half the bytes).
 #pragma once
 
 #include "layer/dispatch_plan.hpp"
@@ -10,9 +11,9 @@
 
 namespace examoe::impl {
 
-template <class Scalar>
+template <class W>
 struct RowWorkspace {
-  using matrix = Kokkos::View<Scalar**, Kokkos::LayoutRight, DispatchPlan::Mem>;
+  using matrix = Kokkos::View<W**, Kokkos::LayoutRight, DispatchPlan::Mem>;
   RowWorkspace() {}  // see Fsdp::Unit: never value-initialise an aggregate holding Views
 
   /// Dispatch direction: rows this rank sends (in sorted-slot order) and receives.

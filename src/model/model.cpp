@@ -144,6 +144,7 @@ void Model<S>::build_moe_layers(std::uint64_t seed) {
     m.top_k = cfg_.top_k;
     m.activation = cfg_.activation;
     m.router = cfg_.router;
+    m.dispatch_dtype = cfg_.dispatch_dtype;
     m.router.seed = seed + 1000003ull * static_cast<std::uint64_t>(l + 1);
     m.reduce_router_grad = false;  // FSDP reduce-scatters the router gradient
     // Non-finite activations in training are the trainer's policy (train.nonfinite), not an

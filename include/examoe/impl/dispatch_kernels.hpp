@@ -2,6 +2,7 @@
 // row gathers of dispatch and combine. No atomics: every output row has one writer, and
 // every result is a fixed-order sum, so results are bitwise reproducible.
 #pragma once
+#include <examoe/impl/bf16.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 
 namespace examoe::impl {
@@ -66,12 +67,14 @@ KOKKOS_INLINE_FUNCTION int find_block(const BView& blocks, int nblocks, int q) {
 }
 
 /// Dispatch pack: send[p] = scale(a) * x[a / k] for the p-th sorted slot outside this rank's
-/// own block [self_begin, self_begin + self_count). scale = gates when given (backward).
+/// own block [self_begin, self_begin + self_count). scale = gates when given (backward). The
+/// send buffer holds the wire type (the scalar, or bf16: impl/bf16.hpp).
 template <class Space, class XView, class PView, class GView, class BufView>
 void pack_rows(const Space& space, const XView& x, const PView& perm, int k, int self_begin,
                int self_count, const GView& gates, bool scaled, const BufView& send) {
   const int n = static_cast<int>(send.extent(0)), d = static_cast<int>(send.extent(1));
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
+  using W = typename BufView::non_const_value_type;
   Kokkos::parallel_for(
       "examoe::dispatch::pack", Kokkos::TeamPolicy<Space>(space, n, Kokkos::AUTO),
       KOKKOS_LAMBDA(const team& m) {
@@ -81,17 +84,18 @@ void pack_rows(const Space& space, const XView& x, const PView& perm, int k, int
         const int t = a / k;
         const auto g = scaled ? gates(t, a % k) : 1;
         Kokkos::parallel_for(Kokkos::TeamThreadRange(m, d),
-                             [&](const int c) { send(p, c) = g * x(t, c); });
+                             [&](const int c) { send(p, c) = to_wire<W>(g * x(t, c)); });
       });
 }
 
 /// Dispatch regroup: expert-input row q = its block's source row, either a received row or,
 /// for rows that never left this rank, scale(a) * x[a / k] directly.
-template <class Space, class BView, class XView, class PView, class GView, class BufView>
+template <class Space, class BView, class XView, class PView, class GView, class WireView, class BufView>
 void gather_expert_rows(const Space& space, const BView& blocks, int nblocks, int nrows,
                         const XView& x, const PView& perm, int k, const GView& gates, bool scaled,
-                        const BufView& recv, const BufView& xe) {
+                        const WireView& recv, const BufView& xe) {
   const int d = static_cast<int>(xe.extent(1));
+  using S = typename BufView::non_const_value_type;
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   Kokkos::parallel_for(
       "examoe::dispatch::regroup", Kokkos::TeamPolicy<Space>(space, nrows, Kokkos::AUTO),
@@ -107,17 +111,18 @@ void gather_expert_rows(const Space& space, const BView& blocks, int nblocks, in
                                [&](const int c) { xe(q, c) = g * x(t, c); });
         } else {
           Kokkos::parallel_for(Kokkos::TeamThreadRange(m, d),
-                               [&](const int c) { xe(q, c) = recv(i, c); });
+                               [&](const int c) { xe(q, c) = from_wire<S>(recv(i, c)); });
         }
       });
 }
 
 /// Combine pack: rows of remote blocks go back to their source rank, in the layout they
 /// arrived in (the receive buffer's layout).
-template <class Space, class BView, class BufView>
+template <class Space, class BView, class BufView, class WireView>
 void pack_back_rows(const Space& space, const BView& blocks, int nblocks, int nrows,
-                    const BufView& ye, const BufView& back_send) {
+                    const BufView& ye, const WireView& back_send) {
   const int d = static_cast<int>(ye.extent(1));
+  using W = typename WireView::non_const_value_type;
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   Kokkos::parallel_for(
       "examoe::combine::pack", Kokkos::TeamPolicy<Space>(space, nrows, Kokkos::AUTO),
@@ -127,7 +132,7 @@ void pack_back_rows(const Space& space, const BView& blocks, int nblocks, int nr
         if (b.local) return;
         const int i = b.from + (q - b.dest);
         Kokkos::parallel_for(Kokkos::TeamThreadRange(m, d),
-                             [&](const int c) { back_send(i, c) = ye(q, c); });
+                             [&](const int c) { back_send(i, c) = to_wire<W>(ye(q, c)); });
       });
 }
 
@@ -136,10 +141,11 @@ void pack_back_rows(const Space& space, const BView& blocks, int nblocks, int nr
 
 /// Combine: out[t] = beta_out * out[t] + sum_j w(t,j) * row(loc[t*k+j]), in order j = 0..k-1,
 /// with w = gates (forward) or 1 (backward dx).
-template <class Space, class LView, class GView, class BufView, class OView>
+template <class Space, class LView, class GView, class BufView, class WireView, class OView>
 void combine_rows(const Space& space, const LView& loc, int k, const GView& gates, bool weighted,
-                  const BufView& ye, const BufView& back_recv, bool accumulate, const OView& out) {
+                  const BufView& ye, const WireView& back_recv, bool accumulate, const OView& out) {
   const int T = static_cast<int>(out.extent(0)), d = static_cast<int>(out.extent(1));
+  using S = typename BufView::non_const_value_type;
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   Kokkos::parallel_for(
       "examoe::combine::gather", Kokkos::TeamPolicy<Space>(space, T, Kokkos::AUTO),
@@ -149,7 +155,7 @@ void combine_rows(const Space& space, const LView& loc, int k, const GView& gate
           auto acc = accumulate ? out(t, c) : 0;
           for (int j = 0; j < k; ++j) {
             const int l = loc(t * k + j);
-            const auto v = l >= 0 ? ye(l, c) : back_recv(-1 - l, c);
+            const S v = l >= 0 ? ye(l, c) : from_wire<S>(back_recv(-1 - l, c));
             acc += weighted ? gates(t, j) * v : v;
           }
           out(t, c) = acc;
@@ -158,10 +164,11 @@ void combine_rows(const Space& space, const LView& loc, int k, const GView& gate
 }
 
 /// Gate gradients: dg[t][j] = <dout[t], row(loc[t*k+j])>.
-template <class Space, class LView, class BufView, class DView, class GView>
+template <class Space, class LView, class BufView, class WireView, class DView, class GView>
 void gate_grads(const Space& space, const LView& loc, int k, const BufView& ye,
-                const BufView& back_recv, const DView& dout, const GView& dg) {
+                const WireView& back_recv, const DView& dout, const GView& dg) {
   const int T = static_cast<int>(dout.extent(0)), d = static_cast<int>(dout.extent(1));
+  using S = typename BufView::non_const_value_type;
   Kokkos::parallel_for(
       "examoe::combine::gate_grads", Kokkos::RangePolicy<Space>(space, 0, T * k),
       KOKKOS_LAMBDA(const int a) {
@@ -170,7 +177,7 @@ void gate_grads(const Space& space, const LView& loc, int k, const BufView& ye,
         if (l >= 0)
           for (int c = 0; c < d; ++c) s += dout(t, c) * ye(l, c);
         else
-          for (int c = 0; c < d; ++c) s += dout(t, c) * back_recv(-1 - l, c);
+          for (int c = 0; c < d; ++c) s += dout(t, c) * from_wire<S>(back_recv(-1 - l, c));
         dg(t, a % k) = s;
       });
 }
