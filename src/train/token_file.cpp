@@ -115,7 +115,7 @@ class MappedTokenFile final : public TokenFile {
   std::string describe() const override {
     switch (format()) {
       case TokenFormat::llmc:
-        return std::string("llm.c token file, version ") + (width_ == 2 ? "1 (uint16 ids)" : "2 (uint32 ids)");
+        return std::string("llm.c token file version ") + (width_ == 2 ? "1, uint16 ids" : "2, uint32 ids");
       case TokenFormat::uint16: return "headerless uint16 token file";
       default: return "byte file";
     }
