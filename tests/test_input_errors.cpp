@@ -232,6 +232,7 @@ std::map<std::string, std::vector<Bad>> out_of_range() {
       {"data.val_problems", {{"0", {"positive"}}, {"100000", {"exceeds"}}}},
       {"data.val_fraction", {{"0", {"(0, 0.5]"}}, {"0.75", {"(0, 0.5]"}}}},
       {"data.val_path", {{"val.bin", {"empty without data.path"}}}},
+      {"data.val_sequences", {{"-1", {">= 0"}}}},
       {"log.interval", {{"0", {"positive"}}}},
       {"log.eval_interval", {{"-5", {"positive"}}}},
       {"checkpoint.dir", {{"", {"not empty"}}}},

@@ -388,27 +388,43 @@ TEST(TokenData, CorpusWindowsAreTheFilesTokens) {
   expect_error([&] { c.val_batch(31, 1, L, b); }, {"exceed the 31 validation sequences"}, "past the validation set");
   EXPECT_EQ(TokenCorpus::val_sequences(4500, 500, L), 31);
   EXPECT_EQ(TokenCorpus::val_sequences(4500, 16, L), 0);
+  // A cap of 10 spreads the windows: window floor(k * 31 / 10), e.g. k = 9 is window 27.
+  TempPath q("ramp2.bin");
+  const TokenCorpus capped(ramp_file(q, 5000), nullptr, 3, 0.1, 10);
+  EXPECT_EQ(capped.num_val_sequences(L), 10);
+  EXPECT_EQ(TokenCorpus::val_sequences(4500, 500, L, 10), 10);
+  capped.val_batch(0, 10, L, b);
+  for (int k = 0; k < 10; ++k) {
+    const std::uint64_t off = 4500 + static_cast<std::uint64_t>(k * 31 / 10) * L;
+    EXPECT_EQ(capped.val_offset(k, L), off);
+    for (int j = 0; j < L; ++j) EXPECT_EQ(b.tokens[k * L + j], ramp(off + j)) << k;
+  }
+  EXPECT_EQ(capped.val_offset(9, L), 4500u + 27 * 16);
+  // A cap above the windows there are changes nothing.
+  const TokenCorpus loose(ramp_file(q, 5000), nullptr, 3, 0.1, 100);
+  EXPECT_EQ(loose.num_val_sequences(L), 31);
+  EXPECT_EQ(loose.val_offset(30, L), 4500u + 30 * 16);
 }
 
 TEST(TokenData, BytesThroughTheMappedReaderEqualFileCorpus) {
-  // The contract is FileCorpus's: the same bytes give the same batches, read whole or mapped.
+  // The contract is FileCorpus's: the same bytes give the same batches, read whole or in pieces.
   TempPath p("bytes.bin");
   std::string s(3001, '\0');
   for (std::size_t i = 0; i < s.size(); ++i) s[i] = static_cast<char>(splitmix64(i) & 0xFF);
   write_bytes(p.path(), s);
   const FileCorpus whole(p.path(), 5, 0.2);
-  const TokenCorpus mapped(open_token_file(p.path(), TokenFormat::bytes), nullptr, 5, 0.2);
-  EXPECT_EQ(mapped.train_tokens(), whole.train_bytes());
+  const TokenCorpus pieces(open_token_file(p.path(), TokenFormat::bytes), nullptr, 5, 0.2);
+  EXPECT_EQ(pieces.train_tokens(), whole.train_bytes());
   Batch a, b;
   for (std::uint64_t step : {0u, 1u, 77u}) {
     whole.train_batch(step, 2, 6, 24, a);
-    mapped.train_batch(step, 2, 6, 24, b);
+    pieces.train_batch(step, 2, 6, 24, b);
     EXPECT_EQ(a.tokens, b.tokens);
     EXPECT_EQ(a.targets, b.targets);
   }
-  EXPECT_EQ(whole.num_val_sequences(24), mapped.num_val_sequences(24));
+  EXPECT_EQ(whole.num_val_sequences(24), pieces.num_val_sequences(24));
   whole.val_batch(0, whole.num_val_sequences(24), 24, a);
-  mapped.val_batch(0, mapped.num_val_sequences(24), 24, b);
+  pieces.val_batch(0, pieces.num_val_sequences(24), 24, b);
   EXPECT_EQ(a.tokens, b.tokens);
   EXPECT_EQ(a.targets, b.targets);
 }

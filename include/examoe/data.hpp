@@ -222,8 +222,9 @@ struct BadToken {
   std::string value;        ///< the id as stored (signed or unsigned, any width)
 };
 
-/// A read-only array of token ids in a file, never loaded whole: llm.c, uint16 and byte files
-/// are memory-mapped (POSIX mmap, read-only, MADV_RANDOM), HDF5 datasets read by hyperslab.
+/// A read-only array of token ids in a file, never loaded whole: what a batch needs is read when
+/// it is needed (llm.c, uint16 and byte files with pread(), HDF5 datasets by hyperslab), so
+/// nothing of the file counts in the process's memory but the page cache the kernel keeps.
 class TokenFile {
  public:
   virtual ~TokenFile() = default;
@@ -232,8 +233,8 @@ class TokenFile {
   /// Tokens [first, first+count) into `out`, which must hold count ints. The ids must have been
   /// checked (scan) to be below a vocab <= INT_MAX: they are not checked again here.
   virtual void read(std::uint64_t first, std::size_t count, int* out) const = 0;
-  /// One pass over tokens [first, last) in chunks of 1 MiB or so (pread / hyperslab reads: the
-  /// mapping is not touched, so the pass adds nothing to the resident set): the first id
+  /// One pass over tokens [first, last) in chunks of 1 MiB or so (pread / hyperslab reads into
+  /// one buffer, so the pass adds 1 MiB to the resident set whatever the file's size): the first id
   /// outside [0, vocab), and, when `counts` is not null, adds the histogram of the valid ids
   /// to counts[0..vocab).
   virtual BadToken scan(std::uint64_t first, std::uint64_t last, int vocab,
@@ -266,8 +267,10 @@ std::unique_ptr<TokenFile> open_token_file(const std::string& path, TokenFormat 
 
 /// Token files as a corpus, with the sampling contract of FileCorpus: a training sequence is a
 /// window of seq_len+1 tokens at the offset hash(seed, step, global sequence index) of the
-/// training part; validation sequences are consecutive windows (stride seq_len) of the
-/// validation part. Without a validation file the last ceil(size * val_fraction) tokens of
+/// training part; validation sequences are windows of the validation part: its n = (tokens-1)
+/// / seq_len consecutive windows (stride seq_len) or, when `max_val_sequences` (> 0) is
+/// smaller, m = max_val_sequences of them spread evenly: window floor(k * n / m) for k < m
+/// (the validation set is evaluated in one pass, so a large file's must be capped). Without a validation file the last ceil(size * val_fraction) tokens of
 /// the training file are the validation part (as FileCorpus does with bytes, so a file read
 /// as bytes here gives FileCorpus's batches exactly); with one, the training part is the
 /// whole training file and the validation part the whole validation file. Nothing is read
@@ -276,7 +279,7 @@ std::unique_ptr<TokenFile> open_token_file(const std::string& path, TokenFormat 
 class TokenCorpus : public Corpus {
  public:
   TokenCorpus(std::shared_ptr<const TokenFile> train, std::shared_ptr<const TokenFile> val,
-              std::uint64_t seed, double val_fraction = 0.1);
+              std::uint64_t seed, double val_fraction = 0.1, int max_val_sequences = 0);
 
   std::string name() const override { return "tokens"; }
   /// Both parts must hold at least seq_len+1 tokens.
@@ -301,7 +304,10 @@ class TokenCorpus : public Corpus {
   /// Token index in the training file of training sequence `seq` of step `step`.
   std::uint64_t train_offset(std::uint64_t step, std::uint64_t seq, int seq_len) const;
   /// num_val_sequences(seq_len) for parts of these sizes (0 if either is too short).
-  static long long val_sequences(std::uint64_t train_tokens, std::uint64_t val_tokens, int seq_len);
+  static long long val_sequences(std::uint64_t train_tokens, std::uint64_t val_tokens, int seq_len,
+                                 int max_val_sequences = 0);
+  /// Token index in the validation file of validation sequence `i`.
+  std::uint64_t val_offset(int i, int seq_len) const;
 
  private:
   void check_seq_len(const char* fn, int seq_len) const;
@@ -311,6 +317,7 @@ class TokenCorpus : public Corpus {
   std::shared_ptr<const TokenFile> train_, val_;  // val_ may be train_ (split file)
   std::uint64_t seed_;
   double val_fraction_;
+  int max_val_;  // 0: every window
   std::uint64_t train_tokens_ = 0, val_tokens_ = 0;
   std::uint64_t val_begin_ = 0;  // first validation token in val_
   double entropy_;

@@ -49,6 +49,8 @@ struct DataOptions {
   TokenFormat format = TokenFormat::automatic;
   std::string dataset;      ///< hdf5: the dataset of token ids (empty: 'tokens')
   std::string val_path;     ///< a separate validation file (empty: the tail of data.path)
+  /// token files: validation sequences, spread over the validation part (0 = every window)
+  int val_sequences = 256;
 };
 struct LogOptions {
   int interval = 100;       ///< progress line every N steps

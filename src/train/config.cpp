@@ -236,6 +236,9 @@ const std::vector<ConfigKey>& config_keys() {
       recorded_when_set(EXAMOE_KEY_STR("data.val_path", data.val_path,
                                        "Validation tokens from this file (same formats as data.path; empty: the last "
                                        "data.val_fraction of data.path)")),
+      recorded_when_set(EXAMOE_KEY_INT("data.val_sequences", data.val_sequences,
+                                       "Token files: validation sequences, spread evenly over the validation part "
+                                       "(0 = every window; the set is evaluated in one pass)")),
       EXAMOE_KEY_INT("log.interval", log.interval, "Progress line every N steps"),
       EXAMOE_KEY_INT("log.eval_interval", log.eval_interval, "Validation every N steps (and at the end)"),
       EXAMOE_KEY_STR("log.metrics", log.metrics, "Append JSON lines of metrics to this file (rank 0)"),
@@ -425,6 +428,7 @@ void TrainConfig::validate() const {
   need(data.digits >= 1 && data.digits <= 6, "data.digits", "in [1, 6]");
   need(data.val_problems > 0, "data.val_problems", "positive");
   need(data.val_fraction > 0 && data.val_fraction <= 0.5, "data.val_fraction", "in (0, 0.5]");
+  need(data.val_sequences >= 0, "data.val_sequences", ">= 0 (0 = every window)");
   need(data.val_path.empty() || !data.path.empty(), "data.val_path",
        "empty without data.path (the built-in addition corpus has its own validation problems)");
   need(log.interval > 0, "log.interval", "positive");

@@ -1,4 +1,4 @@
-// TokenCorpus: token files (llm.c, uint16, HDF5, mapped bytes) as training and validation
+// TokenCorpus: token files (llm.c, uint16, HDF5, bytes read in pieces) as training and validation
 // sequences, with FileCorpus's counter-based sampling; the id check split over the ranks.
 #include "train/data_util.hpp"
 #include "train/token_file.hpp"
@@ -19,11 +19,13 @@ using impl::data::below;
 using impl::data::mix;
 
 TokenCorpus::TokenCorpus(std::shared_ptr<const TokenFile> train, std::shared_ptr<const TokenFile> val,
-                         std::uint64_t seed, double val_fraction)
+                         std::uint64_t seed, double val_fraction, int max_val_sequences)
     : train_(std::move(train)), val_(std::move(val)), seed_(splitmix64(seed ^ impl::data::kTagFile)),
-      val_fraction_(val_fraction), entropy_(std::numeric_limits<double>::quiet_NaN()) {
+      val_fraction_(val_fraction), max_val_(max_val_sequences), entropy_(std::numeric_limits<double>::quiet_NaN()) {
   const char* fn = "examoe::TokenCorpus";
   if (!train_) throw Error(std::string(fn) + ": no training file");
+  if (max_val_sequences < 0)
+    throw Error(std::string(fn) + ": max_val_sequences (" + std::to_string(max_val_sequences) + ") must be >= 0");
   if (val_) {
     train_tokens_ = train_->size();
     val_tokens_ = val_->size();
@@ -42,11 +44,22 @@ TokenCorpus::TokenCorpus(std::shared_ptr<const TokenFile> train, std::shared_ptr
   val_begin_ = train_tokens_;
 }
 
-long long TokenCorpus::val_sequences(std::uint64_t train_tokens, std::uint64_t val_tokens, int seq_len) {
+long long TokenCorpus::val_sequences(std::uint64_t train_tokens, std::uint64_t val_tokens, int seq_len,
+                                     int max_val_sequences) {
   if (seq_len < 1) return 0;
   const std::uint64_t need = static_cast<std::uint64_t>(seq_len) + 1;
   if (train_tokens < need || val_tokens < need) return 0;
-  return static_cast<long long>(std::min<std::uint64_t>((val_tokens - 1) / static_cast<std::uint64_t>(seq_len), INT_MAX));
+  std::uint64_t n = std::min<std::uint64_t>((val_tokens - 1) / static_cast<std::uint64_t>(seq_len), INT_MAX);
+  if (max_val_sequences > 0) n = std::min<std::uint64_t>(n, static_cast<std::uint64_t>(max_val_sequences));
+  return static_cast<long long>(n);
+}
+
+std::uint64_t TokenCorpus::val_offset(int i, int seq_len) const {
+  const std::uint64_t windows = (val_tokens_ - 1) / static_cast<std::uint64_t>(seq_len);
+  const std::uint64_t m = static_cast<std::uint64_t>(num_val_sequences(seq_len));
+  const std::uint64_t w = static_cast<std::uint64_t>(
+      static_cast<impl::data::u128>(static_cast<std::uint64_t>(i)) * windows / m);  // = i when m = windows
+  return val_begin_ + w * static_cast<std::uint64_t>(seq_len);
 }
 
 void TokenCorpus::check_seq_len(const char* fn, int seq_len) const {
@@ -99,7 +112,7 @@ void TokenCorpus::train_batch(std::uint64_t step, int first, int count, int seq_
 
 int TokenCorpus::num_val_sequences(int seq_len) const {
   check_seq_len("examoe::TokenCorpus::num_val_sequences", seq_len);
-  return static_cast<int>(val_sequences(train_tokens_, val_tokens_, seq_len));
+  return static_cast<int>(val_sequences(train_tokens_, val_tokens_, seq_len, max_val_));
 }
 
 void TokenCorpus::val_batch(int first, int count, int seq_len, Batch& out) const {
@@ -115,8 +128,7 @@ void TokenCorpus::val_batch(int first, int count, int seq_len, Batch& out) const
   }
   impl::data::reset_batch(out, count, seq_len, 0);
   for (int row = 0; row < count; ++row) {
-    const std::uint64_t off = val_begin_ + static_cast<std::uint64_t>(first + row) * static_cast<std::uint64_t>(seq_len);
-    read_window(*val_, off, row, seq_len, out);
+    read_window(*val_, val_offset(first + row, seq_len), row, seq_len, out);
   }
 }
 
@@ -138,7 +150,7 @@ void TokenCorpus::check_vocab(Communicator& comm, int vocab) {
       std::ostringstream os;
       os << fn << ": token id " << bad.value << " at " << file.where(bad.index) << " of " << which << "'"
          << clip_for_message(file.path()) << "' is outside the vocabulary [0, " << vocab << ") (model.vocab_size = "
-         << vocab << "; the first such id" << (separate ? " of the training file, then of the validation file" : "")
+         << vocab << "; the first such id" << (separate ? ", the training file read before the validation file" : "")
          << ")";
       throw Error(os.str());
     };
@@ -161,7 +173,7 @@ std::string TokenCorpus::describe() const {
   else
     os << train_tokens_ << " training tokens; validation '" << clip_for_message(val_->path()) << "' ("
        << val_->describe() << "): " << val_tokens_ << " tokens";
-  os << ", mapped or read in pieces, not loaded; unigram entropy " << std::fixed << std::setprecision(4) << entropy_
+  os << ", read as batches need them, not loaded; unigram entropy " << std::fixed << std::setprecision(4) << entropy_
      << " nats";
   return os.str();
 }
@@ -196,7 +208,7 @@ std::unique_ptr<TokenCorpus> open_token_corpus(const DataOptions& data, std::uin
   auto train = open_checked(data, data.path, "data.path", vocab);
   std::shared_ptr<const TokenFile> val;
   if (!data.val_path.empty()) val = open_checked(data, data.val_path, "data.val_path", vocab);
-  return std::make_unique<TokenCorpus>(std::move(train), std::move(val), seed, data.val_fraction);
+  return std::make_unique<TokenCorpus>(std::move(train), std::move(val), seed, data.val_fraction, data.val_sequences);
 }
 
 }  // namespace impl::data

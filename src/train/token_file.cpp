@@ -1,5 +1,6 @@
-// Token files: the data.format spellings, format detection, and the memory-mapped readers of
-// byte, llm.c and headerless uint16 token files (docs/data.md). HDF5: token_hdf5.cpp.
+// Token files: the data.format spellings, format detection, and the readers of byte, llm.c
+// and headerless uint16 token files, which read what a batch needs with pread (docs/data.md).
+// HDF5: token_hdf5.cpp.
 #include "train/data_util.hpp"
 #include "train/token_file.hpp"
 
@@ -13,7 +14,6 @@
 #include <sstream>
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -62,29 +62,23 @@ void pread_all(const char* fn, int fd, const std::string& path, unsigned char* b
   }
 }
 
-/// Tokens of `width` bytes (1, 2 or 4) after a header of `header` bytes, read from a
-/// read-only mapping of the whole file; the scan reads through the descriptor instead.
-class MappedTokenFile final : public TokenFile {
+/// Tokens of `width` bytes (1, 2 or 4) after a header of `header` bytes, read with pread():
+/// a batch reads the windows it needs, the id check the file in 1 MiB chunks. (A read-only
+/// mmap would read the same pages, but every page a window touches stays mapped into the
+/// process, so the resident set grows towards the file's size as training samples it -- about
+/// 4 MiB a step in ExaMoE's tests -- and a file truncated under the mapping kills the process
+/// with SIGBUS instead of an error.) The kernel's page cache keeps what is read often.
+class PosixTokenFile final : public TokenFile {
  public:
-  MappedTokenFile(const std::string& path, TokenFormat format, int fd, std::size_t bytes, std::size_t header,
-                  int width, std::uint64_t count)
-      : TokenFile(path, format), fd_(fd), bytes_(bytes), header_(header), width_(width), count_(count) {
-    void* p = ::mmap(nullptr, bytes_, PROT_READ, MAP_SHARED, fd_, 0);
-    if (p == MAP_FAILED) {
-      const int err = errno;
-      ::close(fd_);
-      throw Error("examoe::open_token_file: cannot map '" + clip_for_message(path) + "': " + std::strerror(err));
-    }
-    // Batches read windows at random offsets: no read-ahead beyond what they need.
-    ::madvise(p, bytes_, MADV_RANDOM);
-    base_ = static_cast<const unsigned char*>(p);
+  PosixTokenFile(const std::string& path, TokenFormat format, int fd, std::size_t header, int width,
+                 std::uint64_t count)
+      : TokenFile(path, format), fd_(fd), header_(header), width_(width), count_(count) {
+    // Batches read windows at random offsets: no read-ahead beyond what they ask for.
+    ::posix_fadvise(fd_, 0, 0, POSIX_FADV_RANDOM);
   }
-  ~MappedTokenFile() override {
-    ::munmap(const_cast<unsigned char*>(base_), bytes_);
-    ::close(fd_);
-  }
-  MappedTokenFile(const MappedTokenFile&) = delete;
-  MappedTokenFile& operator=(const MappedTokenFile&) = delete;
+  ~PosixTokenFile() override { ::close(fd_); }
+  PosixTokenFile(const PosixTokenFile&) = delete;
+  PosixTokenFile& operator=(const PosixTokenFile&) = delete;
 
   std::uint64_t size() const override { return count_; }
 
@@ -92,7 +86,10 @@ class MappedTokenFile final : public TokenFile {
     if (first > count_ || count > count_ - first)
       throw Error("examoe::TokenFile::read: tokens [" + std::to_string(first) + ", " + std::to_string(first + count) +
                   ") outside the " + std::to_string(count_) + " tokens of '" + clip_for_message(path()) + "'");
-    const unsigned char* p = base_ + header_ + first * static_cast<std::uint64_t>(width_);
+    thread_local std::vector<unsigned char> buf;
+    buf.resize(count * static_cast<std::size_t>(width_));
+    pread_all("examoe::TokenFile::read", fd_, path(), buf.data(), buf.size(), header_ + first * width_);
+    const unsigned char* p = buf.data();
     for (std::size_t i = 0; i < count; ++i, p += width_) out[i] = static_cast<int>(load_le(p, width_));
   }
 
@@ -128,10 +125,9 @@ class MappedTokenFile final : public TokenFile {
 
  private:
   int fd_;
-  std::size_t bytes_, header_;
+  std::size_t header_;
   int width_;
   std::uint64_t count_;
-  const unsigned char* base_ = nullptr;
 };
 
 /// The first 1024 bytes of an llm.c file checked: magic, version, token count against the size.
@@ -244,7 +240,7 @@ std::unique_ptr<TokenFile> open_token_file(const std::string& path, TokenFormat 
     ::close(fd);
     throw;
   }
-  return std::make_unique<MappedTokenFile>(path, format, fd, bytes, header, width, count);
+  return std::make_unique<PosixTokenFile>(path, format, fd, header, width, count);
 }
 
 #if !EXAMOE_ENABLE_HDF5

@@ -62,7 +62,8 @@ Mesh& check_experts_fit(Mesh& mesh, const TrainConfig& cfg) {
 /// regular file, too short, a bad token-file header, ...) are agreed before anything else; a
 /// byte file read whole is measured and counted in the memory check (with the batch and
 /// validation set it gives) before it is read, so a 50 GB file is refused in a moment instead
-/// of being read by every rank; token files are mapped or read in pieces and not counted.
+/// of being read by every rank; token files are read in pieces as batches need them and not
+/// counted.
 /// Last, every token id is checked against model.vocab_size (docs/data.md).
 template <class S>
 std::unique_ptr<Corpus> make_corpus(const TrainConfig& cfg, Mesh& mesh) {
