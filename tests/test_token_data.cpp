@@ -406,7 +406,7 @@ TEST(TokenData, CorpusWindowsAreTheFilesTokens) {
   EXPECT_EQ(loose.val_offset(30, L), 4500u + 30 * 16);
 }
 
-TEST(TokenData, BytesThroughTheMappedReaderEqualFileCorpus) {
+TEST(TokenData, BytesReadInPiecesEqualFileCorpus) {
   // The contract is FileCorpus's: the same bytes give the same batches, read whole or in pieces.
   TempPath p("bytes.bin");
   std::string s(3001, '\0');
