@@ -60,9 +60,10 @@ class Corpus {
   virtual int num_val_problems() const = 0;
   virtual std::string describe() const = 0;  // one line for people
   /// Collective over `comm`: throws examoe::Error on every rank, naming the first id outside
-  /// [0, vocab) and where it is, when the corpus holds one. The default (a corpus held in
-  /// memory by every rank) checks locally: every rank reaches the same verdict. TokenCorpus
-  /// splits the pass over the ranks and learns its unigram entropy in it.
+  /// [0, vocab) and where it is, when the corpus holds one. The default accepts every vocab;
+  /// the corpora held by every rank (addition, FileCorpus) check locally and reach the same
+  /// verdict on every rank; TokenCorpus splits the pass over the ranks and learns its unigram
+  /// entropy in it.
   virtual void check_vocab(Communicator& comm, int vocab);
 };
 

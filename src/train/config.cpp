@@ -212,7 +212,7 @@ const std::vector<ConfigKey>& config_keys() {
                 }},
       EXAMOE_KEY_INT("train.max_skipped", train.max_skipped, "Checkpoint and stop after this many skipped (non-finite) steps in a row"),
       EXAMOE_KEY_STR("train.memory_limit", train.memory_limit, "Memory per rank: auto (physical/cgroup memory shared by the node's ranks), off, or a size like 8GiB; configs estimated to need more are refused before allocating"),
-      EXAMOE_KEY_STR("data.path", data.path, "Train a byte-level model on this file (empty: built-in addition corpus)"),
+      EXAMOE_KEY_STR("data.path", data.path, "Training data: a file of bytes or token ids, see data.format (empty: built-in addition corpus)"),
       EXAMOE_KEY_INT("data.digits", data.digits, "Addition corpus: digits per operand (1-6)"),
       EXAMOE_KEY_INT("data.val_problems", data.val_problems, "Addition corpus: held-out problems for accuracy"),
       EXAMOE_KEY_DBL("data.val_fraction", data.val_fraction, "File corpus: fraction kept for validation (0, 0.5]"),

@@ -9,6 +9,7 @@
 #include <examoe/impl/agree.hpp>
 
 #include <climits>
+#include <unistd.h>
 #include <iomanip>
 #include <limits>
 #include <sstream>
@@ -188,6 +189,9 @@ std::shared_ptr<const TokenFile> open_checked(const DataOptions& data, const std
   TokenFormat format = data.format;
   if (format == TokenFormat::automatic) {
     format = detect_token_format(path);
+    std::size_t bytes = 0;  // a missing file or a directory is named as such, not as bytes
+    if (format == TokenFormat::bytes && vocab != 256)
+      ::close(open_regular_file("examoe::open_token_file", path, bytes, key));
     if (format == TokenFormat::bytes && vocab != 256)
       throw Error("examoe::open_token_file: data.format auto reads " + std::string(key) + " '" +
                   clip_for_message(path) + "' as bytes (it has no llm.c header and is not HDF5), but model.vocab_size "

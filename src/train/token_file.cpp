@@ -9,6 +9,7 @@
 #include <examoe/error.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstring>
 #include <sstream>
