@@ -86,8 +86,9 @@ train_run hdf5 --data tokens.h5 --data.dataset ids --data.val_fraction 0.1
 
 # The checkpoint of a 512-token model restores as one.
 ck=ck_llmc/step-00000060.h5
-if "$examoe" inspect "$ck" | grep -qE '^  model.vocab_size +512$'; then echo "ok   inspect: model.vocab_size 512"
-else fail "inspect does not show model.vocab_size 512"; "$examoe" inspect "$ck" | head -n 8; fi
+"$examoe" inspect "$ck" > inspect.log 2>&1  # to a file: grep -q in a pipe would cut inspect short (pipefail)
+if grep -qE '^  model.vocab_size +512$' inspect.log; then echo "ok   inspect: model.vocab_size 512"
+else fail "inspect does not show model.vocab_size 512"; head -n 8 inspect.log; fi
 "$mpiexec" -n 2 "$examoe" eval "$ck" --input eval_in.h5 --output logits.h5 > eval.log 2>&1 || { fail "eval"; cat eval.log; }
 shape_out=$("$py" -c "import h5py; print(h5py.File('logits.h5')['logits'].shape)" 2>&1)
 if [ "$shape_out" = "(2, 32, 512)" ]; then echo "ok   eval: logits $shape_out"; else fail "eval logits shape $shape_out"; fi
