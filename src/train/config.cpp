@@ -219,7 +219,7 @@ const std::vector<ConfigKey>& config_keys() {
       recorded_when_set(ConfigKey{
           "data.format",
           "How data.path and data.val_path hold tokens: bytes (each byte a token), llmc (llm.c .bin: 256-int32 header "
-          "with magic 20240520, then uint16 tokens), uint16 (headerless uint16, as nanoGPT's np.tofile writes), hdf5 "
+          "with magic 20240520, then uint16 tokens, or uint32 for version 2), uint16 (headerless uint16, as nanoGPT's np.tofile writes), hdf5 "
           "(a 1-D integer dataset, data.dataset), auto: hdf5 for a .h5/.hdf5 name or the HDF5 signature, llmc when the "
           "file starts with the llm.c magic, else bytes (headerless uint16 needs uint16; with model.vocab_size other "
           "than 256, auto refuses to guess bytes)",
