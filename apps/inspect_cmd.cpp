@@ -87,7 +87,7 @@ void add_eval_command(CLI::App& app, EvalCli& cli) {
       "eval",
       "Run a checkpoint's model over token sequences from an HDF5 file and write the logits to "
       "HDF5 (input: dataset 'tokens' int [N][seq_len], optional 'targets'; output: dataset "
-      "'logits' float [N][seq_len][256]; see docs/checkpoint-format.md)");
+      "'logits' float [N][seq_len][V], V = the model's model.vocab_size; see docs/checkpoint-format.md)");
   c->add_option("checkpoint", cli.checkpoint, "Checkpoint file (step-<N>.h5)")->required();
   c->add_option("--input", cli.input, "HDF5 file with dataset 'tokens'")->required();
   c->add_option("--output", cli.output, "HDF5 file to write dataset 'logits' to")->required();

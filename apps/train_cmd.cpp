@@ -28,7 +28,7 @@ void add_train_command(CLI::App& app, TrainCli& cli) {
       "multi-digit addition from a built-in corpus and reports exact-match accuracy on "
       "held-out problems.");
   c->add_option("--config", cli.config_file, "JSON config file (nested or dotted keys)");
-  c->add_option("--data", cli.data, "Train a byte-level model on this file (same as --data.path)");
+  c->add_option("--data", cli.data, "Train on this file: bytes, llm.c or nanoGPT token file, HDF5 dataset (see --data.format; same as --data.path)");
   c->add_option("--resume", cli.resume,
                  "Continue from a checkpoint: a path, or 'latest' in checkpoint.dir "
                  "(same as --checkpoint.resume)");

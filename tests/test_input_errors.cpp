@@ -181,6 +181,8 @@ const std::map<std::string, std::string>& keys_without_range() {
       {"log.quiet", "boolean"},
       {"train.seed", "every 64-bit value is a seed"},
       {"data.path", "a file: InputErrors.DataFiles"},
+      {"data.format", "a choice: only the wrong-type case exists; each format's bad files: TokenData.*"},
+      {"data.dataset", "an HDF5 dataset name: TokenData.Hdf5BadInputsNameTheProblem"},
       {"log.metrics", "a file: InputErrors.DataFiles (a directory), CheckpointDir.NoOutputOverwritesACheckpointOrAnInput"},
       {"checkpoint.allow_existing", "boolean; what it allows: CheckpointDir.RunIdsAndPruningOfTheRunsOwnCheckpointsOnly"},
       {"checkpoint.resume", "a file: Checkpoint.BadFilesGiveClearErrorsAndDamageNothing"},
@@ -197,6 +199,7 @@ struct Bad {
 std::map<std::string, std::vector<Bad>> out_of_range() {
   const std::string P = std::to_string(world_size());
   return {
+      {"model.vocab_size", {{"0", {"[1, 16777216"}}, {"16777217", {"[1, 16777216"}}, {"61", {"at least 62"}}}},
       {"model.d_model", {{"0", {"positive"}}, {"-16", {"positive"}}}},
       {"model.n_layers", {{"0", {"positive"}}}},
       {"model.n_heads", {{"0", {"positive"}}, {"3", {"divisor of model.d_model"}}}},
@@ -228,6 +231,8 @@ std::map<std::string, std::vector<Bad>> out_of_range() {
       {"data.digits", {{"0", {"[1, 6]"}}, {"7", {"[1, 6]"}}}},
       {"data.val_problems", {{"0", {"positive"}}, {"100000", {"exceeds"}}}},
       {"data.val_fraction", {{"0", {"(0, 0.5]"}}, {"0.75", {"(0, 0.5]"}}}},
+      {"data.val_path", {{"val.bin", {"empty without data.path"}}}},
+      {"data.val_sequences", {{"-1", {">= 0"}}}},
       {"log.interval", {{"0", {"positive"}}}},
       {"log.eval_interval", {{"-5", {"positive"}}}},
       {"checkpoint.dir", {{"", {"not empty"}}}},

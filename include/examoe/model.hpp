@@ -12,11 +12,15 @@
 
 namespace examoe {
 
-/// The MoE decoder: byte embedding + learned positions, L pre-norm blocks
+/// The MoE decoder: token embedding + learned positions, L pre-norm blocks
 /// `h = x + Attn(RMSNorm(x)); x = h + MoE(RMSNorm(h))`, final RMSNorm, LM head.
 /// Equations, parameter names, shapes and init: docs/model.md.
 struct ModelConfig {
-  int vocab = 256;  ///< bytes
+  /// Vocabulary size V (config key model.vocab_size): token ids are in [0, V). 256: bytes.
+  int vocab = 256;
+  /// The largest vocab accepted (2^24: every id is exact in float, the id histogram of the data
+  /// check stays at most 128 MiB).
+  static constexpr int kMaxVocab = 1 << 24;
   int d_model = 64;
   int n_layers = 2;
   int n_heads = 4;
@@ -135,7 +139,7 @@ class Model {
   /// group). `step` keys the router noise. Collective over the world.
   StepStats forward_backward(const Batch& local, long long global_valid, std::uint64_t step);
   /// Forward only (no router noise); `correct` gets 1 per argmax-correct target row.
-  /// `logits` (if given) receives the logits [rows][256] row-major, in float.
+  /// `logits` (if given) receives the logits [rows][vocab] row-major, in float.
   StepStats evaluate(const Batch& local, std::vector<int>* correct = nullptr,
                      std::vector<float>* logits = nullptr);
 

@@ -45,6 +45,12 @@ struct DataOptions {
   int digits = 2;           ///< addition corpus: digits per operand
   int val_problems = 256;
   double val_fraction = 0.1;  ///< file corpus: tail kept for validation
+  /// How data.path (and data.val_path) hold their tokens (docs/data.md).
+  TokenFormat format = TokenFormat::automatic;
+  std::string dataset;      ///< hdf5: the dataset of token ids (empty: 'tokens')
+  std::string val_path;     ///< a separate validation file (empty: the tail of data.path)
+  /// token files: validation sequences, spread over the validation part (0 = every window)
+  int val_sequences = 256;
 };
 struct LogOptions {
   int interval = 100;       ///< progress line every N steps
@@ -85,9 +91,18 @@ struct ConfigKey {
   std::string name, help, type;  ///< type: INT, UINT, FLOAT, BOOL, TEXT or the choices
   std::function<std::string(const TrainConfig&)> get;
   std::function<void(TrainConfig&, const std::string&)> set;  ///< throws examoe::Error
+  /// A key added after checkpoints and config hashes existed (model.vocab_size, data.format,
+  /// data.dataset, data.val_path): at its default value it is left out of the canonical text
+  /// (so the hash) and of a checkpoint's config group, which therefore stay what they were
+  /// for every config that does not use it; a checkpoint without it had the default.
+  bool omitted_at_default = false;
 };
 const std::vector<ConfigKey>& config_keys();
-/// Every key as "name=value" lines, in table order: the canonical text of a config.
+/// Whether `key` is part of the canonical text and of a checkpoint's stored config for `cfg`:
+/// always, except a key omitted_at_default that holds its default value.
+bool is_recorded(const ConfigKey& key, const TrainConfig& cfg);
+/// Every recorded key (is_recorded) as "name=value" lines, in table order: the canonical text
+/// of a config.
 std::string canonical_config(const TrainConfig& cfg);
 /// Stable 64-bit hash (FNV-1a) of canonical_config(cfg).
 std::uint64_t config_hash(const TrainConfig& cfg);
@@ -137,8 +152,8 @@ struct TrainResult {
 };
 
 /// Runs the model of checkpoint `ckpt` forward over the token sequences of the HDF5 file
-/// `input` (dataset "tokens", int [N][seq_len], bytes 0..255; optional "targets" of the same
-/// shape, -1 = none) and writes "logits" (float [N][seq_len][256]) to `output`, so results can
+/// `input` (dataset "tokens", int [N][seq_len], ids in [0, V), V = model.vocab_size; optional
+/// "targets" of the same shape, -1 = none) and writes "logits" (float [N][seq_len][V]) to `output`, so results can
 /// be compared with another framework. Collective over `comm` (any size that `ep` divides).
 /// Returns the mean cross-entropy over the given targets (0 if none).
 double eval_file(const std::string& ckpt, const std::string& input, const std::string& output, int ep,

@@ -119,7 +119,8 @@ void write_metadata(hid_t f, Model<S>& model, const AdamW<S>& opt, const TrainCo
                           static_cast<long long>(model.memory().dense_total_params + model.memory().expert_total_params),
                           H5T_NATIVE_LLONG);
     Hid g = make_group(f, "config");
-    for (const auto& k : config_keys()) write_attr_string(g, k.name.c_str(), k.get(cfg));
+    for (const auto& k : config_keys())
+      if (is_recorded(k, cfg)) write_attr_string(g, k.name.c_str(), k.get(cfg));
     d1 = Hid(need(H5Dcreate2(f, "placement", H5T_NATIVE_INT, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create placement"), H5Dclose);
     d2 = Hid(need(H5Dcreate2(f, "tokens_per_expert", H5T_NATIVE_LLONG, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create tokens_per_expert"), H5Dclose);
     d3 = Hid(need(H5Dcreate2(f, "expert_load_ema", H5T_NATIVE_DOUBLE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "cannot create expert_load_ema"), H5Dclose);
@@ -315,13 +316,18 @@ std::string incompatibility(const CheckpointInfo& info, const TrainConfig& cfg, 
   if (info.precision != prec)
     return "examoe::checkpoint: '" + path + "' holds " + info.precision + " parameters; this run uses " + prec +
            " (set train.precision=" + info.precision + ")";
-  for (const auto& kv : info.config) {
-    const std::string& key = kv.first;
+  static const TrainConfig defaults;
+  for (const auto& k : config_keys()) {
+    const std::string& key = k.name;
     if (key.rfind("model.", 0) != 0 || key.rfind("model.router.", 0) == 0 || key == "model.norm_eps") continue;
-    for (const auto& k : config_keys())
-      if (k.name == key && k.get(cfg) != kv.second)
-        return "examoe::checkpoint: '" + path + "' was written for " + key + " = " + kv.second + ", this run has " +
-               key + " = " + k.get(cfg) + ": the model shapes differ";
+    // A key left out at its default (model.vocab_size) had that value; others absent: not compared.
+    const std::string* saved = nullptr;
+    for (const auto& kv : info.config)
+      if (kv.first == key) saved = &kv.second;
+    const std::string value = saved ? *saved : k.omitted_at_default ? k.get(defaults) : std::string();
+    if ((saved || k.omitted_at_default) && k.get(cfg) != value)
+      return "examoe::checkpoint: '" + path + "' was written for " + key + " = " + value + ", this run has " + key +
+             " = " + k.get(cfg) + ": the model shapes differ";
   }
   return {};
 }

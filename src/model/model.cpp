@@ -20,7 +20,8 @@ void ModelConfig::validate() const {
   auto positive = [&](const char* name, int v) {
     if (v <= 0) throw Error(f + name + " must be positive (got " + std::to_string(v) + ")");
   };
-  if (vocab != 256) throw Error(f + "vocab must be 256 (byte-level model), got " + std::to_string(vocab));
+  if (vocab < 1 || vocab > kMaxVocab)
+    throw Error(f + "vocab must be in [1, " + std::to_string(kMaxVocab) + "] (256: bytes), got " + std::to_string(vocab));
   positive("d_model", d_model);
   positive("n_layers", n_layers);
   positive("n_heads", n_heads);
@@ -229,7 +230,8 @@ void Model<S>::prepare(const Batch& b) {
     auto hg = Kokkos::create_mirror_view(targets_);
     for (int i = 0; i < rows_; ++i) {
       const int t = b.tokens[i];
-      if (t < 0 || t >= V) throw Error("examoe::Model: token " + std::to_string(t) + " outside [0, 256)");
+      if (t < 0 || t >= V)
+        throw Error("examoe::Model: token " + std::to_string(t) + " outside [0, " + std::to_string(V) + ")");
       ht(i) = t;
       hg(i) = b.targets[i];
     }

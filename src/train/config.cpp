@@ -127,10 +127,24 @@ std::size_t edit_distance(const std::string& a, const std::string& b) {
   return prev[b.size()];
 }
 
+/// The key, marked as one added later: left out of the canonical text and of checkpoints
+/// while it holds its default (ConfigKey::omitted_at_default).
+ConfigKey recorded_when_set(ConfigKey k) {
+  k.omitted_at_default = true;
+  return k;
+}
+
 }  // namespace
+
+bool is_recorded(const ConfigKey& key, const TrainConfig& cfg) {
+  static const TrainConfig defaults;
+  return !key.omitted_at_default || key.get(cfg) != key.get(defaults);
+}
 
 const std::vector<ConfigKey>& config_keys() {
   static const std::vector<ConfigKey> keys = {
+      recorded_when_set(EXAMOE_KEY_INT("model.vocab_size", model.vocab,
+                                        "Vocabulary size V: token ids are in [0, V) (256: bytes; e.g. 50257 for GPT-2 tokens)")),
       EXAMOE_KEY_INT("model.d_model", model.d_model, "Model width d"),
       EXAMOE_KEY_INT("model.n_layers", model.n_layers, "Number of decoder blocks L"),
       EXAMOE_KEY_INT("model.n_heads", model.n_heads, "Attention heads (must divide d_model)"),
@@ -209,10 +223,33 @@ const std::vector<ConfigKey>& config_keys() {
                 }},
       EXAMOE_KEY_INT("train.max_skipped", train.max_skipped, "Checkpoint and stop after this many skipped (non-finite) steps in a row"),
       EXAMOE_KEY_STR("train.memory_limit", train.memory_limit, "Memory per rank: auto (physical/cgroup memory shared by the node's ranks), off, or a size like 8GiB; configs estimated to need more are refused before allocating"),
-      EXAMOE_KEY_STR("data.path", data.path, "Train a byte-level model on this file (empty: built-in addition corpus)"),
+      EXAMOE_KEY_STR("data.path", data.path, "Training data: a file of bytes or token ids, see data.format (empty: built-in addition corpus)"),
       EXAMOE_KEY_INT("data.digits", data.digits, "Addition corpus: digits per operand (1-6)"),
       EXAMOE_KEY_INT("data.val_problems", data.val_problems, "Addition corpus: held-out problems for accuracy"),
       EXAMOE_KEY_DBL("data.val_fraction", data.val_fraction, "File corpus: fraction kept for validation (0, 0.5]"),
+      recorded_when_set(ConfigKey{
+          "data.format",
+          "How data.path and data.val_path hold tokens: bytes (each byte a token), llmc (llm.c .bin: 256-int32 header "
+          "with magic 20240520, then uint16 tokens, or uint32 for version 2), uint16 (headerless uint16, as nanoGPT's np.tofile writes), hdf5 "
+          "(a 1-D integer dataset, data.dataset), auto: hdf5 for a .h5/.hdf5 name or the HDF5 signature, llmc when the "
+          "file starts with the llm.c magic, else bytes (headerless uint16 needs uint16; with model.vocab_size other "
+          "than 256, auto refuses to guess bytes)",
+          "bytes|llmc|uint16|hdf5|auto", [](const TrainConfig& c) { return to_string(c.data.format); },
+          [](TrainConfig& c, const std::string& v) {
+            try {
+              c.data.format = token_format_from_string(v);
+            } catch (const Error&) {
+              throw Error("examoe::config: data.format must be bytes, llmc, uint16, hdf5 or auto, got " + quoted(v));
+            }
+          }}),
+      recorded_when_set(EXAMOE_KEY_STR("data.dataset", data.dataset,
+                                       "HDF5 data: the 1-D integer dataset of token ids (empty: 'tokens')")),
+      recorded_when_set(EXAMOE_KEY_STR("data.val_path", data.val_path,
+                                       "Validation tokens from this file (same formats as data.path; empty: the last "
+                                       "data.val_fraction of data.path)")),
+      recorded_when_set(EXAMOE_KEY_INT("data.val_sequences", data.val_sequences,
+                                       "Token files: validation sequences, spread evenly over the validation part "
+                                       "(0 = every window; the set is evaluated in one pass)")),
       EXAMOE_KEY_INT("log.interval", log.interval, "Progress line every N steps"),
       EXAMOE_KEY_INT("log.eval_interval", log.eval_interval, "Validation every N steps (and at the end)"),
       EXAMOE_KEY_STR("log.metrics", log.metrics, "Append JSON lines of metrics to this file (rank 0)"),
@@ -365,6 +402,7 @@ void TrainConfig::validate() const {
   auto need = [&](bool ok, const char* key, const std::string& rule) {
     if (!ok) throw Error(f + key + " must be " + rule + " (got " + clip_for_message(text(key)) + ")");
   };
+  need(model.vocab >= 1 && model.vocab <= ModelConfig::kMaxVocab, "model.vocab_size", "in [1, 16777216 = 2^24]");
   need(model.d_model > 0, "model.d_model", "positive");
   need(model.n_layers > 0, "model.n_layers", "positive");
   need(model.n_heads > 0, "model.n_heads", "positive");
@@ -401,6 +439,9 @@ void TrainConfig::validate() const {
   need(data.digits >= 1 && data.digits <= 6, "data.digits", "in [1, 6]");
   need(data.val_problems > 0, "data.val_problems", "positive");
   need(data.val_fraction > 0 && data.val_fraction <= 0.5, "data.val_fraction", "in (0, 0.5]");
+  need(data.val_sequences >= 0, "data.val_sequences", ">= 0 (0 = every window)");
+  need(data.val_path.empty() || !data.path.empty(), "data.val_path",
+       "empty without data.path (the built-in addition corpus has its own validation problems)");
   need(log.interval > 0, "log.interval", "positive");
   need(log.eval_interval > 0, "log.eval_interval", "positive");
   need(!checkpoint.dir.empty(), "checkpoint.dir", "a directory name, not empty");
@@ -412,7 +453,8 @@ void TrainConfig::validate() const {
 
 std::string canonical_config(const TrainConfig& cfg) {
   std::string s;
-  for (const auto& k : config_keys()) s += k.name + "=" + k.get(cfg) + "\n";
+  for (const auto& k : config_keys())
+    if (is_recorded(k, cfg)) s += k.name + "=" + k.get(cfg) + "\n";
   return s;
 }
 

@@ -1,3 +1,5 @@
+#include "train/data_util.hpp"
+
 #include <examoe/data.hpp>
 #include <examoe/impl/files.hpp>
 #include <examoe/impl/random.hpp>
@@ -22,66 +24,13 @@ namespace examoe {
 
 std::uint64_t splitmix64(std::uint64_t x) noexcept { return impl::splitmix64(x); }
 
-namespace {
+namespace impl::data {
 
-// Domain-separation tags: each use of the seed gets its own key.
-constexpr std::uint64_t kTagHeldOut = 0x486F6C644F757421ull;  // "HoldOut!"
-constexpr std::uint64_t kTagTrain = 0x547261696E696E67ull;    // "Training"
-constexpr std::uint64_t kTagVal = 0x56616C6964617465ull;      // "Validate"
-constexpr std::uint64_t kTagSample = 0x53616D706C696E67ull;   // "Sampling"
-constexpr std::uint64_t kTagFile = 0x46696C65436F7270ull;     // "FileCorp"
-
-/// Counter-based hash step: key' = H(key, value). Order-sensitive, no state.
-inline std::uint64_t mix(std::uint64_t key, std::uint64_t value) noexcept {
-  return splitmix64(key ^ splitmix64(value ^ 0xD1B54A32D192ED03ull));
-}
-
-__extension__ typedef unsigned __int128 u128;  // GCC, Clang and icpx all have it
-
-/// Uniform integer in [0, n) from a 64-bit hash (multiply-high, no modulo bias to speak of).
-inline std::uint64_t below(std::uint64_t h, std::uint64_t n) noexcept {
-  return static_cast<std::uint64_t>((static_cast<u128>(h) * n) >> 64);
-}
-
-double entropy_of(const std::array<std::uint64_t, 256>& counts) {
-  std::uint64_t total = 0;
-  for (auto c : counts) total += c;
-  if (total == 0) return 0.0;
-  double h = 0.0;
-  for (auto c : counts) {
-    if (c == 0) continue;
-    const double p = static_cast<double>(c) / static_cast<double>(total);
-    h -= p * std::log(p);
-  }
-  return h <= 0.0 ? 0.0 : h;  // -0.0 / rounding below 0 for a single symbol
-}
-
-void reset_batch(Batch& out, int count, int seq_len, int fill_token) {
-  out.batch = count;
-  out.seq_len = seq_len;
-  const std::size_t n = static_cast<std::size_t>(count) * static_cast<std::size_t>(seq_len);
-  out.tokens.assign(n, fill_token);
-  out.targets.assign(n, -1);
-  out.sample_of_row.assign(n, -1);
-}
-
-/// ceil(file_size * val_fraction), at least 1 and at most the file: the validation part.
-std::size_t val_part_of(std::size_t file_size, double val_fraction) {
-  // The relative epsilon keeps e.g. 10 * 0.3 = 3.0000000000000004 at 3 bytes, not 4.
-  const double x = static_cast<double>(file_size) * val_fraction;
-  const double v = std::ceil(x - 1e-12 * std::max(1.0, x));
-  return std::min(file_size, static_cast<std::size_t>(std::max(v, 1.0)));
-}
-
-/// Opens `path` for reading when it is a non-empty regular file, and returns the descriptor
-/// and its size. stat() comes first, so a FIFO, a device or a directory is refused without
-/// being opened; the open is non-blocking and what it opened is checked again with fstat()
-/// (the path may have been replaced in between), so not even that race can block on a FIFO.
-int open_regular_file(const char* fn, const std::string& path, std::size_t& size) {
+int open_regular_file(const char* fn, const std::string& path, std::size_t& size, const char* key) {
   const std::string name = "'" + clip_for_message(path) + "'";
   auto refuse_kind = [&](mode_t mode) {
-    throw Error(std::string(fn) + ": " + name + " is " + impl::file_kind(mode) +
-                ", not a regular file (data.path must name a file)");
+    throw Error(std::string(fn) + ": " + name + " is " + impl::file_kind(mode) + ", not a regular file (" + key +
+                " must name a file)");
   };
   struct stat st;
   if (::stat(path.c_str(), &st) != 0) {
@@ -111,12 +60,26 @@ int open_regular_file(const char* fn, const std::string& path, std::size_t& size
   return fd;
 }
 
-void check_range(const char* fn, int first, int count) {
-  if (first < 0 || count < 0) {
-    std::ostringstream os;
-    os << fn << ": first (" << first << ") and count (" << count << ") must be >= 0";
-    throw Error(os.str());
-  }
+}  // namespace impl::data
+
+namespace {
+
+using impl::data::below;
+using impl::data::check_range;
+using impl::data::entropy_of;
+using impl::data::kTagFile;
+using impl::data::mix;
+using impl::data::reset_batch;
+using impl::data::val_part_of;
+
+// Domain-separation tags: each use of the seed gets its own key.
+constexpr std::uint64_t kTagHeldOut = 0x486F6C644F757421ull;  // "HoldOut!"
+constexpr std::uint64_t kTagTrain = 0x547261696E696E67ull;    // "Training"
+constexpr std::uint64_t kTagVal = 0x56616C6964617465ull;      // "Validate"
+constexpr std::uint64_t kTagSample = 0x53616D706C696E67ull;   // "Sampling"
+
+int open_regular_file(const char* fn, const std::string& path, std::size_t& size) {
+  return impl::data::open_regular_file(fn, path, size);
 }
 
 /// Reversed decimal digits of c (least significant first).
@@ -388,6 +351,16 @@ std::string AdditionCorpus::describe() const {
   return os.str();
 }
 
+void Corpus::check_vocab(Communicator&, int) {}
+
+void AdditionCorpus::check_vocab(Communicator&, int vocab) {
+  // The largest byte of "a+b=c\n" is '=' (61).
+  if (vocab <= '=')
+    throw Error("examoe::AdditionCorpus::check_vocab: model.vocab_size (" + std::to_string(vocab) +
+                ") is too small for the built-in addition corpus: its tokens are the bytes '\\n' (10), '+' (43), "
+                "'0'-'9' (48-57) and '=' (61), so model.vocab_size must be at least 62 (256 by default)");
+}
+
 // ------------------------------------------------------------------------------------------
 // FileCorpus
 // ------------------------------------------------------------------------------------------
@@ -527,6 +500,18 @@ void FileCorpus::val_batch(int first, int count, int seq_len, Batch& out) const 
       out.targets[base + i] = data_[off + i + 1];
     }
   }
+}
+
+void FileCorpus::check_vocab(Communicator&, int vocab) {
+  if (vocab >= 256) return;
+  for (std::size_t i = 0; i < data_.size(); ++i)
+    if (data_[i] >= vocab) {
+      std::ostringstream os;
+      os << "examoe::FileCorpus::check_vocab: byte " << static_cast<int>(data_[i]) << " at offset " << i << " of '"
+         << clip_for_message(path_) << "' is outside the vocabulary [0, " << vocab << ") (model.vocab_size = "
+         << vocab << "; a byte file needs model.vocab_size 256 unless all its bytes are smaller)";
+      throw Error(os.str());
+    }
 }
 
 std::string FileCorpus::describe() const {

@@ -5,6 +5,7 @@
 
 #include "train/resources.hpp"
 #include "train/setup.hpp"
+#include "train/token_file.hpp"
 
 #include <examoe/error.hpp>
 #include <examoe/impl/agree.hpp>
@@ -58,35 +59,43 @@ Mesh& check_experts_fit(Mesh& mesh, const TrainConfig& cfg) {
 }
 
 /// The training data, checked on every rank: errors (a missing file, one that is not a
-/// regular file, too short, ...) are agreed before anything else, and a data file is measured
-/// and counted in the memory check (with the batch and validation set it gives) before it is
-/// read, so a 50 GB file is refused in a moment instead of being read by every rank.
+/// regular file, too short, a bad token-file header, ...) are agreed before anything else; a
+/// byte file read whole is measured and counted in the memory check (with the batch and
+/// validation set it gives) before it is read, so a 50 GB file is refused in a moment instead
+/// of being read by every rank; token files are read in pieces as batches need them and not
+/// counted.
+/// Last, every token id is checked against model.vocab_size (docs/data.md).
 template <class S>
 std::unique_ptr<Corpus> make_corpus(const TrainConfig& cfg, Mesh& mesh) {
   const int seq = cfg.model.seq_len;
   std::unique_ptr<Corpus> corpus;
   HeldData data;
   long long val = 0;
+  bool whole = false;
   agree(mesh.world(), [&] {
     if (cfg.data.path.empty()) {
       corpus = std::make_unique<AdditionCorpus>(cfg.train.seed, cfg.data.digits, cfg.data.val_problems);
-      corpus->check(seq);
-      val = corpus->num_val_sequences(seq);
-    } else {
+    } else if ((whole = data::reads_bytes_whole(cfg.data, cfg.model.vocab))) {
       data.bytes = FileCorpus::file_size(cfg.data.path);
       data.what = "the data file '" + clip_for_message(cfg.data.path) + "'";
       val = FileCorpus::val_sequences(data.bytes, cfg.data.val_fraction, seq);
+      return;
+    } else {
+      corpus = data::open_token_corpus(cfg.data, cfg.train.seed, cfg.model.vocab);
     }
+    corpus->check(seq);
+    val = corpus->num_val_sequences(seq);
   });
   // The most tokens a rank holds at once: its share of a training batch or of the validation
   // set (evaluated in one pass).
   const long long W = mesh.world_size();
   check_memory(cfg, mesh, std::max((cfg.train.batch + W - 1) / W, (val + W - 1) / W) * seq, sizeof(S), data);
-  if (corpus) return corpus;
-  agree(mesh.world(), [&] {
-    corpus = std::make_unique<FileCorpus>(cfg.data.path, cfg.train.seed, cfg.data.val_fraction);
-    corpus->check(seq);
-  });
+  if (whole)
+    agree(mesh.world(), [&] {
+      corpus = std::make_unique<FileCorpus>(cfg.data.path, cfg.train.seed, cfg.data.val_fraction);
+      corpus->check(seq);
+    });
+  corpus->check_vocab(mesh.world(), cfg.model.vocab);
   return corpus;
 }
 

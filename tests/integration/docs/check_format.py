@@ -105,7 +105,8 @@ def check_init(f):
     swiglu = cfg["model.activation"] == "swiglu"
     dtype = np.float32 if f.attrs["precision"] in (b"float", "float") else np.float64
     checked = 0
-    for pid, (name, shape, scale) in enumerate(dense_parameters(d, L, S, E, 256)):
+    V = int(cfg.get("model.vocab_size", 256))  # stored only when it is not 256
+    for pid, (name, shape, scale) in enumerate(dense_parameters(d, L, S, E, V)):
         n = int(np.prod(shape))
         if scale is None:
             want = np.ones(n)
