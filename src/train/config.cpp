@@ -152,7 +152,7 @@ const std::vector<ConfigKey>& config_keys() {
       EXAMOE_KEY_INT("model.d_hidden", model.d_hidden, "Expert MLP hidden width"),
       EXAMOE_KEY_INT("model.num_experts", model.num_experts, "Experts per MoE layer E (>= ep)"),
       EXAMOE_KEY_INT("model.top_k", model.top_k, "Experts per token k (1 <= k <= E)"),
-      ConfigKey{"model.dispatch_dtype",
+      recorded_when_set(ConfigKey{"model.dispatch_dtype",
                 "Type MoE rows travel in between ranks: scalar (train.precision) or bf16 (half the bytes; "
                 "compute stays in train.precision)",
                 "scalar|bf16", [](const TrainConfig& c) { return std::string(to_string(c.model.dispatch_dtype)); },
@@ -162,7 +162,7 @@ const std::vector<ConfigKey>& config_keys() {
                   } catch (const Error&) {
                     throw Error("examoe::config: model.dispatch_dtype must be scalar or bf16, got " + quoted(v));
                   }
-                }},
+                }}),
       ConfigKey{"model.activation", "Expert MLP: gelu or swiglu", "gelu|swiglu",
                 [](const TrainConfig& c) { return to_string(c.model.activation); },
                 [](TrainConfig& c, const std::string& v) {
