@@ -172,6 +172,7 @@ TEST(InputErrors, EveryKeyWrongType) {
 const std::map<std::string, std::string>& keys_without_range() {
   static const std::map<std::string, std::string> m = {
       {"model.activation", "a choice: only the wrong-type case exists"},
+      {"model.dispatch_dtype", "a choice: only the wrong-type case exists"},
       {"train.nonfinite", "a choice: only the wrong-type case exists"},
       {"parallel.gpu_aware_mpi", "a choice: only the wrong-type case exists"},
       {"parallel.comm", "a choice; nccl where this build cannot run it: Comm.BadBackendOptionsFailOnEveryRank"},
