@@ -47,6 +47,22 @@ inline CLI::Validator unsigned_integer() {
       "");
 }
 
+/// A finite number >= 0 (generate's sampling temperature; 0 = greedy).
+inline CLI::Validator nonnegative_number() {
+  return CLI::Validator(
+      [](std::string& v) -> std::string {
+        const std::string q = "'" + clip_for_message(v) + "'";
+        char* end = nullptr;
+        errno = 0;
+        const double x = std::strtod(v.c_str(), &end);
+        if (v.empty() || end != v.c_str() + v.size()) return "must be a number, got " + q;
+        if (!std::isfinite(x) || (errno == ERANGE && std::isinf(x))) return "must be a finite number, got " + q;
+        if (x < 0) return "must be >= 0 (0 = greedy), got " + q;
+        return {};
+      },
+      "NONNEGATIVE");
+}
+
 /// A finite number greater than 0.
 inline CLI::Validator positive_number() {
   return CLI::Validator(

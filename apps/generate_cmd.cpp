@@ -16,22 +16,6 @@
 namespace examoe::app {
 namespace {
 
-/// A finite number >= 0 (the sampling temperature; 0 = greedy).
-CLI::Validator nonnegative_number() {
-  return CLI::Validator(
-      [](std::string& v) -> std::string {
-        const std::string q = "'" + clip_for_message(v) + "'";
-        char* end = nullptr;
-        errno = 0;
-        const double x = std::strtod(v.c_str(), &end);
-        if (v.empty() || end != v.c_str() + v.size()) return "must be a number, got " + q;
-        if (!std::isfinite(x) || (errno == ERANGE && std::isinf(x))) return "must be a finite number, got " + q;
-        if (x < 0) return "must be >= 0 (0 = greedy), got " + q;
-        return {};
-      },
-      "NONNEGATIVE");
-}
-
 /// "a+b=" followed by digits and '\n' (the addition corpus' answer, least significant digit
 /// first) -> "a+b = <the sum, most significant digit first>", else "".
 std::string addition_answer(const std::vector<int>& prompt, const std::vector<int>& out) {
