@@ -7,6 +7,7 @@
 #include <examoe/error.hpp>
 #include <examoe/impl/agree.hpp>
 #include <examoe/impl/dense_kernels.hpp>
+#include <examoe/impl/host_sync.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/workspace.hpp>
 
@@ -155,7 +156,7 @@ void IncrementalDecoder<S>::copy_dense_parameters() {
         Kokkos::deep_copy(space_, model_.moe(l).router_weight(), F.param2(find(b + "moe.router")));
       }
     }
-    space_.fence();  // the copies read the shared gather buffer, which the next gather overwrites
+    impl::host_sync(space_);  // the copies read the shared gather buffer, which the next gather overwrites
     if (!was_gathered) F.release(u);
   }
 }
@@ -204,7 +205,7 @@ void IncrementalDecoder<S>::step(const std::vector<int>& tokens, std::vector<S>&
     auto ht = Kokkos::create_mirror_view(tokens_);
     for (int b = 0; b < B; ++b) ht(b) = tokens[b];
     Kokkos::deep_copy(space_, tokens_, ht);
-    space_.fence();  // ht is a temporary host mirror
+    impl::host_sync(space_);  // ht is a temporary host mirror
     embed_at_position(space_, impl::head(tokens_, B), pos_, wte_, wpe_, first_rows(x_, B));
   }
   for (int l = 0; l < L; ++l) block_step(l);
@@ -214,7 +215,7 @@ void IncrementalDecoder<S>::step(const std::vector<int>& tokens, std::vector<S>&
   kc::gemm(space_, "N", "N", S(1), f, lm_head_, S(0), lg);
   logits.assign(static_cast<std::size_t>(B) * V, S(0));
   if (B > 0) {
-    auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), lg);
+    auto h = impl::host_copy_of(lg);
     for (int b = 0; b < B; ++b)
       for (int c = 0; c < V; ++c) logits[static_cast<std::size_t>(b) * V + c] = h(b, c);
   }
