@@ -2,7 +2,8 @@
 # `examoe generate` end to end: a short addition run writes a checkpoint; greedy decoding of
 # its held-out problems (--held-out) gives the exact-match accuracy `train` reported for it
 # (compared as numbers, at 1 and 2 ranks); --prompt prints the same text at 1 and 2 ranks,
-# greedy and sampled; bad inputs fail on every rank with the problem named.
+# greedy and sampled; a token model (vocabulary 512) takes and prints ids; bad inputs fail on
+# every rank with the problem named.
 # usage: generate.sh <examoe> [mpiexec]
 set -euo pipefail
 examoe=$1 mpiexec=${2:-mpiexec}
@@ -96,4 +97,16 @@ grep -q "examoe generate: --temperature must be >= 0" e.txt
 if "$examoe" generate "$ckpt" --prompt "1" --prompt-tokens 1 2> e.txt; then echo "two prompts accepted"; exit 1; fi
 grep -q "excludes" e.txt
 "$examoe" generate --help | grep -q -- "--held-out"
+
+echo "== a token model (vocabulary 512): ids in, ids out, the same at 1 and 2 ranks"
+# The sequence t_i = 7 i mod 500 (uint16, nanoGPT's headerless form): the next ids after 7,14,21
+# are 28,35,... once the model has learned it.
+/usr/bin/python3 -c "import numpy as np; (np.arange(200000) * 7 % 500).astype(np.uint16).tofile('tok.bin')"
+"$mpiexec" -n 2 "$examoe" train --data tok.bin --data.format uint16 --model.vocab_size 512 --train.steps 200 \
+  --checkpoint.dir tokckpt --checkpoint.interval 200 --log.quiet true > /dev/null
+"$examoe" generate tokckpt/step-00000200.h5 --prompt-tokens 7,14,21 --max-new 6 > t1.txt 2> t1.err
+"$mpiexec" -n 2 "$examoe" generate tokckpt/step-00000200.h5 --prompt-tokens 7,14,21 --max-new 6 > t2.txt
+test "$(cat t1.txt)" = "28,35,42,49,56,63" && cmp t1.txt t2.txt
+grep -q "6 tokens generated after a prompt of 3; stopped at --max-new" t1.err
+fails "prompt token 600 (position 1) is outside the model's vocabulary [0, 512)" tokckpt/step-00000200.h5 --prompt-tokens 7,600
 echo "app: generate OK"
