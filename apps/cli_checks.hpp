@@ -47,18 +47,27 @@ inline CLI::Validator unsigned_integer() {
       "");
 }
 
+/// "" when `v` is all of a finite double (stored in *x), else why not ("must be ...").
+inline std::string parse_finite_number(const std::string& v, double* x) {
+  const std::string q = "'" + clip_for_message(v) + "'";
+  char* end = nullptr;
+  errno = 0;
+  *x = std::strtod(v.c_str(), &end);
+  if (v.empty() || end != v.c_str() + v.size()) return "must be a number, got " + q;
+  if (errno == ERANGE && std::isinf(*x))
+    return "is out of range: " + q + " is beyond the largest double (about 1.8e308); it must be a finite number";
+  if (!std::isfinite(*x)) return "must be a finite number, got " + q;
+  return {};
+}
+
 /// A finite number >= 0 (generate's sampling temperature; 0 = greedy).
 inline CLI::Validator nonnegative_number() {
   return CLI::Validator(
       [](std::string& v) -> std::string {
-        const std::string q = "'" + clip_for_message(v) + "'";
-        char* end = nullptr;
-        errno = 0;
-        const double x = std::strtod(v.c_str(), &end);
-        if (v.empty() || end != v.c_str() + v.size()) return "must be a number, got " + q;
-        if (!std::isfinite(x) || (errno == ERANGE && std::isinf(x))) return "must be a finite number, got " + q;
-        if (x < 0) return "must be >= 0 (0 = greedy), got " + q;
-        return {};
+        double x = 0;
+        std::string err = parse_finite_number(v, &x);
+        if (err.empty() && x < 0) err = "must be >= 0 (0 = greedy), got '" + clip_for_message(v) + "'";
+        return err;
       },
       "NONNEGATIVE");
 }
@@ -67,16 +76,10 @@ inline CLI::Validator nonnegative_number() {
 inline CLI::Validator positive_number() {
   return CLI::Validator(
       [](std::string& v) -> std::string {
-        const std::string q = "'" + clip_for_message(v) + "'";
-        char* end = nullptr;
-        errno = 0;
-        const double x = std::strtod(v.c_str(), &end);
-        if (v.empty() || end != v.c_str() + v.size()) return "must be a number, got " + q;
-        if (errno == ERANGE && std::isinf(x))
-          return "is out of range: " + q + " is beyond the largest double (about 1.8e308); it must be a finite number";
-        if (!std::isfinite(x)) return "must be a finite number, got " + q;
-        if (!(x > 0)) return "must be positive, got " + q;
-        return {};
+        double x = 0;
+        std::string err = parse_finite_number(v, &x);
+        if (err.empty() && !(x > 0)) err = "must be positive, got '" + clip_for_message(v) + "'";
+        return err;
       },
       "POSITIVE");
 }
