@@ -35,6 +35,9 @@ void add_bench_command(CLI::App& app, BenchOptions& o) {
   c->add_option("--dispatch-dtype", o.dispatch_dtype, "Rows on the wire: scalar (--precision) or bf16 (half the bytes)")
       ->capture_default_str()
       ->check(CLI::IsMember({"scalar", "bf16"}));
+  c->add_option("--overlap", o.overlap, "Compute the rows that stay on a rank while the others travel: on or off")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"on", "off"}));
   c->add_option("--precision", o.precision, "float or double")->capture_default_str()->check(CLI::IsMember({"float", "double"}));
   c->add_option("--steps", o.steps, "Timed steps")->capture_default_str()->check(integer_in(1));
   c->add_option("--warmup", o.warmup, "Untimed warm-up steps")->capture_default_str()->check(integer_in(0));
@@ -256,6 +259,7 @@ int run(const BenchOptions& o) {
   cfg.top_k = o.top_k;
   cfg.activation = activation_from_string(o.activation);
   cfg.dispatch_dtype = dispatch_dtype_from_string(o.dispatch_dtype);
+  cfg.overlap_exchange = o.overlap == "on";
   cfg.router.temperature = o.temperature;
   cfg.router.seed = o.seed;
   cfg.time_phases = true;  // no fences: host clocks, or CUDA events on the stream
@@ -301,9 +305,9 @@ int run(const BenchOptions& o) {
   if (rank == 0) {
     const double tokens = static_cast<double>(o.tokens) * size;
     const double flops_per_row = 2.0 * o.d_model * o.d_hidden * (cfg.activation == Activation::swiglu ? 3 : 2) * 3;
-    std::printf("examoe bench: %d ranks, %s, d=%d h=%d E=%d k=%d T=%d/rank, %s, rows on the wire: %s\n", size,
-                o.precision.c_str(), o.d_model, o.d_hidden, o.num_experts, o.top_k, o.tokens,
-                o.activation.c_str(), o.dispatch_dtype.c_str());
+    std::printf("examoe bench: %d ranks, %s, d=%d h=%d E=%d k=%d T=%d/rank, %s, rows on the wire: %s, overlap %s\n",
+                size, o.precision.c_str(), o.d_model, o.d_hidden, o.num_experts, o.top_k, o.tokens,
+                o.activation.c_str(), o.dispatch_dtype.c_str(), o.overlap.c_str());
     std::printf("  step (fwd+bwd)      %10.4f s   %12.0f tokens/s\n", step_max,
                 step_max > 0 ? tokens / step_max : 0.0);
     for (int p = 0; p < kNumPhases; ++p)
@@ -327,7 +331,7 @@ int run(const BenchOptions& o) {
          << "\",\"d_model\":" << o.d_model << ",\"d_hidden\":" << o.d_hidden
          << ",\"experts\":" << o.num_experts << ",\"top_k\":" << o.top_k
          << ",\"tokens_per_rank\":" << o.tokens << ",\"dispatch_dtype\":\"" << o.dispatch_dtype
-         << "\",\"activation\":\"" << o.activation
+         << "\",\"overlap\":\"" << o.overlap << "\",\"activation\":\"" << o.activation
          << "\",\"step_s\":" << step_max << ",\"tokens_per_s\":" << tokens / step_max
          << ",\"gemm_only_s\":" << gemm_max << ",\"fraction_of_gemm_bound\":" << gemm_max / step_max
          << ",\"bytes_sent\":" << sent_sum << ",\"imbalance\":" << st.imbalance

@@ -6,6 +6,7 @@ struct BenchOptions {
   int d_model = 512, d_hidden = 2048, num_experts = 8, top_k = 2, tokens = 4096;
   std::string activation = "gelu", precision = "float";
   std::string dispatch_dtype = "scalar";  // rows on the wire: scalar or bf16
+  std::string overlap = "on";             // exchanges behind the kept rows' work: on or off
   int steps = 5, warmup = 2;
   double temperature = 1.0;
   std::uint64_t seed = 1234;

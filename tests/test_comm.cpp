@@ -10,6 +10,7 @@
 #include <examoe/error.hpp>
 #include <examoe/impl/agree.hpp>
 #include <examoe/impl/collectives.hpp>
+#include <examoe/impl/watchdog.hpp>
 #include <examoe/mesh.hpp>
 
 #include <numeric>
@@ -109,6 +110,55 @@ void expect_error_on_every_rank(F&& f, const std::string& needle) {
   int ok = msg.find(needle) != std::string::npos ? 1 : 0;
   MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_LAND, MPI_COMM_WORLD);
   EXPECT_EQ(ok, 1) << "some rank did not get the error";
+}
+
+/// The row exchange in two halves, direct and staged, with and without the watchdog: the same
+/// rows as the blocking call, an allreduce may run while it is in flight, progress() may
+/// complete it early, and a second start before finish is refused.
+TEST(Comm, StartedExchangeMatchesHandComputed) {
+  const int P = world_size(), me = world_rank();
+  auto comm = make_mpi_communicator(MPI_COMM_WORLD);
+  for (double watchdog : {0.0, 30.0}) {
+    impl::ScopedWatchdogSeconds deadline(watchdog);
+    for (bool staged : {false, true}) {
+      impl::Collectives<Space> c(*comm, Space(), staged);
+      const int w = 2;
+      // Rank s sends s + r + 1 rows to rank r (none to itself when staged is false), row j of
+      // the block holding 1000 s + 10 r + j.
+      std::vector<int> sc(P), sd(P), rc(P), rd(P);
+      int ns = 0, nr = 0;
+      for (int r = 0; r < P; ++r) {
+        sc[r] = r == me && !staged ? 0 : me + r + 1; sd[r] = ns; ns += sc[r];
+        rc[r] = r == me && !staged ? 0 : r + me + 1; rd[r] = nr; nr += rc[r];
+      }
+      std::vector<double> sv(static_cast<std::size_t>(ns) * w);
+      for (int r = 0; r < P; ++r)
+        for (int j = 0; j < sc[r]; ++j)
+          for (int e = 0; e < w; ++e) sv[(sd[r] + j) * w + e] = 1000.0 * me + 10.0 * r + j;
+      DView send = to_view(sv), recv("examoe::test::recv", std::max(1, nr * w));
+      Kokkos::deep_copy(recv, -1.0);
+      c.start_alltoallv_rows(send.data(), sc.data(), sd.data(), recv.data(), rc.data(), rd.data(), w);
+      // While it travels: another collective, and the refusal of a second exchange.
+      std::vector<double> a{1.0 * me};
+      DView av = to_view(a);
+      c.allreduce_sum(av.data(), 1);
+      c.progress_alltoallv_rows();
+      EXPECT_THROW(
+          c.start_alltoallv_rows(send.data(), sc.data(), sd.data(), recv.data(), rc.data(), rd.data(), w),
+          Error)
+          << "a second exchange started before the first finished";
+      c.finish_alltoallv_rows();
+      c.finish_alltoallv_rows();  // nothing in flight: a no-op
+      Space().fence();
+      EXPECT_EQ(to_vec(av)[0], P * (P - 1) / 2.0);
+      const auto got = to_vec(recv);
+      for (int s = 0; s < P; ++s)
+        for (int j = 0; j < rc[s]; ++j)
+          for (int e = 0; e < w; ++e)
+            ASSERT_EQ(got[(rd[s] + j) * w + e], 1000.0 * s + 10.0 * me + j)
+                << "staged " << staged << " watchdog " << watchdog << " from " << s;
+    }
+  }
 }
 
 TEST(Comm, BackendSelection) {

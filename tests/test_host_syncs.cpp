@@ -31,6 +31,12 @@ class StreamOrderedMpi final : public Communicator {
                       int row_elems, DataType t, Memory m) override {
     mpi_->alltoallv_rows(s, sc, sd, r, rc, rd, row_elems, t, m);
   }
+  void start_alltoallv_rows(const void* s, const int* sc, const int* sd, void* r, const int* rc, const int* rd,
+                            int row_elems, DataType t, Memory m) override {
+    mpi_->start_alltoallv_rows(s, sc, sd, r, rc, rd, row_elems, t, m);
+  }
+  void progress_alltoallv_rows() override { mpi_->progress_alltoallv_rows(); }
+  void finish_alltoallv_rows() override { mpi_->finish_alltoallv_rows(); }
   void allreduce_sum(void* b, std::size_t n, DataType t, Memory m) override { mpi_->allreduce_sum(b, n, t, m); }
   void allgather(const void* s, void* r, std::size_t n, DataType t, Memory m) override {
     mpi_->allgather(s, r, n, t, m);
@@ -116,10 +122,12 @@ void check_counts(MoEConfig cfg, Expected nccl_path, Expected mpi_path, int step
     EXPECT_EQ(a.backward.host_syncs, nccl_path.bwd_syncs) << "backward, stream-ordered (NCCL) path";
     EXPECT_EQ(b.forward.host_syncs, mpi_path.fwd_syncs) << "forward, MPI path";
     EXPECT_EQ(b.backward.host_syncs, mpi_path.bwd_syncs) << "backward, MPI path";
-    // GEMM calls: the router's one, then one per projection for all local experts together.
-    const int proj = expert_projections(cfg);
-    EXPECT_EQ(a.forward.gemm_calls, 1 + proj);
-    EXPECT_EQ(a.backward.gemm_calls, (T[me] > 0 ? 2 : 1) + 2 * proj);  // dWr (when T > 0), dx
+    // GEMM calls: the router's one, then one per projection for all local experts together;
+    // with overlap (and other ranks), the row projections run in two calls, kept rows and
+    // received rows, and the weight gradients in one.
+    const int proj = expert_projections(cfg), calls = cfg.overlap_exchange && P > 1 ? 2 : 1;
+    EXPECT_EQ(a.forward.gemm_calls, 1 + calls * proj);
+    EXPECT_EQ(a.backward.gemm_calls, (T[me] > 0 ? 2 : 1) + (calls + 1) * proj);  // dWr (when T > 0), dx
     EXPECT_EQ(b.forward.gemm_calls, a.forward.gemm_calls);
     EXPECT_EQ(b.backward.gemm_calls, a.backward.gemm_calls);
 
@@ -160,6 +168,14 @@ TEST(HostSyncs, FiniteChecksRideInForwardsCopy) {
   MoEConfig cfg = config(Activation::gelu);
   cfg.check_finite_inputs = true;
   check_counts(cfg, {1, 1}, {3, 4});
+}
+
+// Overlap off: every exchange completes before the experts run; the same waits, one GEMM call
+// per projection.
+TEST(HostSyncs, OverlapOff) {
+  MoEConfig cfg = config(Activation::swiglu);
+  cfg.overlap_exchange = false;
+  check_counts(cfg, {1, 0}, {3, 3});
 }
 
 // Without the router-gradient allreduce (FSDP reduces it), backward on MPI waits twice.

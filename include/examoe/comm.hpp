@@ -69,6 +69,23 @@ class Communicator {
   virtual void alltoallv_rows(const void* send, const int* send_counts, const int* send_displs,
                               void* recv, const int* recv_counts, const int* recv_displs,
                               int row_elems, DataType type, Memory mem = Memory::host) = 0;
+  /// alltoallv_rows split in two, so that local work runs while the rows are in flight:
+  /// start returns as soon as the exchange is under way (MPI: MPI_Ialltoallv; NCCL: on the
+  /// backend's exchange stream, after an event on the caller's); finish completes it (MPI: the
+  /// wait, under the watchdog when it is on; NCCL: the caller's stream waits for an event, the
+  /// host does not). Between the two, `send` must not be written nor `recv` read, and the
+  /// buffers and counts must stay alive. One exchange in flight per communicator; other
+  /// collectives may run meanwhile. The defaults make the blocking call in start.
+  virtual void start_alltoallv_rows(const void* send, const int* send_counts, const int* send_displs,
+                                    void* recv, const int* recv_counts, const int* recv_displs,
+                                    int row_elems, DataType type, Memory mem = Memory::host) {
+    alltoallv_rows(send, send_counts, send_displs, recv, recv_counts, recv_displs, row_elems, type, mem);
+  }
+  /// Lets a started exchange advance (MPI_Test: MPI moves data only inside MPI calls); callers
+  /// call it between pieces of local work. No-op when nothing is in flight.
+  virtual void progress_alltoallv_rows() {}
+  /// Completes the started exchange (no-op when nothing is in flight).
+  virtual void finish_alltoallv_rows() {}
   /// In-place sum over all ranks.
   virtual void allreduce_sum(void* buf, std::size_t count, DataType type,
                              Memory mem = Memory::host) = 0;
@@ -111,6 +128,11 @@ class MpiCommunicator final : public Communicator {
   void alltoallv_rows(const void* send, const int* send_counts, const int* send_displs, void* recv,
                       const int* recv_counts, const int* recv_displs, int row_elems,
                       DataType type, Memory mem = Memory::host) override;
+  void start_alltoallv_rows(const void* send, const int* send_counts, const int* send_displs, void* recv,
+                            const int* recv_counts, const int* recv_displs, int row_elems, DataType type,
+                            Memory mem = Memory::host) override;
+  void progress_alltoallv_rows() override;
+  void finish_alltoallv_rows() override;
   void allreduce_sum(void* buf, std::size_t count, DataType type,
                      Memory mem = Memory::host) override;
   void allgather(const void* send, void* recv, std::size_t count, DataType type,
@@ -134,6 +156,10 @@ class MpiCommunicator final : public Communicator {
   int row_type_elems_ = 0;
   DataType row_type_base_ = DataType::f32;
   std::unique_ptr<impl::WatchdogChannel> wd_;  // call counter + watchdog messages
+  // The exchange started and not finished: its request, and what the watchdog reports for it.
+  MPI_Request pending_ = MPI_REQUEST_NULL;
+  bool pending_watched_ = false;
+  const char* pending_label_ = nullptr;
 };
 
 std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm);

@@ -40,6 +40,8 @@ struct ParallelConfig {
   int ep = 0;                         ///< expert-parallel degree; 0 = world size (dp = 1)
   bool reshard_after_forward = true;  ///< FSDP: free gathered units after their forward
   bool activation_checkpointing = false;  ///< recompute each block in backward
+  /// MoE layers hide their row exchanges behind local expert work (MoEConfig::overlap_exchange).
+  bool overlap_exchange = true;
   CommBackend comm = CommBackend::automatic;            ///< collectives backend: auto, mpi or nccl
   GpuAwareMpi gpu_aware_mpi = GpuAwareMpi::automatic;  ///< MPI takes GPU buffers: auto, true or false
   /// The options of the communicators built from this config.

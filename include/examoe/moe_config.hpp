@@ -65,6 +65,11 @@ struct MoEConfig {
   /// product instead of float's 6e-8). No effect in double or on host builds.
   bool allow_tf32 = false;
   DispatchDtype dispatch_dtype = DispatchDtype::scalar;
+  /// Hide the row exchanges behind local work (docs/moe-layer.md, "Overlap"): each all-to-all
+  /// is started, the expert rows that never left this rank are computed while the others
+  /// travel, then the received ones. Off: every exchange completes before the experts run.
+  /// The results are the same either way (the same GEMMs on the same rows, the same sums).
+  bool overlap_exchange = true;
 
   /// Local validity checks; throws examoe::Error naming the bad field.
   void validate() const;

@@ -80,6 +80,7 @@ MpiCommunicator::~MpiCommunicator() {
 }
 
 MPI_Datatype MpiCommunicator::row_type(int row_elems, DataType type) {
+  if (row_elems == 1) return mpi_type(type);  // single values (the plan's counts): no derived type
   if (row_type_ == MPI_DATATYPE_NULL || row_type_elems_ != row_elems || row_type_base_ != type) {
     if (row_type_ != MPI_DATATYPE_NULL) MPI_Type_free(&row_type_);
     check(MPI_Type_contiguous(row_elems, mpi_type(type), &row_type_), "MPI_Type_contiguous");
@@ -118,6 +119,36 @@ void MpiCommunicator::alltoallv_rows(const void* send, const int* send_counts,
       [&](MPI_Request* r) {
         return MPI_Ialltoallv(send, send_counts, send_displs, t, recv, recv_counts, recv_displs, t, comm_, r);
       });
+}
+
+void MpiCommunicator::start_alltoallv_rows(const void* send, const int* send_counts,
+                                           const int* send_displs, void* recv, const int* recv_counts,
+                                           const int* recv_displs, int row_elems, DataType type,
+                                           Memory mem) {
+  check_memory(mem, "start_alltoallv_rows");
+  if (pending_ != MPI_REQUEST_NULL)
+    throw Error("examoe::MpiCommunicator::start_alltoallv_rows: an exchange is already in flight "
+                "(finish_alltoallv_rows first)");
+  MPI_Datatype t = row_type(row_elems, type);
+  pending_watched_ = wd_->begin("MPI_Ialltoallv");
+  pending_label_ = impl::CollectiveLabel::current();
+  check(MPI_Ialltoallv(send, send_counts, send_displs, t, recv, recv_counts, recv_displs, t, comm_, &pending_),
+        "MPI_Ialltoallv");
+}
+
+void MpiCommunicator::progress_alltoallv_rows() {
+  if (pending_ == MPI_REQUEST_NULL) return;
+  int done = 0;
+  check(MPI_Test(&pending_, &done, MPI_STATUS_IGNORE), "MPI_Test");
+}
+
+void MpiCommunicator::finish_alltoallv_rows() {
+  if (pending_ == MPI_REQUEST_NULL) return;  // never started, or progress saw it complete
+  if (pending_watched_)
+    check(wd_->wait_started(pending_, "MPI_Ialltoallv", pending_label_), "MPI_Ialltoallv");
+  else
+    check(MPI_Wait(&pending_, MPI_STATUS_IGNORE), "MPI_Ialltoallv");
+  pending_ = MPI_REQUEST_NULL;
 }
 
 void MpiCommunicator::allreduce_sum(void* buf, std::size_t count, DataType type, Memory mem) {

@@ -55,6 +55,9 @@ class NcclCommunicator final : public Communicator {
   }
   ~NcclCommunicator() override {
     if (comm_ != nullptr) ncclCommDestroy(comm_);
+    if (ready_ != nullptr) cudaEventDestroy(ready_);
+    if (done_ != nullptr) cudaEventDestroy(done_);
+    if (xstream_ != nullptr) cudaStreamDestroy(xstream_);
   }
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;
@@ -75,6 +78,48 @@ class NcclCommunicator final : public Communicator {
                           row_elems, type);
       return;
     }
+    post_alltoallv(send, send_counts, send_displs, recv, recv_counts, recv_displs, row_elems, type, stream_);
+  }
+
+  /// The exchange on a second stream: it starts when the caller's stream reaches this point
+  /// (event `ready_`), and the caller's stream waits for its end (event `done_`) in finish;
+  /// the host never waits. Host data: MPI's non-blocking form.
+  void start_alltoallv_rows(const void* send, const int* send_counts, const int* send_displs, void* recv,
+                            const int* recv_counts, const int* recv_displs, int row_elems, DataType type,
+                            Memory mem) override {
+    if (mem == Memory::host) {
+      mpi_.start_alltoallv_rows(send, send_counts, send_displs, recv, recv_counts, recv_displs, row_elems, type);
+      host_pending_ = true;
+      return;
+    }
+    if (device_pending_)
+      throw Error("examoe::NcclCommunicator::start_alltoallv_rows: an exchange is already in flight "
+                  "(finish_alltoallv_rows first)");
+    make_exchange_stream();
+    cuda_check(cudaEventRecord(ready_, stream_), "cudaEventRecord");
+    cuda_check(cudaStreamWaitEvent(xstream_, ready_, 0), "cudaStreamWaitEvent");
+    post_alltoallv(send, send_counts, send_displs, recv, recv_counts, recv_displs, row_elems, type, xstream_);
+    cuda_check(cudaEventRecord(done_, xstream_), "cudaEventRecord");
+    device_pending_ = true;
+  }
+  void progress_alltoallv_rows() override {
+    if (host_pending_) mpi_.progress_alltoallv_rows();
+  }
+  void finish_alltoallv_rows() override {
+    if (host_pending_) {
+      host_pending_ = false;
+      mpi_.finish_alltoallv_rows();
+    }
+    if (device_pending_) {
+      device_pending_ = false;
+      cuda_check(cudaStreamWaitEvent(stream_, done_, 0), "cudaStreamWaitEvent");
+    }
+  }
+
+  /// One grouped set of NCCL sends and receives (and device copies) on `stream`.
+  void post_alltoallv(const void* send, const int* send_counts, const int* send_displs, void* recv,
+                      const int* recv_counts, const int* recv_displs, int row_elems, DataType type,
+                      cudaStream_t stream) {
     const auto ops = alltoallv_schedule(rank(), size(), send_counts, send_displs, recv_counts,
                                         recv_displs, row_elems);
     const std::size_t es = size_of(type);
@@ -85,15 +130,15 @@ class NcclCommunicator final : public Communicator {
       switch (op.kind) {
         case P2POp::copy:
           if (cudaMemcpyAsync(d + op.dst_offset * es, s + op.offset * es, op.count * es,
-                              cudaMemcpyDeviceToDevice, stream_) != cudaSuccess)
+                              cudaMemcpyDeviceToDevice, stream) != cudaSuccess)
             throw Error("examoe::NcclCommunicator::alltoallv_rows: cudaMemcpyAsync failed");
           break;
         case P2POp::send:
-          check(ncclSend(s + op.offset * es, op.count, nccl_type(type), op.peer, comm_, stream_),
+          check(ncclSend(s + op.offset * es, op.count, nccl_type(type), op.peer, comm_, stream),
                 "ncclSend");
           break;
         case P2POp::recv:
-          check(ncclRecv(d + op.offset * es, op.count, nccl_type(type), op.peer, comm_, stream_),
+          check(ncclRecv(d + op.offset * es, op.count, nccl_type(type), op.peer, comm_, stream),
                 "ncclRecv");
           break;
       }
@@ -135,8 +180,23 @@ class NcclCommunicator final : public Communicator {
     throw Error(msg);
   }
 
+  static void cuda_check(cudaError_t e, const char* what) {
+    if (e != cudaSuccess)
+      throw Error(std::string("examoe::NcclCommunicator: ") + what + ": " + cudaGetErrorString(e));
+  }
+  /// The exchange stream and its two events, made on first use.
+  void make_exchange_stream() {
+    if (xstream_ != nullptr) return;
+    cuda_check(cudaStreamCreateWithFlags(&xstream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    cuda_check(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    cuda_check(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  }
+
   MpiCommunicator mpi_;
-  cudaStream_t stream_ = nullptr;
+  cudaStream_t stream_ = nullptr;   // the caller's execution-space instance
+  cudaStream_t xstream_ = nullptr;  // the started exchanges
+  cudaEvent_t ready_ = nullptr, done_ = nullptr;
+  bool host_pending_ = false, device_pending_ = false;
   ncclComm_t comm_ = nullptr;
 };
 

@@ -53,7 +53,6 @@ void DispatchPlan::set_placement(const Space& space, const Placement& placement,
   P_ = placement.num_ranks();
   me_ = my_rank;
   nloc_ = placement.num_local(me_);
-  ml_ = std::max(1, placement.max_local());
   const int E = placement.num_experts();
   if (key_of_expert_.extent(0) != static_cast<std::size_t>(E))
     key_of_expert_ = IView1("examoe::dispatch::key_of_expert", E);
@@ -66,8 +65,16 @@ void DispatchPlan::set_placement(const Space& space, const Placement& placement,
     blocks_ = BlockView("examoe::dispatch::blocks", nb);
     blocks_h_ = Kokkos::View<RowBlock*, kc::StagingSpace>("examoe::dispatch::blocks_host", nb);
   }
-  send_mat_.assign(static_cast<std::size_t>(P_) * ml_, 0);
-  recv_mat_.assign(static_cast<std::size_t>(P_) * ml_, 0);
+  // The counts exchange: rank r gets the counts of its own experts' keys, num_local(r) ints.
+  send_keys_.assign(E, 0);
+  recv_mat_.assign(static_cast<std::size_t>(P_) * nloc_, 0);
+  counts_exchange_.reset(P_);
+  for (int r = 0; r < P_; ++r) {
+    counts_exchange_.send_counts[r] = placement.num_local(r);
+    counts_exchange_.send_displs[r] = placement.rank_offset(r);
+    counts_exchange_.recv_counts[r] = nloc_;
+  }
+  counts_exchange_.finish(false);
   exchange_.reset(P_);
   expert_offset_.assign(nloc_ + 1, 0);
   host_sync(space);  // koe is a temporary host mirror
@@ -117,25 +124,22 @@ void DispatchPlan::exchange_counts(const Space& space, Communicator& comm) {
   kc::ScopedRegion region("examoe::DispatchPlan::exchange_counts");
   fetch_counts(space);
   const auto ks = key_start_host();
-  // This step's counts only: every entry is rewritten.
-  for (int r = 0; r < P_; ++r)
-    for (int lx = 0; lx < ml_; ++lx) {
-      const int key = placement_.rank_offset(r) + lx;
-      send_mat_[static_cast<std::size_t>(r) * ml_ + lx] =
-          lx < placement_.num_local(r) ? ks(key + 1) - ks(key) : 0;
-    }
+  // This step's counts only: every entry is rewritten. The keys are in (rank, local expert)
+  // order, so the counts per key are already laid out by destination rank.
+  const int E = placement_.num_experts();
+  for (int key = 0; key < E; ++key) send_keys_[key] = ks(key + 1) - ks(key);
   {
     CollectiveLabel label("moe.plan");
-    comm.alltoall_int(send_mat_.data(), recv_mat_.data(), ml_);
+    const RowExchange& c = counts_exchange_;
+    comm.alltoallv_rows(send_keys_.data(), c.send_counts.data(), c.send_displs.data(), recv_mat_.data(),
+                        c.recv_counts.data(), c.recv_displs.data(), 1, DataType::i32, Memory::host);
   }
   self_begin_ = ks(placement_.rank_offset(me_));
   self_count_ = ks(placement_.rank_offset(me_) + nloc_) - self_begin_;
   for (int r = 0; r < P_; ++r) {
-    int sr = 0, rr = 0;
-    for (int lx = 0; lx < ml_; ++lx) {
-      sr += send_mat_[static_cast<std::size_t>(r) * ml_ + lx];
-      rr += recv_mat_[static_cast<std::size_t>(r) * ml_ + lx];
-    }
+    const int sr = ks(placement_.rank_offset(r) + placement_.num_local(r)) - ks(placement_.rank_offset(r));
+    int rr = 0;
+    for (int lx = 0; lx < nloc_; ++lx) rr += recv_mat_[static_cast<std::size_t>(r) * nloc_ + lx];
     // Rows that stay on this rank are copied, never sent: the send buffer is the sorted
     // slots without this rank's own run.
     exchange_.send_counts[r] = r == me_ ? 0 : sr;
@@ -150,24 +154,25 @@ void DispatchPlan::exchange_counts(const Space& space, Communicator& comm) {
   complete_ = true;
 }
 
-/// Expert-row blocks in (local expert, source rank) order.
+/// Expert-row blocks in (local expert, source rank) order: O(nloc x P).
 void DispatchPlan::lay_out_expert_rows() {
   const auto ks = key_start_host();
   nblocks_ = nloc_ * P_;
+  // Where each source rank's rows for the next local expert start in the receive buffer.
+  next_from_.assign(exchange_.recv_displs.begin(), exchange_.recv_displs.end());
   int q = 0;
   for (int lx = 0; lx < nloc_; ++lx) {
     expert_offset_[lx] = q;
     for (int src = 0; src < P_; ++src) {
       RowBlock b;
       b.dest = q;
-      b.count = recv_mat_[static_cast<std::size_t>(src) * ml_ + lx];
+      b.count = recv_mat_[static_cast<std::size_t>(src) * nloc_ + lx];
       b.local = src == me_ ? 1 : 0;
       if (src == me_) {
         b.from = ks(placement_.rank_offset(me_) + lx);
       } else {
-        int off = exchange_.recv_displs[src];
-        for (int l2 = 0; l2 < lx; ++l2) off += recv_mat_[static_cast<std::size_t>(src) * ml_ + l2];
-        b.from = off;
+        b.from = next_from_[src];
+        next_from_[src] += b.count;
       }
       blocks_h_(lx * P_ + src) = b;
       q += b.count;
@@ -175,6 +180,27 @@ void DispatchPlan::lay_out_expert_rows() {
   }
   expert_offset_[nloc_] = q;
   nrows_ = q;
+  lay_out_row_groups();
+}
+
+/// The grouped GEMMs' groups of all, kept and received rows (row_groups()): one group per
+/// (local expert, source rank) block. BLAS rounds a row differently in a GEMM of another
+/// height, so a row's result must not depend on which other rows share its GEMM: with the
+/// block as the unit it depends on neither the overlap (kept and received rows in one call or
+/// two) nor the placement (which rank's block is the kept one). Both stay bitwise invariant.
+void DispatchPlan::lay_out_row_groups() {
+  for (auto& g : groups_) g.clear();
+  auto& all = groups_[static_cast<int>(ExpertRows::all)];
+  auto& kept = groups_[static_cast<int>(ExpertRows::kept)];
+  auto& received = groups_[static_cast<int>(ExpertRows::received)];
+  for (int lx = 0; lx < nloc_; ++lx)
+    for (int src = 0; src < P_; ++src) {
+      const RowBlock& b = blocks_h_(lx * P_ + src);
+      if (b.count == 0) continue;
+      const RowGroup g{b.dest, b.dest + b.count, lx};
+      all.push_back(g);
+      (src == me_ ? kept : received).push_back(g);
+    }
 }
 
 }  // namespace examoe::impl

@@ -17,6 +17,7 @@
 
 #include <examoe/comm.hpp>
 #include <examoe/impl/dispatch_kernels.hpp>
+#include <examoe/impl/grouped_gemm.hpp>
 #include <examoe/impl/host_readback.hpp>
 #include <examoe/impl/workspace.hpp>
 #include <examoe/placement.hpp>
@@ -74,6 +75,10 @@ class DispatchPlan {
   int expert_row_begin(int lx) const { return expert_offset_[lx]; }
   /// All of them: [num_local() + 1], the groups of the experts' grouped GEMMs.
   const std::vector<int>& expert_row_offsets() const { return expert_offset_; }
+  /// The row GEMMs' groups over `which` expert rows, one per non-empty (local expert, source
+  /// rank) block: kept (source = this rank), received (the others) or all. Matrix index =
+  /// local expert. The weight gradients group by expert_row_offsets(): one group per expert.
+  const std::vector<RowGroup>& row_groups(ExpertRows which) const { return groups_[static_cast<int>(which)]; }
   int num_local() const { return nloc_; }
   /// Sorted slots of the rows that stay on this rank: [self_begin, self_begin + self_count).
   int self_begin() const { return self_begin_; }
@@ -90,9 +95,10 @@ class DispatchPlan {
 
  private:
   void lay_out_expert_rows();
+  void lay_out_row_groups();
 
   Placement placement_;
-  int P_ = 1, me_ = 0, nloc_ = 0, ml_ = 1;
+  int P_ = 1, me_ = 0, nloc_ = 0;
   int T_ = 0, A_ = 0, nblocks_ = 0, nrows_ = 0;
   int self_begin_ = 0, self_count_ = 0;
   bool sorted_ = false, complete_ = false;
@@ -106,9 +112,13 @@ class DispatchPlan {
   HostReadback<Space>::HostSlot<int> key_start_host() const { return readback_.host<int>(key_start_slot_); }
   BlockView blocks_;
   Kokkos::View<RowBlock*, kc::StagingSpace> blocks_h_;  // pinned on CUDA: the upload is asynchronous
-  std::vector<int> send_mat_, recv_mat_;  // [P][max_local]
+  std::vector<int> send_keys_;            // [E] this rank's assignments per key
+  std::vector<int> recv_mat_;             // [P][nloc] what each rank sends to my local experts
+  RowExchange counts_exchange_;           // the counts all-to-all: num_local(r) ints to rank r
+  std::vector<int> next_from_;            // [P] lay_out_expert_rows' running offsets
   RowExchange exchange_;
   std::vector<int> expert_offset_;        // [nloc + 1]
+  std::vector<RowGroup> groups_[3];       // row_groups(all), (kept), (received)
   Workspace ws_{"examoe::dispatch::"};
 };
 

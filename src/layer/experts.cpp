@@ -78,47 +78,85 @@ auto Experts<Scalar>::output_grads(int rows) -> matrix& {
 
 template <class Scalar>
 void Experts<Scalar>::forward(const DispatchPlan& plan) {
+  hidden(plan, ExpertRows::all);
+  activate(plan);
+  output(plan, ExpertRows::all);
+}
+
+template <class Scalar>
+void Experts<Scalar>::hidden(const DispatchPlan& plan, ExpertRows which) {
   const int nrows = plan.expert_rows();
-  const std::vector<int>& o = plan.expert_row_offsets();
   ws_.reserve(hbuf_, "h", nrows, h_);
-  ws_.reserve(abuf_, "a", nrows, h_);
   if (swiglu_) ws_.reserve(ubuf_, "u", nrows, h_);
-  ws_.reserve(ye_, "ye", nrows, d_);
+  const auto& groups = plan.row_groups(which);
+  // h = x W1 (and u = x W3): one grouped GEMM per projection
+  grouped_gemm_rows(space_, gemm_, false, Scalar(1), xe_, W1_, Scalar(0), hbuf_, groups);
+  if (swiglu_) grouped_gemm_rows(space_, gemm_, false, Scalar(1), xe_, W3_, Scalar(0), ubuf_, groups);
+}
+
+template <class Scalar>
+void Experts<Scalar>::activate(const DispatchPlan& plan) {
+  const int nrows = plan.expert_rows();
+  ws_.reserve(abuf_, "a", nrows, h_);
   auto H = rows_of(hbuf_, nrows);
   auto Aa = rows_of(abuf_, nrows);
-  // h = x W1 (and u = x W3), a = act(h[, u]), y = a W2: one grouped GEMM per projection
-  grouped_gemm_rows(space_, gemm_, false, Scalar(1), xe_, W1_, Scalar(0), hbuf_, o);
-  if (swiglu_) grouped_gemm_rows(space_, gemm_, false, Scalar(1), xe_, W3_, Scalar(0), ubuf_, o);
   if (swiglu_)
     swiglu_forward(space_, H, rows_of(ubuf_, nrows), Aa);
   else
     gelu_forward(space_, H, Aa);
-  grouped_gemm_rows(space_, gemm_, false, Scalar(1), abuf_, W2_, Scalar(0), ye_, o);
+}
+
+template <class Scalar>
+void Experts<Scalar>::output(const DispatchPlan& plan, ExpertRows which) {
+  ws_.reserve(ye_, "ye", plan.expert_rows(), d_);
+  // y = a W2
+  grouped_gemm_rows(space_, gemm_, false, Scalar(1), abuf_, W2_, Scalar(0), ye_, plan.row_groups(which));
 }
 
 template <class Scalar>
 void Experts<Scalar>::backward(const DispatchPlan& plan) {
+  hidden_grad(plan, ExpertRows::all);
+  activation_backward(plan);
+  input_grad(plan, ExpertRows::all);
+  weight_grads(plan);
+}
+
+template <class Scalar>
+void Experts<Scalar>::hidden_grad(const DispatchPlan& plan, ExpertRows which) {
   const int nrows = plan.expert_rows();
-  const std::vector<int>& o = plan.expert_row_offsets();
   ws_.reserve(dabuf_, "da", nrows, h_);
   if (swiglu_) ws_.reserve(dubuf_, "du", nrows, h_);
-  ws_.reserve(dxe_, "dxe", nrows, d_);
-  // da = dy W2^T, dW2 += a^T dy
-  grouped_gemm_rows(space_, gemm_, true, Scalar(1), dye_, W2_, Scalar(0), dabuf_, o);
-  grouped_gemm_weights(space_, gemm_, Scalar(1), abuf_, dye_, dW2_, o);
+  // da = dy W2^T
+  grouped_gemm_rows(space_, gemm_, true, Scalar(1), dye_, W2_, Scalar(0), dabuf_, plan.row_groups(which));
+}
+
+template <class Scalar>
+void Experts<Scalar>::activation_backward(const DispatchPlan& plan) {
+  const int nrows = plan.expert_rows();
   auto H = rows_of(hbuf_, nrows);
   auto dA = rows_of(dabuf_, nrows);
   if (swiglu_)
     swiglu_backward(space_, H, rows_of(ubuf_, nrows), dA, rows_of(dubuf_, nrows));
   else
     gelu_backward(space_, H, dA);
-  // dW1 += x^T dh, dx = dh W1^T (+ du W3^T, dW3 += x^T du)
+}
+
+template <class Scalar>
+void Experts<Scalar>::input_grad(const DispatchPlan& plan, ExpertRows which) {
+  ws_.reserve(dxe_, "dxe", plan.expert_rows(), d_);
+  const auto& groups = plan.row_groups(which);
+  // dx = dh W1^T (+ du W3^T)
+  grouped_gemm_rows(space_, gemm_, true, Scalar(1), dabuf_, W1_, Scalar(0), dxe_, groups);
+  if (swiglu_) grouped_gemm_rows(space_, gemm_, true, Scalar(1), dubuf_, W3_, Scalar(1), dxe_, groups);
+}
+
+template <class Scalar>
+void Experts<Scalar>::weight_grads(const DispatchPlan& plan) {
+  const std::vector<int>& o = plan.expert_row_offsets();
+  // dW2 += a^T dy, dW1 += x^T dh (dW3 += x^T du)
+  grouped_gemm_weights(space_, gemm_, Scalar(1), abuf_, dye_, dW2_, o);
   grouped_gemm_weights(space_, gemm_, Scalar(1), xe_, dabuf_, dW1_, o);
-  grouped_gemm_rows(space_, gemm_, true, Scalar(1), dabuf_, W1_, Scalar(0), dxe_, o);
-  if (swiglu_) {
-    grouped_gemm_weights(space_, gemm_, Scalar(1), xe_, dubuf_, dW3_, o);
-    grouped_gemm_rows(space_, gemm_, true, Scalar(1), dubuf_, W3_, Scalar(1), dxe_, o);
-  }
+  if (swiglu_) grouped_gemm_weights(space_, gemm_, Scalar(1), xe_, dubuf_, dW3_, o);
 }
 
 template <class Scalar>

@@ -41,13 +41,30 @@ class Experts {
   /// The expert input rows of this step ([rows][d], in the plan's per-expert blocks),
   /// reserved for `rows` rows for the dispatch to fill.
   matrix& inputs(int rows);
-  /// ye = expert(xe) for every local expert's block of the plan.
+  /// ye = expert(xe) for every local expert's block of the plan: hidden(all), activate(),
+  /// output(all).
   void forward(const DispatchPlan& plan);
+  /// The pieces of forward, so that the layer can run the kept rows while the others travel:
+  /// h = xe W1 (and u = xe W3) on `which` rows ...
+  void hidden(const DispatchPlan& plan, ExpertRows which);
+  /// ... a = act(h[, u]) on every row ...
+  void activate(const DispatchPlan& plan);
+  /// ... ye = a W2 on `which` rows.
+  void output(const DispatchPlan& plan, ExpertRows which);
   const matrix& outputs() const { return ye_; }
   /// dL/dye, reserved for `rows` rows for the combine^T to fill.
   matrix& output_grads(int rows);
-  /// dW1, dW2 (dW3) += this step's part; dxe = dL/dxe.
+  /// dW1, dW2 (dW3) += this step's part; dxe = dL/dxe: hidden_grad(all),
+  /// activation_backward(), input_grad(all), weight_grads().
   void backward(const DispatchPlan& plan);
+  /// The pieces of backward: da = dye W2^T on `which` rows ...
+  void hidden_grad(const DispatchPlan& plan, ExpertRows which);
+  /// ... dh = act'(h) da (and du) on every row, in place of da ...
+  void activation_backward(const DispatchPlan& plan);
+  /// ... dxe = dh W1^T (+ du W3^T) on `which` rows ...
+  void input_grad(const DispatchPlan& plan, ExpertRows which);
+  /// ... dW2 += a^T dye, dW1 += xe^T dh (dW3 += xe^T du), one grouped GEMM each over all rows.
+  void weight_grads(const DispatchPlan& plan);
   const matrix& input_grads() const { return dxe_; }
 
   /// Moves the weights (and every tensor of `state`, in the layout of w1) through `plan`;

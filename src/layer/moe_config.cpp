@@ -85,6 +85,7 @@ std::uint64_t MoEConfig::hash() const {
   f.add(check_finite_inputs);
   f.add(allow_tf32);
   f.add(static_cast<int>(dispatch_dtype));
+  f.add(overlap_exchange);
   return f.h;
 }
 
@@ -99,7 +100,8 @@ std::string MoEConfig::to_string() const {
      << "\nrouter.z_loss_coef=" << router.z_loss_coef << "\nplacement=";
   for (std::size_t i = 0; i < placement.size(); ++i) os << (i ? "," : "") << placement[i];
   os << "\nreduce_router_grad=" << reduce_router_grad << "\ncheck_finite_inputs=" << check_finite_inputs
-     << "\nallow_tf32=" << allow_tf32 << "\ndispatch_dtype=" << examoe::to_string(dispatch_dtype) << "\n";
+     << "\nallow_tf32=" << allow_tf32 << "\ndispatch_dtype=" << examoe::to_string(dispatch_dtype)
+     << "\noverlap_exchange=" << overlap_exchange << "\n";
   return os.str();
 }
 

@@ -266,8 +266,12 @@ struct MoELayer<Scalar>::Impl {
   }
 
   /// Forward after the plan: rows out (in the wire type W), experts, rows back, combine.
+  /// With overlap, the kept rows' first projection runs while the dispatch travels and their
+  /// second while the combine does (docs/moe-layer.md, "Overlap").
   template <class W>
   void dispatch_experts_combine(impl::RowWorkspace<W>& rows, const const_matrix& x, const matrix& out) {
+    using impl::ExpertRows;
+    const bool overlap = overlapping();
     // ---- dispatch
     const int nrows = plan.expert_rows();
     const auto g = router->gates();
@@ -276,24 +280,45 @@ struct MoELayer<Scalar>::Impl {
     impl::pack_rows(space, x, plan.perm(), k, plan.self_begin(), plan.self_count(), g, false,
                     impl::rows_of(rows.send, plan.rows_sent()));
     toc(Phase::pack);
-    exchange("moe.dispatch", impl::Direction::forward, rows.send, rows.recv);
+    start_exchange("moe.dispatch", impl::Direction::forward, rows.send, rows.recv);
+    if (overlap) {
+      impl::gather_expert_rows(space, plan.blocks(), plan.num_blocks(), nrows, x, plan.perm(), k, g,
+                               false, rows.recv, xe, ExpertRows::kept);
+      experts->hidden(plan, ExpertRows::kept);
+      coll->progress_alltoallv_rows();
+      toc(Phase::experts);
+    }
+    finish_exchange("moe.dispatch");
     toc(Phase::alltoall);
     impl::gather_expert_rows(space, plan.blocks(), plan.num_blocks(), nrows, x, plan.perm(), k, g,
-                             false, rows.recv, xe);
+                             false, rows.recv, xe, overlap ? ExpertRows::received : ExpertRows::all);
     toc(Phase::pack);
 
-    // ---- experts
-    experts->forward(plan);
+    // ---- experts (the received rows, or all of them)
+    const ExpertRows rest = overlap ? ExpertRows::received : ExpertRows::all;
+    experts->hidden(plan, rest);
+    experts->activate(plan);
+    experts->output(plan, rest);
     toc(Phase::experts);
 
     // ---- combine
     rows.reserve_combine(plan, d);
     impl::pack_back_rows(space, plan.blocks(), plan.num_blocks(), nrows, experts->outputs(), rows.back_send);
-    exchange("moe.combine", impl::Direction::reverse, rows.back_send, rows.back_recv);
+    start_exchange("moe.combine", impl::Direction::reverse, rows.back_send, rows.back_recv);
+    if (overlap) {
+      experts->output(plan, ExpertRows::kept);
+      coll->progress_alltoallv_rows();
+      toc(Phase::experts);
+    }
+    finish_exchange("moe.combine");
     impl::combine_rows(space, plan.return_location(), k, g, true, experts->outputs(), rows.back_recv,
                        false, out);
     toc(Phase::combine);
   }
+
+  /// Whether this step hides its exchanges behind the kept rows' work: asked for, and other
+  /// ranks to exchange with.
+  bool overlapping() const { return cfg.overlap_exchange && P > 1; }
 
   /// The dispatch statistics of this step's plan.
   void record_plan_stats() {
@@ -314,12 +339,17 @@ struct MoELayer<Scalar>::Impl {
     stats.bytes_recv_combine = sent * row_bytes;
   }
 
-  /// ONE variable-size all-to-all of rows through the plan: in the dispatch direction
+  /// Starts ONE variable-size all-to-all of rows through the plan: in the dispatch direction
   /// (forward), or the combine direction (reverse: the same counts, send and receive swapped).
   template <class M>
-  void exchange(const char* label, impl::Direction dir, const M& send, const M& recv) {
+  void start_exchange(const char* label, impl::Direction dir, const M& send, const M& recv) {
     impl::CollectiveLabel scope(label);
-    impl::exchange_rows(*coll, plan.exchange(), dir, send.data(), recv.data(), d);
+    impl::start_exchange_rows(*coll, plan.exchange(), dir, send.data(), recv.data(), d);
+  }
+  /// Completes it: its received rows may be read after this.
+  void finish_exchange(const char* label) {
+    impl::CollectiveLabel scope(label);
+    impl::finish_exchange_rows(*coll);
   }
 
   // ----------------------------------------------------------------- backward
@@ -339,32 +369,57 @@ struct MoELayer<Scalar>::Impl {
       backward_rows(scalar_rows, dout, dx);
   }
 
-  /// Backward through the forward's plan, rows in the wire type W.
+  /// Backward through the forward's plan, rows in the wire type W. With overlap, the kept
+  /// rows' da runs while dy travels, and their dxe and every weight gradient while dxe does.
   template <class W>
   void backward_rows(impl::RowWorkspace<W>& rows, const const_matrix& dout, const matrix& dx) {
+    using impl::ExpertRows;
+    const bool overlap = overlapping();
     const auto g = router->gates();
     const auto dg = router->gate_grads();
+    const int nrows = plan.expert_rows();
+    auto& dye = experts->output_grads(nrows);
     // ---- combine^T: gate gradients, then dy = gate * dout dispatched like x
     impl::gate_grads(space, plan.return_location(), k, experts->outputs(), rows.back_recv, dout, dg);
     impl::pack_rows(space, dout, plan.perm(), k, plan.self_begin(), plan.self_count(), g, true,
                     impl::rows_of(rows.send, plan.rows_sent()));
     toc(Phase::bwd_combine);
-    exchange("moe.combine_bwd", impl::Direction::forward, rows.send, rows.recv);
+    start_exchange("moe.combine_bwd", impl::Direction::forward, rows.send, rows.recv);
+    if (overlap) {
+      impl::gather_expert_rows(space, plan.blocks(), plan.num_blocks(), nrows, dout, plan.perm(), k, g,
+                               true, rows.recv, dye, ExpertRows::kept);
+      experts->hidden_grad(plan, ExpertRows::kept);
+      coll->progress_alltoallv_rows();
+      toc(Phase::bwd_experts);
+    }
+    finish_exchange("moe.combine_bwd");
     toc(Phase::bwd_alltoall);
-    const int nrows = plan.expert_rows();
-    auto& dye = experts->output_grads(nrows);
-    impl::gather_expert_rows(space, plan.blocks(), plan.num_blocks(), nrows, dout, plan.perm(), k,
-                             g, true, rows.recv, dye);
+    impl::gather_expert_rows(space, plan.blocks(), plan.num_blocks(), nrows, dout, plan.perm(), k, g,
+                             true, rows.recv, dye, overlap ? ExpertRows::received : ExpertRows::all);
     toc(Phase::bwd_combine);
 
-    // ---- experts
-    experts->backward(plan);
+    // ---- experts (the received rows, or all of them)
+    const ExpertRows rest = overlap ? ExpertRows::received : ExpertRows::all;
+    experts->hidden_grad(plan, rest);
+    experts->activation_backward(plan);
+    experts->input_grad(plan, rest);
     toc(Phase::bwd_experts);
 
     // ---- dispatch^T: dx rows go home
     impl::pack_back_rows(space, plan.blocks(), plan.num_blocks(), nrows, experts->input_grads(), rows.back_send);
-    exchange("moe.dispatch_bwd", impl::Direction::reverse, rows.back_send, rows.back_recv);
+    start_exchange("moe.dispatch_bwd", impl::Direction::reverse, rows.back_send, rows.back_recv);
+    if (overlap) {
+      experts->input_grad(plan, ExpertRows::kept);
+      experts->weight_grads(plan);
+      coll->progress_alltoallv_rows();
+      toc(Phase::bwd_experts);
+    }
+    finish_exchange("moe.dispatch_bwd");
     toc(Phase::bwd_alltoall);
+    if (!overlap) {
+      experts->weight_grads(plan);
+      toc(Phase::bwd_experts);
+    }
 
     // ---- router backward, then the expert rows' part of dx
     router->backward(x_saved, cfg.reduce_router_grad ? coll.get() : nullptr, dx);

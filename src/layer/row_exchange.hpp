@@ -40,16 +40,31 @@ struct RowExchange {
 /// and receive swapped: the combine of a dispatch).
 enum class Direction { forward, reverse };
 
-/// ONE variable-size all-to-all of rows of `row_elems` elements through `x`.
+/// Starts ONE variable-size all-to-all of rows of `row_elems` elements through `x`; local work
+/// may run until finish_exchange_rows (Collectives::start_alltoallv_rows: `x` must stay alive).
+template <class Space, class T>
+void start_exchange_rows(Collectives<Space>& coll, const RowExchange& x, Direction dir, const T* send,
+                         T* recv, int row_elems) {
+  if (dir == Direction::forward)
+    coll.start_alltoallv_rows(send, x.send_counts.data(), x.send_displs.data(), recv,
+                              x.recv_counts.data(), x.recv_displs.data(), row_elems);
+  else
+    coll.start_alltoallv_rows(send, x.recv_counts.data(), x.recv_displs.data(), recv,
+                              x.send_counts.data(), x.send_displs.data(), row_elems);
+}
+
+/// Completes the exchange start_exchange_rows began: the received rows may be read after it.
+template <class Space>
+void finish_exchange_rows(Collectives<Space>& coll) {
+  coll.finish_alltoallv_rows();
+}
+
+/// ONE variable-size all-to-all of rows, start to finish.
 template <class Space, class T>
 void exchange_rows(Collectives<Space>& coll, const RowExchange& x, Direction dir, const T* send,
                    T* recv, int row_elems) {
-  if (dir == Direction::forward)
-    coll.alltoallv_rows(send, x.send_counts.data(), x.send_displs.data(), recv,
-                        x.recv_counts.data(), x.recv_displs.data(), row_elems);
-  else
-    coll.alltoallv_rows(send, x.recv_counts.data(), x.recv_displs.data(), recv,
-                        x.send_counts.data(), x.send_displs.data(), row_elems);
+  start_exchange_rows(coll, x, dir, send, recv, row_elems);
+  finish_exchange_rows(coll);
 }
 
 }  // namespace examoe::impl

@@ -181,6 +181,9 @@ const std::vector<ConfigKey>& config_keys() {
       EXAMOE_KEY_INT("parallel.ep", parallel.ep, "Expert-parallel degree; dp = world / ep (0 = world)"),
       EXAMOE_KEY_BOOL("parallel.reshard_after_forward", parallel.reshard_after_forward, "FSDP: free gathered parameters after each unit's forward"),
       EXAMOE_KEY_BOOL("parallel.activation_checkpointing", parallel.activation_checkpointing, "Recompute each block in backward instead of storing it"),
+      recorded_when_set(EXAMOE_KEY_BOOL("parallel.overlap_exchange", parallel.overlap_exchange,
+                                        "MoE layers compute the rows that stay on a rank while the others travel (false: "
+                                        "each all-to-all completes first; the results are the same)")),
       ConfigKey{"parallel.comm", "Collectives backend (auto: nccl when built with it and data is on GPUs, else mpi)",
                 "auto|mpi|nccl", [](const TrainConfig& c) { return to_string(c.parallel.comm); },
                 [](TrainConfig& c, const std::string& v) {

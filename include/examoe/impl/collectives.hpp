@@ -7,11 +7,13 @@
 //    chunks that cross ranks (the all-to-all's own rows are copied on the device).
 #pragma once
 #include <examoe/comm.hpp>
+#include <examoe/error.hpp>
 #include <examoe/impl/host_sync.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 
 #include <algorithm>
 #include <cstddef>
+#include <functional>
 #include <vector>
 
 namespace examoe::impl {
@@ -35,12 +37,26 @@ class Collectives {
   template <class T>
   void alltoallv_rows(const T* send, const int* sc, const int* sd, T* recv, const int* rc,
                       const int* rd, int row_elems) {
-    const int P = comm_->size(), me = comm_->rank();
+    start_alltoallv_rows(send, sc, sd, recv, rc, rd, row_elems);
+    finish_alltoallv_rows();
+  }
+
+  /// The same in two halves (Communicator::start_alltoallv_rows): local work runs between
+  /// them while the rows travel. Until finish, `send` must not be written nor `recv` read;
+  /// the counts and displacements are copied, the buffers must stay alive.
+  template <class T>
+  void start_alltoallv_rows(const T* send, const int* sc, const int* sd, T* recv, const int* rc,
+                            const int* rd, int row_elems) {
+    if (in_flight_)
+      throw Error("examoe::impl::Collectives::start_alltoallv_rows: an exchange is already in flight "
+                  "(finish_alltoallv_rows first)");
     if (!staged()) {
       ready();
-      comm_->alltoallv_rows(send, sc, sd, recv, rc, rd, row_elems, data_type_of<T>(), mem());
+      comm_->start_alltoallv_rows(send, sc, sd, recv, rc, rd, row_elems, data_type_of<T>(), mem());
+      in_flight_ = true;
       return;
     }
+    const int P = comm_->size(), me = comm_->rank();
     // Rows a rank keeps: device to device, never through the host.
     const std::size_t w = static_cast<std::size_t>(row_elems);
     if (sc[me] > 0)
@@ -59,20 +75,37 @@ class Collectives {
       ns += static_cast<std::size_t>(hsc_[r]);
       nr += static_cast<std::size_t>(hrc_[r]);
     }
-    T* hs = reserve<T>(send_host_, ns * w);
-    T* hr = reserve<T>(recv_host_, nr * w);
+    T* hs = reserve<T>(xsend_host_, ns * w);
+    T* hr = reserve<T>(xrecv_host_, nr * w);
     for (int r = 0; r < P; ++r)
       if (hsc_[r] > 0)
         Kokkos::deep_copy(space_, host(hs + hsd_[r] * w, hsc_[r] * w),
                           dev(const_cast<T*>(send) + static_cast<std::size_t>(sd[r]) * w, hsc_[r] * w));
     host_sync(space_);
-    comm_->alltoallv_rows(hs, hsc_.data(), hsd_.data(), hr, hrc_.data(), hrd_.data(), row_elems,
-                          data_type_of<T>(), Memory::host);
-    for (int r = 0; r < P; ++r)
-      if (hrc_[r] > 0)
-        Kokkos::deep_copy(space_, dev(recv + static_cast<std::size_t>(rd[r]) * w, hrc_[r] * w),
-                          host(hr + hrd_[r] * w, hrc_[r] * w));
+    comm_->start_alltoallv_rows(hs, hsc_.data(), hsd_.data(), hr, hrc_.data(), hrd_.data(), row_elems,
+                                data_type_of<T>(), Memory::host);
+    // What finish copies back to the device.
+    drd_.assign(rd, rd + P);
+    unstage_ = [this, recv, P, w, hr] {
+      for (int r = 0; r < P; ++r)
+        if (hrc_[r] > 0)
+          Kokkos::deep_copy(space_, dev(recv + static_cast<std::size_t>(drd_[r]) * w, hrc_[r] * w),
+                            host(hr + hrd_[r] * w, hrc_[r] * w));
+    };
     staged_bytes_ += (ns + nr) * w * sizeof(T);
+    in_flight_ = true;
+  }
+  /// Lets the started exchange advance (see Communicator::progress_alltoallv_rows).
+  void progress_alltoallv_rows() { comm_->progress_alltoallv_rows(); }
+  /// Completes the started exchange: after it, `recv` may be read on this instance.
+  void finish_alltoallv_rows() {
+    if (!in_flight_) return;
+    in_flight_ = false;
+    comm_->finish_alltoallv_rows();
+    if (unstage_) {
+      unstage_();
+      unstage_ = nullptr;
+    }
   }
 
   /// In-place sum over ranks.
@@ -158,8 +191,11 @@ class Collectives {
   Communicator* comm_;
   ExecSpace space_;
   bool always_stage_ = false;
-  Kokkos::View<char*, kc::StagingSpace> send_host_, recv_host_;
-  std::vector<int> hsc_, hsd_, hrc_, hrd_;
+  Kokkos::View<char*, kc::StagingSpace> send_host_, recv_host_;    // the other collectives
+  Kokkos::View<char*, kc::StagingSpace> xsend_host_, xrecv_host_;  // the row exchange in flight
+  std::vector<int> hsc_, hsd_, hrc_, hrd_, drd_;
+  std::function<void()> unstage_;  // a staged exchange's copy back, run by finish
+  bool in_flight_ = false;         // started, not finished
   std::size_t staged_bytes_ = 0;
 };
 

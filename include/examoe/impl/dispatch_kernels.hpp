@@ -14,6 +14,10 @@ struct RowBlock {
   int dest, count, from, local;  // local: 1 when the rows come from this rank
 };
 
+/// A part of the expert rows: all of them, the rows that never left this rank (kept: ready
+/// before the dispatch arrives) or the rows that came from other ranks (received).
+enum class ExpertRows { all, kept, received };
+
 /// Stable counting sort of keys[A] in [0, K) in chunks: hist[C][K] per chunk, an exclusive
 /// scan in (key, chunk) order, then every chunk scatters its slots in order.
 /// Out: perm[s] = a (sorted slot -> assignment), inv_perm[a] = s, key_start[K+1] (all of it,
@@ -89,19 +93,22 @@ void pack_rows(const Space& space, const XView& x, const PView& perm, int k, int
 }
 
 /// Dispatch regroup: expert-input row q = its block's source row, either a received row or,
-/// for rows that never left this rank, scale(a) * x[a / k] directly.
+/// for rows that never left this rank, scale(a) * x[a / k] directly. `which` rows only (the
+/// kept ones may be regrouped while the received ones are still in flight).
 template <class Space, class BView, class XView, class PView, class GView, class WireView, class BufView>
 void gather_expert_rows(const Space& space, const BView& blocks, int nblocks, int nrows,
                         const XView& x, const PView& perm, int k, const GView& gates, bool scaled,
-                        const WireView& recv, const BufView& xe) {
+                        const WireView& recv, const BufView& xe, ExpertRows which = ExpertRows::all) {
   const int d = static_cast<int>(xe.extent(1));
   using S = typename BufView::non_const_value_type;
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
+  const int skip_local = which == ExpertRows::received ? 1 : 0, skip_remote = which == ExpertRows::kept ? 1 : 0;
   Kokkos::parallel_for(
       "examoe::dispatch::regroup", Kokkos::TeamPolicy<Space>(space, nrows, Kokkos::AUTO),
       KOKKOS_LAMBDA(const team& m) {
         const int q = m.league_rank();
         const RowBlock b = blocks(find_block(blocks, nblocks, q));
+        if (b.local ? skip_local : skip_remote) return;
         const int i = b.from + (q - b.dest);
         if (b.local) {
           const int a = perm(i);

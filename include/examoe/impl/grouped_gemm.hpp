@@ -51,6 +51,19 @@ class GroupedGemm {
   bool tf32_ = false;
 };
 
+/// One group of a grouped GEMM over rows: rows [begin, end) of X and C, matrix w of W.
+struct RowGroup {
+  int begin = 0, end = 0, w = 0;
+};
+
+/// The groups of `offsets` (G + 1 values): group g = rows [o_g, o_{g+1}), matrix g.
+inline std::vector<RowGroup> row_groups_of(const std::vector<int>& offsets) {
+  std::vector<RowGroup> groups;
+  for (std::size_t g = 0; g + 1 < offsets.size(); ++g)
+    groups.push_back({offsets[g], offsets[g + 1], static_cast<int>(g)});
+  return groups;
+}
+
 namespace detail {
 template <class V>
 auto group_rows(const V& v, int b, int e) {
@@ -69,48 +82,55 @@ constexpr cublas::Precision precision_of() {
 #endif
 }  // namespace detail
 
-/// C[o_g..o_{g+1}) = alpha X[o_g..o_{g+1}) op(W[g]) + beta C[o_g..o_{g+1}) for every group g of
-/// `offsets` (G + 1 host values); op(W) = W^T when trans_w.
+/// C[b..e) = alpha X[b..e) op(W[w]) + beta C[b..e) for every group {b, e, w} of `groups`
+/// (host values; groups without rows are skipped); op(W) = W^T when trans_w.
 template <class Space, class XV, class W3, class CV>
-void grouped_gemm_rows(const Space& space, GroupedGemm<Space>& state, bool trans_w,
+void grouped_gemm_rows(const Space& space, [[maybe_unused]] GroupedGemm<Space>& state, bool trans_w,
                        typename CV::const_value_type alpha, const XV& X, const W3& W,
-                       typename CV::const_value_type beta, const CV& C, const std::vector<int>& offsets) {
+                       typename CV::const_value_type beta, const CV& C, const std::vector<RowGroup>& groups) {
   count_gemm_call();
-  const int G = static_cast<int>(offsets.size()) - 1;
   if constexpr (GroupedGemm<Space>::uses_cublas) {
 #if defined(KOKKOS_ENABLE_CUDA)
     using S = typename CV::non_const_value_type;
-    std::vector<cublas::GemmProblem> probs(G);
+    std::vector<cublas::GemmProblem> probs(groups.size());
     const int kdim = static_cast<int>(X.extent(1)), n = static_cast<int>(C.extent(1));
-    for (int g = 0; g < G; ++g) {
-      const int b = offsets[g];
-      auto& p = probs[g];
-      p.m = offsets[g + 1] - b;
+    for (std::size_t i = 0; i < groups.size(); ++i) {
+      const RowGroup& g = groups[i];
+      auto& p = probs[i];
+      p.m = g.end - g.begin;
       p.n = n;
       p.k = kdim;
-      p.A = X.data() + static_cast<std::size_t>(b) * X.stride(0);
+      p.A = X.data() + static_cast<std::size_t>(g.begin) * X.stride(0);
       p.lda = static_cast<int>(X.stride(0));
-      p.B = W.data() + static_cast<std::size_t>(g) * W.stride(0);
+      p.B = W.data() + static_cast<std::size_t>(g.w) * W.stride(0);
       p.ldb = static_cast<int>(W.stride(1));
-      p.C = C.data() + static_cast<std::size_t>(b) * C.stride(0);
+      p.C = C.data() + static_cast<std::size_t>(g.begin) * C.stride(0);
       p.ldc = static_cast<int>(C.stride(0));
     }
     state.cublas().run(space.cuda_stream(), detail::precision_of<S>(), false, trans_w, alpha, beta, probs,
                        state.tf32());
 #endif
   } else {
-    for (int g = 0; g < G; ++g) {
-      if (offsets[g] == offsets[g + 1]) continue;
-      kc::gemm_uncounted(space, "N", trans_w ? "T" : "N", alpha, detail::group_rows(X, offsets[g], offsets[g + 1]),
-                         detail::group_matrix(W, g), beta, detail::group_rows(C, offsets[g], offsets[g + 1]));
+    for (const RowGroup& g : groups) {
+      if (g.begin == g.end) continue;
+      kc::gemm_uncounted(space, "N", trans_w ? "T" : "N", alpha, detail::group_rows(X, g.begin, g.end),
+                         detail::group_matrix(W, g.w), beta, detail::group_rows(C, g.begin, g.end));
     }
   }
+}
+
+/// The same with group g = rows [o_g, o_{g+1}) and matrix g, for `offsets` (G + 1 host values).
+template <class Space, class XV, class W3, class CV>
+void grouped_gemm_rows(const Space& space, [[maybe_unused]] GroupedGemm<Space>& state, bool trans_w,
+                       typename CV::const_value_type alpha, const XV& X, const W3& W,
+                       typename CV::const_value_type beta, const CV& C, const std::vector<int>& offsets) {
+  grouped_gemm_rows(space, state, trans_w, alpha, X, W, beta, C, row_groups_of(offsets));
 }
 
 /// W[g] = alpha X[o_g..o_{g+1})^T Y[o_g..o_{g+1}) + beta W[g] for every group g. beta must be 1
 /// (accumulation, the only use): a group without rows then leaves W[g] as it is.
 template <class Space, class XV, class YV, class W3>
-void grouped_gemm_weights(const Space& space, GroupedGemm<Space>& state,
+void grouped_gemm_weights(const Space& space, [[maybe_unused]] GroupedGemm<Space>& state,
                           typename W3::const_value_type alpha, const XV& X, const YV& Y,
                           const W3& W, const std::vector<int>& offsets) {
   count_gemm_call();

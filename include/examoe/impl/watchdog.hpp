@@ -108,6 +108,14 @@ class WatchdogChannel {
   /// deadline passes, finds the ranks that did not arrive, prints one report and calls
   /// MPI_Abort: it never returns then. Returns MPI_Test's error code (MPI_SUCCESS).
   int wait(MPI_Request& req);
+  /// wait() for a collective started earlier by begin(op) under `label`: the report names it
+  /// (another collective may have begun since). Its verdict counts the calls entered so far, so
+  /// callers start nothing else on this communicator before they wait.
+  int wait_started(MPI_Request& req, const char* op, const char* label) {
+    op_ = op;
+    label_ = label;
+    return wait(req);
+  }
   std::uint64_t calls() const { return calls_; }
 
  private:
