@@ -6,8 +6,9 @@
 #     Without RANKS a test runs at every count of ExaMoE_TEST_RANKS (1 2 3 4; the sanitizer
 #     preset sets 2). The ctest names follow the files: tests/test_layer.cpp is layer.np1..np4.
 #
-#   examoe_add_mpi_test(NAME <name> TARGET <exe> [RANKS ...] [ARGS ...])
-#     registers any MPI executable the same way (<name>.np<N>, labelled "mpi" and "np<N>").
+#   examoe_add_mpi_test(NAME <name> TARGET <exe> [RANKS ...] [ARGS ...] [LABELS ...])
+#     registers any MPI executable the same way (<name>.np<N>, labelled "mpi" and "np<N>",
+#     plus LABELS: the "scale" tests run a unit's rank-count tests at 8 and 16 ranks).
 include_guard(GLOBAL)
 
 set(ExaMoE_TEST_RANKS "1;2;3;4" CACHE STRING "Rank counts every MPI test runs at")
@@ -16,16 +17,17 @@ set(ExaMoE_TEST_RANKS "1;2;3;4" CACHE STRING "Rank counts every MPI test runs at
 set(ExaMoE_TEST_TIMEOUT 900 CACHE STRING "Seconds an MPI test may run before it counts as hung")
 
 function(examoe_add_mpi_test)
-  cmake_parse_arguments(T "" "NAME;TARGET" "RANKS;ARGS" ${ARGN})
+  cmake_parse_arguments(T "" "NAME;TARGET" "RANKS;ARGS;LABELS" ${ARGN})
   if(NOT T_RANKS)
     set(T_RANKS ${ExaMoE_TEST_RANKS})
   endif()
   foreach(np IN LISTS T_RANKS)
+    set(labels mpi np${np} ${T_LABELS})
     add_test(NAME ${T_NAME}.np${np}
              COMMAND ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} ${np} ${MPIEXEC_PREFLAGS}
                      $<TARGET_FILE:${T_TARGET}> ${MPIEXEC_POSTFLAGS} ${T_ARGS})
     set_tests_properties(${T_NAME}.np${np} PROPERTIES
-      LABELS "mpi;np${np}" PROCESSORS ${np} TIMEOUT ${ExaMoE_TEST_TIMEOUT}
+      LABELS "${labels}" PROCESSORS ${np} TIMEOUT ${ExaMoE_TEST_TIMEOUT}
       ENVIRONMENT "OPENBLAS_NUM_THREADS=1;OMP_NUM_THREADS=1")
   endforeach()
 endfunction()
