@@ -1,6 +1,6 @@
 # Test registration, in the style of Cabana's Cabana_add_tests:
 #
-#   examoe_add_tests([RANKS 1 2 ...] NAMES a b ...)
+#   examoe_add_tests([RANKS 1 2 ...] NAMES a b ... [LABELS ...])
 #     builds one GoogleTest executable per unit, examoe_test_<name>, from tests/test_<name>.cpp
 #     and the shared MPI-aware main, and registers it at each rank count as ctest <name>.np<N>.
 #     Without RANKS a test runs at every count of ExaMoE_TEST_RANKS (1 2 3 4; the sanitizer
@@ -33,10 +33,10 @@ function(examoe_add_mpi_test)
 endfunction()
 
 function(examoe_add_tests)
-  cmake_parse_arguments(T "" "" "RANKS;NAMES" ${ARGN})
+  cmake_parse_arguments(T "" "" "RANKS;NAMES;LABELS" ${ARGN})
   foreach(name IN LISTS T_NAMES)
     add_executable(examoe_test_${name} test_${name}.cpp)
     target_link_libraries(examoe_test_${name} PRIVATE examoe_test_main)
-    examoe_add_mpi_test(NAME ${name} TARGET examoe_test_${name} RANKS ${T_RANKS})
+    examoe_add_mpi_test(NAME ${name} TARGET examoe_test_${name} RANKS ${T_RANKS} LABELS ${T_LABELS})
   endforeach()
 endfunction()
