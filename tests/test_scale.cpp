@@ -99,9 +99,16 @@ Retained retained_by(F&& f) {
 }
 
 // ------------------------------------------------------------ communicators
+/// A communicator that meters its count exchange: bytes sent and seconds inside it.
+class Metered : public Communicator {
+ public:
+  std::int64_t bytes_sent = 0;
+  double alltoall_seconds = 0;
+};
+
 /// P ranks seen from rank `me`, every rank routing like this one: rank r sends to `me` what
 /// `me` sends to itself. Only the count exchange is needed; it counts the bytes it moves.
-class SimulatedComm final : public Communicator {
+class SimulatedComm final : public Metered {
  public:
   SimulatedComm(int P, int me) : P_(P), me_(me) {}
   int rank() const override { return me_; }
@@ -123,7 +130,6 @@ class SimulatedComm final : public Communicator {
   long long exscan_sum(long long v) override { return v * me_; }
   void barrier() override {}
   MPI_Comm mpi_comm() const override { return MPI_COMM_SELF; }
-  std::int64_t bytes_sent = 0;
 
  private:
   [[noreturn]] static void fail(const char* what) {
@@ -133,14 +139,16 @@ class SimulatedComm final : public Communicator {
 };
 
 /// The MPI communicator with the count exchange's bytes counted.
-class CountingComm final : public Communicator {
+class CountingComm final : public Metered {
  public:
   explicit CountingComm(Communicator& c) : c_(c) {}
   int rank() const override { return c_.rank(); }
   int size() const override { return c_.size(); }
   std::string backend() const override { return c_.backend(); }
   void alltoall_int(const int* send, int* recv, int n) override {
+    const auto t0 = std::chrono::steady_clock::now();
     c_.alltoall_int(send, recv, n);
+    alltoall_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     bytes_sent += static_cast<std::int64_t>(c_.size()) * n * 4;
   }
   void alltoallv_rows(const void* s, const int* sc, const int* sd, void* r, const int* rc, const int* rd,
@@ -155,7 +163,6 @@ class CountingComm final : public Communicator {
   long long exscan_sum(long long v) override { return c_.exscan_sum(v); }
   void barrier() override { c_.barrier(); }
   MPI_Comm mpi_comm() const override { return c_.mpi_comm(); }
-  std::int64_t bytes_sent = 0;
 
  private:
   Communicator& c_;
@@ -186,13 +193,19 @@ struct StepCost {
   Retained placement, plan;       // bytes left by Placement and by DispatchPlan::set_placement
   std::int64_t count_bytes = 0;   // sent by the count exchange of one step
   std::int64_t step_news = 0;     // operator new calls in a steady-state sort + exchange_counts
-  double exchange_us = 0;         // median host time of exchange_counts
+  double exchange_us = 0;         // median time of exchange_counts
+  double host_us = 0;             // the same without the time inside the count exchange
 };
+
+double median(std::vector<double> v) {
+  std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+  return v[v.size() / 2];
+}
 
 /// Builds the placement and the plan, then times `reps` steady-state steps' exchange_counts.
 template <class MakePlacement>
-StepCost measure(MakePlacement&& make_placement, int me, Communicator& comm, std::int64_t& comm_bytes,
-                 const DispatchPlan::TopkView& topk, int reps) {
+StepCost measure(MakePlacement&& make_placement, int me, Metered& comm, const DispatchPlan::TopkView& topk,
+                 int reps) {
   const Space space;
   StepCost c;
   std::unique_ptr<Placement> pl;
@@ -201,29 +214,31 @@ StepCost measure(MakePlacement&& make_placement, int me, Communicator& comm, std
   c.plan = retained_by([&] { plan.set_placement(space, *pl, me); });
   plan.sort(space, topk);
   plan.exchange_counts(space, comm);  // warm-up: the workspace grows here
-  std::vector<double> us;
-  const std::int64_t news0 = g_heap_news, bytes0 = comm_bytes;
+  std::vector<double> us, host;
+  const std::int64_t news0 = g_heap_news, bytes0 = comm.bytes_sent;
   for (int i = 0; i < reps; ++i) {
     plan.sort(space, topk);
     plan.fetch_counts(space);
     comm.barrier();
+    const double in0 = comm.alltoall_seconds;
     const auto t0 = std::chrono::steady_clock::now();
     plan.exchange_counts(space, comm);
     us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+    host.push_back(us.back() - 1e6 * (comm.alltoall_seconds - in0));
   }
   c.step_news = (g_heap_news - news0) / reps;
-  c.count_bytes = (comm_bytes - bytes0) / reps;
-  std::nth_element(us.begin(), us.begin() + reps / 2, us.end());
-  c.exchange_us = us[reps / 2];
+  c.count_bytes = (comm.bytes_sent - bytes0) / reps;
+  c.exchange_us = median(us);
+  c.host_us = median(host);
   return c;
 }
 
 void print_row(const char* what, int P, int E, int nloc, int ml, const StepCost& c) {
   std::printf("[ scale ] %-15s ep %4d E %4d nloc %4d max_local %4d: placement %8lld B, plan %8lld B host + "
-              "%8lld B views, count exchange %8lld B sent, exchange_counts %9.1f us, %lld news/step\n",
+              "%8lld B views, count exchange %8lld B sent, exchange_counts %9.1f us (%8.1f us host), %lld news/step\n",
               what, P, E, nloc, ml, static_cast<long long>(c.placement.total()),
               static_cast<long long>(c.plan.heap), static_cast<long long>(c.plan.views),
-              static_cast<long long>(c.count_bytes), c.exchange_us, static_cast<long long>(c.step_news));
+              static_cast<long long>(c.count_bytes), c.exchange_us, c.host_us, static_cast<long long>(c.step_news));
   std::fflush(stdout);
 }
 
@@ -242,7 +257,7 @@ TEST(ScaleModel, PlacementAndPlanGrowAsPPlusE) {
       const int ep = std::min(P, E);  // expert parallelism never exceeds E: the rest is dp
       const int me = ep / 2;
       SimulatedComm comm(ep, me);
-      const StepCost c = measure([&] { return Placement::balanced(E, ep); }, me, comm, comm.bytes_sent, topk, 5);
+      const StepCost c = measure([&] { return Placement::balanced(E, ep); }, me, comm, topk, 5);
       const Placement pl = Placement::balanced(E, ep);
       print_row(("balanced P" + std::to_string(P)).c_str(), ep, E, pl.num_local(me), pl.max_local(), c);
       SCOPED_TRACE("E " + std::to_string(E) + ", ep " + std::to_string(ep));
@@ -275,7 +290,7 @@ TEST(ScaleModel, IdleExpertsPadTheCountExchange) {
     const double lpt_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     EXPECT_GE(pl.max_local(), E / 2 - P) << "one rank owns the idle experts (those not needed to fill empty ranks)";
     SimulatedComm comm(P, 1);
-    const StepCost c = measure([&] { return pl; }, 1, comm, comm.bytes_sent, topk, 3);
+    const StepCost c = measure([&] { return pl; }, 1, comm, topk, 3);
     print_row("idle half LPT", P, E, pl.num_local(1), pl.max_local(), c);
     std::printf("[ scale ] idle half LPT   ep %4d E %4d: rebalance_lpt %.1f ms\n", P, E, lpt_ms);
     EXPECT_EQ(c.count_bytes, 4LL * P * pl.max_local());
@@ -289,17 +304,18 @@ TEST(ScaleMeasured, CountExchangeAtThisRankCount) {
   CountingComm comm(*mpi);
   for (int E : {64, 4096}) {
     const auto topk = random_topk(kTokens, kTopK, E, 100 + me);
-    const StepCost c = measure([&] { return Placement::balanced(E, P); }, me, comm, comm.bytes_sent, topk, 20);
+    const StepCost c = measure([&] { return Placement::balanced(E, P); }, me, comm, topk, 20);
     const Placement pl = Placement::balanced(E, P);
     // The model's simulated step at this P, for comparison (no MPI in it).
     SimulatedComm sim(P, me);
-    const StepCost s = measure([&] { return Placement::balanced(E, P); }, me, sim, sim.bytes_sent, topk, 20);
-    double worst = c.exchange_us;
-    MPI_Allreduce(MPI_IN_PLACE, &worst, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    const StepCost s = measure([&] { return Placement::balanced(E, P); }, me, sim, topk, 20);
+    double worst[2] = {c.exchange_us, c.host_us};
+    MPI_Allreduce(MPI_IN_PLACE, worst, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
     if (me == 0) {
       print_row("mpi", P, E, pl.num_local(me), pl.max_local(), c);
       print_row("simulated", P, E, pl.num_local(me), pl.max_local(), s);
-      std::printf("[ scale ] mpi             ep %4d E %4d: slowest rank's exchange_counts %.1f us\n", P, E, worst);
+      std::printf("[ scale ] mpi             ep %4d E %4d: slowest rank: exchange_counts %.1f us, %.1f us host\n", P, E,
+                  worst[0], worst[1]);
     }
     SCOPED_TRACE("E " + std::to_string(E));
     EXPECT_EQ(c.count_bytes, 4LL * P * pl.max_local());
