@@ -294,6 +294,12 @@ TEST(ScaleModel, IdleExpertsPadTheCountExchange) {
     print_row("idle half LPT", P, E, pl.num_local(1), pl.max_local(), c);
     std::printf("[ scale ] idle half LPT   ep %4d E %4d: rebalance_lpt %.1f ms\n", P, E, lpt_ms);
     EXPECT_EQ(c.count_bytes, 4LL * P * pl.max_local());
+    if (P <= 256) {  // the owner of the idle experts: its block lay-out is quadratic in nloc
+      int owner = 0;
+      for (int r = 0; r < P; ++r) owner = pl.num_local(r) > pl.num_local(owner) ? r : owner;
+      SimulatedComm oc(P, owner);
+      print_row("idle LPT owner", P, E, pl.num_local(owner), pl.max_local(), measure([&] { return pl; }, owner, oc, topk, 1));
+    }
   }
 }
 
