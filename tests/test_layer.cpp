@@ -1,4 +1,5 @@
-// MoELayer against the dense double reference, at any rank count (registered at 1..4 ranks).
+// MoELayer against the dense double reference, at any rank count (registered at 1..4 ranks; the
+// rank-count tests also at 8 and 16, ctest label "scale").
 //
 // Every rank builds the same global problem from a seed, takes an uneven contiguous slice of
 // the tokens (some ranks get none), and sets the replicated router weight and its local
