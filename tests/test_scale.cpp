@@ -52,6 +52,11 @@ void counted_delete(void* q) noexcept {
 }
 }  // namespace
 
+// nvcc declares the global operator new/delete __host__ __device__; these replace only the host
+// ones (no device code of this file allocates), so its warning about the host calls is moot.
+#if defined(__CUDACC__)
+#pragma nv_diag_suppress 20011
+#endif
 void* operator new(std::size_t n) { return counted_new(n); }
 void* operator new[](std::size_t n) { return counted_new(n); }
 void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
@@ -66,6 +71,9 @@ void operator delete(void* p, std::size_t) noexcept { counted_delete(p); }
 void operator delete[](void* p, std::size_t) noexcept { counted_delete(p); }
 void operator delete(void* p, const std::nothrow_t&) noexcept { counted_delete(p); }
 void operator delete[](void* p, const std::nothrow_t&) noexcept { counted_delete(p); }
+#if defined(__CUDACC__)
+#pragma nv_diag_default 20011
+#endif
 
 namespace examoe::test {
 namespace {
@@ -75,10 +83,10 @@ using Space = Kokkos::DefaultExecutionSpace;
 
 // ------------------------------------------------------------ view allocation counting
 std::int64_t g_view_live = 0;
-void on_view_alloc(Kokkos::Profiling::SpaceHandle, const char*, const void*, std::uint64_t n) {
+void on_view_alloc(Kokkos::Tools::SpaceHandle, const char*, const void*, std::uint64_t n) {
   g_view_live += static_cast<std::int64_t>(n);
 }
-void on_view_free(Kokkos::Profiling::SpaceHandle, const char*, const void*, std::uint64_t n) {
+void on_view_free(Kokkos::Tools::SpaceHandle, const char*, const void*, std::uint64_t n) {
   g_view_live -= static_cast<std::int64_t>(n);
 }
 
