@@ -252,8 +252,9 @@ void print_row(const char* what, int P, int E, int nloc, int ml, const StepCost&
 
 constexpr int kTokens = 256, kTopK = 2;
 // What a rank may hold per expert-parallel rank and per expert (bytes), placement and plan
-// together: the model's constants (docs/performance.md) are 12 + 4 per expert and 4 per rank for
-// the placement, and about 24 per rank + 48 per expert for the plan; twice that is allowed.
+// together, balanced: the model (docs/performance.md) gives about 80 per expert and 64 per rank
+// (placement 12 E + 4 ep; the plan's host tables 24 E + 28 ep, its views 44 E + 32 ep); 128 each
+// is allowed, so that any ep x ep or E x ep table fails at ep = 4096.
 constexpr std::int64_t kBytesPerRankOrExpert = 128, kFixedBytes = 16384;
 
 // ------------------------------------------------------------ the model, one process
