@@ -284,7 +284,7 @@ TEST(ScaleModel, PlacementAndPlanGrowAsPPlusE) {
       EXPECT_LE(c.placement.total() + c.plan.total() + c.first_step.total(),
                 kFixedBytes + kBytesPerRankOrExpert * (ep + E))
           << "placement + plan grow faster than O(P + E)";
-      // Kernel labels and the like: the same few whatever P and E, none per rank or expert.
+      // The same few host allocations whatever P and E: none per rank or expert.
       if (news < 0) news = c.step_news;
       EXPECT_EQ(c.step_news, news) << "host allocations of a steady-state step depend on P or E";
     }
