@@ -1,4 +1,5 @@
-// MoELayer against the dense double reference, at any rank count (registered at 1..4 ranks).
+// MoELayer against the dense double reference, at any rank count (registered at 1..4 ranks; the
+// rank-count tests also at 8 and 16, ctest label "scale").
 //
 // Every rank builds the same global problem from a seed, takes an uneven contiguous slice of
 // the tokens (some ranks get none), and sets the replicated router weight and its local
@@ -369,6 +370,27 @@ TEST(LayerRankCount, MatchesSingleRankSwiGLUEmptyRank) {
   MoEConfig c2 = cfg;
   c2.activation = Activation::swiglu;
   report_bitwise("swiglu_E4_k2", compare_with_self(c2, 37, 32, true, true, 1e-13));
+}
+
+// Shapes that hold at any rank count (the "scale" label runs them at 8 and 16 ranks): the
+// expert count follows P, so that every rank owns experts, or only some of them do.
+TEST(LayerManyRanks, UnevenExpertsAndFewTokensSwiGLU) {
+  const int P = world_size();
+  // E = 2P + 3: balanced placement gives some ranks 3 experts and the others 2; 3 tokens per
+  // rank on average with rank 1 holding none, so most ranks send to and receive from few peers.
+  MoEConfig cfg = small_config(2 * P + 3, 2, Activation::swiglu, 8, 12);
+  report_bitwise("swiglu_E2P+3_k2", compare_with_self(cfg, 3 * P + 2, 41, true, true, 1e-13));
+}
+
+TEST(LayerManyRanks, ExpertsOnEveryOtherRankGelu) {
+  const int P = world_size();
+  // 8 experts, owned by the even ranks only (explicit placement): odd ranks hold tokens but no
+  // experts; k = 4 of 8 with temperature 2 spreads every token over several owners.
+  MoEConfig cfg = small_config(8, 4, Activation::gelu, 12, 16);
+  cfg.router.temperature = 2.0;
+  const int owners = (P + 1) / 2;
+  for (int e = 0; e < cfg.num_experts; ++e) cfg.placement.push_back(2 * (e % owners));
+  report_bitwise("gelu_E8_k4_even_owners", compare_with_self(cfg, 5 * P + 1, 42, false, true, 1e-13));
 }
 
 // Jitter: off in eval (then the jitter-free reference holds); in training the noise is keyed by

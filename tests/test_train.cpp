@@ -285,3 +285,34 @@ TEST(TrainErrors, JsonConfigKeys) {
   EXPECT_THROW(examoe::apply_json_config(c, "{not json", "t.json"), examoe::Error);
   EXPECT_EQ(examoe::closest_key("lr"), "train.lr");
 }
+
+// ------------------------------------------------------------------- many ranks
+
+// The "scale" label runs this at 8 and 16 ranks: 16 experts over ep = W and ep = W / 2 ranks
+// (dp = 2), a batch of 12 sequences, so that at 16 ranks four ranks hold no tokens.
+TEST(TrainManyRanks, LossesMatchOneRank) {
+  const int W = world_size();
+  examoe::TrainConfig base = tiny_config();
+  base.model.num_experts = 16;
+  base.train.steps = 6;
+  base.train.warmup = 2;
+  base.train.batch = 12;
+  std::vector<double> ref;
+  if (world_rank() == 0) ref = examoe::train(base, MPI_COMM_SELF, nullptr).losses;
+  int n = static_cast<int>(ref.size());
+  MPI_Bcast(&n, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  ref.resize(n);
+  MPI_Bcast(ref.data(), n, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+  ASSERT_EQ(n, base.train.steps);
+  EXPECT_LT(ref.back(), ref.front()) << "the reference run does not learn";
+
+  std::vector<int> eps{W};
+  if (W % 2 == 0) eps.push_back(W / 2);
+  for (int ep : eps) {
+    examoe::TrainConfig c = base;
+    c.parallel.ep = ep;
+    const auto r = examoe::train(c, MPI_COMM_WORLD, nullptr);
+    expect_same_losses(r.losses, ref, 1e-10,
+                       "dp " + std::to_string(W / ep) + " x ep " + std::to_string(ep));
+  }
+}
