@@ -2,6 +2,7 @@
 #include <examoe/placement.hpp>
 
 #include <algorithm>
+#include <set>
 #include <sstream>
 
 namespace examoe {
@@ -56,21 +57,25 @@ Placement Placement::rebalance_lpt(const std::vector<double>& load, int num_rank
   std::vector<int> order(E);
   for (int e = 0; e < E; ++e) order[e] = e;
   std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return load[a] > load[b]; });
+  // The least-loaded rank, ties to the lowest: the first of (load, rank); O(E log ranks).
   std::vector<double> rl(num_ranks, 0.0);
-  std::vector<int> cnt(num_ranks, 0), owner(E, 0);
+  std::set<std::pair<double, int>> by_load;
+  std::set<int> empty;  // ranks without an expert yet
+  for (int r = 0; r < num_ranks; ++r) {
+    by_load.insert({0.0, r});
+    empty.insert(r);
+  }
+  std::vector<int> owner(E, 0);
   int left = E;
   for (int e : order) {
-    // Keep one expert for every rank that still has none while experts remain.
-    int empty = 0;
-    for (int r = 0; r < num_ranks; ++r) empty += cnt[r] == 0 ? 1 : 0;
-    int best = -1;
-    for (int r = 0; r < num_ranks; ++r) {
-      if (left == empty && cnt[r] > 0) continue;
-      if (best < 0 || rl[r] < rl[best]) best = r;
-    }
+    // Keep one expert for every rank that still has none while experts remain (an empty
+    // rank's load is 0, so the lowest empty rank is the least loaded of them).
+    const int best = left == static_cast<int>(empty.size()) ? *empty.begin() : by_load.begin()->second;
     owner[e] = best;
+    by_load.erase({rl[best], best});
     rl[best] += load[e];
-    ++cnt[best];
+    by_load.insert({rl[best], best});
+    empty.erase(best);
     --left;
   }
   return from_owners(owner, num_ranks);
