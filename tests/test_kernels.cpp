@@ -1,7 +1,8 @@
 // The float erf/exp used by the expert activations, against the C library in double; the
-// dispatch plan's counting sort against std::stable_sort.
+// dispatch plan's counting sort against std::stable_sort; the router's top-k against brute force.
 #include <examoe/impl/dispatch_kernels.hpp>
 #include <examoe/impl/expert_kernels.hpp>
+#include <examoe/impl/router_kernels.hpp>
 
 #include <gtest/gtest.h>
 
@@ -153,4 +154,53 @@ TEST(Kernels, StableCountingSortMatchesStdStableSort) {
     }
   }
   EXPECT_EQ(cases, 8 * 4 * 3 * 3 * 3);
+}
+
+// The router's top-k both ways (one pass keeping the best k; k team-wide argmax passes)
+// against a brute-force order (value descending, then id ascending), on logits with many
+// exact ties; the gates are the chosen probabilities renormalized.
+TEST(Kernels, RouterTopkBothWaysMatchBruteForce) {
+  using Space = Kokkos::DefaultExecutionSpace;
+  using M = Kokkos::View<float**, Kokkos::LayoutRight, Space::memory_space>;
+  using IM = Kokkos::View<int**, Kokkos::LayoutRight, Space::memory_space>;
+  std::mt19937 rng(7);
+  for (const int E : {1, 2, 8, 64, 256}) {
+    for (const int k : {1, 2, 4, 8}) {
+      if (k > E) continue;
+      const int T = 97;
+      std::uniform_int_distribution<int> level(0, 5);  // few distinct logits: ties everywhere
+      std::vector<float> z(static_cast<std::size_t>(T) * E);
+      for (float& v : z) v = 0.5f * static_cast<float>(level(rng));
+      std::vector<std::vector<int>> got;
+      for (const auto search : {examoe::impl::TopkSearch::insertion, examoe::impl::TopkSearch::team_argmax}) {
+        M p("test::p", T, E), g("test::g", T, k);
+        Kokkos::View<float*, Space::memory_space> lse("test::lse", T);
+        IM topk("test::topk", T, k);
+        auto ph = Kokkos::create_mirror_view(p);
+        for (int t = 0; t < T; ++t)
+          for (int e = 0; e < E; ++e) ph(t, e) = z[static_cast<std::size_t>(t) * E + e];
+        Kokkos::deep_copy(p, ph);
+        examoe::impl::router_softmax_topk(Space(), examoe::impl::RouterParams{}, p, lse, topk, g, search);
+        Kokkos::fence();
+        auto pr = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), p);
+        auto tk = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), topk);
+        auto gh = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), g);
+        std::vector<int> all;
+        for (int t = 0; t < T; ++t) {
+          std::vector<int> order(E);
+          std::iota(order.begin(), order.end(), 0);
+          std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return pr(t, a) > pr(t, b); });
+          float chosen = 0;
+          for (int j = 0; j < k; ++j) chosen += pr(t, order[j]);
+          for (int j = 0; j < k; ++j) {
+            ASSERT_EQ(tk(t, j), order[j]) << "E=" << E << " k=" << k << " token " << t << " slot " << j;
+            EXPECT_EQ(gh(t, j), pr(t, order[j]) / chosen);
+            all.push_back(tk(t, j));
+          }
+        }
+        got.push_back(all);
+      }
+      EXPECT_EQ(got[0], got[1]);
+    }
+  }
 }

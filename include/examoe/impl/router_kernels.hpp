@@ -20,16 +20,19 @@ struct RouterParams {
 /// earlier one). Every id is valid also when p holds NaN (the first ids fill the list).
 template <class PView, class IView>
 KOKKOS_INLINE_FUNCTION void topk_by_insertion(const PView& p, int t, int E, int k, const IView& topk) {
+  using S = typename PView::non_const_value_type;
   int n = 0;
+  S last = 0;  // p of the k-th entry once the list is full
   for (int e = 0; e < E; ++e) {
-    const auto v = p(t, e);
-    if (n == k && !(v > p(t, topk(t, k - 1)))) continue;
+    const S v = p(t, e);
+    if (n == k && !(v > last)) continue;
     int pos = n < k ? n++ : k - 1;
     while (pos > 0 && v > p(t, topk(t, pos - 1))) {
       topk(t, pos) = topk(t, pos - 1);
       --pos;
     }
     topk(t, pos) = e;
+    if (n == k) last = p(t, topk(t, k - 1));
   }
 }
 
@@ -92,20 +95,21 @@ void router_softmax_topk(const Space& space, const RouterParams& rp, const PView
       "examoe::router::softmax_topk", Kokkos::TeamPolicy<Space>(space, T, Kokkos::AUTO),
       KOKKOS_LAMBDA(const team& m) {
         const int t = m.league_rank();
-        // u = z / temperature + jitter * n
+        // u = z / temperature + jitter * n (u = z exactly at temperature 1 without jitter)
         S umax = 0;
+        if (r.jitter > 0) {
+          Kokkos::parallel_for(Kokkos::TeamThreadRange(m, E), [&](const int e) {
+            const std::uint64_t key = static_cast<std::uint64_t>(r.token_offset + t) *
+                                          static_cast<std::uint64_t>(E) + e;
+            p(t, e) = static_cast<S>(p(t, e) * r.inv_temperature) +
+                      static_cast<S>(r.jitter * normal(hash_key(r.seed, r.step, key, 0x6a17)));
+          });
+        } else if (r.inv_temperature != 1.0) {
+          Kokkos::parallel_for(Kokkos::TeamThreadRange(m, E),
+                               [&](const int e) { p(t, e) = static_cast<S>(p(t, e) * r.inv_temperature); });
+        }
         Kokkos::parallel_reduce(
-            Kokkos::TeamThreadRange(m, E),
-            [&](const int e, S& mx) {
-              S u = static_cast<S>(p(t, e) * r.inv_temperature);
-              if (r.jitter > 0) {
-                const std::uint64_t key = static_cast<std::uint64_t>(r.token_offset + t) *
-                                              static_cast<std::uint64_t>(E) + e;
-                u += static_cast<S>(r.jitter * normal(hash_key(r.seed, r.step, key, 0x6a17)));
-              }
-              p(t, e) = u;
-              mx = u > mx ? u : mx;
-            },
+            Kokkos::TeamThreadRange(m, E), [&](const int e, S& mx) { mx = p(t, e) > mx ? p(t, e) : mx; },
             Kokkos::Max<S>(umax));
         S sum = 0;
         Kokkos::parallel_reduce(
