@@ -43,7 +43,7 @@ void find_first_nonfinite(const Space& space, const M& v, const F& first) {
   // host backends); only a row with a non-finite element looks for the first one.
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   Kokkos::parallel_for(
-      "examoe::moe::finite_check", Kokkos::TeamPolicy<Space>(space, n0, Kokkos::AUTO), KOKKOS_LAMBDA(const team& m) {
+      "examoe::moe::finite_check", row_policy(space, n0, n1), KOKKOS_LAMBDA(const team& m) {
         const int i = m.league_rank();
         int bad = 0;
         Kokkos::parallel_reduce(

@@ -4,6 +4,7 @@
 #pragma once
 #include <examoe/impl/bf16.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
+#include <examoe/impl/row_policy.hpp>
 
 namespace examoe::impl {
 
@@ -39,7 +40,7 @@ void stable_counting_sort(const Space& space, const KView& keys, int K, int chun
                        (ranks == ChunkRanks::automatic && !kc::device_memory_v<Space>);
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   Kokkos::parallel_for(
-      "examoe::dispatch::histogram", Kokkos::TeamPolicy<Space>(space, C, Kokkos::AUTO),
+      "examoe::dispatch::histogram", row_policy(space, C, chunk),
       KOKKOS_LAMBDA(const team& m) {
         const int c = m.league_rank(), begin = c * chunk, end = kc::min(A, begin + chunk);
         Kokkos::parallel_for(Kokkos::TeamThreadRange(m, K), [&](const int key) { hist(key * C + c) = 0; });
@@ -102,7 +103,7 @@ void pack_rows(const Space& space, const XView& x, const PView& perm, int k, int
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   using W = typename BufView::non_const_value_type;
   Kokkos::parallel_for(
-      "examoe::dispatch::pack", Kokkos::TeamPolicy<Space>(space, n, Kokkos::AUTO),
+      "examoe::dispatch::pack", row_policy(space, n, d),
       KOKKOS_LAMBDA(const team& m) {
         const int p = m.league_rank();
         const int s = p < self_begin ? p : p + self_count;
@@ -124,7 +125,7 @@ void gather_expert_rows(const Space& space, const BView& blocks, int nblocks, in
   using S = typename BufView::non_const_value_type;
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   Kokkos::parallel_for(
-      "examoe::dispatch::regroup", Kokkos::TeamPolicy<Space>(space, nrows, Kokkos::AUTO),
+      "examoe::dispatch::regroup", row_policy(space, nrows, d),
       KOKKOS_LAMBDA(const team& m) {
         const int q = m.league_rank();
         const RowBlock b = blocks(find_block(blocks, nblocks, q));
@@ -151,7 +152,7 @@ void pack_back_rows(const Space& space, const BView& blocks, int nblocks, int nr
   using W = typename WireView::non_const_value_type;
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   Kokkos::parallel_for(
-      "examoe::combine::pack", Kokkos::TeamPolicy<Space>(space, nrows, Kokkos::AUTO),
+      "examoe::combine::pack", row_policy(space, nrows, d),
       KOKKOS_LAMBDA(const team& m) {
         const int q = m.league_rank();
         const RowBlock b = blocks(find_block(blocks, nblocks, q));
@@ -177,7 +178,7 @@ void combine_rows(const Space& space, const LView& loc, int k, const GView& gate
   using O = typename OView::non_const_value_type;
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   Kokkos::parallel_for(
-      "examoe::combine::gather", Kokkos::TeamPolicy<Space>(space, T, Kokkos::AUTO),
+      "examoe::combine::gather", row_policy(space, T, d),
       KOKKOS_LAMBDA(const team& m) {
         const int t = m.league_rank();
         for (int j = 0; j < k; ++j) {
@@ -212,7 +213,7 @@ void gate_grads(const Space& space, const LView& loc, int k, const BufView& ye,
   using G = typename GView::non_const_value_type;
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   Kokkos::parallel_for(
-      "examoe::combine::gate_grads", Kokkos::TeamPolicy<Space>(space, T * k, Kokkos::AUTO),
+      "examoe::combine::gate_grads", row_policy(space, T * k, d),
       KOKKOS_LAMBDA(const team& m) {
         const int a = m.league_rank(), t = a / k, l = loc(a);
         G s = 0;

@@ -1,6 +1,7 @@
 // Element-wise parts of the expert MLPs (the GEMMs go through Kokkos Kernels).
 #pragma once
 #include <examoe/impl/kokkos_compat.hpp>
+#include <examoe/impl/row_policy.hpp>
 
 #include <cstdint>
 #include <cstring>
@@ -83,7 +84,7 @@ template <class Space, class F>
 void for_each_element(const char* label, const Space& space, int n, int h, const F& f) {
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   Kokkos::parallel_for(
-      label, Kokkos::TeamPolicy<Space>(space, n, Kokkos::AUTO), KOKKOS_LAMBDA(const team& m) {
+      label, row_policy(space, n, h), KOKKOS_LAMBDA(const team& m) {
         const int i = m.league_rank();
         Kokkos::parallel_for(Kokkos::TeamThreadRange(m, h), [&](const int c) { f(i, c); });
       });

@@ -4,6 +4,7 @@
 #pragma once
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/random.hpp>
+#include <examoe/impl/row_policy.hpp>
 
 namespace examoe::impl {
 
@@ -92,7 +93,7 @@ void router_softmax_topk(const Space& space, const RouterParams& rp, const PView
                          (search == TopkSearch::automatic && !kc::device_memory_v<Space>);
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   Kokkos::parallel_for(
-      "examoe::router::softmax_topk", Kokkos::TeamPolicy<Space>(space, T, Kokkos::AUTO),
+      "examoe::router::softmax_topk", row_policy(space, T, E),
       KOKKOS_LAMBDA(const team& m) {
         const int t = m.league_rank();
         // u = z / temperature + jitter * n (u = z exactly at temperature 1 without jitter)
@@ -186,7 +187,7 @@ void router_backward(const Space& space, const RouterParams& rp, const PView& p,
   const double invtemp = rp.inv_temperature;
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   Kokkos::parallel_for(
-      "examoe::router::backward", Kokkos::TeamPolicy<Space>(space, T, Kokkos::AUTO),
+      "examoe::router::backward", row_policy(space, T, E),
       KOKKOS_LAMBDA(const team& m) {
         const int t = m.league_rank();
         // dp[e_j] from the gates (k terms: every thread computes them alike)
