@@ -158,7 +158,8 @@ TEST(Kernels, StableCountingSortMatchesStdStableSort) {
 
 // The router's top-k both ways (one pass keeping the best k; k team-wide argmax passes)
 // against a brute-force order (value descending, then id ascending), on logits with many
-// exact ties; the gates are the chosen probabilities renormalized.
+// exact ties; the gates are the chosen probabilities renormalized; both paths give the same
+// probabilities and lse bit for bit (also with temperature and jitter).
 TEST(Kernels, RouterTopkBothWaysMatchBruteForce) {
   using Space = Kokkos::DefaultExecutionSpace;
   using M = Kokkos::View<float**, Kokkos::LayoutRight, Space::memory_space>;
@@ -171,7 +172,14 @@ TEST(Kernels, RouterTopkBothWaysMatchBruteForce) {
       std::uniform_int_distribution<int> level(0, 5);  // few distinct logits: ties everywhere
       std::vector<float> z(static_cast<std::size_t>(T) * E);
       for (float& v : z) v = 0.5f * static_cast<float>(level(rng));
+      examoe::impl::RouterParams rp;
+      if (E == 64) {  // temperature and jitter: u is rewritten before the softmax
+        rp.inv_temperature = 1 / 0.7;
+        rp.jitter = 0.3;
+        rp.seed = 5;
+      }
       std::vector<std::vector<int>> got;
+      std::vector<std::vector<float>> probs;
       for (const auto search : {examoe::impl::TopkSearch::insertion, examoe::impl::TopkSearch::team_argmax}) {
         M p("test::p", T, E), g("test::g", T, k);
         Kokkos::View<float*, Space::memory_space> lse("test::lse", T);
@@ -180,13 +188,17 @@ TEST(Kernels, RouterTopkBothWaysMatchBruteForce) {
         for (int t = 0; t < T; ++t)
           for (int e = 0; e < E; ++e) ph(t, e) = z[static_cast<std::size_t>(t) * E + e];
         Kokkos::deep_copy(p, ph);
-        examoe::impl::router_softmax_topk(Space(), examoe::impl::RouterParams{}, p, lse, topk, g, search);
+        examoe::impl::router_softmax_topk(Space(), rp, p, lse, topk, g, search);
         Kokkos::fence();
         auto pr = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), p);
         auto tk = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), topk);
         auto gh = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), g);
+        auto lh = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), lse);
         std::vector<int> all;
+        std::vector<float> pl;
         for (int t = 0; t < T; ++t) {
+          for (int e = 0; e < E; ++e) pl.push_back(pr(t, e));
+          pl.push_back(lh(t));
           std::vector<int> order(E);
           std::iota(order.begin(), order.end(), 0);
           std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return pr(t, a) > pr(t, b); });
@@ -199,8 +211,10 @@ TEST(Kernels, RouterTopkBothWaysMatchBruteForce) {
           }
         }
         got.push_back(all);
+        probs.push_back(pl);
       }
       EXPECT_EQ(got[0], got[1]);
+      EXPECT_EQ(probs[0], probs[1]) << "p and lse differ between the one-thread and the team path";
     }
   }
 }

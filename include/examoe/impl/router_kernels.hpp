@@ -89,8 +89,9 @@ void router_softmax_topk(const Space& space, const RouterParams& rp, const PView
   const int T = static_cast<int>(p.extent(0)), E = static_cast<int>(p.extent(1));
   const int k = static_cast<int>(topk.extent(1));
   const RouterParams r = rp;
-  const bool insertion = search == TopkSearch::insertion ||
-                         (search == TopkSearch::automatic && !kc::device_memory_v<Space>);
+  // insertion: the team's one thread also finds the row's max alone (host backends)
+  const bool one_thread = search == TopkSearch::insertion ||
+                          (search == TopkSearch::automatic && !kc::device_memory_v<Space>);
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   Kokkos::parallel_for(
       "examoe::router::softmax_topk", row_policy(space, T, E),
@@ -109,9 +110,22 @@ void router_softmax_topk(const Space& space, const RouterParams& rp, const PView
           Kokkos::parallel_for(Kokkos::TeamThreadRange(m, E),
                                [&](const int e) { p(t, e) = static_cast<S>(p(t, e) * r.inv_temperature); });
         }
-        Kokkos::parallel_reduce(
-            Kokkos::TeamThreadRange(m, E), [&](const int e, S& mx) { mx = p(t, e) > mx ? p(t, e) : mx; },
-            Kokkos::Max<S>(umax));
+        // max over e from the Max reduction's identity (the same value whoever computes it)
+        if (one_thread) {  // a plain loop keeps the running max in a register
+          m.team_barrier();
+          Kokkos::single(
+              Kokkos::PerTeam(m),
+              [&](S& mx) {
+                S v = Kokkos::reduction_identity<S>::max();
+                for (int e = 0; e < E; ++e) v = p(t, e) > v ? p(t, e) : v;
+                mx = v;
+              },
+              umax);
+        } else {
+          Kokkos::parallel_reduce(
+              Kokkos::TeamThreadRange(m, E), [&](const int e, S& mx) { mx = p(t, e) > mx ? p(t, e) : mx; },
+              Kokkos::Max<S>(umax));
+        }
         S sum = 0;
         Kokkos::parallel_reduce(
             Kokkos::TeamThreadRange(m, E),
@@ -125,7 +139,7 @@ void router_softmax_topk(const Space& space, const RouterParams& rp, const PView
         Kokkos::parallel_for(Kokkos::TeamThreadRange(m, E), [&](const int e) { p(t, e) *= inv; });
         m.team_barrier();
         Kokkos::single(Kokkos::PerTeam(m), [&]() { lse(t) = umax + kc::log(sum); });
-        if (insertion)
+        if (one_thread)
           Kokkos::single(Kokkos::PerTeam(m), [&]() { topk_by_insertion(p, t, E, k, topk); });
         else
           topk_by_team_argmax(m, p, t, E, k, topk);
