@@ -72,6 +72,26 @@ KOKKOS_INLINE_FUNCTION void topk_by_team_argmax(const Member& m, const PView& p,
   }
 }
 
+// Not inlined on the host: inlined, the running max shares the stack slot of the softmax's
+// max, which must live across the libm exp calls after it, and the loop then stores it on
+// every element (half the softmax's time).
+#if defined(__GNUC__) && !defined(__CUDA_ARCH__) && !defined(__HIP_DEVICE_COMPILE__)
+#define EXAMOE_HOST_NOINLINE __attribute__((noinline))
+#else
+#define EXAMOE_HOST_NOINLINE
+#endif
+
+/// max(identity of the Max reduction, row[0..n)), one thread, the running max in a register.
+template <class S>
+KOKKOS_FUNCTION EXAMOE_HOST_NOINLINE S row_max(const S* row, int n) {
+  S v = Kokkos::reduction_identity<S>::max();
+  for (int e = 0; e < n; ++e) {
+    const S x = row[e];
+    v = x > v ? x : v;
+  }
+  return v;
+}
+
 /// How the top-k of a token's E probabilities is found. insertion: one pass over e keeps the
 /// k best in order (one thread per token: host backends, whose teams are one thread);
 /// team_argmax: k passes, each a team-wide max and then the lowest id holding it (GPUs). Both
@@ -115,11 +135,7 @@ void router_softmax_topk(const Space& space, const RouterParams& rp, const PView
           m.team_barrier();
           Kokkos::single(
               Kokkos::PerTeam(m),
-              [&](S& mx) {
-                S v = Kokkos::reduction_identity<S>::max();
-                for (int e = 0; e < E; ++e) v = p(t, e) > v ? p(t, e) : v;
-                mx = v;
-              },
+              [&](S& mx) { mx = row_max(&p(t, 0), E); },
               umax);
         } else {
           Kokkos::parallel_reduce(
