@@ -6,6 +6,8 @@
 #include <examoe/impl/random.hpp>
 #include <examoe/impl/row_policy.hpp>
 
+#include <type_traits>
+
 namespace examoe::impl {
 
 struct RouterParams {
@@ -106,6 +108,8 @@ void router_softmax_topk(const Space& space, const RouterParams& rp, const PView
                          const LView& lse, const IView& topk, const GView& gates,
                          TopkSearch search = TopkSearch::automatic) {
   using S = typename PView::non_const_value_type;
+  static_assert(std::is_same<typename PView::array_layout, Kokkos::LayoutRight>::value,
+                "examoe::impl::router_softmax_topk: p's rows must be contiguous (row_max reads a row)");
   const int T = static_cast<int>(p.extent(0)), E = static_cast<int>(p.extent(1));
   const int k = static_cast<int>(topk.extent(1));
   const RouterParams r = rp;
