@@ -1,10 +1,16 @@
-// The float erf/exp used by the expert activations, against the C library in double.
+// The float erf/exp used by the expert activations, against the C library in double; the
+// dispatch plan's counting sort against std::stable_sort; the router's top-k against brute force.
 #include <examoe/impl/dispatch_kernels.hpp>
 #include <examoe/impl/expert_kernels.hpp>
+#include <examoe/impl/router_kernels.hpp>
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
+#include <random>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -77,4 +83,138 @@ TEST(Kernels, StableCountingSortRewritesEveryKeyStart) {
   auto [p3, s3] = sort({});
   EXPECT_TRUE(p3.empty());
   EXPECT_EQ(s3, (std::vector<int>{0, 0, 0, 0, 0})) << "counts of the previous sort survived";
+}
+
+// The counting sort against std::stable_sort of (key, index): random, skewed (most keys on one
+// expert), all one key and empty key lists, several sizes and chunkings, with both ways a chunk
+// ranks its assignments (the host's running count and the GPUs' per-thread count).
+namespace {
+std::vector<int> sort_keys_on_device(const std::vector<int>& keys_h, int K, int chunk,
+                                     examoe::impl::ChunkRanks ranks, std::vector<int>& inv_out,
+                                     std::vector<int>& start_out) {
+  using Space = Kokkos::DefaultExecutionSpace;
+  using IV = Kokkos::View<int*, Space::memory_space>;
+  const int A = static_cast<int>(keys_h.size()), C = (A + chunk - 1) / chunk;
+  IV keys("test::keys", A), hist("test::hist", std::max(1, K * C)), perm("test::perm", A), inv("test::inv", A),
+      start("test::start", K + 1);
+  auto kh = Kokkos::create_mirror_view(keys);
+  for (int a = 0; a < A; ++a) kh(a) = keys_h[a];
+  Kokkos::deep_copy(keys, kh);
+  Kokkos::deep_copy(inv, -7);  // the sort must overwrite every entry
+  examoe::impl::stable_counting_sort(Space(), keys, K, chunk, hist, perm, inv, start, ranks);
+  Kokkos::fence();
+  auto ph = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), perm);
+  auto ih = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), inv);
+  auto sh = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), start);
+  std::vector<int> p(A);
+  inv_out.assign(A, 0);
+  start_out.assign(K + 1, 0);
+  for (int a = 0; a < A; ++a) p[a] = ph(a), inv_out[a] = ih(a);
+  for (int i = 0; i <= K; ++i) start_out[i] = sh(i);
+  return p;
+}
+}  // namespace
+
+TEST(Kernels, StableCountingSortMatchesStdStableSort) {
+  using examoe::impl::ChunkRanks;
+  std::mt19937 rng(20261201);
+  int cases = 0;
+  for (const int A : {0, 1, 7, 255, 256, 257, 1000, 8192}) {
+    for (const int K : {1, 5, 64, 256}) {
+      for (const char* kind : {"random", "skewed", "one key"}) {
+        std::vector<int> keys(A);
+        std::uniform_int_distribution<int> any(0, K - 1);
+        std::uniform_real_distribution<double> u(0, 1);
+        const int hot = any(rng);
+        for (int& key : keys) {
+          if (std::string(kind) == "random") key = any(rng);
+          else if (std::string(kind) == "skewed") key = u(rng) < 0.9 ? hot : any(rng);
+          else key = hot;
+        }
+        // The reference: indices sorted stably by key.
+        std::vector<int> ref(A);
+        std::iota(ref.begin(), ref.end(), 0);
+        std::stable_sort(ref.begin(), ref.end(), [&](int a, int b) { return keys[a] < keys[b]; });
+        std::vector<int> ref_start(K + 1, 0);
+        for (int key : keys) ++ref_start[key + 1];
+        for (int i = 0; i < K; ++i) ref_start[i + 1] += ref_start[i];
+        for (const int chunk : {1, 3, 256}) {
+          for (const ChunkRanks ranks : {ChunkRanks::running_count, ChunkRanks::team_count, ChunkRanks::automatic}) {
+            std::vector<int> inv, start;
+            const auto perm = sort_keys_on_device(keys, K, chunk, ranks, inv, start);
+            const std::string what = std::string(kind) + " keys, A=" + std::to_string(A) + " K=" + std::to_string(K) +
+                                     " chunk=" + std::to_string(chunk) + " ranks=" + std::to_string(static_cast<int>(ranks));
+            ASSERT_EQ(perm, ref) << what;
+            ASSERT_EQ(start, ref_start) << what;
+            for (int s = 0; s < A; ++s) ASSERT_EQ(inv[perm[s]], s) << what << ": inv_perm is not perm's inverse";
+            ++cases;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_EQ(cases, 8 * 4 * 3 * 3 * 3);
+}
+
+// The router's top-k both ways (one pass keeping the best k; k team-wide argmax passes)
+// against a brute-force order (value descending, then id ascending), on logits with many
+// exact ties; the gates are the chosen probabilities renormalized; both paths give the same
+// probabilities and lse bit for bit (also with temperature and jitter).
+TEST(Kernels, RouterTopkBothWaysMatchBruteForce) {
+  using Space = Kokkos::DefaultExecutionSpace;
+  using M = Kokkos::View<float**, Kokkos::LayoutRight, Space::memory_space>;
+  using IM = Kokkos::View<int**, Kokkos::LayoutRight, Space::memory_space>;
+  std::mt19937 rng(7);
+  for (const int E : {1, 2, 8, 64, 256}) {
+    for (const int k : {1, 2, 4, 8}) {
+      if (k > E) continue;
+      const int T = 97;
+      std::uniform_int_distribution<int> level(0, 5);  // few distinct logits: ties everywhere
+      std::vector<float> z(static_cast<std::size_t>(T) * E);
+      for (float& v : z) v = 0.5f * static_cast<float>(level(rng));
+      examoe::impl::RouterParams rp;
+      if (E == 64) {  // temperature and jitter: u is rewritten before the softmax
+        rp.inv_temperature = 1 / 0.7;
+        rp.jitter = 0.3;
+        rp.seed = 5;
+      }
+      std::vector<std::vector<int>> got;
+      std::vector<std::vector<float>> probs;
+      for (const auto search : {examoe::impl::TopkSearch::insertion, examoe::impl::TopkSearch::team_argmax}) {
+        M p("test::p", T, E), g("test::g", T, k);
+        Kokkos::View<float*, Space::memory_space> lse("test::lse", T);
+        IM topk("test::topk", T, k);
+        auto ph = Kokkos::create_mirror_view(p);
+        for (int t = 0; t < T; ++t)
+          for (int e = 0; e < E; ++e) ph(t, e) = z[static_cast<std::size_t>(t) * E + e];
+        Kokkos::deep_copy(p, ph);
+        examoe::impl::router_softmax_topk(Space(), rp, p, lse, topk, g, search);
+        Kokkos::fence();
+        auto pr = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), p);
+        auto tk = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), topk);
+        auto gh = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), g);
+        auto lh = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), lse);
+        std::vector<int> all;
+        std::vector<float> pl;
+        for (int t = 0; t < T; ++t) {
+          for (int e = 0; e < E; ++e) pl.push_back(pr(t, e));
+          pl.push_back(lh(t));
+          std::vector<int> order(E);
+          std::iota(order.begin(), order.end(), 0);
+          std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return pr(t, a) > pr(t, b); });
+          float chosen = 0;
+          for (int j = 0; j < k; ++j) chosen += pr(t, order[j]);
+          for (int j = 0; j < k; ++j) {
+            ASSERT_EQ(tk(t, j), order[j]) << "E=" << E << " k=" << k << " token " << t << " slot " << j;
+            EXPECT_EQ(gh(t, j), pr(t, order[j]) / chosen);
+            all.push_back(tk(t, j));
+          }
+        }
+        got.push_back(all);
+        probs.push_back(pl);
+      }
+      EXPECT_EQ(got[0], got[1]);
+      EXPECT_EQ(probs[0], probs[1]) << "p and lse differ between the one-thread and the team path";
+    }
+  }
 }

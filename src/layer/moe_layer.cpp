@@ -39,13 +39,23 @@ template <class Space, class M, class F>
 void find_first_nonfinite(const Space& space, const M& v, const F& first) {
   const int n0 = static_cast<int>(v.extent(0)), n1 = static_cast<int>(v.extent(1));
   Kokkos::deep_copy(space, first, LLONG_MAX);
+  // One team per row, its threads over the row (coalesced on GPUs, a vectorized count on
+  // host backends); only a row with a non-finite element looks for the first one.
+  using team = typename Kokkos::TeamPolicy<Space>::member_type;
   Kokkos::parallel_for(
-      "examoe::moe::finite_check", Kokkos::RangePolicy<Space>(space, 0, n0), KOKKOS_LAMBDA(const int i) {
-        for (int j = 0; j < n1; ++j)
-          if (!kc::isfinite(v(i, j))) {
-            Kokkos::atomic_fetch_min(&first(0), static_cast<long long>(i) * n1 + j);
-            break;
-          }
+      "examoe::moe::finite_check", row_policy(space, n0, n1), KOKKOS_LAMBDA(const team& m) {
+        const int i = m.league_rank();
+        int bad = 0;
+        Kokkos::parallel_reduce(
+            Kokkos::TeamThreadRange(m, n1), [&](const int j, int& b) { b += kc::isfinite(v(i, j)) ? 0 : 1; }, bad);
+        if (bad == 0) return;
+        Kokkos::single(Kokkos::PerTeam(m), [&]() {
+          for (int j = 0; j < n1; ++j)
+            if (!kc::isfinite(v(i, j))) {
+              Kokkos::atomic_fetch_min(&first(0), static_cast<long long>(i) * n1 + j);
+              break;
+            }
+        });
       });
 }
 

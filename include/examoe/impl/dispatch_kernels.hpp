@@ -4,6 +4,7 @@
 #pragma once
 #include <examoe/impl/bf16.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
+#include <examoe/impl/row_policy.hpp>
 
 namespace examoe::impl {
 
@@ -18,22 +19,51 @@ struct RowBlock {
 /// before the dispatch arrives) or the rows that came from other ranks (received).
 enum class ExpertRows { all, kept, received };
 
-/// Stable counting sort of keys[A] in [0, K) in chunks: hist[C][K] per chunk, an exclusive
-/// scan in (key, chunk) order, then every chunk scatters its slots in order.
+/// How a chunk ranks its assignments among the chunk's assignments of the same key.
+/// running_count: one thread walks the chunk and counts (O(chunk) per chunk: host backends,
+/// whose teams are one thread); team_count: every thread of the team ranks its own
+/// assignment by counting the same keys before it (O(chunk) per assignment, all in parallel:
+/// GPUs). Both give the same ranks; automatic picks by the space.
+enum class ChunkRanks { automatic, running_count, team_count };
+
+/// Stable counting sort of keys[A] in [0, K), in chunks of `chunk` assignments, no atomics:
+///   1. histogram: hist[key][c] = assignments of chunk c with that key (one team per chunk;
+///      each assignment's rank among its chunk's same keys is kept in inv_perm);
+///   2. exclusive scan of hist in (key, chunk) order: where chunk c's run of key starts;
+///   3. scatter: slot s = hist[key][c] + rank, one thread per assignment.
+/// The sorted order is by key, then by assignment index (stable), whatever the chunking.
 /// Out: perm[s] = a (sorted slot -> assignment), inv_perm[a] = s, key_start[K+1] (all of it,
-/// for any A >= 0).
+/// for any A >= 0). hist holds at least K * ceil(A / chunk) entries.
 template <class Space, class KView, class HView, class PView, class SView>
 void stable_counting_sort(const Space& space, const KView& keys, int K, int chunk,
                           const HView& hist, const PView& perm, const PView& inv_perm,
-                          const SView& key_start) {
+                          const SView& key_start, ChunkRanks ranks = ChunkRanks::automatic) {
   const int A = static_cast<int>(keys.extent(0));
   const int C = (A + chunk - 1) / chunk;
+  const bool running = ranks == ChunkRanks::running_count ||
+                       (ranks == ChunkRanks::automatic && !kc::device_memory_v<Space>);
+  using team = typename Kokkos::TeamPolicy<Space>::member_type;
   Kokkos::parallel_for(
-      "examoe::dispatch::histogram", Kokkos::RangePolicy<Space>(space, 0, C),
-      KOKKOS_LAMBDA(const int c) {
-        for (int key = 0; key < K; ++key) hist(key * C + c) = 0;
-        const int end = kc::min(A, (c + 1) * chunk);
-        for (int a = c * chunk; a < end; ++a) hist(keys(a) * C + c) += 1;
+      "examoe::dispatch::histogram", row_policy(space, C, chunk),
+      KOKKOS_LAMBDA(const team& m) {
+        const int c = m.league_rank(), begin = c * chunk, end = kc::min(A, begin + chunk);
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(m, K), [&](const int key) { hist(key * C + c) = 0; });
+        m.team_barrier();
+        if (running) {
+          Kokkos::single(Kokkos::PerTeam(m), [&]() {
+            for (int a = begin; a < end; ++a) inv_perm(a) = hist(keys(a) * C + c)++;
+          });
+        } else {
+          // Rank = same keys before a in the chunk; the last of its key writes the count.
+          Kokkos::parallel_for(Kokkos::TeamThreadRange(m, begin, end), [&](const int a) {
+            const int key = keys(a);
+            int before = 0, after = 0;
+            for (int b = begin; b < a; ++b) before += keys(b) == key ? 1 : 0;
+            for (int b = a + 1; b < end; ++b) after += keys(b) == key ? 1 : 0;
+            inv_perm(a) = before;
+            if (after == 0) hist(key * C + c) = before + 1;
+          });
+        }
       });
   Kokkos::parallel_scan(
       "examoe::dispatch::scan", Kokkos::RangePolicy<Space>(space, 0, K * C),
@@ -48,14 +78,11 @@ void stable_counting_sort(const Space& space, const KView& keys, int K, int chun
       "examoe::dispatch::key_start", Kokkos::RangePolicy<Space>(space, 0, K + 1),
       KOKKOS_LAMBDA(const int key) { key_start(key) = key < K && C > 0 ? hist(key * C) : A; });
   Kokkos::parallel_for(
-      "examoe::dispatch::scatter", Kokkos::RangePolicy<Space>(space, 0, C),
-      KOKKOS_LAMBDA(const int c) {
-        const int end = kc::min(A, (c + 1) * chunk);
-        for (int a = c * chunk; a < end; ++a) {
-          const int s = hist(keys(a) * C + c)++;
-          perm(s) = a;
-          inv_perm(a) = s;
-        }
+      "examoe::dispatch::scatter", Kokkos::RangePolicy<Space>(space, 0, A),
+      KOKKOS_LAMBDA(const int a) {
+        const int s = hist(keys(a) * C + a / chunk) + inv_perm(a);
+        perm(s) = a;
+        inv_perm(a) = s;
       });
 }
 
@@ -80,7 +107,7 @@ void pack_rows(const Space& space, const XView& x, const PView& perm, int k, int
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   using W = typename BufView::non_const_value_type;
   Kokkos::parallel_for(
-      "examoe::dispatch::pack", Kokkos::TeamPolicy<Space>(space, n, Kokkos::AUTO),
+      "examoe::dispatch::pack", row_policy(space, n, d),
       KOKKOS_LAMBDA(const team& m) {
         const int p = m.league_rank();
         const int s = p < self_begin ? p : p + self_count;
@@ -104,7 +131,7 @@ void gather_expert_rows(const Space& space, const BView& blocks, int nblocks, in
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   const int skip_local = which == ExpertRows::received ? 1 : 0, skip_remote = which == ExpertRows::kept ? 1 : 0;
   Kokkos::parallel_for(
-      "examoe::dispatch::regroup", Kokkos::TeamPolicy<Space>(space, nrows, Kokkos::AUTO),
+      "examoe::dispatch::regroup", row_policy(space, nrows, d),
       KOKKOS_LAMBDA(const team& m) {
         const int q = m.league_rank();
         const RowBlock b = blocks(find_block(blocks, nblocks, q));
@@ -132,7 +159,7 @@ void pack_back_rows(const Space& space, const BView& blocks, int nblocks, int nr
   using W = typename WireView::non_const_value_type;
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   Kokkos::parallel_for(
-      "examoe::combine::pack", Kokkos::TeamPolicy<Space>(space, nrows, Kokkos::AUTO),
+      "examoe::combine::pack", row_policy(space, nrows, d),
       KOKKOS_LAMBDA(const team& m) {
         const int q = m.league_rank();
         const RowBlock b = blocks(find_block(blocks, nblocks, q));
@@ -147,45 +174,64 @@ void pack_back_rows(const Space& space, const BView& blocks, int nblocks, int nr
 /// of this rank's expert output, loc < 0 is row -1-loc of the combine receive buffer.
 
 /// Combine: out[t] = beta_out * out[t] + sum_j w(t,j) * row(loc[t*k+j]), in order j = 0..k-1,
-/// with w = gates (forward) or 1 (backward dx).
+/// with w = gates (forward) or 1 (backward dx). One team per token, its threads over the d
+/// elements; every element is summed in the same order j = 0..k-1 (the partial sum lives in
+/// out[t] between the k passes, which each thread makes over the same elements).
 template <class Space, class LView, class GView, class BufView, class WireView, class OView>
 void combine_rows(const Space& space, const LView& loc, int k, const GView& gates, bool weighted,
                   const BufView& ye, const WireView& back_recv, bool accumulate, const OView& out) {
   const int T = static_cast<int>(out.extent(0)), d = static_cast<int>(out.extent(1));
   using S = typename BufView::non_const_value_type;
+  using O = typename OView::non_const_value_type;
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   Kokkos::parallel_for(
-      "examoe::combine::gather", Kokkos::TeamPolicy<Space>(space, T, Kokkos::AUTO),
+      "examoe::combine::gather", row_policy(space, T, d),
       KOKKOS_LAMBDA(const team& m) {
         const int t = m.league_rank();
-        Kokkos::parallel_for(Kokkos::TeamThreadRange(m, d), [&](const int c) {
-          auto acc = accumulate ? out(t, c) : 0;
-          for (int j = 0; j < k; ++j) {
-            const int l = loc(t * k + j);
-            const S v = l >= 0 ? ye(l, c) : from_wire<S>(back_recv(-1 - l, c));
-            acc += weighted ? gates(t, j) * v : v;
+        for (int j = 0; j < k; ++j) {
+          const int l = loc(t * k + j);
+          const bool fresh = j == 0 && !accumulate;  // out[t] holds no partial sum yet
+          const auto w = gates(t, j);
+          if (l >= 0) {
+            Kokkos::parallel_for(Kokkos::TeamThreadRange(m, d), [&](const int c) {
+              const O acc = fresh ? O(0) : out(t, c);
+              const S v = ye(l, c);
+              out(t, c) = acc + (weighted ? w * v : v);
+            });
+          } else {
+            Kokkos::parallel_for(Kokkos::TeamThreadRange(m, d), [&](const int c) {
+              const O acc = fresh ? O(0) : out(t, c);
+              const S v = from_wire<S>(back_recv(-1 - l, c));
+              out(t, c) = acc + (weighted ? w * v : v);
+            });
           }
-          out(t, c) = acc;
-        });
+        }
       });
 }
 
-/// Gate gradients: dg[t][j] = <dout[t], row(loc[t*k+j])>.
+/// Gate gradients: dg[t][j] = <dout[t], row(loc[t*k+j])>. One team per assignment, its
+/// threads over the d elements; the sum runs in element order on host backends (one thread
+/// per team) and as the team's fixed-order reduction on GPUs (the same every run).
 template <class Space, class LView, class BufView, class WireView, class DView, class GView>
 void gate_grads(const Space& space, const LView& loc, int k, const BufView& ye,
                 const WireView& back_recv, const DView& dout, const GView& dg) {
   const int T = static_cast<int>(dout.extent(0)), d = static_cast<int>(dout.extent(1));
   using S = typename BufView::non_const_value_type;
+  using G = typename GView::non_const_value_type;
+  using team = typename Kokkos::TeamPolicy<Space>::member_type;
   Kokkos::parallel_for(
-      "examoe::combine::gate_grads", Kokkos::RangePolicy<Space>(space, 0, T * k),
-      KOKKOS_LAMBDA(const int a) {
-        const int t = a / k, l = loc(a);
-        typename GView::non_const_value_type s = 0;
+      "examoe::combine::gate_grads", row_policy(space, T * k, d),
+      KOKKOS_LAMBDA(const team& m) {
+        const int a = m.league_rank(), t = a / k, l = loc(a);
+        G s = 0;
         if (l >= 0)
-          for (int c = 0; c < d; ++c) s += dout(t, c) * ye(l, c);
+          Kokkos::parallel_reduce(
+              Kokkos::TeamThreadRange(m, d), [&](const int c, G& acc) { acc += dout(t, c) * ye(l, c); }, s);
         else
-          for (int c = 0; c < d; ++c) s += dout(t, c) * from_wire<S>(back_recv(-1 - l, c));
-        dg(t, a % k) = s;
+          Kokkos::parallel_reduce(
+              Kokkos::TeamThreadRange(m, d),
+              [&](const int c, G& acc) { acc += dout(t, c) * from_wire<S>(back_recv(-1 - l, c)); }, s);
+        Kokkos::single(Kokkos::PerTeam(m), [&]() { dg(t, a % k) = s; });
       });
 }
 

@@ -1,6 +1,7 @@
 // Element-wise parts of the expert MLPs (the GEMMs go through Kokkos Kernels).
 #pragma once
 #include <examoe/impl/kokkos_compat.hpp>
+#include <examoe/impl/row_policy.hpp>
 
 #include <cstdint>
 #include <cstring>
@@ -75,57 +76,80 @@ KOKKOS_INLINE_FUNCTION S sigmoid(S s) {
   return S(1) / (S(1) + exp_(-s));
 }
 
+/// The element-wise kernels below run one team per row, its threads over the row's h
+/// elements (TeamThreadRange): on GPUs consecutive threads touch consecutive elements
+/// (coalesced); on host backends a team is one thread and the row is a unit-stride loop
+/// (vectorized). Every element is computed alone, so the split does not change a bit.
+template <class Space, class F>
+void for_each_element(const char* label, const Space& space, int n, int h, const F& f) {
+  using team = typename Kokkos::TeamPolicy<Space>::member_type;
+  Kokkos::parallel_for(
+      label, row_policy(space, n, h), KOKKOS_LAMBDA(const team& m) {
+        const int i = m.league_rank();
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(m, h), [&](const int c) { f(i, c); });
+      });
+}
+
 /// a = gelu(hpre), and hpre is overwritten with gelu'(hpre): backward needs only the
 /// derivative, and erf is evaluated once per element for both.
 template <class Space, class V>
+struct GeluForward {
+  V hpre, a;
+  KOKKOS_INLINE_FUNCTION void operator()(const int i, const int c) const {
+    using S = typename V::non_const_value_type;
+    const S s = hpre(i, c);
+    const S cdf = S(0.5) * (S(1) + erf_(s * S(0.70710678118654752440)));
+    a(i, c) = s * cdf;
+    hpre(i, c) = cdf + s * exp_(S(-0.5) * s * s) * S(0.39894228040143267794);
+  }
+};
+template <class Space, class V>
 void gelu_forward(const Space& space, const V& hpre, const V& a) {
-  using S = typename V::non_const_value_type;
-  const int n = static_cast<int>(hpre.extent(0)), h = static_cast<int>(hpre.extent(1));
-  Kokkos::parallel_for(
-      "examoe::experts::gelu", Kokkos::RangePolicy<Space>(space, 0, n),
-      KOKKOS_LAMBDA(const int i) {
-        for (int c = 0; c < h; ++c) {
-          const S s = hpre(i, c);
-          const S cdf = S(0.5) * (S(1) + erf_(s * S(0.70710678118654752440)));
-          a(i, c) = s * cdf;
-          hpre(i, c) = cdf + s * exp_(S(-0.5) * s * s) * S(0.39894228040143267794);
-        }
-      });
+  for_each_element("examoe::experts::gelu", space, static_cast<int>(hpre.extent(0)),
+                   static_cast<int>(hpre.extent(1)), GeluForward<Space, V>{hpre, a});
 }
+
 /// da *= gelu'(s), with gelu'(s) as stored by gelu_forward (in place: da becomes ds).
 template <class Space, class V>
+struct GeluBackward {
+  V gelu_grad, da;
+  KOKKOS_INLINE_FUNCTION void operator()(const int i, const int c) const { da(i, c) *= gelu_grad(i, c); }
+};
+template <class Space, class V>
 void gelu_backward(const Space& space, const V& gelu_grad, const V& da) {
-  const int n = static_cast<int>(da.extent(0)), h = static_cast<int>(da.extent(1));
-  Kokkos::parallel_for(
-      "examoe::experts::gelu_bwd", Kokkos::RangePolicy<Space>(space, 0, n),
-      KOKKOS_LAMBDA(const int i) {
-        for (int c = 0; c < h; ++c) da(i, c) *= gelu_grad(i, c);
-      });
+  for_each_element("examoe::experts::gelu_bwd", space, static_cast<int>(da.extent(0)),
+                   static_cast<int>(da.extent(1)), GeluBackward<Space, V>{gelu_grad, da});
 }
+
 /// a = silu(g) * u.
 template <class Space, class V>
+struct SwigluForward {
+  V g, u, a;
+  KOKKOS_INLINE_FUNCTION void operator()(const int i, const int c) const {
+    a(i, c) = g(i, c) * sigmoid(g(i, c)) * u(i, c);
+  }
+};
+template <class Space, class V>
 void swiglu_forward(const Space& space, const V& g, const V& u, const V& a) {
-  const int n = static_cast<int>(g.extent(0)), h = static_cast<int>(g.extent(1));
-  Kokkos::parallel_for(
-      "examoe::experts::swiglu", Kokkos::RangePolicy<Space>(space, 0, n),
-      KOKKOS_LAMBDA(const int i) {
-        for (int c = 0; c < h; ++c) a(i, c) = g(i, c) * sigmoid(g(i, c)) * u(i, c);
-      });
+  for_each_element("examoe::experts::swiglu", space, static_cast<int>(g.extent(0)),
+                   static_cast<int>(g.extent(1)), SwigluForward<Space, V>{g, u, a});
 }
+
 /// From da: dg = da * u * silu'(g) (written into da), du = da * silu(g).
 template <class Space, class V>
+struct SwigluBackward {
+  V g, u, da, du;
+  KOKKOS_INLINE_FUNCTION void operator()(const int i, const int c) const {
+    using S = typename V::non_const_value_type;
+    const S gv = g(i, c), sg = sigmoid(gv), dav = da(i, c);
+    du(i, c) = dav * gv * sg;
+    da(i, c) = dav * u(i, c) * sg * (S(1) + gv * (S(1) - sg));
+  }
+};
+template <class Space, class V>
 void swiglu_backward(const Space& space, const V& g, const V& u, const V& da, const V& du) {
-  using S = typename V::non_const_value_type;
-  const int n = static_cast<int>(g.extent(0)), h = static_cast<int>(g.extent(1));
-  Kokkos::parallel_for(
-      "examoe::experts::swiglu_bwd", Kokkos::RangePolicy<Space>(space, 0, n),
-      KOKKOS_LAMBDA(const int i) {
-        for (int c = 0; c < h; ++c) {
-          const S gv = g(i, c), sg = sigmoid(gv), dav = da(i, c);
-          du(i, c) = dav * gv * sg;
-          da(i, c) = dav * u(i, c) * sg * (S(1) + gv * (S(1) - sg));
-        }
-      });
+  for_each_element("examoe::experts::swiglu_bwd", space, static_cast<int>(g.extent(0)),
+                   static_cast<int>(g.extent(1)), SwigluBackward<Space, V>{g, u, da, du});
 }
 
 }  // namespace examoe::impl
