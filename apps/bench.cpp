@@ -38,6 +38,9 @@ void add_bench_command(CLI::App& app, BenchOptions& o) {
   c->add_option("--overlap", o.overlap, "Compute the rows that stay on a rank while the others travel: on or off")
       ->capture_default_str()
       ->check(CLI::IsMember({"on", "off"}));
+  c->add_option("--tf32", o.tf32, "Float expert GEMMs on TF32 tensor cores (CUDA builds; no effect elsewhere): on or off")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"on", "off"}));
   c->add_option("--precision", o.precision, "float or double")->capture_default_str()->check(CLI::IsMember({"float", "double"}));
   c->add_option("--steps", o.steps, "Timed steps")->capture_default_str()->check(integer_in(1));
   c->add_option("--warmup", o.warmup, "Untimed warm-up steps")->capture_default_str()->check(integer_in(0));
@@ -260,6 +263,7 @@ int run(const BenchOptions& o) {
   cfg.activation = activation_from_string(o.activation);
   cfg.dispatch_dtype = dispatch_dtype_from_string(o.dispatch_dtype);
   cfg.overlap_exchange = o.overlap == "on";
+  cfg.allow_tf32 = o.tf32 == "on";
   cfg.router.temperature = o.temperature;
   cfg.router.seed = o.seed;
   cfg.time_phases = true;  // no fences: host clocks, or CUDA events on the stream
@@ -331,7 +335,7 @@ int run(const BenchOptions& o) {
          << "\",\"d_model\":" << o.d_model << ",\"d_hidden\":" << o.d_hidden
          << ",\"experts\":" << o.num_experts << ",\"top_k\":" << o.top_k
          << ",\"tokens_per_rank\":" << o.tokens << ",\"dispatch_dtype\":\"" << o.dispatch_dtype
-         << "\",\"overlap\":\"" << o.overlap << "\",\"activation\":\"" << o.activation
+         << "\",\"overlap\":\"" << o.overlap << "\",\"tf32\":\"" << o.tf32 << "\",\"activation\":\"" << o.activation
          << "\",\"step_s\":" << step_max << ",\"tokens_per_s\":" << tokens / step_max
          << ",\"gemm_only_s\":" << gemm_max << ",\"fraction_of_gemm_bound\":" << gemm_max / step_max
          << ",\"bytes_sent\":" << sent_sum << ",\"imbalance\":" << st.imbalance

@@ -179,6 +179,8 @@ const std::map<std::string, std::string>& keys_without_range() {
       {"model.router.renormalize", "boolean"},
       {"parallel.reshard_after_forward", "boolean"},
       {"parallel.activation_checkpointing", "boolean"},
+      {"parallel.overlap_exchange", "boolean; on and off are bitwise the same: Ragged.OverlapIsBitwise*"},
+      {"model.allow_tf32", "boolean (CUDA builds only)"},
       {"log.quiet", "boolean"},
       {"train.seed", "every 64-bit value is a seed"},
       {"data.path", "a file: InputErrors.DataFiles"},

@@ -33,6 +33,8 @@ struct ModelConfig {
   double norm_eps = 1e-5;
   /// The type MoE rows travel in between ranks (MoEConfig::dispatch_dtype).
   DispatchDtype dispatch_dtype = DispatchDtype::scalar;
+  /// Float expert GEMMs may use TF32 tensor cores on CUDA builds (MoEConfig::allow_tf32).
+  bool allow_tf32 = false;
   void validate() const;
 };
 

@@ -163,6 +163,9 @@ const std::vector<ConfigKey>& config_keys() {
                     throw Error("examoe::config: model.dispatch_dtype must be scalar or bf16, got " + quoted(v));
                   }
                 }}),
+      recorded_when_set(EXAMOE_KEY_BOOL("model.allow_tf32", model.allow_tf32,
+                                        "Float expert GEMMs may use TF32 tensor cores (CUDA builds; about 1e-3 relative "
+                                        "per product instead of float's 6e-8; no effect in double or on CPUs)")),
       ConfigKey{"model.activation", "Expert MLP: gelu or swiglu", "gelu|swiglu",
                 [](const TrainConfig& c) { return to_string(c.model.activation); },
                 [](TrainConfig& c, const std::string& v) {
