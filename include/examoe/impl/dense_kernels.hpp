@@ -14,49 +14,66 @@ namespace examoe::impl::dense {
 
 // ============================================================================ RMSNorm
 
+/// Columns per team of the kernels that sum each column over the rows in order (dg of
+/// RMSNorm, the embedding gradients): consecutive threads take consecutive columns (coalesced
+/// on a GPU), and on a CPU a team's columns stay in cache while its rows are walked.
+constexpr int kColumnChunk = 32;
+
 /// y[n][c] = x[n][c] * inv_rms[n] * g[c], inv_rms[n] = 1 / sqrt(mean_c x[n][c]^2 + eps).
-/// One thread per row.
+/// One team per row, its threads on consecutive columns.
 template <class Space, class X, class G, class Y, class R>
 void rmsnorm_forward(const Space& space, const X& x, const G& g, double eps, const Y& y,
                      const R& inv_rms) {
   using S = typename Y::non_const_value_type;
+  using Team = typename Kokkos::TeamPolicy<Space>::member_type;
   const int n = static_cast<int>(x.extent(0)), d = static_cast<int>(x.extent(1));
   const S e = static_cast<S>(eps);
   const S inv_d = S(1) / static_cast<S>(d > 0 ? d : 1);
   Kokkos::parallel_for(
-      "examoe::dense::rmsnorm", Kokkos::RangePolicy<Space>(space, 0, n),
-      KOKKOS_LAMBDA(const int i) {
+      "examoe::dense::rmsnorm", Kokkos::TeamPolicy<Space>(space, n, Kokkos::AUTO),
+      KOKKOS_LAMBDA(const Team& team) {
+        const int i = team.league_rank();
         S ss = 0;
-        for (int c = 0; c < d; ++c) ss += x(i, c) * x(i, c);
+        Kokkos::parallel_reduce(
+            Kokkos::TeamThreadRange(team, d), [&](const int c, S& acc) { acc += x(i, c) * x(i, c); }, ss);
         const S r = S(1) / kc::sqrt(ss * inv_d + e);
-        inv_rms(i) = r;
-        for (int c = 0; c < d; ++c) y(i, c) = x(i, c) * r * g(c);
+        Kokkos::single(Kokkos::PerTeam(team), [&]() { inv_rms(i) = r; });
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, d), [&](const int c) { y(i, c) = x(i, c) * r * g(c); });
       });
 }
 
-/// dx (overwritten) = r * (dy*g - x * r^2 * <dy*g, x> / d) per row, with r = inv_rms;
-/// dg[c] += sum_n dy[n][c] * x[n][c] * r[n], one thread per column summing the rows in order.
+/// dx (overwritten) = r * (dy*g - x * r^2 * <dy*g, x> / d) per row, with r = inv_rms (one
+/// team per row); dg[c] += sum_n dy[n][c] * x[n][c] * r[n], each column summing the rows in
+/// order (teams of kColumnChunk columns).
 template <class Space, class X, class G, class R, class DY, class DX, class DG>
 void rmsnorm_backward(const Space& space, const X& x, const G& g, const R& inv_rms,
                       const DY& dy, const DX& dx, const DG& dg) {
   using S = typename DX::non_const_value_type;
+  using Team = typename Kokkos::TeamPolicy<Space>::member_type;
   const int n = static_cast<int>(x.extent(0)), d = static_cast<int>(x.extent(1));
   const S inv_d = S(1) / static_cast<S>(d > 0 ? d : 1);
   Kokkos::parallel_for(
-      "examoe::dense::rmsnorm_bwd_dx", Kokkos::RangePolicy<Space>(space, 0, n),
-      KOKKOS_LAMBDA(const int i) {
+      "examoe::dense::rmsnorm_bwd_dx", Kokkos::TeamPolicy<Space>(space, n, Kokkos::AUTO),
+      KOKKOS_LAMBDA(const Team& team) {
+        const int i = team.league_rank();
         const S r = inv_rms(i);
         S dot = 0;
-        for (int c = 0; c < d; ++c) dot += dy(i, c) * g(c) * x(i, c);
+        Kokkos::parallel_reduce(
+            Kokkos::TeamThreadRange(team, d), [&](const int c, S& acc) { acc += dy(i, c) * g(c) * x(i, c); }, dot);
         const S coef = r * r * dot * inv_d;
-        for (int c = 0; c < d; ++c) dx(i, c) = r * (dy(i, c) * g(c) - x(i, c) * coef);
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, d),
+                             [&](const int c) { dx(i, c) = r * (dy(i, c) * g(c) - x(i, c) * coef); });
       });
+  const int chunks = (d + kColumnChunk - 1) / kColumnChunk;
   Kokkos::parallel_for(
-      "examoe::dense::rmsnorm_bwd_dg", Kokkos::RangePolicy<Space>(space, 0, d),
-      KOKKOS_LAMBDA(const int c) {
-        S acc = 0;
-        for (int i = 0; i < n; ++i) acc += dy(i, c) * x(i, c) * inv_rms(i);
-        dg(c) += acc;
+      "examoe::dense::rmsnorm_bwd_dg", Kokkos::TeamPolicy<Space>(space, chunks, Kokkos::AUTO),
+      KOKKOS_LAMBDA(const Team& team) {
+        const int c0 = team.league_rank() * kColumnChunk, c1 = kc::min(d, c0 + kColumnChunk);
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, c0, c1), [&](const int c) {
+          S acc = 0;
+          for (int i = 0; i < n; ++i) acc += dy(i, c) * x(i, c) * inv_rms(i);
+          dg(c) += acc;
+        });
       });
 }
 
@@ -287,34 +304,40 @@ void attention_backward(const Space& space, const AttentionShape& sh, const X& x
 
 // ========================================================================== Embedding
 
-/// out[n] = wte[tokens[n]] + wpe[n % seq], one thread per row.
+/// out[n] = wte[tokens[n]] + wpe[n % seq], one team per row, its threads on consecutive columns.
 template <class Space, class T, class W, class O>
 void embedding_forward(const Space& space, const T& tokens, int seq, const W& wte,
                        const W& wpe, const O& out) {
+  using Team = typename Kokkos::TeamPolicy<Space>::member_type;
   const int n = static_cast<int>(tokens.extent(0)), d = static_cast<int>(out.extent(1));
   Kokkos::parallel_for(
-      "examoe::dense::embedding", Kokkos::RangePolicy<Space>(space, 0, n),
-      KOKKOS_LAMBDA(const int i) {
-        const int tok = tokens(i), s = i % seq;
-        for (int c = 0; c < d; ++c) out(i, c) = wte(tok, c) + wpe(s, c);
+      "examoe::dense::embedding", Kokkos::TeamPolicy<Space>(space, n, Kokkos::AUTO),
+      KOKKOS_LAMBDA(const Team& team) {
+        const int i = team.league_rank(), tok = tokens(i), s = i % seq;
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, d), [&](const int c) { out(i, c) = wte(tok, c) + wpe(s, c); });
       });
 }
 
-/// dwte[tokens[n]] += dout[n], dwpe[n % seq] += dout[n]. One thread per column c scanning
-/// the rows in order: every (row of dwte/dwpe, c) is summed over its tokens in increasing
-/// n, without atomics, in O(N d) work whatever the vocabulary size.
+/// dwte[tokens[n]] += dout[n], dwpe[n % seq] += dout[n]. Every column c scans the rows in
+/// order (teams of kColumnChunk columns): every (row of dwte/dwpe, c) is summed over its tokens
+/// in increasing n, without atomics, in O(N d) work whatever the vocabulary size.
 template <class Space, class T, class DO, class DW>
 void embedding_backward(const Space& space, const T& tokens, int seq, const DO& dout,
                         const DW& dwte, const DW& dwpe) {
+  using Team = typename Kokkos::TeamPolicy<Space>::member_type;
   const int n = static_cast<int>(tokens.extent(0)), d = static_cast<int>(dout.extent(1));
+  const int chunks = (d + kColumnChunk - 1) / kColumnChunk;
   Kokkos::parallel_for(
-      "examoe::dense::embedding_bwd", Kokkos::RangePolicy<Space>(space, 0, d),
-      KOKKOS_LAMBDA(const int c) {
-        for (int i = 0; i < n; ++i) {
-          const auto g = dout(i, c);
-          dwte(tokens(i), c) += g;
-          dwpe(i % seq, c) += g;
-        }
+      "examoe::dense::embedding_bwd", Kokkos::TeamPolicy<Space>(space, chunks, Kokkos::AUTO),
+      KOKKOS_LAMBDA(const Team& team) {
+        const int c0 = team.league_rank() * kColumnChunk, c1 = kc::min(d, c0 + kColumnChunk);
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, c0, c1), [&](const int c) {
+          for (int i = 0; i < n; ++i) {
+            const auto g = dout(i, c);
+            dwte(tokens(i), c) += g;
+            dwpe(i % seq, c) += g;
+          }
+        });
       });
 }
 
