@@ -1,9 +1,8 @@
-// The attention core as batched GEMMs per (sequence, head) (dense::attention_core_forward /
-// _backward) against the scalar loops it replaced (tests/attention_scalar.hpp) and a host
-// reference, in float and double, at shapes with one position, odd lengths, one head and eight:
-// the same p, o, dq, dk, dv; exact zeros above the diagonal; one counted GEMM call per product.
-#include "attention_scalar.hpp"
-
+// The attention core as batched GEMMs per (sequence, head) (dense::attention_core_forward_gemm /
+// _backward_gemm) against the row kernels it replaced (attention_core_forward_rows / _backward_rows)
+// and a host reference, in float and double, at shapes with one position, odd lengths, one head
+// and eight: the same p, o, dq, dk, dv; exact zeros above the diagonal; one counted GEMM call per
+// product; and which of the two the model's attention_core_forward takes.
 #include <examoe/impl/dense_kernels.hpp>
 #include <examoe/impl/host_sync.hpp>
 
@@ -112,18 +111,18 @@ void check_shape(const Shape& sh, double tol) {
   auto DQ = upload<S>("dq", N, sh.d, nan_nd), DK = upload<S>("dk", N, sh.d, nan_nd), DV = upload<S>("dv", N, sh.d, nan_nd);
   examoe::impl::GroupedGemm<Space> gemm;
   const auto c0 = examoe::impl::work_counts();
-  dense::attention_core_forward(space, gemm, a, Q, K, V, P, O);
+  dense::attention_core_forward_gemm(space, gemm, a, Q, K, V, P, O);
   const auto c1 = examoe::impl::work_counts();
-  dense::attention_core_backward(space, gemm, a, Q, K, V, P, O, DO, DQ, DK, DV, DS);
+  dense::attention_core_backward_gemm(space, gemm, a, Q, K, V, P, O, DO, DQ, DK, DV, DS);
   const auto c2 = examoe::impl::work_counts();
   space.fence();
   EXPECT_EQ((c1 - c0).gemm_calls, 2) << "q k^T and p v: one batched call each";
   EXPECT_EQ((c2 - c1).gemm_calls, 4) << "p^T dO, dO v^T, ds k, ds^T q: one batched call each";
-  // The scalar loops of before.
+  // The row kernels of before.
   auto P0 = upload<S>("p0", R, sh.T, nan_p), O0 = upload<S>("o0", N, sh.d, nan_nd);
   auto DQ0 = upload<S>("dq0", N, sh.d, nan_nd), DK0 = upload<S>("dk0", N, sh.d, nan_nd), DV0 = upload<S>("dv0", N, sh.d, nan_nd);
-  examoe::test::scalar_attention_core_forward(space, a, Q, K, V, P0, O0);
-  examoe::test::scalar_attention_core_backward(space, a, Q, K, V, P0, O0, DO, DQ0, DK0, DV0);
+  dense::attention_core_forward_rows(space, a, Q, K, V, P0, O0);
+  dense::attention_core_backward_rows(space, a, Q, K, V, P0, O0, DO, DQ0, DK0, DV0);
   space.fence();
 
   const Vd p = download(P), o = download(O), ds = download(DS);
@@ -150,8 +149,8 @@ void check_shape(const Shape& sh, double tol) {
     EXPECT_NEAR(sum, 1.0, 10 * tol);
   }
   // Deterministic: a second run gives the same bits.
-  dense::attention_core_forward(space, gemm, a, Q, K, V, P, O);
-  dense::attention_core_backward(space, gemm, a, Q, K, V, P, O, DO, DQ, DK, DV, DS);
+  dense::attention_core_forward_gemm(space, gemm, a, Q, K, V, P, O);
+  dense::attention_core_backward_gemm(space, gemm, a, Q, K, V, P, O, DO, DQ, DK, DV, DS);
   space.fence();
   EXPECT_EQ(download(O), o);
   EXPECT_EQ(download(DS), ds);
@@ -174,6 +173,50 @@ TEST(Attention, BatchedGemmsMatchScalarLoopsDouble) {
 
 TEST(Attention, BatchedGemmsMatchScalarLoopsFloat) {
   for (const Shape& sh : shapes()) check_shape<float>(sh, 2e-5);
+}
+
+/// attention_core_forward / _backward take the GEMMs on a device, and on a host from
+/// kAttentionGemmMinSeqOnHost positions on (the row kernels below): bitwise the kernel chosen.
+template <class S>
+void check_dispatch(int T) {
+  const Shape sh{2, T, 4, 32};
+  const int N = sh.B * sh.T, R = sh.B * sh.H * sh.T;
+  dense::AttentionShape a;
+  a.batch = sh.B;
+  a.seq = sh.T;
+  a.heads = sh.H;
+  const bool gemms = dense::attention_core_uses_gemms<Space>(a);
+  EXPECT_EQ(gemms, examoe::impl::kc::device_memory_v<Space> || T >= dense::kAttentionGemmMinSeqOnHost);
+  Space space;
+  auto Q = upload<S>("q", N, sh.d, random_vec(5, N * sh.d)), K = upload<S>("k", N, sh.d, random_vec(6, N * sh.d)),
+       V = upload<S>("v", N, sh.d, random_vec(7, N * sh.d)), DO = upload<S>("dO", N, sh.d, random_vec(8, N * sh.d));
+  Mat<S> P("p", R, T), O("o", N, sh.d), DS("ds", R, T), DQ("dq", N, sh.d), DK("dk", N, sh.d), DV("dv", N, sh.d);
+  Mat<S> P1("p1", R, T), O1("o1", N, sh.d), DQ1("dq1", N, sh.d), DK1("dk1", N, sh.d), DV1("dv1", N, sh.d);
+  examoe::impl::GroupedGemm<Space> gemm;
+  const auto c0 = examoe::impl::work_counts();
+  dense::attention_core_forward(space, gemm, a, Q, K, V, P, O);
+  dense::attention_core_backward(space, gemm, a, Q, K, V, P, O, DO, DQ, DK, DV, DS);
+  EXPECT_EQ((examoe::impl::work_counts() - c0).gemm_calls, gemms ? 6 : 0);
+  if (gemms) {
+    dense::attention_core_forward_gemm(space, gemm, a, Q, K, V, P1, O1);
+    dense::attention_core_backward_gemm(space, gemm, a, Q, K, V, P1, O1, DO, DQ1, DK1, DV1, DS);
+  } else {
+    dense::attention_core_forward_rows(space, a, Q, K, V, P1, O1);
+    dense::attention_core_backward_rows(space, a, Q, K, V, P1, O1, DO, DQ1, DK1, DV1);
+  }
+  space.fence();
+  EXPECT_EQ(download(O), download(O1));
+  EXPECT_EQ(download(DQ), download(DQ1));
+  EXPECT_EQ(download(DK), download(DK1));
+  EXPECT_EQ(download(DV), download(DV1));
+}
+
+TEST(Attention, ModelTakesGemmsFromSixtyFourPositionsOnHost) {
+  for (int T : {32, 63, 64, 128}) {
+    SCOPED_TRACE(::testing::Message() << "T=" << T);
+    check_dispatch<float>(T);
+    check_dispatch<double>(T);
+  }
 }
 
 }  // namespace
