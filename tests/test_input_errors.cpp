@@ -180,6 +180,7 @@ const std::map<std::string, std::string>& keys_without_range() {
       {"parallel.reshard_after_forward", "boolean"},
       {"parallel.activation_checkpointing", "boolean"},
       {"log.quiet", "boolean"},
+      {"log.step_phases", "boolean"},
       {"train.seed", "every 64-bit value is a seed"},
       {"data.path", "a file: InputErrors.DataFiles"},
       {"data.format", "a choice: only the wrong-type case exists; each format's bad files: TokenData.*"},
