@@ -15,13 +15,19 @@ namespace examoe::impl::dense {
 
 // ============================================================================ RMSNorm
 
-/// Columns per team of the kernels that sum each column over the rows in order (dg of
-/// RMSNorm, the embedding gradients): consecutive threads take consecutive columns (coalesced
-/// on a GPU), and on a CPU a team's columns stay in cache while its rows are walked.
+// The row kernels take two shapes of the same sums: on a device one team per row with its
+// threads on consecutive columns (coalesced); on a host one thread per row walking its columns
+// (consecutive already, and without a team's cost per row). The column sums (dg of RMSNorm, the
+// embedding gradients) run in chunks of kColumnChunk columns: on a device one thread per
+// column, on a host one thread per chunk walking the rows with the chunk's sums in a local
+// array (rows in order, not columns 1 KiB apart). Every sum keeps its order, so both shapes
+// give the same bits.
+
+/// Columns per chunk of the column sums.
 constexpr int kColumnChunk = 32;
 
 /// y[n][c] = x[n][c] * inv_rms[n] * g[c], inv_rms[n] = 1 / sqrt(mean_c x[n][c]^2 + eps).
-/// One team per row, its threads on consecutive columns.
+/// One row per team (device) or thread (host).
 template <class Space, class X, class G, class Y, class R>
 void rmsnorm_forward(const Space& space, const X& x, const G& g, double eps, const Y& y,
                      const R& inv_rms) {
@@ -30,6 +36,17 @@ void rmsnorm_forward(const Space& space, const X& x, const G& g, double eps, con
   const int n = static_cast<int>(x.extent(0)), d = static_cast<int>(x.extent(1));
   const S e = static_cast<S>(eps);
   const S inv_d = S(1) / static_cast<S>(d > 0 ? d : 1);
+  if constexpr (!kc::device_memory_v<Space>) {
+    Kokkos::parallel_for(
+        "examoe::dense::rmsnorm", Kokkos::RangePolicy<Space>(space, 0, n), KOKKOS_LAMBDA(const int i) {
+          S ss = 0;
+          for (int c = 0; c < d; ++c) ss += x(i, c) * x(i, c);
+          const S r = S(1) / kc::sqrt(ss * inv_d + e);
+          inv_rms(i) = r;
+          for (int c = 0; c < d; ++c) y(i, c) = x(i, c) * r * g(c);
+        });
+    return;
+  }
   Kokkos::parallel_for(
       "examoe::dense::rmsnorm", Kokkos::TeamPolicy<Space>(space, n, Kokkos::AUTO),
       KOKKOS_LAMBDA(const Team& team) {
@@ -43,9 +60,8 @@ void rmsnorm_forward(const Space& space, const X& x, const G& g, double eps, con
       });
 }
 
-/// dx (overwritten) = r * (dy*g - x * r^2 * <dy*g, x> / d) per row, with r = inv_rms (one
-/// team per row); dg[c] += sum_n dy[n][c] * x[n][c] * r[n], each column summing the rows in
-/// order (teams of kColumnChunk columns).
+/// dx (overwritten) = r * (dy*g - x * r^2 * <dy*g, x> / d) per row, with r = inv_rms;
+/// dg[c] += sum_n dy[n][c] * x[n][c] * r[n], each column summing the rows in order.
 template <class Space, class X, class G, class R, class DY, class DX, class DG>
 void rmsnorm_backward(const Space& space, const X& x, const G& g, const R& inv_rms,
                       const DY& dy, const DX& dx, const DG& dg) {
@@ -53,6 +69,27 @@ void rmsnorm_backward(const Space& space, const X& x, const G& g, const R& inv_r
   using Team = typename Kokkos::TeamPolicy<Space>::member_type;
   const int n = static_cast<int>(x.extent(0)), d = static_cast<int>(x.extent(1));
   const S inv_d = S(1) / static_cast<S>(d > 0 ? d : 1);
+  const int chunks = (d + kColumnChunk - 1) / kColumnChunk;
+  if constexpr (!kc::device_memory_v<Space>) {
+    Kokkos::parallel_for(
+        "examoe::dense::rmsnorm_bwd_dx", Kokkos::RangePolicy<Space>(space, 0, n), KOKKOS_LAMBDA(const int i) {
+          const S r = inv_rms(i);
+          S dot = 0;
+          for (int c = 0; c < d; ++c) dot += dy(i, c) * g(c) * x(i, c);
+          const S coef = r * r * dot * inv_d;
+          for (int c = 0; c < d; ++c) dx(i, c) = r * (dy(i, c) * g(c) - x(i, c) * coef);
+        });
+    Kokkos::parallel_for(
+        "examoe::dense::rmsnorm_bwd_dg", Kokkos::RangePolicy<Space>(space, 0, chunks), KOKKOS_LAMBDA(const int k) {
+          const int c0 = k * kColumnChunk, w = kc::min(d, c0 + kColumnChunk) - c0;
+          S acc[kColumnChunk];
+          for (int c = 0; c < w; ++c) acc[c] = 0;
+          for (int i = 0; i < n; ++i)
+            for (int c = 0; c < w; ++c) acc[c] += dy(i, c0 + c) * x(i, c0 + c) * inv_rms(i);
+          for (int c = 0; c < w; ++c) dg(c0 + c) += acc[c];
+        });
+    return;
+  }
   Kokkos::parallel_for(
       "examoe::dense::rmsnorm_bwd_dx", Kokkos::TeamPolicy<Space>(space, n, Kokkos::AUTO),
       KOKKOS_LAMBDA(const Team& team) {
@@ -65,7 +102,6 @@ void rmsnorm_backward(const Space& space, const X& x, const G& g, const R& inv_r
         Kokkos::parallel_for(Kokkos::TeamThreadRange(team, d),
                              [&](const int c) { dx(i, c) = r * (dy(i, c) * g(c) - x(i, c) * coef); });
       });
-  const int chunks = (d + kColumnChunk - 1) / kColumnChunk;
   Kokkos::parallel_for(
       "examoe::dense::rmsnorm_bwd_dg", Kokkos::TeamPolicy<Space>(space, chunks, Kokkos::AUTO),
       KOKKOS_LAMBDA(const Team& team) {
@@ -80,12 +116,20 @@ void rmsnorm_backward(const Space& space, const X& x, const G& g, const R& inv_r
 
 // ========================================================================== Embedding
 
-/// out[n] = wte[tokens[n]] + wpe[n % seq], one team per row, its threads on consecutive columns.
+/// out[n] = wte[tokens[n]] + wpe[n % seq], one row per team (device) or thread (host).
 template <class Space, class T, class W, class O>
 void embedding_forward(const Space& space, const T& tokens, int seq, const W& wte,
                        const W& wpe, const O& out) {
   using Team = typename Kokkos::TeamPolicy<Space>::member_type;
   const int n = static_cast<int>(tokens.extent(0)), d = static_cast<int>(out.extent(1));
+  if constexpr (!kc::device_memory_v<Space>) {
+    Kokkos::parallel_for(
+        "examoe::dense::embedding", Kokkos::RangePolicy<Space>(space, 0, n), KOKKOS_LAMBDA(const int i) {
+          const int tok = tokens(i), s = i % seq;
+          for (int c = 0; c < d; ++c) out(i, c) = wte(tok, c) + wpe(s, c);
+        });
+    return;
+  }
   Kokkos::parallel_for(
       "examoe::dense::embedding", Kokkos::TeamPolicy<Space>(space, n, Kokkos::AUTO),
       KOKKOS_LAMBDA(const Team& team) {
@@ -95,14 +139,29 @@ void embedding_forward(const Space& space, const T& tokens, int seq, const W& wt
 }
 
 /// dwte[tokens[n]] += dout[n], dwpe[n % seq] += dout[n]. Every column c scans the rows in
-/// order (teams of kColumnChunk columns): every (row of dwte/dwpe, c) is summed over its tokens
-/// in increasing n, without atomics, in O(N d) work whatever the vocabulary size.
+/// order (in chunks of kColumnChunk columns): every (row of dwte/dwpe, c) is summed over its
+/// tokens in increasing n, without atomics, in O(N d) work whatever the vocabulary size.
 template <class Space, class T, class DO, class DW>
 void embedding_backward(const Space& space, const T& tokens, int seq, const DO& dout,
                         const DW& dwte, const DW& dwpe) {
   using Team = typename Kokkos::TeamPolicy<Space>::member_type;
   const int n = static_cast<int>(tokens.extent(0)), d = static_cast<int>(dout.extent(1));
   const int chunks = (d + kColumnChunk - 1) / kColumnChunk;
+  if constexpr (!kc::device_memory_v<Space>) {
+    Kokkos::parallel_for(
+        "examoe::dense::embedding_bwd", Kokkos::RangePolicy<Space>(space, 0, chunks), KOKKOS_LAMBDA(const int k) {
+          const int c0 = k * kColumnChunk, c1 = kc::min(d, c0 + kColumnChunk);
+          for (int i = 0; i < n; ++i) {
+            const int t = tokens(i), s = i % seq;
+            for (int c = c0; c < c1; ++c) {
+              const auto g = dout(i, c);
+              dwte(t, c) += g;
+              dwpe(s, c) += g;
+            }
+          }
+        });
+    return;
+  }
   Kokkos::parallel_for(
       "examoe::dense::embedding_bwd", Kokkos::TeamPolicy<Space>(space, chunks, Kokkos::AUTO),
       KOKKOS_LAMBDA(const Team& team) {
