@@ -75,7 +75,7 @@ template <class Space, class A, class B, class Y>
 void add(const Space& space, const A& a, const B& b, const Y& y) {
   using Team = typename Kokkos::TeamPolicy<Space>::member_type;
   const int n = static_cast<int>(y.extent(0)), d = static_cast<int>(y.extent(1));
-  if constexpr (!impl::kc::device_memory_v<Space>) {  // a host thread per row walks it in order
+  if (!impl::kc::device_memory_v<Space>) {  // a host thread per row walks it in order
     Kokkos::parallel_for(
         "examoe::model::residual", Kokkos::RangePolicy<Space>(space, 0, n), KOKKOS_LAMBDA(const int i) {
           for (int c = 0; c < d; ++c) y(i, c) = a(i, c) + b(i, c);

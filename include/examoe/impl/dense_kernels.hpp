@@ -36,7 +36,7 @@ void rmsnorm_forward(const Space& space, const X& x, const G& g, double eps, con
   const int n = static_cast<int>(x.extent(0)), d = static_cast<int>(x.extent(1));
   const S e = static_cast<S>(eps);
   const S inv_d = S(1) / static_cast<S>(d > 0 ? d : 1);
-  if constexpr (!kc::device_memory_v<Space>) {
+  if (!kc::device_memory_v<Space>) {  // (a plain if: nvcc compiles both shapes of the kernel)
     Kokkos::parallel_for(
         "examoe::dense::rmsnorm", Kokkos::RangePolicy<Space>(space, 0, n), KOKKOS_LAMBDA(const int i) {
           S ss = 0;
@@ -70,7 +70,7 @@ void rmsnorm_backward(const Space& space, const X& x, const G& g, const R& inv_r
   const int n = static_cast<int>(x.extent(0)), d = static_cast<int>(x.extent(1));
   const S inv_d = S(1) / static_cast<S>(d > 0 ? d : 1);
   const int chunks = (d + kColumnChunk - 1) / kColumnChunk;
-  if constexpr (!kc::device_memory_v<Space>) {
+  if (!kc::device_memory_v<Space>) {  // (a plain if: nvcc compiles both shapes of the kernel)
     Kokkos::parallel_for(
         "examoe::dense::rmsnorm_bwd_dx", Kokkos::RangePolicy<Space>(space, 0, n), KOKKOS_LAMBDA(const int i) {
           const S r = inv_rms(i);
@@ -122,7 +122,7 @@ void embedding_forward(const Space& space, const T& tokens, int seq, const W& wt
                        const W& wpe, const O& out) {
   using Team = typename Kokkos::TeamPolicy<Space>::member_type;
   const int n = static_cast<int>(tokens.extent(0)), d = static_cast<int>(out.extent(1));
-  if constexpr (!kc::device_memory_v<Space>) {
+  if (!kc::device_memory_v<Space>) {  // (a plain if: nvcc compiles both shapes of the kernel)
     Kokkos::parallel_for(
         "examoe::dense::embedding", Kokkos::RangePolicy<Space>(space, 0, n), KOKKOS_LAMBDA(const int i) {
           const int tok = tokens(i), s = i % seq;
@@ -147,7 +147,7 @@ void embedding_backward(const Space& space, const T& tokens, int seq, const DO& 
   using Team = typename Kokkos::TeamPolicy<Space>::member_type;
   const int n = static_cast<int>(tokens.extent(0)), d = static_cast<int>(dout.extent(1));
   const int chunks = (d + kColumnChunk - 1) / kColumnChunk;
-  if constexpr (!kc::device_memory_v<Space>) {
+  if (!kc::device_memory_v<Space>) {  // (a plain if: nvcc compiles both shapes of the kernel)
     Kokkos::parallel_for(
         "examoe::dense::embedding_bwd", Kokkos::RangePolicy<Space>(space, 0, chunks), KOKKOS_LAMBDA(const int k) {
           const int c0 = k * kColumnChunk, c1 = kc::min(d, c0 + kColumnChunk);
