@@ -182,6 +182,7 @@ const std::map<std::string, std::string>& keys_without_range() {
       {"parallel.overlap_exchange", "boolean; on and off are bitwise the same: Ragged.OverlapIsBitwise*"},
       {"model.allow_tf32", "boolean (CUDA builds only)"},
       {"log.quiet", "boolean"},
+      {"log.step_phases", "boolean"},
       {"train.seed", "every 64-bit value is a seed"},
       {"data.path", "a file: InputErrors.DataFiles"},
       {"data.format", "a choice: only the wrong-type case exists; each format's bad files: TokenData.*"},

@@ -293,3 +293,73 @@ TEST(Trainer, StepByStepMatchesTrain) {
   EXPECT_FALSE(r.stopped_nonfinite);
   examoe::test::remove_shared_dir(dir);
 }
+
+/// The step's phases in the progress record (with `other`, the rest of step_s) and the line of
+/// shares before the summary, against hand-written text.
+TEST(Trainer, StepPhasesRecordAndLine) {
+  examoe::impl::ProgressPoint p = sample_point();
+  p.has_step_phases = true;
+  p.step_phase_s[static_cast<int>(examoe::StepPhase::moe)] = 0.5;
+  p.step_phase_s[static_cast<int>(examoe::StepPhase::attention)] = 0.125;
+  p.step_s = 1.0;
+  const auto j = examoe::impl::progress_record(p);
+  EXPECT_EQ(j["step_s"].dump(), "1.0");
+  EXPECT_EQ(j["step_phase_s"].dump(),
+            "{\"attention\":0.125,\"data\":0.0,\"embedding\":0.0,\"expert_allreduce\":0.0,\"fsdp_gather\":0.0,"
+            "\"fsdp_reduce_scatter\":0.0,\"loss\":0.0,\"moe\":0.5,\"norms\":0.0,\"optimizer\":0.0,\"other\":0.375,"
+            "\"projections\":0.0}");
+  examoe::TrainResult r;
+  r.first_step = 0;
+  r.last_step = 4;
+  r.has_step_phases = true;
+  r.step_phase_s[static_cast<int>(examoe::StepPhase::moe)] = 2.0;
+  r.step_phase_s[static_cast<int>(examoe::StepPhase::projections)] = 1.0;
+  r.step_phase_s[static_cast<int>(examoe::StepPhase::optimizer)] = 0.5;
+  r.step_phase_other_s = 0.5;
+  r.step_seconds = 4.0;
+  std::ostringstream os;
+  examoe::impl::write_step_phases(os, r);
+  EXPECT_EQ(os.str(),
+            "  step phases (rank 0, 4 steps, 1 s per step): moe 50.0 %, projections 25.0 %, optimizer 12.5 %, "
+            "data 0.0 %, embedding 0.0 %, norms 0.0 %, attention 0.0 %, loss 0.0 %, fsdp_gather 0.0 %, "
+            "fsdp_reduce_scatter 0.0 %, expert_allreduce 0.0 %, other 12.5 %\n");
+  EXPECT_EQ(examoe::impl::summary_record(r, 4)["step_phase_s"]["other"].dump(), "0.5");
+  r.has_step_phases = false;  // log.step_phases false: no line, no field
+  std::ostringstream none;
+  examoe::impl::write_step_phases(none, r);
+  EXPECT_EQ(none.str(), "");
+  EXPECT_FALSE(examoe::impl::summary_record(r, 4).contains("step_phase_s"));
+}
+
+/// A run times every part of its steps (the phases and `other` add up to the steps' time, the
+/// model's parts all took time) and the timing changes no result; log.step_phases false times
+/// nothing.
+TEST(Trainer, StepPhasesOfARun) {
+  const std::string dir = examoe::test::make_shared_dir("trainer", "phases");
+  examoe::TrainConfig cfg = examoe::test::tiny_train_config();
+  cfg.train.steps = 4;
+  cfg.checkpoint.dir = dir;
+  const examoe::TrainResult on = examoe::train(cfg, MPI_COMM_WORLD, nullptr);
+  ASSERT_TRUE(on.has_step_phases);
+  double sum = on.step_phase_other_s;
+  for (double s : on.step_phase_s) {
+    EXPECT_GE(s, 0.0);
+    sum += s;
+  }
+  EXPECT_GT(on.step_seconds, 0.0);
+  EXPECT_NEAR(sum, on.step_seconds, 1e-9 * on.step_seconds + 1e-12);
+  EXPECT_LE(on.step_seconds, on.seconds);
+  for (auto ph : {examoe::StepPhase::data, examoe::StepPhase::embedding, examoe::StepPhase::norms,
+                  examoe::StepPhase::attention, examoe::StepPhase::projections, examoe::StepPhase::loss,
+                  examoe::StepPhase::moe, examoe::StepPhase::fsdp_gather, examoe::StepPhase::fsdp_reduce_scatter,
+                  examoe::StepPhase::optimizer})
+    EXPECT_GT(on.step_phase_s[static_cast<int>(ph)], 0.0) << examoe::step_phase_name(ph);
+  cfg.log.step_phases = false;
+  const examoe::TrainResult off = examoe::train(cfg, MPI_COMM_WORLD, nullptr);
+  EXPECT_FALSE(off.has_step_phases);
+  EXPECT_EQ(off.step_seconds, 0.0);
+  for (double s : off.step_phase_s) EXPECT_EQ(s, 0.0);
+  EXPECT_EQ(off.losses, on.losses);  // bitwise: timing changes nothing
+  EXPECT_EQ(off.final.loss, on.final.loss);
+  examoe::test::remove_shared_dir(dir);
+}

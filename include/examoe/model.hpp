@@ -6,11 +6,39 @@
 
 #include <Kokkos_Core.hpp>
 
+#include <array>
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
 
 namespace examoe {
+namespace impl {
+template <class Space>
+class GroupedGemm;
+}
+
+/// The parts of one training step (docs/metrics.md, `step_phase_s`): the model times all but
+/// `data`'s batch reading and `optimizer`, which the trainer adds.
+enum class StepPhase : int {
+  data = 0,             ///< the batch: reading it, counting targets, uploading tokens
+  embedding,            ///< token + position embeddings, forward and backward
+  norms,                ///< RMSNorms and residual adds, forward and backward
+  attention,            ///< attention scores, softmax and their product with V (and backward)
+  projections,          ///< q, k, v, o and LM-head GEMMs (and their backward)
+  loss,                 ///< cross-entropy and its gradient
+  moe,                  ///< the MoE layers, forward and backward (their own phases: moe_phase_s)
+  fsdp_gather,          ///< FSDP all-gathers of the units' parameters
+  fsdp_reduce_scatter,  ///< FSDP gradient buffers and their reduce-scatters
+  expert_allreduce,     ///< expert gradients summed over the expert-data-parallel group
+  optimizer,            ///< gradient norm, clipping and the AdamW update
+  count
+};
+constexpr int kNumStepPhases = static_cast<int>(StepPhase::count);
+/// "data", "embedding", ..., as in the metrics.
+const char* step_phase_name(StepPhase p);
+/// Seconds per StepPhase.
+using StepPhaseSeconds = std::array<double, kNumStepPhases>;
 
 /// The MoE decoder: token embedding + learned positions, L pre-norm blocks
 /// `h = x + Attn(RMSNorm(x)); x = h + MoE(RMSNorm(h))`, final RMSNorm, LM head.
@@ -156,6 +184,14 @@ class Model {
   const execution_space& space() const { return space_; }
   MemoryReport memory() const;
 
+  /// Times the phases of every forward_backward / evaluate from now on (host clocks; on a GPU
+  /// every phase then ends with a counted fence, so leave it off where that matters). Off by
+  /// default: no clock read, no fence.
+  void set_phase_timing(bool on) { time_phases_ = on; }
+  /// The seconds per phase of the last forward_backward or evaluate (zeros when timing is off;
+  /// `optimizer` is always 0 here, the trainer's).
+  const StepPhaseSeconds& phase_seconds() const { return phase_s_; }
+
   /// The optimizer's tensors in their one order: the FSDP units, then per MoE layer w1, w2
   /// (and w3 for SwiGLU). AdamW tensor i is param_table()[i]; optimizer registration, expert
   /// migration and checkpoint I/O all walk this table.
@@ -190,6 +226,8 @@ class Model {
   void block_backward(int l, std::uint64_t step);
   void embedding_backward();
   void reduce_expert_grads();
+  /// The time since the previous tick belongs to `ph` (when timing is on).
+  void tick(StepPhase ph);
 
   ModelConfig cfg_;
   ParallelConfig par_;
@@ -208,6 +246,11 @@ class Model {
   vector rf_;
   ivector tokens_, targets_, correct_;
   matrix dq_, dk_, dv_, do_;
+  matrix ds_;  // attention score gradients [rows*heads][seq]
+  std::unique_ptr<impl::GroupedGemm<execution_space>> attn_gemm_;  // the batched attention GEMMs
+  bool time_phases_ = false;
+  StepPhaseSeconds phase_s_{};
+  std::chrono::steady_clock::time_point tick_;
   int rows_ = 0, batch_ = 0;
   std::int64_t allocations_ = 0;
 };

@@ -57,6 +57,9 @@ struct LogOptions {
   int eval_interval = 500;  ///< validation every N steps (and at the end)
   std::string metrics;      ///< JSON-lines file (rank 0), empty = none
   bool quiet = false;
+  /// Time the phases of every training step (Model::set_phase_timing): `step_phase_s` in the
+  /// metrics, a line of shares before the summary. On a GPU each phase ends with a fence.
+  bool step_phases = true;
 };
 
 struct CheckpointOptions {
@@ -148,6 +151,11 @@ struct TrainResult {
   EvalResult initial, final;
   double unigram_entropy = 0;
   double seconds = 0, tokens_per_second = 0;
+  /// log.step_phases: rank 0's seconds per phase summed over the steps run, and the steps' own
+  /// time (step_phase_other_s: the part of it outside every phase).
+  bool has_step_phases = false;
+  StepPhaseSeconds step_phase_s{};
+  double step_phase_other_s = 0, step_seconds = 0;
   MemoryReport memory;
 };
 

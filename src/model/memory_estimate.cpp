@@ -81,10 +81,10 @@ MemoryReport estimate_memory(const ModelConfig& cfg, const ParallelConfig& par, 
   const double inputs = (L + 1) * r * d;
   m.activations_without_checkpointing = saturate((per_block * L + inputs) * sb);
   m.activations = saturate((per_block * (par.activation_checkpointing ? 1 : L) + inputs) * sb);
-  // Logits, 8 activation-gradient/scratch matrices, and per MoE layer its router state and
-  // the rows of its k assignments per token (dispatch, expert input/output and their
-  // gradients, hidden activations).
-  m.buffers = saturate((r * V + 8 * r * d + r + L * moe) * sb);
+  // Logits, 8 activation-gradient/scratch matrices, the attention score gradients (like p),
+  // and per MoE layer its router state and the rows of its k assignments per token
+  // (dispatch, expert input/output and their gradients, hidden activations).
+  m.buffers = saturate((r * V + 8 * r * d + r * H * Sq + r + L * moe) * sb);
   return m;
 }
 

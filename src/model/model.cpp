@@ -15,6 +15,24 @@
 
 namespace examoe {
 
+const char* step_phase_name(StepPhase p) {
+  switch (p) {
+    case StepPhase::data: return "data";
+    case StepPhase::embedding: return "embedding";
+    case StepPhase::norms: return "norms";
+    case StepPhase::attention: return "attention";
+    case StepPhase::projections: return "projections";
+    case StepPhase::loss: return "loss";
+    case StepPhase::moe: return "moe";
+    case StepPhase::fsdp_gather: return "fsdp_gather";
+    case StepPhase::fsdp_reduce_scatter: return "fsdp_reduce_scatter";
+    case StepPhase::expert_allreduce: return "expert_allreduce";
+    case StepPhase::optimizer: return "optimizer";
+    case StepPhase::count: break;
+  }
+  return "?";
+}
+
 void ModelConfig::validate() const {
   const std::string f = "examoe::ModelConfig::validate: ";
   auto positive = [&](const char* name, int v) {
@@ -52,13 +70,22 @@ template <class V>
 auto head(const V& v, int n) {
   return impl::head(v, static_cast<std::size_t>(n));
 }
-/// y = a + b (element-wise); y may alias a.
+/// y = a + b (element-wise: a team per row on a device, a thread per row on a host); y may alias a.
 template <class Space, class A, class B, class Y>
 void add(const Space& space, const A& a, const B& b, const Y& y) {
+  using Team = typename Kokkos::TeamPolicy<Space>::member_type;
   const int n = static_cast<int>(y.extent(0)), d = static_cast<int>(y.extent(1));
+  if (!impl::kc::device_memory_v<Space>) {  // a host thread per row walks it in order
+    Kokkos::parallel_for(
+        "examoe::model::residual", Kokkos::RangePolicy<Space>(space, 0, n), KOKKOS_LAMBDA(const int i) {
+          for (int c = 0; c < d; ++c) y(i, c) = a(i, c) + b(i, c);
+        });
+    return;
+  }
   Kokkos::parallel_for(
-      "examoe::model::residual", Kokkos::RangePolicy<Space>(space, 0, n), KOKKOS_LAMBDA(const int i) {
-        for (int c = 0; c < d; ++c) y(i, c) = a(i, c) + b(i, c);
+      "examoe::model::residual", Kokkos::TeamPolicy<Space>(space, n, Kokkos::AUTO), KOKKOS_LAMBDA(const Team& team) {
+        const int i = team.league_rank();
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, d), [&](const int c) { y(i, c) = a(i, c) + b(i, c); });
       });
 }
 /// Sum of an int view (free function: nvcc forbids device lambdas in private members).
@@ -93,7 +120,8 @@ struct Model<S>::Acts {
 template <class S>
 Model<S>::Model(const ModelConfig& cfg, const ParallelConfig& par, Mesh& mesh, std::uint64_t seed,
                 const execution_space& space)
-    : cfg_(cfg), par_(par), mesh_(mesh), space_(space) {
+    : cfg_(cfg), par_(par), mesh_(mesh), space_(space),
+      attn_gemm_(std::make_unique<impl::GroupedGemm<execution_space>>()) {
   impl::agree(mesh_.world(), [&] { cfg_.validate(); });
   register_dense_parameters(seed);
   build_moe_layers(seed);
@@ -225,6 +253,7 @@ void Model<S>::prepare(const Batch& b) {
   grow(dx_, "dx", n, d); grow(t1_, "t1", n, d); grow(t2_, "t2", n, d); grow(f_, "f", n, d);
   grow(logits_, "logits", n, V);
   grow(dq_, "dq", n, d); grow(dk_, "dk", n, d); grow(dv_, "dv", n, d); grow(do_, "dO", n, d);
+  grow(ds_, "ds", n * H, Sq);
   growv(rf_, "rf", n);
   growv(tokens_, "tokens", n); growv(targets_, "targets", n); growv(correct_, "correct", n);
   if (rows_ > 0) {
@@ -244,6 +273,15 @@ void Model<S>::prepare(const Batch& b) {
 }
 
 template <class S>
+void Model<S>::tick(StepPhase ph) {
+  if (!time_phases_) return;
+  impl::host_sync(space_);  // free on host spaces; on a GPU the fence that makes the clock mean it
+  const auto now = std::chrono::steady_clock::now();
+  phase_s_[static_cast<int>(ph)] += std::chrono::duration<double>(now - tick_).count();
+  tick_ = now;
+}
+
+template <class S>
 void Model<S>::block_forward(int l, Acts& A, bool training) {
   auto& F = *fsdp_;
   const BlockParams& P = bp_[l];
@@ -251,14 +289,23 @@ void Model<S>::block_forward(int l, Acts& A, bool training) {
   const execution_space& sp = space_;
   auto x = rows(xin_[l], n);
   dk::rmsnorm_forward(sp, x, F.param1(P.attn_norm), cfg_.norm_eps, rows(A.a, n), head(A.r1, n));
-  dk::attention_forward(sp, attention_shape(batch_, cfg_), rows(A.a, n), F.param2(P.wq), F.param2(P.wk),
-                        F.param2(P.wv), F.param2(P.wo), rows(A.q, n), rows(A.k, n), rows(A.v, n),
-                        rows(A.p, n * cfg_.n_heads), rows(A.o, n), rows(t1_, n));
+  tick(StepPhase::norms);
+  dk::attention_project_qkv(sp, rows(A.a, n), F.param2(P.wq), F.param2(P.wk), F.param2(P.wv), rows(A.q, n),
+                            rows(A.k, n), rows(A.v, n));
+  tick(StepPhase::projections);
+  dk::attention_core_forward(sp, *attn_gemm_, attention_shape(batch_, cfg_), rows(A.q, n), rows(A.k, n),
+                             rows(A.v, n), rows(A.p, n * cfg_.n_heads), rows(A.o, n));
+  tick(StepPhase::attention);
+  impl::kc::gemm(sp, "N", "N", S(1), rows(A.o, n), F.param2(P.wo), S(0), rows(t1_, n));
+  tick(StepPhase::projections);
   add(sp, x, rows(t1_, n), rows(A.h, n));
   dk::rmsnorm_forward(sp, rows(A.h, n), F.param1(P.moe_norm), cfg_.norm_eps, rows(A.m, n), head(A.r2, n));
+  tick(StepPhase::norms);
   Kokkos::deep_copy(sp, moe_[l]->router_weight(), F.param2(P.router));
   moe_[l]->forward(rows(A.m, n), rows(t2_, n), training);
+  tick(StepPhase::moe);
   add(sp, rows(A.h, n), rows(t2_, n), rows(xin_[l + 1], n));
+  tick(StepPhase::norms);
 }
 
 template <class S>
@@ -311,10 +358,16 @@ template <class S>
 StepStats Model<S>::run(const Batch& local, long long global_valid, bool training,
                         std::uint64_t step, std::vector<int>* correct,
                         std::vector<float>* logits_out) {
+  phase_s_.fill(0.0);
+  if (time_phases_) {
+    impl::host_sync(space_);
+    tick_ = std::chrono::steady_clock::now();
+  }
   {
     impl::CollectiveLabel label("model.check_batch");
     impl::agree(mesh_.world(), [&] { prepare(local); });
   }
+  tick(StepPhase::data);
   StepStats st;
   forward_blocks(training, step, st);
   head_forward_loss(global_valid, st, correct, logits_out);
@@ -323,10 +376,12 @@ StepStats Model<S>::run(const Batch& local, long long global_valid, bool trainin
     return st;
   }
   for (int l = 0; l < cfg_.n_layers; ++l) moe_[l]->zero_grad();
+  tick(StepPhase::moe);
   head_backward();
   for (int l = cfg_.n_layers - 1; l >= 0; --l) block_backward(l, step);
   embedding_backward();
   reduce_expert_grads();
+  tick(StepPhase::expert_allreduce);
   impl::count_host_sync();
   Kokkos::fence();
   return st;
@@ -339,17 +394,23 @@ void Model<S>::forward_blocks(bool training, std::uint64_t step, StepStats& st) 
   auto& F = *fsdp_;
   const int n = rows_;
   F.gather(u_embed_);
+  tick(StepPhase::fsdp_gather);
   if (n > 0)
     dk::embedding_forward(space_, head(tokens_, n), cfg_.seq_len, F.param2(p_wte_), F.param2(p_wpe_),
                           rows(xin_[0], n));
+  tick(StepPhase::embedding);
   if (par_.reshard_after_forward || !training) F.release(u_embed_);
+  tick(StepPhase::fsdp_gather);
   for (int l = 0; l < cfg_.n_layers; ++l) {
     F.gather(u_block_[l]);
+    tick(StepPhase::fsdp_gather);
     if (training) moe_[l]->set_step(step);
     block_forward(l, *acts_[par_.activation_checkpointing ? 0 : l], training);
     if (par_.reshard_after_forward || !training) F.release(u_block_[l]);
+    tick(StepPhase::fsdp_gather);
     st.aux += moe_[l]->losses().aux;
     st.z += moe_[l]->losses().z;
+    tick(StepPhase::moe);
   }
 }
 
@@ -361,9 +422,12 @@ void Model<S>::head_forward_loss(long long global_valid, StepStats& st, std::vec
   auto& F = *fsdp_;
   const int n = rows_, L = cfg_.n_layers;
   F.gather(u_head_);
+  tick(StepPhase::fsdp_gather);
   dk::rmsnorm_forward(space_, rows(xin_[L], n), F.param1(p_fnorm_), cfg_.norm_eps, rows(f_, n), head(rf_, n));
+  tick(StepPhase::norms);
   auto lg = rows(logits_, n);
   impl::kc::gemm(space_, "N", "N", S(1), rows(f_, n), F.param2(p_head_), S(0), lg);
+  tick(StepPhase::projections);
   const double scale = global_valid > 0 ? 1.0 / static_cast<double>(global_valid) : 0.0;
   long long valid = 0;
   if (logits_out) {  // before cross_entropy turns them into gradients in place
@@ -382,6 +446,7 @@ void Model<S>::head_forward_loss(long long global_valid, StepStats& st, std::vec
   } else if (correct) {
     correct->clear();
   }
+  tick(StepPhase::loss);
 }
 
 /// Backward of the LM head and final norm from dlogits (in logits_) into dx_.
@@ -390,15 +455,19 @@ void Model<S>::head_backward() {
   auto& F = *fsdp_;
   const int n = rows_, L = cfg_.n_layers;
   F.begin_grad(space_, u_head_);
+  tick(StepPhase::fsdp_reduce_scatter);
   if (n > 0) {
     auto lg = rows(logits_, n);
     impl::kc::gemm(space_, "T", "N", S(1), rows(f_, n), lg, S(1), F.grad2(p_head_));
     impl::kc::gemm(space_, "N", "T", S(1), lg, F.param2(p_head_), S(0), rows(t1_, n));
+    tick(StepPhase::projections);
     dk::rmsnorm_backward(space_, rows(xin_[L], n), F.param1(p_fnorm_), head(rf_, n), rows(t1_, n),
                          rows(dx_, n), F.grad1(p_fnorm_));
+    tick(StepPhase::norms);
   }
   F.reduce_scatter_grad(u_head_);
   F.release(u_head_);
+  tick(StepPhase::fsdp_reduce_scatter);
 }
 
 /// Backward of block l (recomputing its forward first with activation checkpointing):
@@ -413,31 +482,44 @@ void Model<S>::block_backward(int l, std::uint64_t step) {
   Acts& A = *acts_[ckpt ? 0 : l];
   auto dx = rows(dx_, n);
   F.gather(u_block_[l]);
+  tick(StepPhase::fsdp_gather);
   if (ckpt) {  // recompute the block (same router noise step) instead of storing it
     moe_[l]->set_step(step);
     block_forward(l, A, true);
   }
   F.begin_grad(sp, u_block_[l]);
+  tick(StepPhase::fsdp_reduce_scatter);
   // x_out = h + moe(m): dh = dx + rmsnorm2^T(moe^T(dx))
   auto dm = rows(t1_, n);
   moe_[l]->backward(dx, dm);
+  tick(StepPhase::moe);
   auto dh = rows(t2_, n);
   dk::rmsnorm_backward(sp, rows(A.h, n), F.param1(P.moe_norm), head(A.r2, n), dm, dh,
                        F.grad1(P.moe_norm));
   add(sp, dh, dx, dh);
+  tick(StepPhase::norms);
   // h = x + attn(a): dx = dh + rmsnorm1^T(attn^T(dh))
   auto da = rows(t1_, n);
-  dk::attention_backward(sp, attention_shape(batch_, cfg_), rows(A.a, n), F.param2(P.wq), F.param2(P.wk),
-                         F.param2(P.wv), F.param2(P.wo), rows(A.q, n), rows(A.k, n), rows(A.v, n),
-                         rows(A.p, n * H), rows(A.o, n), dh, da, F.grad2(P.wq), F.grad2(P.wk),
-                         F.grad2(P.wv), F.grad2(P.wo), rows(dq_, n), rows(dk_, n), rows(dv_, n),
-                         rows(do_, n));
+  const auto sh = attention_shape(batch_, cfg_);
+  auto dO = rows(do_, n), dq = rows(dq_, n), dkk = rows(dk_, n), dv = rows(dv_, n);
+  impl::kc::gemm(sp, "N", "T", S(1), dh, F.param2(P.wo), S(0), dO);  // out = o wo
+  impl::kc::gemm(sp, "T", "N", S(1), rows(A.o, n), dh, S(1), F.grad2(P.wo));
+  tick(StepPhase::projections);
+  dk::attention_core_backward(sp, *attn_gemm_, sh, rows(A.q, n), rows(A.k, n), rows(A.v, n), rows(A.p, n * H),
+                              rows(A.o, n), dO, dq, dkk, dv, rows(ds_, n * H));
+  tick(StepPhase::attention);
+  dk::attention_project_qkv_backward(sp, rows(A.a, n), F.param2(P.wq), F.param2(P.wk), F.param2(P.wv), dq, dkk,
+                                     dv, da, F.grad2(P.wq), F.grad2(P.wk), F.grad2(P.wv));
+  tick(StepPhase::projections);
   dk::rmsnorm_backward(sp, rows(xin_[l], n), F.param1(P.attn_norm), head(A.r1, n), da, dx,
                        F.grad1(P.attn_norm));
   add(sp, dx, dh, dx);
+  tick(StepPhase::norms);
   Kokkos::deep_copy(sp, F.grad2(P.router), moe_[l]->router_grad());
+  tick(StepPhase::moe);
   F.reduce_scatter_grad(u_block_[l]);
   F.release(u_block_[l]);
+  tick(StepPhase::fsdp_reduce_scatter);
 }
 
 /// Backward of the embeddings from dx_.
@@ -446,12 +528,16 @@ void Model<S>::embedding_backward() {
   auto& F = *fsdp_;
   const int n = rows_;
   F.gather(u_embed_);
+  tick(StepPhase::fsdp_gather);
   F.begin_grad(space_, u_embed_);
+  tick(StepPhase::fsdp_reduce_scatter);
   if (n > 0)
     dk::embedding_backward(space_, head(tokens_, n), cfg_.seq_len, rows(dx_, n), F.grad2(p_wte_),
                            F.grad2(p_wpe_));
+  tick(StepPhase::embedding);
   F.reduce_scatter_grad(u_embed_);
   F.release(u_embed_);
+  tick(StepPhase::fsdp_reduce_scatter);
 }
 
 /// Expert gradients: summed over the replicas of this expert-parallel group.

@@ -260,6 +260,10 @@ const std::vector<ConfigKey>& config_keys() {
       EXAMOE_KEY_INT("log.eval_interval", log.eval_interval, "Validation every N steps (and at the end)"),
       EXAMOE_KEY_STR("log.metrics", log.metrics, "Append JSON lines of metrics to this file (rank 0)"),
       EXAMOE_KEY_BOOL("log.quiet", log.quiet, "Only the summary"),
+      recorded_when_set(EXAMOE_KEY_BOOL("log.step_phases", log.step_phases,
+                                        "Time each training step's phases (attention, projections, MoE, FSDP, "
+                                        "optimizer, ...) for the metrics and the summary; on a GPU this fences once "
+                                        "per phase")),
       EXAMOE_KEY_STR("checkpoint.dir", checkpoint.dir, "Directory of the step-<N>.h5 checkpoints"),
       EXAMOE_KEY_INT("checkpoint.interval", checkpoint.interval, "Checkpoint every N steps (0 = only on SIGTERM/SIGUSR1)"),
       EXAMOE_KEY_INT("checkpoint.keep", checkpoint.keep, "Keep the newest K checkpoints of this run (other runs' are never pruned)"),

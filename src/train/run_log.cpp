@@ -12,6 +12,7 @@
 
 #include <Kokkos_Core.hpp>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -64,6 +65,17 @@ nlohmann::json progress_record(const ProgressPoint& p) {
   nlohmann::json phs;
   for (int i = 0; i < kNumPhases; ++i) phs[phase_name(static_cast<Phase>(i))] = p.phase_s[i];
   j["moe_phase_s"] = phs;
+  if (p.has_step_phases) {
+    nlohmann::json sp;
+    double in_phases = 0;
+    for (int i = 0; i < kNumStepPhases; ++i) {
+      sp[step_phase_name(static_cast<StepPhase>(i))] = p.step_phase_s[i];
+      in_phases += p.step_phase_s[i];
+    }
+    sp["other"] = std::max(0.0, p.step_s - in_phases);
+    j["step_phase_s"] = sp;
+    j["step_s"] = p.step_s;
+  }
   if (p.evaluated) {
     j["val_loss"] = p.val.loss;
     if (p.val.accuracy >= 0) j["val_accuracy"] = p.val.accuracy;
@@ -85,6 +97,26 @@ void write_summary(std::ostream& os, const TrainResult& r, int val_problems, std
   os << std::defaultfloat << "; peak RSS " << human_bytes(static_cast<double>(peak_rss)) << "\n";
 }
 
+void write_step_phases(std::ostream& os, const TrainResult& r) {
+  const long long steps = r.last_step - r.first_step;
+  if (!r.has_step_phases || steps <= 0 || !(r.step_seconds > 0)) return;
+  std::vector<std::pair<double, std::string>> shares;
+  for (int i = 0; i < kNumStepPhases; ++i)
+    shares.emplace_back(r.step_phase_s[i], step_phase_name(static_cast<StepPhase>(i)));
+  std::stable_sort(shares.begin(), shares.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  shares.emplace_back(r.step_phase_other_s, "other");
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.4g", r.step_seconds / static_cast<double>(steps));
+  os << "  step phases (rank 0, " << steps << (steps == 1 ? " step, " : " steps, ") << buf << " s per step):";
+  const char* sep = " ";
+  for (const auto& [s, name] : shares) {
+    std::snprintf(buf, sizeof buf, "%.1f", 100 * s / r.step_seconds);
+    os << sep << name << " " << buf << " %";
+    sep = ", ";
+  }
+  os << "\n";
+}
+
 nlohmann::json summary_record(const TrainResult& r, int steps) {
   nlohmann::json j;
   j["summary"] = true;
@@ -98,6 +130,13 @@ nlohmann::json summary_record(const TrainResult& r, int steps) {
   if (r.stopped_nonfinite) j["stopped"] = "nonfinite";
   if (r.stopped_by_signal) j["stopped"] = "signal";
   if (r.final.accuracy >= 0) j["val_accuracy"] = r.final.accuracy;
+  if (r.has_step_phases) {
+    nlohmann::json sp;
+    for (int i = 0; i < kNumStepPhases; ++i) sp[step_phase_name(static_cast<StepPhase>(i))] = r.step_phase_s[i];
+    sp["other"] = r.step_phase_other_s;
+    j["step_phase_s"] = sp;
+    j["step_s"] = r.step_seconds;
+  }
   return j;
 }
 

@@ -33,6 +33,9 @@ struct ProgressPoint {
   std::size_t peak_rss = 0;
   std::vector<std::vector<std::int64_t>> tokens_per_expert;  ///< [layer][expert], this step
   std::array<double, kNumPhases> phase_s{};                  ///< MoE time per phase, all layers
+  bool has_step_phases = false;   ///< log.step_phases: the two below hold this step's
+  StepPhaseSeconds step_phase_s{};  ///< rank 0's time per phase of the step
+  double step_s = 0;              ///< the step's time (forward, backward, update)
   bool evaluated = false;  ///< `val` holds this step's validation
   EvalResult val;
 };
@@ -45,6 +48,10 @@ nlohmann::json progress_record(const ProgressPoint& p);
 /// "summary: N steps in T s (R tokens/s); val loss A -> B nats ...; peak RSS M", then a newline.
 /// `val_problems`: the held-out problems the accuracy is over.
 void write_summary(std::ostream& os, const TrainResult& r, int val_problems, std::size_t peak_rss);
+/// "  step phases (rank 0, N steps, T s per step): moe 61.2 %, ..." (largest share first, then
+/// `other`: the step's time outside every phase), then a newline; nothing without
+/// r.has_step_phases or steps.
+void write_step_phases(std::ostream& os, const TrainResult& r);
 /// The JSON line of the summary (`steps`: train.steps).
 nlohmann::json summary_record(const TrainResult& r, int steps);
 

@@ -135,6 +135,8 @@ Trainer<S>::Trainer(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out)
       tokens_cum_(model_.n_layers(), std::vector<long long>(cfg.model.num_experts, 0)),
       load_ema_(model_.n_layers(), std::vector<double>(cfg.model.num_experts, 0.0)) {
   res_.unigram_entropy = corpus_->unigram_entropy();
+  res_.has_step_phases = cfg.log.step_phases;
+  model_.set_phase_timing(cfg.log.step_phases);
   const auto share = split(cfg_.train.batch, mesh_.world_size(), mesh_.world_rank());
   first_ = share.first;
   count_ = share.second;
@@ -220,11 +222,19 @@ void Trainer<S>::step() {
   const int step = next_step_;
   log_.set_step(step + 1);
   if (fault::armed()) fault::set_context(mesh_.world_rank(), step + 1);
+  const auto t_step = Clock::now();
   const StepSums r = forward_backward(step);
+  const auto t_update = Clock::now();
   const double gnorm = std::sqrt(r.sums[0]);
   const double scale = (cfg_.train.clip > 0 && gnorm > cfg_.train.clip) ? cfg_.train.clip / gnorm : 1.0;
   const double lr = lr_schedule(step, cfg_.train.steps, cfg_.train.warmup, cfg_.train.lr, cfg_.train.min_lr);
-  if (!update_or_skip(step, r, lr, scale)) {
+  const bool go_on = update_or_skip(step, r, lr, scale);
+  if (cfg_.log.step_phases) {
+    step_phase_s_[static_cast<int>(StepPhase::optimizer)] += std::chrono::duration<double>(Clock::now() - t_update).count();
+    step_s_ = std::chrono::duration<double>(Clock::now() - t_step).count();
+    add_step_phases();
+  }
+  if (!go_on) {
     ++next_step_;
     stopped_ = true;
     return;
@@ -255,6 +265,7 @@ void Trainer<S>::step() {
 template <class S>
 typename Trainer<S>::StepSums Trainer<S>::forward_backward(int step) {
   const int seq = cfg_.model.seq_len;
+  const auto t_data = Clock::now();
   corpus_->train_batch(static_cast<std::uint64_t>(step), first_, count_, seq, batch_);
   StepSums r;
   long long valid = 0;
@@ -264,10 +275,26 @@ typename Trainer<S>::StepSums Trainer<S>::forward_backward(int step) {
     CollectiveLabel label("train.count_targets");
     mesh_.world().allreduce_sum(&r.global_valid, 1, DataType::i64);
   }
+  const double data_s = std::chrono::duration<double>(Clock::now() - t_data).count();
   r.stats = model_.forward_backward(batch_, r.global_valid, static_cast<std::uint64_t>(step));
+  step_phase_s_ = model_.phase_seconds();  // before validation times its own forward
+  step_phase_s_[static_cast<int>(StepPhase::data)] += data_s;
   if (fault::armed()) inject_faults(r.stats);  // fault injection (docs/faults.md)
+  const auto t_norm = Clock::now();
   reduce_norm_and_flags(r);
+  step_phase_s_[static_cast<int>(StepPhase::optimizer)] = std::chrono::duration<double>(Clock::now() - t_norm).count();
   return r;
+}
+
+template <class S>
+void Trainer<S>::add_step_phases() {
+  double in_phases = 0;
+  for (int i = 0; i < kNumStepPhases; ++i) {
+    res_.step_phase_s[i] += step_phase_s_[i];
+    in_phases += step_phase_s_[i];
+  }
+  res_.step_phase_other_s += std::max(0.0, step_s_ - in_phases);
+  res_.step_seconds += step_s_;
 }
 
 template <class S>
@@ -470,6 +497,9 @@ EvalResult Trainer<S>::report(int step, const StepSums& r, double loss, double c
   p.skipped = res_.skipped_steps;
   p.evaluated = do_eval;
   p.val = ev;
+  p.has_step_phases = cfg_.log.step_phases;
+  p.step_phase_s = step_phase_s_;
+  p.step_s = step_s_;
   t_interval_ = Clock::now();
   interval_tokens_ = 0;
   if (std::ostream* o = log_.verbose(); o && do_log) write_progress(*o, p);
@@ -541,6 +571,7 @@ TrainResult Trainer<S>::finish() {
                                                   (res_.last_step - start_step_) / res_.seconds
                                             : 0;
   res_.memory = model_.memory();
+  if (std::ostream* o = log_.verbose()) write_step_phases(*o, res_);
   if (out_) write_summary(*out_, res_, corpus_->num_val_problems(), peak_rss_bytes());
   if (log_.metrics()) log_.emit(summary_record(res_, cfg_.train.steps));
   log_.agree_metrics();

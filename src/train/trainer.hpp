@@ -81,6 +81,8 @@ class Trainer {
   void adopt_saved_placement(const CheckpointInfo& head);
   void restore_loads(const CheckpointInfo& info);
   StepSums forward_backward(int step);
+  /// Adds this step's phases (step_phase_s_, step_s_) to the run's (log.step_phases).
+  void add_step_phases();
   void inject_faults(StepStats& st);
   void reduce_norm_and_flags(StepSums& r);
   /// The update of a finite step, or the non-finite policy (train.nonfinite, train.max_skipped).
@@ -122,6 +124,8 @@ class Trainer {
   int skipped_in_a_row_ = 0;
   Batch batch_;
   Clock::time_point t_start_, t_interval_;
+  StepPhaseSeconds step_phase_s_{};  ///< this step's time per phase (log.step_phases)
+  double step_s_ = 0;                ///< this step's time: forward_backward and update_or_skip
   double interval_tokens_ = 0;
 };
 

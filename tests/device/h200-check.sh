@@ -38,7 +38,7 @@ cmake --build build-cuda -j 16 > "$OUT/build.txt" 2>&1 || { grep -B2 -A8 error "
 
 log "tests"
 timeout 300 ctest --test-dir build-cuda --output-on-failure \
-  -R '^((placement|kernels|dense|layer|gradcheck|errors|comm|train|ragged|host_syncs|nccl\.device)\.np1|grouped_gemm\.device)$' \
+  -R '^((placement|kernels|dense|attention|layer|gradcheck|errors|comm|train|ragged|host_syncs|nccl\.device)\.np1|grouped_gemm\.device)$' \
   2>&1 | tee "$OUT/ctest.txt"
 
 log "bench"
