@@ -6,7 +6,8 @@
 #   3. run the layer's correctness tests on the GPU, the counted waits per step (host_syncs),
 #      the NCCL backend check, the cuBLAS grouped-GEMM check, and a short training run, at 1 rank;
 #   4. `examoe bench` with --comm nccl and --comm mpi: expert GEMM rate against the bare GEMM
-#      bound, data movement against the device copy rate, host syncs / launches / GEMM calls.
+#      bound, data movement against the device copy rate, host syncs / launches / GEMM calls;
+#      then bf16 rows, TF32, overlap off and fine-grained experts (E = 256) on NCCL.
 # Prepare here with tests/device/prepare-carry.sh, then run it with carry [".device"] and
 #   bash tests/device/h200-check.sh
 # Results: $OUT/{gpu.txt,ctest.txt,bench.jsonl,bench.txt,train.txt} (or ./device-out/ without $OUT).
@@ -48,6 +49,12 @@ for comm in nccl mpi; do
     --top-k 2 --tokens 16384 --steps 10 --warmup 3 --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.txt"
   timeout 120 mpiexec -n 1 "$B" bench --comm $comm --d-model 1024 --d-hidden 4096 --experts 16 \
     --top-k 2 --tokens 32768 --activation swiglu --steps 10 --warmup 3 --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.txt"
+done
+# What each GPU option buys on the default bench shape (one rank: the exchanges are the layer's
+# own copies; the overlap shows with more ranks): bf16 rows, TF32 tensor cores, overlap off;
+# and the fine-grained experts of docs/performance.md.
+for opts in "--dispatch-dtype bf16" "--tf32 on" "--overlap off" "--d-model 128 --d-hidden 256 --experts 256 --tokens 4096"; do
+  timeout 120 mpiexec -n 1 "$B" bench --comm nccl $opts --steps 10 --warmup 3 --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.txt"
 done
 log "train"
 timeout 120 mpiexec -n 1 "$B" train --train.steps 500 --log.interval 100 2>&1 | tee "$OUT/train.txt"
