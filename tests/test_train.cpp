@@ -28,6 +28,17 @@ using examoe::test::to_host;
 
 examoe::TrainConfig tiny_config() { return examoe::test::tiny_train_config(); }
 
+/// The losses of `c` trained on rank 0 alone, on every rank (the reference of a split run).
+std::vector<double> one_rank_losses(const examoe::TrainConfig& c) {
+  std::vector<double> ref;
+  if (world_rank() == 0) ref = examoe::train(c, MPI_COMM_SELF, nullptr).losses;
+  int n = static_cast<int>(ref.size());
+  MPI_Bcast(&n, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  ref.resize(n);
+  MPI_Bcast(ref.data(), n, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+  return ref;
+}
+
 void expect_same_losses(const std::vector<double>& a, const std::vector<double>& b, double rtol,
                         const std::string& what) {
   ASSERT_EQ(a.size(), b.size()) << what;
@@ -148,13 +159,8 @@ TEST(TrainMesh, LossesIndependentOfRankCountAndSplit) {
   const int W = world_size();
   const examoe::TrainConfig base = tiny_config();
   // Reference: the whole model on one rank.
-  std::vector<double> ref;
-  if (world_rank() == 0) ref = examoe::train(base, MPI_COMM_SELF, nullptr).losses;
-  int n = static_cast<int>(ref.size());
-  MPI_Bcast(&n, 1, MPI_INT, 0, MPI_COMM_WORLD);
-  ref.resize(n);
-  MPI_Bcast(ref.data(), n, MPI_DOUBLE, 0, MPI_COMM_WORLD);
-  ASSERT_EQ(n, base.train.steps);
+  const std::vector<double> ref = one_rank_losses(base);
+  ASSERT_EQ(static_cast<int>(ref.size()), base.train.steps);
   EXPECT_LT(ref.back(), ref.front()) << "the reference run does not learn";
 
   std::vector<int> eps{W};             // dp = 1 x ep = W
@@ -297,13 +303,8 @@ TEST(TrainManyRanks, LossesMatchOneRank) {
   base.train.steps = 6;
   base.train.warmup = 2;
   base.train.batch = 12;
-  std::vector<double> ref;
-  if (world_rank() == 0) ref = examoe::train(base, MPI_COMM_SELF, nullptr).losses;
-  int n = static_cast<int>(ref.size());
-  MPI_Bcast(&n, 1, MPI_INT, 0, MPI_COMM_WORLD);
-  ref.resize(n);
-  MPI_Bcast(ref.data(), n, MPI_DOUBLE, 0, MPI_COMM_WORLD);
-  ASSERT_EQ(n, base.train.steps);
+  const std::vector<double> ref = one_rank_losses(base);
+  ASSERT_EQ(static_cast<int>(ref.size()), base.train.steps);
   EXPECT_LT(ref.back(), ref.front()) << "the reference run does not learn";
 
   std::vector<int> eps{W};
