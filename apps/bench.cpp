@@ -118,6 +118,30 @@ double gemm_only_seconds(const std::vector<std::int64_t>& rows, int d, int h, bo
   return seconds_since(t) / steps;
 }
 
+/// The bare router GEMMs of one step: the logits x Wr forward, dWr = x^T dz and dx = dz Wr^T
+/// backward, at the layer's shapes (T x d times d x E). They are GEMMs the layer must run too,
+/// a fraction E / (2 k h) of the experts' flops (a quarter at d=128, h=256, E=256).
+template <class S>
+double router_gemm_seconds(int tokens, int d, int num_experts, int steps) {
+  const auto sp = Kokkos::DefaultExecutionSpace();
+  Mat<S> x("examoe::bench::router_x", tokens, d), Wr("examoe::bench::router_Wr", d, num_experts);
+  Mat<S> z("examoe::bench::router_z", tokens, num_experts), dWr("examoe::bench::router_dWr", d, num_experts);
+  Mat<S> dx("examoe::bench::router_dx", tokens, d);
+  fill_uniform(x, 12, 0);
+  fill_uniform(Wr, 13, 0);
+  auto once = [&]() {
+    if (tokens == 0) return;
+    impl::kc::gemm(sp, "N", "N", S(1), x, Wr, S(0), z);
+    impl::kc::gemm(sp, "T", "N", S(1), x, z, S(0), dWr);
+    impl::kc::gemm(sp, "N", "T", S(1), z, Wr, S(0), dx);
+    sp.fence();
+  };
+  once();  // warm-up
+  const auto t = Clock::now();
+  for (int s = 0; s < steps; ++s) once();
+  return seconds_since(t) / steps;
+}
+
 /// One-way bytes per second of a device-to-device copy of n elements (the best of `steps`).
 template <class S>
 double copy_bytes_per_second(std::size_t n, int steps) {
@@ -284,10 +308,13 @@ int run(const BenchOptions& o) {
   const LayerStats& st = layer.stats();
   const double gemm = gemm_only_seconds<S>(st.rows_per_local_expert, o.d_model, o.d_hidden,
                                            cfg.activation == Activation::swiglu, o.steps);
+  const double router_gemm = router_gemm_seconds<S>(o.tokens, o.d_model, o.num_experts, o.steps);
   // The slowest rank sets the pace of a collective step.
-  double step_max = 0, gemm_max = 0;
+  double step_max = 0, gemm_max = 0, router_max = 0;
   MPI_Allreduce(&step_time, &step_max, 1, MPI_DOUBLE, MPI_MAX, comm);
   MPI_Allreduce(&gemm, &gemm_max, 1, MPI_DOUBLE, MPI_MAX, comm);
+  MPI_Allreduce(&router_gemm, &router_max, 1, MPI_DOUBLE, MPI_MAX, comm);
+  const double bound = gemm_max + router_max;  // every GEMM of the layer, nothing else
   std::array<double, kNumPhases> phase_max{};
   MPI_Allreduce(phase.data(), phase_max.data(), kNumPhases, MPI_DOUBLE, MPI_MAX, comm);
   long long sent = st.bytes_sent_dispatch, sent_sum = 0, rows = st.expert_rows, rows_max = 0;
@@ -319,7 +346,10 @@ int run(const BenchOptions& o) {
                   100.0 * phase_max[p] / step_max);
     std::printf("  expert GEMMs alone  %10.4f s   (same shapes, no MoE machinery; %.1f GFLOP/s)\n",
                 gemm_max, gemm_max > 0 ? flops_per_row * rows_max / gemm_max * 1e-9 : 0.0);
-    std::printf("  layer / GEMM bound  %10.1f %%\n", step_max > 0 ? 100.0 * gemm_max / step_max : 0.0);
+    std::printf("  router GEMMs alone  %10.4f s   (x Wr, x^T dz, dz Wr^T: %.1f %% of the expert GEMMs' flops)\n",
+                router_max, 100.0 * o.num_experts / (2.0 * o.top_k * o.d_hidden * (cfg.activation == Activation::swiglu ? 1.5 : 1.0)));
+    std::printf("  layer / GEMM bound  %10.1f %%   (expert + router GEMMs; expert GEMMs only: %.1f %%)\n",
+                step_max > 0 ? 100.0 * bound / step_max : 0.0, step_max > 0 ? 100.0 * gemm_max / step_max : 0.0);
     std::printf("  dispatch: %lld bytes sent in all (%lld rows stayed local), imbalance %.3f\n",
                 sent_sum, local_sum, st.imbalance);
     std::printf("  data movement       %10.2f GB/s (dispatch + combine + dy dispatch, rank 0) vs device copy %.2f GB/s: %.1f %%\n",
@@ -337,7 +367,9 @@ int run(const BenchOptions& o) {
          << ",\"tokens_per_rank\":" << o.tokens << ",\"dispatch_dtype\":\"" << o.dispatch_dtype
          << "\",\"overlap\":\"" << o.overlap << "\",\"tf32\":\"" << o.tf32 << "\",\"activation\":\"" << o.activation
          << "\",\"step_s\":" << step_max << ",\"tokens_per_s\":" << tokens / step_max
-         << ",\"gemm_only_s\":" << gemm_max << ",\"fraction_of_gemm_bound\":" << gemm_max / step_max
+         << ",\"gemm_only_s\":" << gemm_max << ",\"router_gemm_s\":" << router_max
+         << ",\"fraction_of_gemm_bound\":" << bound / step_max
+         << ",\"fraction_of_expert_gemm_bound\":" << gemm_max / step_max
          << ",\"bytes_sent\":" << sent_sum << ",\"imbalance\":" << st.imbalance
          << ",\"comm\":\"" << layer.communicator().backend() << "\",\"space\":\""
          << Kokkos::DefaultExecutionSpace::name() << "\",\"move_bytes_per_s\":" << (move_s > 0 ? move_bytes / move_s : 0.0)
