@@ -65,6 +65,19 @@ RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in, const RefWire
   std::vector<double> s1(T * k * h), s3(swiglu ? T * k * h : 0), act(T * k * h), y(T * k * d);
 
   // ---------------- router ----------------
+  const bool sig = cfg.router.score == RouterScore::sigmoid;
+  const int G = cfg.router.groups, M = cfg.router.topk_groups;
+  if (M > 0 && G <= 0) throw std::invalid_argument("reference_moe: group-limited routing needs router.groups > 0");
+  const bool plain = !sig && in.bias.empty() && M == 0;
+  // group g = experts [first[g], first[g + 1]): contiguous, the first E % G one larger
+  std::vector<int> first(1, 0), group(E);
+  if (M > 0) {
+    for (int g = 0; g < G; ++g) first.push_back(first.back() + E / G + (g < E % G ? 1 : 0));
+    for (int g = 0; g < G; ++g)
+      for (int e = first[g]; e < first[g + 1]; ++e) group[e] = g;
+  }
+  std::vector<double> q(static_cast<std::size_t>(T) * E);  // softmax of u (the z-loss's)
+  std::vector<double> ssum(T, 1.0);                        // sum_e s_e
   for (int t = 0; t < T; ++t) {
     const double* xt = &in.x[t * d];
     std::vector<double> u(E);
@@ -76,14 +89,40 @@ RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in, const RefWire
     const double m = *std::max_element(u.begin(), u.end());
     double sum = 0.0;
     for (int e = 0; e < E; ++e) sum += std::exp(u[e] - m);
-    for (int e = 0; e < E; ++e) r.probs[t * E + e] = std::exp(u[e] - m) / sum;
+    for (int e = 0; e < E; ++e) q[t * E + e] = std::exp(u[e] - m) / sum;
+    for (int e = 0; e < E; ++e) r.probs[t * E + e] = sig ? sigmoid(u[e]) : q[t * E + e];
     r.lse[t] = m + std::log(sum);
+    if (sig) {
+      ssum[t] = 0.0;
+      for (int e = 0; e < E; ++e) ssum[t] += r.probs[t * E + e];
+    }
 
-    // top-k: descending probability, ties to the lower expert id.
-    std::vector<int> order(E);
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return u[a] > u[b]; });
-    if (k < E) r.min_topk_gap = std::min(r.min_topk_gap, u[order[k - 1]] - u[order[k]]);
+    // the selection key: s + b (u itself for plain softmax, the same order)
+    std::vector<double> key(E);
+    for (int e = 0; e < E; ++e)
+      key[e] = plain ? u[e] : r.probs[t * E + e] + (in.bias.empty() ? 0.0 : in.bias[e]);
+    std::vector<bool> allowed(E, true);
+    if (M > 0) {  // groups by the sum of their top two keys (one for a group of one)
+      std::vector<double> score(G);
+      for (int g = 0; g < G; ++g) {
+        std::vector<double> v(key.begin() + first[g], key.begin() + first[g + 1]);
+        std::sort(v.rbegin(), v.rend());
+        score[g] = v.size() > 1 ? v[0] + v[1] : v[0];
+      }
+      std::vector<int> gorder(G);
+      std::iota(gorder.begin(), gorder.end(), 0);
+      std::stable_sort(gorder.begin(), gorder.end(), [&](int a, int b) { return score[a] > score[b]; });
+      if (M < G) r.min_topk_gap = std::min(r.min_topk_gap, score[gorder[M - 1]] - score[gorder[M]]);
+      std::vector<bool> in_group(G, false);
+      for (int j = 0; j < M; ++j) in_group[gorder[j]] = true;
+      for (int e = 0; e < E; ++e) allowed[e] = in_group[group[e]];
+    }
+    // top-k: descending key among the allowed experts, ties to the lower expert id.
+    std::vector<int> order;
+    for (int e = 0; e < E; ++e)
+      if (allowed[e]) order.push_back(e);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return key[a] > key[b]; });
+    if (k < static_cast<int>(order.size())) r.min_topk_gap = std::min(r.min_topk_gap, key[order[k - 1]] - key[order[k]]);
     double S = 0.0;
     for (int j = 0; j < k; ++j) {
       r.topk[t * k + j] = order[j];
@@ -92,7 +131,7 @@ RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in, const RefWire
     }
     for (int j = 0; j < k; ++j) {
       const double p = r.probs[t * E + order[j]];
-      r.gates[t * k + j] = cfg.router.renormalize ? p / S : p;
+      r.gates[t * k + j] = cfg.router.renormalize ? (S > 0 ? p / S : 0.0) : p;
     }
   }
 
@@ -102,8 +141,8 @@ RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in, const RefWire
   if (T > 0) {
     for (int e = 0; e < E; ++e) {
       f[e] = static_cast<double>(r.counts[e]) / (static_cast<double>(k) * Tg);
-      double s = 0.0;
-      for (int t = 0; t < T; ++t) s += r.probs[t * E + e];
+      double s = 0.0;  // of the scores normalised over the experts (softmax: already)
+      for (int t = 0; t < T; ++t) s += r.probs[t * E + e] / ssum[t];
       P[e] = s / Tg;
     }
     double a = 0.0;
@@ -222,25 +261,35 @@ RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in, const RefWire
       for (int i = 0; i < d; ++i) dxt[i] += dxe[i];
     }
 
-    // gates -> dp
+    // gates -> dp (dL/ds)
     if (cfg.router.renormalize) {
       double S = 0.0, dgg = 0.0;
       for (int j = 0; j < k; ++j) {
         S += r.probs[t * E + r.topk[t * k + j]];
         dgg += dg[j] * r.gates[t * k + j];
       }
-      for (int j = 0; j < k; ++j) dp[r.topk[t * k + j]] += (dg[j] - dgg) / S;
+      if (S > 0)
+        for (int j = 0; j < k; ++j) dp[r.topk[t * k + j]] += (dg[j] - dgg) / S;
     } else {
       for (int j = 0; j < k; ++j) dp[r.topk[t * k + j]] += dg[j];
     }
-    // aux
-    for (int e = 0; e < E; ++e) dp[e] += alpha * E * f[e] / Tg;
-    // softmax
-    double pdp = 0.0;
-    for (int e = 0; e < E; ++e) pdp += r.probs[t * E + e] * dp[e];
-    for (int e = 0; e < E; ++e) du[e] = r.probs[t * E + e] * (dp[e] - pdp);
-    // z-loss
-    for (int e = 0; e < E; ++e) du[e] += 2.0 * beta * r.lse[t] * r.probs[t * E + e] / Tg;
+    if (!sig) {
+      // aux
+      for (int e = 0; e < E; ++e) dp[e] += alpha * E * f[e] / Tg;
+      // softmax
+      double pdp = 0.0;
+      for (int e = 0; e < E; ++e) pdp += r.probs[t * E + e] * dp[e];
+      for (int e = 0; e < E; ++e) du[e] = r.probs[t * E + e] * (dp[e] - pdp);
+    } else {
+      // aux of s' = s / sum s: d/ds_e sum_i a_i s'_i = (a_e - sum_i a_i s'_i) / sum s
+      double as = 0.0;
+      for (int e = 0; e < E; ++e) as += alpha * E * f[e] / Tg * r.probs[t * E + e] / ssum[t];
+      for (int e = 0; e < E; ++e) dp[e] += (alpha * E * f[e] / Tg - as) / ssum[t];
+      // sigmoid
+      for (int e = 0; e < E; ++e) du[e] = dp[e] * r.probs[t * E + e] * (1.0 - r.probs[t * E + e]);
+    }
+    // z-loss (of softmax(u) whatever the score)
+    for (int e = 0; e < E; ++e) du[e] += 2.0 * beta * r.lse[t] * q[t * E + e] / Tg;
     // dz, dWr, dx
     for (int e = 0; e < E; ++e) {
       const double dz = du[e] / temp;

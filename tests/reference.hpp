@@ -21,12 +21,13 @@ struct RefInputs {
   std::vector<double> W3;     ///< [E][d][h] (SwiGLU only; empty otherwise)
   std::vector<double> W2;     ///< [E][h][d]
   std::vector<double> dout;   ///< [T][d]
+  std::vector<double> bias;   ///< [E] selection bias (router.bias_rate > 0; empty = zeros)
 };
 
 struct RefResult {
   // forward
   std::vector<double> out;     ///< [T][d]
-  std::vector<double> probs;   ///< [T][E] softmax of u
+  std::vector<double> probs;   ///< [T][E] scores s: softmax of u, or sigmoid of u
   std::vector<double> lse;     ///< [T]
   std::vector<int> topk;       ///< [T][k]
   std::vector<double> gates;   ///< [T][k]
@@ -34,7 +35,8 @@ struct RefResult {
   double aux = 0.0;
   double z = 0.0;
   /// min over tokens of u[k-th largest] - u[(k+1)-th largest] (infinity when k == E): how
-  /// far the top-k decision is from flipping.
+  /// far the top-k decision is from flipping. With sigmoid scores, a bias or groups: in
+  /// units of the selection key s + b, the group choice's gap included.
   double min_topk_gap = 0.0;
   // backward of L = <dout, out> + aux + z
   std::vector<double> dx;    ///< [T][d]
@@ -58,6 +60,7 @@ struct RefWire {
 double round_to_bf16(double v);
 
 /// Forward and backward of the dense reference; with `wire`, crossing rows rounded to bf16.
+/// Group-limited routing needs router.groups > 0 (the reference does not know the ranks).
 RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in, const RefWire* wire = nullptr);
 
 }  // namespace examoe::test

@@ -66,8 +66,16 @@ struct RaggedCase {
   bool renormalize;
 };
 
+/// The router's modes of a case (softmax, no bias, no groups by default).
+struct RouterModes {
+  RouterScore score = RouterScore::softmax;
+  double bias_rate = 0;  // > 0: a random selection bias every step (make_inputs)
+  int groups = 0, topk_groups = 0;
+};
+
 template <class Scalar>
-void layer_steps(const RaggedCase& c, int steps, std::uint64_t seed, bool overlap = true) {
+void layer_steps(const RaggedCase& c, int steps, std::uint64_t seed, bool overlap = true,
+                 const RouterModes& modes = {}) {
   constexpr bool is_float = std::is_same_v<Scalar, float>;
   // Float: dWr sums up to a few hundred tokens' terms in float (1e-5 is for ~50 tokens).
   const double tol = is_float ? 5e-5 : 1e-12;
@@ -75,10 +83,24 @@ void layer_steps(const RaggedCase& c, int steps, std::uint64_t seed, bool overla
   MoEConfig cfg = small_config(c.E, c.k, c.act, c.d, c.h);
   cfg.router.renormalize = c.renormalize;
   cfg.overlap_exchange = overlap;
+  cfg.router.score = modes.score;
+  cfg.router.bias_rate = modes.bias_rate;
+  cfg.router.groups = modes.groups;
+  cfg.router.topk_groups = modes.topk_groups;
+  // The reference does not know the ranks: router.groups = 0 means one group per rank.
+  MoEConfig ref_cfg = cfg;
+  if (modes.topk_groups > 0 && modes.groups == 0) ref_cfg.router.groups = P;
   const std::size_t dh = static_cast<std::size_t>(c.d) * c.h;
   MoELayer<Scalar> layer(cfg, MPI_COMM_WORLD);  // the one instance of the whole sequence
   Rng rng(seed);
   int changed_placements = 0, steps_with_empty_rank = 0;
+  long long choices_moved = 0;  // top-k entries the bias or the group limit changed
+  MoEConfig unlimited = ref_cfg;
+  unlimited.router.bias_rate = 0;
+  unlimited.router.topk_groups = 0;
+  // Groups of one expert each cannot bind (the top M experts hold the top k); larger ones do.
+  const bool modes_on = modes.bias_rate > 0 ||
+                        (modes.topk_groups > 0 && ref_cfg.router.groups > 1 && ref_cfg.router.groups < c.E);
   for (int s = 0; s < steps; ++s) {
     // Every fifth step moves the experts (live migration between steps).
     if (s > 0 && s % 5 == 0) {
@@ -92,11 +114,18 @@ void layer_steps(const RaggedCase& c, int steps, std::uint64_t seed, bool overla
     const int Tg = off[P], t0 = off[rank], T = counts[rank];
     for (int r = 0; r < P; ++r) steps_with_empty_rank += counts[r] == 0 && r == rank ? 1 : 0;
 
-    const std::uint64_t sd = seed_with_margin(cfg, Tg, seed * 1000 + s, routing, is_float,
+    const std::uint64_t sd = seed_with_margin(ref_cfg, Tg, seed * 1000 + s, routing, is_float,
                                               is_float ? 1e-3 : 1e-9);
-    const RefInputs in = make_inputs(cfg, Tg, sd, routing, is_float);
-    const RefResult ref = reference_moe(cfg, in);
+    const RefInputs in = make_inputs(ref_cfg, Tg, sd, routing, is_float);
+    const RefResult ref = reference_moe(ref_cfg, in);
     set_layer_weights(layer, in);  // the weights change between steps, as under an optimizer
+    if (modes.bias_rate > 0) layer.set_router_bias(in.bias);
+    if (modes_on || modes.topk_groups > 0) {
+      RefInputs no_bias = in;
+      no_bias.bias.clear();
+      const RefResult plain = reference_moe(unlimited, no_bias);
+      for (std::size_t i = 0; i < plain.topk.size(); ++i) choices_moved += plain.topk[i] != ref.topk[i];
+    }
     Matrix<Scalar> x = make_matrix<Scalar>(in.x, t0, T, c.d, "test::x");
     Matrix<Scalar> dout = make_matrix<Scalar>(in.dout, t0, T, c.d, "test::dout");
     Matrix<Scalar> out("test::out", T, c.d), dx("test::dx", T, c.d);
@@ -128,11 +157,14 @@ void layer_steps(const RaggedCase& c, int steps, std::uint64_t seed, bool overla
   }
   EXPECT_EQ(changed_placements, (steps - 1) / 5);
   EXPECT_GT(steps_with_empty_rank, 0) << "the sequence never gave this rank zero tokens";
+  if (modes_on) EXPECT_GT(choices_moved, 0) << "neither the bias nor the group limit changed a choice";
+  if (!modes_on && modes.topk_groups > 0) EXPECT_EQ(choices_moved, 0) << "groups that cannot bind changed a choice";
 }
 
 const RaggedCase kGelu{"gelu_E4_k2", 4, 2, 8, 12, Activation::gelu, true};
 const RaggedCase kSwiglu{"swiglu_E6_k2_plain", 6, 2, 10, 14, Activation::swiglu, false};
 const RaggedCase kManyExperts{"gelu_E16_k4", 16, 4, 8, 10, Activation::gelu, true};
+const RaggedCase kEightExperts{"gelu_E8_k2", 8, 2, 8, 10, Activation::gelu, true};
 
 TEST(Ragged, MoEStepsDoubleGelu) { layer_steps<double>(kGelu, 30, 11); }
 TEST(Ragged, MoEStepsDoubleSwiglu) { layer_steps<double>(kSwiglu, 30, 12); }
@@ -141,6 +173,20 @@ TEST(Ragged, MoEStepsFloatGelu) { layer_steps<float>(kGelu, 30, 14); }
 TEST(Ragged, MoEStepsFloatSwiglu) { layer_steps<float>(kSwiglu, 20, 15); }
 TEST(Ragged, MoEStepsDoubleSwigluOverlapOff) { layer_steps<double>(kSwiglu, 20, 16, false); }
 TEST(Ragged, MoEStepsFloatGeluOverlapOff) { layer_steps<float>(kGelu, 20, 17, false); }
+
+// Sigmoid scores, a selection bias and group-limited routing (docs/moe-layer.md, "Router").
+TEST(Ragged, RouterSigmoidBiasDoubleSwiglu) {
+  layer_steps<double>(kSwiglu, 12, 41, true, {RouterScore::sigmoid, 1e-3, 0, 0});
+}
+TEST(Ragged, RouterGroupsPerRankDoubleGelu) {  // router.groups = 0: one group per rank
+  layer_steps<double>(kEightExperts, 12, 42, true, {RouterScore::softmax, 0, 0, 1});
+}
+TEST(Ragged, RouterSigmoidBiasGroupsFloatOverlapOff) {
+  layer_steps<float>(kManyExperts, 10, 43, false, {RouterScore::sigmoid, 1e-3, 4, 2});
+}
+TEST(Ragged, RouterGroupsOfOneExpertDouble) {  // G = E
+  layer_steps<double>(kEightExperts, 8, 44, true, {RouterScore::sigmoid, 0, 8, 3});
+}
 
 /// Two layers, overlap on and off, through the same ragged sequence with migrations: the
 /// overlap only reorders independent work (the same GEMMs on the same rows, the same sums),

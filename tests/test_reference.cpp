@@ -57,6 +57,32 @@ MoEConfig cfg_of(int E, int k, Activation act, bool renorm, double temp) {
   return c;
 }
 
+MoEConfig sigmoid_cfg(int E, int k, Activation act, bool renorm, double temp, double bias_rate, int G, int M) {
+  MoEConfig c = cfg_of(E, k, act, renorm, temp);
+  c.router.score = RouterScore::sigmoid;
+  c.router.bias_rate = bias_rate;
+  c.router.groups = G;
+  c.router.topk_groups = M;
+  return c;
+}
+
+TEST(Reference, FiniteDifferencesSigmoidRenorm) {
+  fd_check(sigmoid_cfg(4, 2, Activation::gelu, true, 1.0, 0.0, 0, 0), 5);
+}
+TEST(Reference, FiniteDifferencesSigmoidPlainBiasTemp) {
+  fd_check(sigmoid_cfg(5, 2, Activation::swiglu, false, 0.7, 1e-3, 0, 0), 6);
+}
+TEST(Reference, FiniteDifferencesSoftmaxBiasGroups) {
+  MoEConfig c = cfg_of(6, 2, Activation::gelu, true, 1.3);
+  c.router.bias_rate = 1e-3;
+  c.router.groups = 3;
+  c.router.topk_groups = 2;
+  fd_check(c, 7);
+}
+TEST(Reference, FiniteDifferencesSigmoidGroupsOfOne) {
+  fd_check(sigmoid_cfg(5, 2, Activation::gelu, true, 1.0, 1e-3, 5, 3), 8);
+}
+
 TEST(Reference, FiniteDifferencesGeluRenorm) { fd_check(cfg_of(4, 2, Activation::gelu, true, 1.0), 1); }
 TEST(Reference, FiniteDifferencesGeluPlainTemp) { fd_check(cfg_of(5, 3, Activation::gelu, false, 0.6), 2); }
 TEST(Reference, FiniteDifferencesSwiGLURenormTemp) { fd_check(cfg_of(6, 2, Activation::swiglu, true, 1.7), 3); }
@@ -78,6 +104,37 @@ TEST(Reference, HandComputableProperties) {
   EXPECT_NEAR(r.aux, cfg.router.aux_loss_coef, 1e-15);
   EXPECT_NEAR(r.z, cfg.router.z_loss_coef * std::log(4.0) * std::log(4.0), 1e-15);
   EXPECT_EQ(r.counts, (std::vector<std::int64_t>{7, 7, 0, 0}));
+}
+
+TEST(Reference, HandComputableSigmoidBiasAndGroups) {
+  // Equal logits: every sigmoid score is 1/2; the bias alone decides.
+  MoEConfig cfg = sigmoid_cfg(6, 1, Activation::gelu, true, 1.0, 1e-3, 0, 0);
+  RefInputs in = make_inputs(cfg, 5, 9, Routing::random, false);
+  std::fill(in.Wr.begin(), in.Wr.end(), 0.0);
+  in.bias = {0, 0, 0, 1, 0, 0};
+  RefResult r = reference_moe(cfg, in);
+  for (int t = 0; t < 5; ++t) {
+    EXPECT_EQ(r.topk[t], 3);
+    EXPECT_DOUBLE_EQ(r.gates[t], 1.0);  // the bias never enters a gate
+    EXPECT_DOUBLE_EQ(r.probs[t * 6 + 3], 0.5);
+  }
+  EXPECT_EQ(r.counts, (std::vector<std::int64_t>{0, 0, 0, 5, 0, 0}));
+  // f = (0, 0, 0, 1, 0, 0), P = s / sum s = 1/6 each: aux = alpha * 6 * 1/6 = alpha.
+  EXPECT_NEAR(r.aux, cfg.router.aux_loss_coef, 1e-15);
+
+  // Three groups {0,1} {2,3} {4,5}, one chosen by its top-two sum: 1.1, 1.0, 1.11 -> group 2,
+  // although expert 0 has the largest key.
+  cfg.top_k = 2;
+  cfg.router.groups = 3;
+  cfg.router.topk_groups = 1;
+  in.bias = {0.1, 0, 0, 0, 0.05, 0.06};
+  r = reference_moe(cfg, in);
+  for (int t = 0; t < 5; ++t) {
+    EXPECT_EQ(r.topk[t * 2 + 0], 5);
+    EXPECT_EQ(r.topk[t * 2 + 1], 4);
+    EXPECT_DOUBLE_EQ(r.gates[t * 2 + 0], 0.5);
+  }
+  EXPECT_NEAR(r.min_topk_gap, 0.01, 1e-12);  // the group choice: 1.11 - 1.1
 }
 
 }  // namespace

@@ -136,6 +136,9 @@ inline RefInputs make_inputs(const MoEConfig& cfg, int T, std::uint64_t seed, Ro
   if (cfg.activation == Activation::swiglu) fill(in.W3, static_cast<std::size_t>(E) * d * h, -s1, s1);
   fill(in.W2, static_cast<std::size_t>(E) * h * d, -s2, s2);
   fill(in.dout, static_cast<std::size_t>(T) * d, -1.0, 1.0);
+  // A selection bias of the scores' size (router.bias_rate > 0; set into the layer with
+  // MoELayer::set_router_bias).
+  if (cfg.router.bias_rate > 0) fill(in.bias, static_cast<std::size_t>(E), -0.3, 0.3);
   return in;
 }
 

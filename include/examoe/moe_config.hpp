@@ -27,6 +27,14 @@ enum class DispatchDtype {
 const char* to_string(DispatchDtype t);
 DispatchDtype dispatch_dtype_from_string(const std::string& s);
 
+/// How the router turns logits u into the scores s it selects by (docs/moe-layer.md, "Router").
+enum class RouterScore {
+  softmax,  ///< s = softmax(u); gates are the chosen s (renormalised over the k if asked)
+  sigmoid   ///< s_e = sigmoid(u_e) (DeepSeek-V3); gates are the chosen s normalised over the k
+};
+const char* to_string(RouterScore s);
+RouterScore router_score_from_string(const std::string& s);
+
 /// Router settings. Equations: docs/moe-layer.md.
 struct RouterConfig {
   double temperature = 1.0;   ///< u = z / temperature (+ jitter noise)
@@ -35,6 +43,17 @@ struct RouterConfig {
   std::uint64_t seed = 0;     ///< seed of the jitter noise and of parameter init
   double aux_loss_coef = 1e-2;  ///< alpha of the Switch load-balancing loss
   double z_loss_coef = 1e-3;    ///< beta of the router z-loss
+  RouterScore score = RouterScore::softmax;
+  /// Aux-loss-free balancing (docs/moe-layer.md, "Selection bias"): > 0 adds a per-expert
+  /// bias b to the scores for selection only (never to the gates), moved by
+  /// bias_rate * sign(mean load - load_e) at each MoELayer::update_router_bias(). 0 = off.
+  double bias_rate = 0.0;
+  /// Group-limited routing (docs/moe-layer.md, "Group-limited routing"): topk_groups > 0
+  /// splits the experts into `groups` contiguous balanced blocks of ids (0 = as many as the
+  /// expert-parallel ranks) and lets each token choose its k experts among the experts of its
+  /// topk_groups best groups. 0 = off.
+  int groups = 0;
+  int topk_groups = 0;
 };
 
 /// Everything that defines one MoE layer. Must be identical on every rank of the

@@ -7,6 +7,7 @@
 #include <Kokkos_Core.hpp>
 
 #include <memory>
+#include <vector>
 
 namespace examoe {
 
@@ -93,6 +94,15 @@ class MoELayer {
   /// advances it by one). Recomputing a forward (activation checkpointing) with the same
   /// step reproduces it exactly.
   void set_step(std::uint64_t step);
+
+  /// Aux-loss-free balancing (router.bias_rate > 0): moves each expert's selection bias by
+  /// bias_rate * sign(mean load - its load), the loads being the global assignment counts of
+  /// the training forwards since the last call. Call it after each optimizer step; it is the
+  /// same on every rank. No-op with the bias off.
+  void update_router_bias();
+  /// The selection bias b[E] (zeros with the bias off) and its replacement (checkpoints).
+  const std::vector<double>& router_bias() const;
+  void set_router_bias(const std::vector<double>& bias);
 
   RouterLosses losses() const;
   const LayerStats& stats() const;

@@ -27,6 +27,14 @@ DispatchDtype dispatch_dtype_from_string(const std::string& s) {
   throw Error("examoe::dispatch_dtype_from_string: unknown dispatch dtype '" + s + "' (scalar or bf16)");
 }
 
+const char* to_string(RouterScore s) { return s == RouterScore::sigmoid ? "sigmoid" : "softmax"; }
+
+RouterScore router_score_from_string(const std::string& s) {
+  if (s == "softmax") return RouterScore::softmax;
+  if (s == "sigmoid") return RouterScore::sigmoid;
+  throw Error("examoe::router_score_from_string: unknown router score '" + s + "' (softmax or sigmoid)");
+}
+
 Activation activation_from_string(const std::string& s) {
   if (s == "gelu") return Activation::gelu;
   if (s == "swiglu") return Activation::swiglu;
@@ -56,6 +64,20 @@ void MoEConfig::validate() const {
   if (!(router.z_loss_coef >= 0) || !std::isfinite(router.z_loss_coef))
     throw Error(f + "router.z_loss_coef must be >= 0 (got " + std::to_string(router.z_loss_coef) +
                 ")");
+  if (!(router.bias_rate >= 0) || !std::isfinite(router.bias_rate))
+    throw Error(f + "router.bias_rate must be >= 0 (got " + std::to_string(router.bias_rate) + ")");
+  if (router.groups < 0 || router.groups > num_experts)
+    throw Error(f + "router.groups (" + std::to_string(router.groups) + ") must be in [0, num_experts = " +
+                std::to_string(num_experts) + "] (0 = the expert-parallel ranks)");
+  if (router.topk_groups < 0 || (router.groups > 0 && router.topk_groups > router.groups))
+    throw Error(f + "router.topk_groups (" + std::to_string(router.topk_groups) + ") must be in [0, router.groups = " +
+                std::to_string(router.groups) + "] (0 = no group limit)");
+  if (router.groups > 0 && router.topk_groups > 0 &&
+      top_k > router.topk_groups * (num_experts / router.groups))
+    throw Error(f + "top_k (" + std::to_string(top_k) + ") exceeds the experts of router.topk_groups = " +
+                std::to_string(router.topk_groups) + " of the smallest groups (" +
+                std::to_string(num_experts / router.groups) + " experts each of " + std::to_string(router.groups) +
+                " groups)");
   if (!placement.empty() && static_cast<int>(placement.size()) != num_experts)
     throw Error(f + "placement has " + std::to_string(placement.size()) +
                 " entries but num_experts is " + std::to_string(num_experts));
@@ -79,6 +101,7 @@ std::uint64_t MoEConfig::hash() const {
   f.add(static_cast<int>(activation));
   f.add(router.temperature); f.add(router.renormalize); f.add(router.jitter);
   f.add(router.seed); f.add(router.aux_loss_coef); f.add(router.z_loss_coef);
+  f.add(static_cast<int>(router.score)); f.add(router.bias_rate); f.add(router.groups); f.add(router.topk_groups);
   f.add(placement.size());
   for (int o : placement) f.add(o);
   f.add(reduce_router_grad);
@@ -97,7 +120,9 @@ std::string MoEConfig::to_string() const {
      << "\nrouter.temperature=" << router.temperature
      << "\nrouter.renormalize=" << router.renormalize << "\nrouter.jitter=" << router.jitter
      << "\nrouter.seed=" << router.seed << "\nrouter.aux_loss_coef=" << router.aux_loss_coef
-     << "\nrouter.z_loss_coef=" << router.z_loss_coef << "\nplacement=";
+     << "\nrouter.z_loss_coef=" << router.z_loss_coef << "\nrouter.score=" << examoe::to_string(router.score)
+     << "\nrouter.bias_rate=" << router.bias_rate << "\nrouter.groups=" << router.groups
+     << "\nrouter.topk_groups=" << router.topk_groups << "\nplacement=";
   for (std::size_t i = 0; i < placement.size(); ++i) os << (i ? "," : "") << placement[i];
   os << "\nreduce_router_grad=" << reduce_router_grad << "\ncheck_finite_inputs=" << check_finite_inputs
      << "\nallow_tf32=" << allow_tf32 << "\ndispatch_dtype=" << examoe::to_string(dispatch_dtype)

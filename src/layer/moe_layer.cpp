@@ -143,7 +143,7 @@ struct MoELayer<Scalar>::Impl {
     E = cfg.num_experts;
     k = cfg.top_k;
     d = cfg.d_model;
-    router = std::make_unique<impl::Router<Scalar>>(cfg, space, plan.readback());
+    router = std::make_unique<impl::Router<Scalar>>(cfg, P, space, plan.readback());
     first_bad_slot = plan.readback().reserve<long long>(1);
     stats.tokens_per_expert.assign(E, 0);
     apply_placement(placement);
@@ -486,6 +486,12 @@ void MoELayer<S>::zero_grad() {
 }
 template <class S>
 RouterLosses MoELayer<S>::losses() const { return impl_->router->losses(); }
+template <class S>
+void MoELayer<S>::update_router_bias() { impl_->router->update_bias(); }
+template <class S>
+const std::vector<double>& MoELayer<S>::router_bias() const { return impl_->router->bias(); }
+template <class S>
+void MoELayer<S>::set_router_bias(const std::vector<double>& bias) { impl_->router->set_bias(bias); }
 template <class S>
 const LayerStats& MoELayer<S>::stats() const { return impl_->current_stats(); }
 template <class S>

@@ -2,6 +2,8 @@
 // allow device lambdas in private members).
 #include "layer/router.hpp"
 
+#include <examoe/error.hpp>
+#include <examoe/impl/host_sync.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/random.hpp>
 #include <examoe/impl/watchdog.hpp>
@@ -36,12 +38,29 @@ void accumulate(const Space& space, const M& a, const M& b) {
 }  // namespace
 
 template <class Scalar>
-Router<Scalar>::Router(const MoEConfig& cfg, const Space& space, HostReadback<Space>& readback)
+Router<Scalar>::Router(const MoEConfig& cfg, int ranks, const Space& space, HostReadback<Space>& readback)
     : space_(space), E_(cfg.num_experts), k_(cfg.top_k), d_(cfg.d_model),
       alpha_(cfg.router.aux_loss_coef), beta_(cfg.router.z_loss_coef), readback_(readback) {
   params_.inv_temperature = 1.0 / cfg.router.temperature;
   params_.renormalize = cfg.router.renormalize;
   params_.seed = cfg.router.seed;
+  params_.sigmoid = cfg.router.score == RouterScore::sigmoid;
+  params_.groups = cfg.router.groups > 0 ? cfg.router.groups : ranks;
+  params_.topk_groups = cfg.router.topk_groups;
+  if (params_.topk_groups > 0 &&
+      (params_.topk_groups > params_.groups || k_ > params_.topk_groups * (E_ / params_.groups)))
+    throw Error("examoe::impl::Router::Router: top_k = " + std::to_string(k_) + " experts cannot be chosen from " +
+                "router.topk_groups = " + std::to_string(params_.topk_groups) + " of " +
+                std::to_string(params_.groups) + " groups of " + std::to_string(E_ / params_.groups) +
+                "+ experts" + (cfg.router.groups > 0 ? "" : " (router.groups = 0: one group per expert-parallel rank)"));
+  bias_rate_ = cfg.router.bias_rate;
+  bias_h_.assign(E_, 0.0);
+  counts_since_update_.assign(E_, 0.0);
+  if (bias_rate_ > 0) {
+    bias_ = SView1("examoe::moe::router_bias", E_);
+    bias_staging_ = Kokkos::View<Scalar*, kc::StagingSpace>("examoe::moe::router_bias_host", E_);
+    modes_.bias = bias_;
+  }
   jitter_ = cfg.router.jitter;
   const std::string p = "examoe::moe::";
   Wr_ = matrix(p + "Wr", d_, E_);
@@ -77,18 +96,63 @@ void Router<Scalar>::forward(const const_matrix& x, bool training, Communicator&
   ws_.reserve(lse_, "lse", T_);
   ws_.reserve(topk_, "topk", T_, k_);
   ws_.reserve(gates_, "gates", T_, k_);
+  reserve_mode_views();
+  training_ = training;
   auto p = rows_of(probs_, T_);
   auto l = head(lse_, T_);
   impl::kc::gemm(space_, "N", "N", Scalar(1), x, Wr_, Scalar(0), p);
-  router_softmax_topk(space_, params_, p, l, topk(), gates());
+  router_softmax_topk(space_, params_, p, l, topk(), gates(), modes_);
   // Every step rewrites the slot, also at T = 0: no sum of an earlier step survives.
   const auto sums = readback_.template device<double>(sums_slot_);
   if (T_ > 0) {
-    RouterStatsFunctor<Space, decltype(p), decltype(l)> f(p, l);
+    const auto n = modes_.inv_sum;
+    RouterStatsFunctor<Space, decltype(p), decltype(l), decltype(n)> f(p, l, n);
     Kokkos::parallel_reduce("examoe::router::stats", Kokkos::RangePolicy<Space>(space_, 0, T_), f, sums);
   } else {
     Kokkos::deep_copy(space_, sums, 0.0);
   }
+}
+
+/// The per-token views of the modes in use, sized for this forward's T (the bias stays).
+template <class Scalar>
+void Router<Scalar>::reserve_mode_views() {
+  if (params_.sigmoid) {
+    ws_.reserve(q_, "softmax_of_logits", T_, E_);
+    ws_.reserve(inv_sum_, "inv_score_sum", T_);
+    modes_.q = rows_of(q_, T_);
+    modes_.inv_sum = head(inv_sum_, T_);
+  }
+  if (params_.topk_groups > 0) {
+    ws_.reserve(chosen_, "chosen_groups", T_, params_.topk_groups);
+    modes_.chosen = rows_of(chosen_, T_);
+  }
+}
+
+template <class Scalar>
+void Router<Scalar>::set_bias(const std::vector<double>& b) {
+  if (static_cast<int>(b.size()) != E_)
+    throw Error("examoe::impl::Router::set_bias: expected " + std::to_string(E_) + " values, got " +
+                std::to_string(b.size()));
+  bias_h_ = b;
+  if (bias_rate_ <= 0) return;
+  for (int e = 0; e < E_; ++e) bias_staging_(e) = static_cast<Scalar>(bias_h_[e]);
+  Kokkos::deep_copy(space_, bias_, bias_staging_);
+  host_sync(space_);  // the staging buffer may be rewritten by the next update
+}
+
+template <class Scalar>
+void Router<Scalar>::update_bias() {
+  if (bias_rate_ <= 0) return;
+  double mean = 0;
+  for (double c : counts_since_update_) mean += c;
+  mean /= E_;
+  std::vector<double> b = bias_h_;
+  for (int e = 0; e < E_; ++e) {
+    const double gap = mean - counts_since_update_[e];
+    b[e] += bias_rate_ * static_cast<double>((gap > 0) - (gap < 0));
+  }
+  counts_since_update_.assign(E_, 0.0);
+  set_bias(b);
 }
 
 template <class Scalar>
@@ -103,6 +167,8 @@ void Router<Scalar>::reduce_statistics(const DispatchPlan& plan, const Placement
   stats_comm.allreduce_sum(red_.data(), red_.size(), DataType::f64);
   const double Tg = red_[2 * E + 1];
   double aux = 0;
+  if (training_ && bias_rate_ > 0)
+    for (int e = 0; e < E; ++e) counts_since_update_[e] += red_[e];
   for (int e = 0; e < E; ++e) {
     stats.tokens_per_expert[e] = static_cast<std::int64_t>(red_[e]);
     const double f = Tg > 0 ? red_[e] / (k_ * Tg) : 0.0;
@@ -129,8 +195,12 @@ template <class Scalar>
 void Router<Scalar>::backward(const const_matrix& x, Collectives<Space>* reduce, const matrix& dx) {
   ws_.reserve(dz_, "dz", T_, E_);
   auto dzv = rows_of(dz_, T_);
-  router_backward(space_, params_, rows_of(probs_, T_), head(lse_, T_), topk(), gates(),
-                  rows_of(dgate_, T_), aux_coef_, zcoef_, dzv);
+  if (params_.sigmoid)
+    router_backward_sigmoid(space_, params_, rows_of(probs_, T_), head(lse_, T_), topk(), gates(),
+                            rows_of(dgate_, T_), aux_coef_, zcoef_, modes_.q, modes_.inv_sum, dzv);
+  else
+    router_backward_softmax(space_, params_, rows_of(probs_, T_), head(lse_, T_), topk(), gates(),
+                            rows_of(dgate_, T_), aux_coef_, zcoef_, dzv);
   if (T_ > 0)
     impl::kc::gemm(space_, "T", "N", Scalar(1), x, dzv, Scalar(0), dWr_step_);
   else

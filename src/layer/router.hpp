@@ -35,7 +35,8 @@ class Router {
                 "examoe::impl::Router: the router's views must be accessible from its space");
 
   /// The router's statistics come down in `readback` (the plan's), where it takes a slot.
-  Router(const MoEConfig& cfg, const Space& space, HostReadback<Space>& readback);
+  /// `ranks`: the expert-parallel ranks (the number of groups when router.groups is 0).
+  Router(const MoEConfig& cfg, int ranks, const Space& space, HostReadback<Space>& readback);
 
   /// Wr ~ U(-1/sqrt(d), 1/sqrt(d)), keyed by (seed, element).
   void init_weights(std::uint64_t seed);
@@ -67,6 +68,16 @@ class Router {
   /// `reduce` first when given), and dx = dz Wr^T (=, the caller adds the expert part).
   void backward(const const_matrix& x, Collectives<Space>* reduce, const matrix& dx);
 
+  /// The selection bias b[E] (all 0 unless router.bias_rate > 0), identical on every rank.
+  const std::vector<double>& bias() const { return bias_h_; }
+  /// Replaces b (a checkpoint's); `b` must have E entries.
+  void set_bias(const std::vector<double>& b);
+  /// b_e += bias_rate * sign(mean_e' c_e' - c_e) for the global assignment counts c of the
+  /// training forwards since the last update; then forgets them. No-op when the bias is off.
+  void update_bias();
+  /// The number of groups tokens choose among (0 when routing is not group-limited).
+  int groups() const { return params_.topk_groups > 0 ? params_.groups : 0; }
+
   const matrix& weight() const { return Wr_; }
   const matrix& grad() const { return dWr_; }
   void zero_grad() { Kokkos::deep_copy(space_, dWr_, Scalar(0)); }
@@ -75,14 +86,15 @@ class Router {
  private:
   using SView1 = Kokkos::View<Scalar*, Mem>;
   using DView1 = Kokkos::View<double*, Mem>;
+  void reserve_mode_views();
   Space space_;
   int E_ = 0, k_ = 1, d_ = 0, T_ = 0;
   double alpha_ = 0, beta_ = 0;  // aux and z loss coefficients
   double jitter_ = 0;            // the config's jitter (training forwards only)
   matrix Wr_, dWr_, dWr_step_;
-  matrix probs_, dz_, gates_, dgate_;
-  SView1 lse_;
-  IView2 topk_;
+  matrix probs_, dz_, gates_, dgate_, q_;
+  SView1 lse_, inv_sum_;
+  IView2 topk_, chosen_;
   DView1 aux_coef_;  // [E]: alpha E f_e / T_g
   Kokkos::View<double*, kc::StagingSpace> aux_coef_h_;  // pinned on CUDA: the upload is asynchronous
   HostReadback<Space>& readback_;
@@ -90,6 +102,13 @@ class Router {
   double zcoef_ = 0;  // 2 beta / T_g
   RouterLosses losses_;
   RouterParams params_;
+  RouterModeViews<Scalar, Mem> modes_;  // bias, and the sigmoid's and groups' per-token views
+  SView1 bias_;                         // [E] the device copy of bias_h_ (selection only)
+  Kokkos::View<Scalar*, kc::StagingSpace> bias_staging_;
+  std::vector<double> bias_h_;          // [E] b, in double: what checkpoints keep
+  std::vector<double> counts_since_update_;  // [E] global assignments of training forwards
+  double bias_rate_ = 0;
+  bool training_ = false;
   std::uint64_t step_ = 0;
   bool step_set_ = false;
   std::vector<double> red_;  // statistics allreduce buffer

@@ -1,6 +1,7 @@
-// Router kernels: softmax with temperature and jitter, top-k, gates, statistics and
-// backward. Equations: docs/moe-layer.md. One team per token, its threads over the experts
-// (consecutive threads read consecutive p[t][e]); no atomics.
+// Router kernels: scores (softmax or sigmoid) with temperature and jitter, top-k with an
+// optional selection bias and group limit, gates, statistics and backward. Equations:
+// docs/moe-layer.md. One team per token, its threads over the experts (consecutive threads
+// read consecutive p[t][e]); no atomics.
 #pragma once
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/random.hpp>
@@ -16,7 +17,93 @@ struct RouterParams {
   std::uint64_t seed = 0, step = 0;
   long long token_offset = 0;  // global index of local token 0
   bool renormalize = true;
+  bool sigmoid = false;   // s = sigmoid(u) instead of softmax(u)
+  int groups = 1;         // G: contiguous balanced blocks of expert ids
+  int topk_groups = 0;    // M: groups each token may choose from (0 = no group limit)
 };
+
+/// The group of expert e when E experts form G contiguous balanced blocks (the first E % G
+/// blocks one expert larger, as Placement::balanced lays experts on ranks).
+KOKKOS_INLINE_FUNCTION int expert_group(int e, int E, int G) {
+  const int base = E / G, extra = E % G, big = extra * (base + 1);
+  return e < big ? e / (base + 1) : extra + (e - big) / base;
+}
+KOKKOS_INLINE_FUNCTION int group_begin(int g, int E, int G) {
+  return g * (E / G) + (g < E % G ? g : E % G);
+}
+
+/// The views of the router's non-default modes (extent 0 where a mode is off).
+template <class S, class Mem>
+struct RouterModeViews {
+  Kokkos::View<const S*, Mem> bias;                        ///< [E] selection bias b
+  Kokkos::View<S**, Kokkos::LayoutRight, Mem> q;           ///< [T][E] softmax(u) (sigmoid: for the z-loss)
+  Kokkos::View<S*, Mem> inv_sum;                           ///< [T] 1 / sum_e s_e (sigmoid)
+  Kokkos::View<int**, Kokkos::LayoutRight, Mem> chosen;    ///< [T][M] the groups each token chose
+};
+
+/// The key experts are selected by: s[t][e] + b[e], and the lowest value for experts outside
+/// the token's chosen groups. With neither a bias nor a group limit it is s itself.
+template <class PView, class BView, class CView>
+struct SelectionKey {
+  using non_const_value_type = typename PView::non_const_value_type;
+  using S = non_const_value_type;
+  PView s;
+  BView bias;
+  CView chosen;
+  int E = 0, G = 1, M = 0;
+  KOKKOS_INLINE_FUNCTION S operator()(const int t, const int e) const {
+    S v = s(t, e);
+    if (bias.extent(0) > 0) v += bias(e);
+    if (M > 0) {
+      const int g = expert_group(e, E, G);
+      bool in = false;
+      for (int j = 0; j < M; ++j) in = in || chosen(t, j) == g;
+      if (!in) v = Kokkos::reduction_identity<S>::max();  // the lowest value
+    }
+    return v;
+  }
+  /// Key of e without the group mask (what groups are ranked by).
+  KOKKOS_INLINE_FUNCTION S unmasked(const int t, const int e) const {
+    return bias.extent(0) > 0 ? s(t, e) + bias(e) : s(t, e);
+  }
+};
+
+/// chosen[t][0..M) = the M groups with the largest sum of their top min(2, size) unmasked
+/// keys, in descending order, ties to the lower group (the first group not taken if every
+/// sum left is NaN). One thread.
+template <class Key>
+KOKKOS_INLINE_FUNCTION void choose_groups(const Key& key, int t) {
+  using S = typename Key::S;
+  for (int j = 0; j < key.M; ++j) {
+    int bg = -1;
+    S best = 0;
+    for (int g = 0; g < key.G; ++g) {
+      bool taken = false;
+      for (int jj = 0; jj < j; ++jj) taken = taken || key.chosen(t, jj) == g;
+      if (taken) continue;
+      const int b = group_begin(g, key.E, key.G), n = group_begin(g + 1, key.E, key.G) - b;
+      S top1 = key.unmasked(t, b), top2 = 0;
+      for (int e = b + 1; e < b + n; ++e) {
+        const S v = key.unmasked(t, e);
+        if (e == b + 1) {
+          top2 = v > top1 ? top1 : v;
+          top1 = v > top1 ? v : top1;
+        } else if (v > top1) {
+          top2 = top1;
+          top1 = v;
+        } else if (v > top2) {
+          top2 = v;
+        }
+      }
+      const S score = n > 1 ? top1 + top2 : top1;
+      if (bg < 0 || score > best) {
+        bg = g;
+        best = score;
+      }
+    }
+    key.chosen(t, j) = bg;
+  }
+}
 
 /// topk[t][0..k) = the k largest p[t][e] in descending order, ties to the lower id, by one
 /// pass over e that keeps the best k so far in order (a later equal value never passes an
@@ -100,12 +187,15 @@ KOKKOS_FUNCTION EXAMOE_HOST_NOINLINE S row_max(const S* row, int n) {
 /// give the k largest in descending order, ties to the lower id; automatic picks by the space.
 enum class TopkSearch { automatic, insertion, team_argmax };
 
-/// In: logits z[T][E] in `p`. Out: p = softmax(u), lse[T], topk[T][k] (descending, ties to
-/// the lower id), gates[T][k]. One team per token, its threads over the E experts; the sum
-/// runs in expert order on host backends and as the team's fixed-order reduction on GPUs.
-template <class Space, class PView, class LView, class IView, class GView>
+/// In: logits z[T][E] in `p`. Out: the scores in p (softmax(u), or sigmoid(u) with
+/// rp.sigmoid, when also q = softmax(u) and inv_sum = 1 / sum_e s), lse[T], topk[T][k] by the
+/// selection key (SelectionKey: s + bias within the chosen groups; descending, ties to the
+/// lower id), gates[T][k] (the chosen s, normalised over the k as rp.renormalize says). One team per token, its threads over the E experts;
+/// sums run in expert order on host backends and as the team's fixed-order reduction on GPUs.
+template <class Space, class PView, class LView, class IView, class GView, class Mem>
 void router_softmax_topk(const Space& space, const RouterParams& rp, const PView& p,
                          const LView& lse, const IView& topk, const GView& gates,
+                         const RouterModeViews<typename PView::non_const_value_type, Mem>& modes,
                          TopkSearch search = TopkSearch::automatic) {
   using S = typename PView::non_const_value_type;
   static_assert(std::is_same<typename PView::array_layout, Kokkos::LayoutRight>::value,
@@ -113,6 +203,16 @@ void router_softmax_topk(const Space& space, const RouterParams& rp, const PView
   const int T = static_cast<int>(p.extent(0)), E = static_cast<int>(p.extent(1));
   const int k = static_cast<int>(topk.extent(1));
   const RouterParams r = rp;
+  const auto q = modes.q;
+  const auto inv_sum = modes.inv_sum;
+  using Key = SelectionKey<PView, decltype(modes.bias), decltype(modes.chosen)>;
+  Key key;
+  key.s = p;
+  key.bias = modes.bias;
+  key.chosen = modes.chosen;
+  key.E = E;
+  key.G = rp.groups;
+  key.M = rp.topk_groups;
   // insertion: the team's one thread also finds the row's max alone (host backends)
   const bool one_thread = search == TopkSearch::insertion ||
                           (search == TopkSearch::automatic && !kc::device_memory_v<Space>);
@@ -125,10 +225,10 @@ void router_softmax_topk(const Space& space, const RouterParams& rp, const PView
         S umax = 0;
         if (r.jitter > 0) {
           Kokkos::parallel_for(Kokkos::TeamThreadRange(m, E), [&](const int e) {
-            const std::uint64_t key = static_cast<std::uint64_t>(r.token_offset + t) *
-                                          static_cast<std::uint64_t>(E) + e;
+            const std::uint64_t key_e = static_cast<std::uint64_t>(r.token_offset + t) *
+                                            static_cast<std::uint64_t>(E) + e;
             p(t, e) = static_cast<S>(p(t, e) * r.inv_temperature) +
-                      static_cast<S>(r.jitter * normal(hash_key(r.seed, r.step, key, 0x6a17)));
+                      static_cast<S>(r.jitter * normal(hash_key(r.seed, r.step, key_e, 0x6a17)));
           });
         } else if (r.inv_temperature != 1.0) {
           Kokkos::parallel_for(Kokkos::TeamThreadRange(m, E),
@@ -147,22 +247,53 @@ void router_softmax_topk(const Space& space, const RouterParams& rp, const PView
               Kokkos::Max<S>(umax));
         }
         S sum = 0;
-        Kokkos::parallel_reduce(
-            Kokkos::TeamThreadRange(m, E),
-            [&](const int e, S& acc) {
-              const S v = kc::exp(p(t, e) - umax);
-              p(t, e) = v;
-              acc += v;
-            },
-            sum);
-        const S inv = S(1) / sum;
-        Kokkos::parallel_for(Kokkos::TeamThreadRange(m, E), [&](const int e) { p(t, e) *= inv; });
+        if (r.sigmoid) {  // q = softmax(u) (for the z-loss), p = sigmoid(u)
+          Kokkos::parallel_reduce(
+              Kokkos::TeamThreadRange(m, E),
+              [&](const int e, S& acc) {
+                const S u = p(t, e);
+                const S v = kc::exp(u - umax);
+                q(t, e) = v;
+                p(t, e) = S(1) / (S(1) + kc::exp(-u));
+                acc += v;
+              },
+              sum);
+          const S inv = S(1) / sum;
+          Kokkos::parallel_for(Kokkos::TeamThreadRange(m, E), [&](const int e) { q(t, e) *= inv; });
+          S ssum = 0;
+          Kokkos::parallel_reduce(
+              Kokkos::TeamThreadRange(m, E), [&](const int e, S& acc) { acc += p(t, e); }, ssum);
+          Kokkos::single(Kokkos::PerTeam(m), [&]() { inv_sum(t) = ssum > 0 ? S(1) / ssum : S(0); });
+        } else {
+          Kokkos::parallel_reduce(
+              Kokkos::TeamThreadRange(m, E),
+              [&](const int e, S& acc) {
+                const S v = kc::exp(p(t, e) - umax);
+                p(t, e) = v;
+                acc += v;
+              },
+              sum);
+          const S inv = S(1) / sum;
+          Kokkos::parallel_for(Kokkos::TeamThreadRange(m, E), [&](const int e) { p(t, e) *= inv; });
+        }
         m.team_barrier();
-        Kokkos::single(Kokkos::PerTeam(m), [&]() { lse(t) = umax + kc::log(sum); });
+        Kokkos::single(Kokkos::PerTeam(m), [&]() {
+          lse(t) = umax + kc::log(sum);
+          if (key.M > 0) choose_groups(key, t);
+        });
+        m.team_barrier();
+        const bool plain = key.M == 0 && key.bias.extent(0) == 0;
         if (one_thread)
-          Kokkos::single(Kokkos::PerTeam(m), [&]() { topk_by_insertion(p, t, E, k, topk); });
-        else
+          Kokkos::single(Kokkos::PerTeam(m), [&]() {
+            if (plain)
+              topk_by_insertion(p, t, E, k, topk);
+            else
+              topk_by_insertion(key, t, E, k, topk);
+          });
+        else if (plain)
           topk_by_team_argmax(m, p, t, E, k, topk);
+        else
+          topk_by_team_argmax(m, key, t, E, k, topk);
         m.team_barrier();
         Kokkos::single(Kokkos::PerTeam(m), [&]() {
           S chosen = 0;
@@ -170,26 +301,47 @@ void router_softmax_topk(const Space& space, const RouterParams& rp, const PView
             gates(t, j) = p(t, topk(t, j));
             chosen += p(t, topk(t, j));
           }
-          // Divide (not multiply by 1/chosen): with k = 1 the gate is then exactly 1.
-          if (r.renormalize)
+          // Divide (not multiply by 1/chosen): with k = 1 the gate is then exactly 1. Sigmoid
+          // scores of the chosen may all underflow to 0: the gates stay 0.
+          if (r.renormalize && chosen > 0)
             for (int j = 0; j < k; ++j) gates(t, j) /= chosen;
         });
       });
 }
 
-/// Sums over local tokens: out[e] = sum_t p[t][e] (e < E), out[E] = sum_t lse[t]^2.
-template <class Space, class PView, class LView>
+/// Softmax scores, no bias, no group limit.
+template <class Space, class PView, class LView, class IView, class GView>
+void router_softmax_topk(const Space& space, const RouterParams& rp, const PView& p,
+                         const LView& lse, const IView& topk, const GView& gates,
+                         TopkSearch search = TopkSearch::automatic) {
+  RouterParams r = rp;
+  r.sigmoid = false;
+  r.topk_groups = 0;
+  router_softmax_topk(space, r, p, lse, topk, gates,
+                      RouterModeViews<typename PView::non_const_value_type, typename PView::memory_space>{}, search);
+}
+
+/// Sums over local tokens: out[e] = sum_t s'[t][e] (e < E), out[E] = sum_t lse[t]^2, where
+/// s' = p (softmax scores) or p * inv_sum[t] (sigmoid scores normalised over the experts;
+/// inv_sum of extent 0 means softmax).
+template <class Space, class PView, class LView, class NView>
 struct RouterStatsFunctor {
   using value_type = double[];
   using size_type = int;
   int value_count;
   PView p;
   LView lse;
-  RouterStatsFunctor(const PView& p_, const LView& l_)
-      : value_count(static_cast<int>(p_.extent(1)) + 1), p(p_), lse(l_) {}
+  NView inv_sum;
+  RouterStatsFunctor(const PView& p_, const LView& l_, const NView& n_)
+      : value_count(static_cast<int>(p_.extent(1)) + 1), p(p_), lse(l_), inv_sum(n_) {}
   KOKKOS_INLINE_FUNCTION void operator()(const int t, value_type sum) const {
     const int E = value_count - 1;
-    for (int e = 0; e < E; ++e) sum[e] += static_cast<double>(p(t, e));
+    if (inv_sum.extent(0) > 0) {
+      const double n = static_cast<double>(inv_sum(t));
+      for (int e = 0; e < E; ++e) sum[e] += static_cast<double>(p(t, e)) * n;
+    } else {
+      for (int e = 0; e < E; ++e) sum[e] += static_cast<double>(p(t, e));
+    }
     sum[E] += static_cast<double>(lse(t)) * static_cast<double>(lse(t));
   }
   KOKKOS_INLINE_FUNCTION void join(value_type dst, const value_type src) const {
@@ -205,15 +357,15 @@ struct RouterStatsFunctor {
   }
 };
 
-/// Router backward, one team per token, its threads over the E experts. dz[T][E] = dL/dz for
+/// Router backward with softmax scores, one team per token, its threads over the E experts. dz[T][E] = dL/dz for
 /// the gate gradients dg[T][k], the aux-loss gradient coefficient aux[e] = alpha E f_e / T_g
 /// and z-loss coefficient zc = 2 beta / T_g. Every expert first gets the aux part of dp; the
 /// k chosen ones are then rewritten with their gate part added (the same expression).
 template <class Space, class PView, class LView, class IView, class GView, class AView,
           class DView>
-void router_backward(const Space& space, const RouterParams& rp, const PView& p,
-                     const LView& lse, const IView& topk, const GView& gates, const GView& dg,
-                     const AView& aux, double zc, const DView& dz) {
+void router_backward_softmax(const Space& space, const RouterParams& rp, const PView& p,
+                             const LView& lse, const IView& topk, const GView& gates, const GView& dg,
+                             const AView& aux, double zc, const DView& dz) {
   using S = typename PView::non_const_value_type;
   const int T = static_cast<int>(p.extent(0)), E = static_cast<int>(p.extent(1));
   const int k = static_cast<int>(topk.extent(1));
@@ -249,6 +401,57 @@ void router_backward(const Space& space, const RouterParams& rp, const PView& p,
           for (int j = 0; j < k; ++j) {
             const int e = topk(t, j);
             dz(t, e) = dz_of(e, static_cast<S>(aux(e)) + gate_part(j));
+          }
+        });
+      });
+}
+
+/// Router backward with sigmoid scores s = sigmoid(u), one team per token. The aux loss sees
+/// s' = s / sum_e s, so its part of dL/ds_e is (aux(e) - sum_e' aux(e') s'_e') / sum_e s; the
+/// gate part of the k chosen as with softmax; du = dL/ds * s (1 - s) + zc lse q (q = softmax(u)).
+template <class Space, class PView, class LView, class IView, class GView, class AView,
+          class QView, class NView, class DView>
+void router_backward_sigmoid(const Space& space, const RouterParams& rp, const PView& p,
+                             const LView& lse, const IView& topk, const GView& gates, const GView& dg,
+                             const AView& aux, double zc, const QView& q, const NView& inv_sum,
+                             const DView& dz) {
+  using S = typename PView::non_const_value_type;
+  const int T = static_cast<int>(p.extent(0)), E = static_cast<int>(p.extent(1));
+  const int k = static_cast<int>(topk.extent(1));
+  const bool renorm = rp.renormalize;
+  const double invtemp = rp.inv_temperature;
+  using team = typename Kokkos::TeamPolicy<Space>::member_type;
+  Kokkos::parallel_for(
+      "examoe::router::backward_sigmoid", row_policy(space, T, E),
+      KOKKOS_LAMBDA(const team& m) {
+        const int t = m.league_rank();
+        S chosen = 0, dgg = 0;
+        for (int j = 0; j < k; ++j) {
+          chosen += p(t, topk(t, j));
+          dgg += dg(t, j) * gates(t, j);
+        }
+        auto gate_part = [&](const int j) {
+          return renorm ? (chosen > 0 ? (dg(t, j) - dgg) / chosen : S(0)) : dg(t, j);
+        };
+        const S n = inv_sum(t);
+        S dot = 0;  // sum_e aux(e) s_e
+        Kokkos::parallel_reduce(
+            Kokkos::TeamThreadRange(m, E), [&](const int e, S& acc) { acc += p(t, e) * static_cast<S>(aux(e)); },
+            dot);
+        const S abar = dot * n;
+        const S zt = static_cast<S>(zc) * lse(t);
+        auto dz_of = [&](const int e, const S dse) {
+          const S du = dse * p(t, e) * (S(1) - p(t, e)) + zt * q(t, e);
+          return static_cast<S>(du * invtemp);
+        };
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(m, E), [&](const int e) {
+          dz(t, e) = dz_of(e, (static_cast<S>(aux(e)) - abar) * n);
+        });
+        m.team_barrier();
+        Kokkos::single(Kokkos::PerTeam(m), [&]() {
+          for (int j = 0; j < k; ++j) {
+            const int e = topk(t, j);
+            dz(t, e) = dz_of(e, (static_cast<S>(aux(e)) - abar) * n + gate_part(j));
           }
         });
       });
