@@ -156,6 +156,96 @@ TEST(Kernels, StableCountingSortMatchesStdStableSort) {
   EXPECT_EQ(cases, 8 * 4 * 3 * 3 * 3);
 }
 
+// Sigmoid scores with a selection bias and group-limited routing: both top-k searches pick
+// what a brute force picks (groups by their top-two key sums, then the k best keys inside
+// them; ties to the lower group and id), the gates are the chosen scores normalised without
+// the bias, and 1 / sum_e s and softmax(u) come out for the backward.
+TEST(Kernels, RouterSigmoidBiasGroupsBothWaysMatchBruteForce) {
+  using Space = Kokkos::DefaultExecutionSpace;
+  using Mem = Space::memory_space;
+  using M = Kokkos::View<float**, Kokkos::LayoutRight, Mem>;
+  using IM = Kokkos::View<int**, Kokkos::LayoutRight, Mem>;
+  std::mt19937 rng(11);
+  struct Case { int E, k, G, M; };
+  for (const Case c : {Case{8, 2, 4, 1}, Case{8, 2, 4, 2}, Case{7, 3, 3, 2}, Case{64, 4, 8, 3}, Case{6, 2, 6, 4},
+                       Case{6, 2, 1, 1}}) {
+    const int T = 61, E = c.E, k = c.k;
+    std::uniform_int_distribution<int> level(-3, 3);  // few distinct values: ties everywhere
+    std::vector<float> z(static_cast<std::size_t>(T) * E), b(E);
+    for (float& v : z) v = 0.5f * static_cast<float>(level(rng));
+    for (float& v : b) v = 0.125f * static_cast<float>(level(rng));
+    examoe::impl::RouterParams rp;
+    rp.sigmoid = true;
+    rp.groups = c.G;
+    rp.topk_groups = c.M;
+    std::vector<std::vector<int>> got;
+    for (const auto search : {examoe::impl::TopkSearch::insertion, examoe::impl::TopkSearch::team_argmax}) {
+      M p("test::p", T, E), g("test::g", T, k);
+      Kokkos::View<float*, Mem> lse("test::lse", T);
+      IM topk("test::topk", T, k);
+      examoe::impl::RouterModeViews<float, Mem> modes;
+      Kokkos::View<float*, Mem> bias("test::bias", E);
+      modes.q = M("test::q", T, E);
+      modes.inv_sum = Kokkos::View<float*, Mem>("test::inv_sum", T);
+      modes.chosen = IM("test::chosen", T, c.M);
+      auto ph = Kokkos::create_mirror_view(p);
+      for (int t = 0; t < T; ++t)
+        for (int e = 0; e < E; ++e) ph(t, e) = z[static_cast<std::size_t>(t) * E + e];
+      Kokkos::deep_copy(p, ph);
+      auto bh = Kokkos::create_mirror_view(bias);
+      for (int e = 0; e < E; ++e) bh(e) = b[e];
+      Kokkos::deep_copy(bias, bh);
+      modes.bias = bias;
+      examoe::impl::router_softmax_topk(Space(), rp, p, lse, topk, g, modes, search);
+      Kokkos::fence();
+      auto s = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), p);
+      auto tk = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), topk);
+      auto gh = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), g);
+      auto nh = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), modes.inv_sum);
+      auto qh = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), modes.q);
+      std::vector<int> all;
+      for (int t = 0; t < T; ++t) {
+        const float* zt = &z[static_cast<std::size_t>(t) * E];
+        float ssum = 0, qsum = 0;
+        for (int e = 0; e < E; ++e) {
+          EXPECT_NEAR(s(t, e), 1 / (1 + std::exp(-zt[e])), 1e-6);
+          ssum += s(t, e);
+          qsum += qh(t, e);
+        }
+        EXPECT_NEAR(nh(t), 1 / ssum, 1e-6);
+        EXPECT_NEAR(qsum, 1.0f, 1e-5);
+        // brute force: group g = [first[g], first[g+1]), the first E % G one larger
+        std::vector<int> first(1, 0);
+        for (int gg = 0; gg < c.G; ++gg) first.push_back(first.back() + E / c.G + (gg < E % c.G ? 1 : 0));
+        std::vector<float> key(E), score(c.G);
+        for (int e = 0; e < E; ++e) key[e] = s(t, e) + b[e];
+        for (int gg = 0; gg < c.G; ++gg) {
+          std::vector<float> v(key.begin() + first[gg], key.begin() + first[gg + 1]);
+          std::sort(v.rbegin(), v.rend());
+          score[gg] = v.size() > 1 ? v[0] + v[1] : v[0];
+        }
+        std::vector<int> gorder(c.G);
+        std::iota(gorder.begin(), gorder.end(), 0);
+        std::stable_sort(gorder.begin(), gorder.end(), [&](int a, int b2) { return score[a] > score[b2]; });
+        std::vector<int> order;
+        for (int e = 0; e < E; ++e)
+          for (int j = 0; j < c.M; ++j)
+            if (e >= first[gorder[j]] && e < first[gorder[j] + 1]) order.push_back(e);
+        std::stable_sort(order.begin(), order.end(), [&](int a, int b2) { return key[a] > key[b2]; });
+        float chosen = 0;
+        for (int j = 0; j < k; ++j) chosen += s(t, order[j]);
+        for (int j = 0; j < k; ++j) {
+          ASSERT_EQ(tk(t, j), order[j]) << "E=" << E << " G=" << c.G << " M=" << c.M << " token " << t;
+          EXPECT_EQ(gh(t, j), s(t, order[j]) / chosen);
+          all.push_back(tk(t, j));
+        }
+      }
+      got.push_back(all);
+    }
+    EXPECT_EQ(got[0], got[1]);
+  }
+}
+
 // The router's top-k both ways (one pass keeping the best k; k team-wide argmax passes)
 // against a brute-force order (value descending, then id ascending), on logits with many
 // exact ties; the gates are the chosen probabilities renormalized; both paths give the same

@@ -421,6 +421,63 @@ TEST(LayerJitter, EvalIgnoresJitterAndTrainingIsRankCountInvariant) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Aux-loss-free balancing: the selection bias moves by rate * sign(mean load - load) from the
+// global counts of the training forwards since the last update, the same on every rank, and a
+// bias larger than the scores' spread sends every token to the experts that were least loaded.
+
+TEST(LayerRouterBias, UpdatesFromGlobalLoadsAndSteersTokens) {
+  MoEConfig cfg = small_config(4, 1, Activation::gelu);
+  cfg.router.score = RouterScore::sigmoid;
+  cfg.router.bias_rate = 1.0;
+  const int Tg = 24;
+  LocalProblem<double> pb(cfg, Tg, 91, Routing::all_to_zero, true, 0.0);
+  pb.in.bias.assign(4, 0.0);
+  MoELayer<double> layer(cfg, MPI_COMM_WORLD);
+  set_layer_weights(layer, pb.in);
+  layer.set_router_bias(pb.in.bias);
+  auto same_on_every_rank = [](const std::vector<double>& b) {
+    std::vector<double> lo(b.size()), hi(b.size());
+    MPI_Allreduce(b.data(), lo.data(), static_cast<int>(b.size()), MPI_DOUBLE, MPI_MIN, MPI_COMM_WORLD);
+    MPI_Allreduce(b.data(), hi.data(), static_cast<int>(b.size()), MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    return lo == hi;
+  };
+
+  // Every token to expert 0: loads (24, 0, 0, 0), mean 6.
+  layer.forward(pb.x, pb.out);
+  EXPECT_EQ(layer.stats().tokens_per_expert, (std::vector<std::int64_t>{24, 0, 0, 0}));
+  layer.update_router_bias();
+  EXPECT_EQ(layer.router_bias(), (std::vector<double>{-1, 1, 1, 1}));
+  EXPECT_TRUE(same_on_every_rank(layer.router_bias()));
+
+  // Now no token picks expert 0, the gates are the scores' (k = 1: exactly 1) and the output
+  // is the reference's with that bias.
+  pb.in.bias = layer.router_bias();
+  const RefResult ref = reference_moe(cfg, pb.in);
+  layer.forward(pb.x, pb.out);
+  for (int v : to_host_int(layer.topk_experts())) EXPECT_NE(v, 0);
+  EXPECT_EQ(layer.stats().tokens_per_expert, ref.counts);
+  EXPECT_EQ(ref.counts[0], 0);
+  EXPECT_TRUE(close_to("out with the bias", to_host(pb.out), rows_of(ref.out, pb.t0, pb.T, cfg.d_model), 1e-12));
+  for (double g : to_host(layer.gates())) EXPECT_EQ(g, 1.0);
+
+  // An eval forward does not count; the update uses the training forward's loads only.
+  layer.forward(pb.x, pb.out, /*training=*/false);
+  layer.update_router_bias();
+  std::vector<double> want = pb.in.bias;
+  for (int e = 0; e < 4; ++e) {
+    const double gap = Tg / 4.0 - static_cast<double>(ref.counts[e]);
+    want[e] += gap > 0 ? 1.0 : gap < 0 ? -1.0 : 0.0;
+  }
+  EXPECT_EQ(layer.router_bias(), want);
+  // No forward since: nothing to move.
+  layer.update_router_bias();
+  EXPECT_EQ(layer.router_bias(), want);
+  EXPECT_TRUE(same_on_every_rank(layer.router_bias()));
+  // A bias of the wrong size is refused.
+  EXPECT_THROW(layer.set_router_bias(std::vector<double>(3, 0.0)), Error);
+}
+
+// ---------------------------------------------------------------------------------------------
 // init_parameters: by global expert id, the same model at any rank count.
 
 TEST(LayerInit, SameModelAtAnyRankCount) {

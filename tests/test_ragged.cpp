@@ -19,6 +19,7 @@
 #include <Kokkos_Core.hpp>
 
 
+#include <algorithm>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -153,6 +154,22 @@ void layer_steps(const RaggedCase& c, int steps, std::uint64_t seed, bool overla
     EXPECT_EQ(layer.stats().tokens, T) << at;
     std::vector<int> want_topk(ref.topk.begin() + t0 * c.k, ref.topk.begin() + (t0 + T) * c.k);
     EXPECT_EQ(to_host_int(layer.topk_experts()), want_topk) << at;
+    // Ranks per token, counted by hand from the reference's choices and the placement.
+    long long rank_sum = 0, rank_max = 0;
+    for (int t = 0; t < T; ++t) {
+      std::vector<int> ranks;
+      for (int j = 0; j < c.k; ++j) ranks.push_back(pl.owner(want_topk[t * c.k + j]));
+      std::sort(ranks.begin(), ranks.end());
+      const long long n = std::unique(ranks.begin(), ranks.end()) - ranks.begin();
+      rank_sum += n;
+      rank_max = std::max(rank_max, n);
+    }
+    EXPECT_EQ(layer.stats().max_ranks_per_token, rank_max) << at;
+    EXPECT_DOUBLE_EQ(layer.stats().ranks_per_token, T > 0 ? static_cast<double>(rank_sum) / T : 0.0) << at;
+    // One group per rank and the balanced placement (before the first migration): a token's
+    // rows reach at most topk_groups ranks.
+    if (modes.topk_groups > 0 && modes.groups == 0 && s < 5)
+      EXPECT_LE(layer.stats().max_ranks_per_token, modes.topk_groups) << at;
     if (::testing::Test::HasFailure()) return;  // one step's report is enough to debug
   }
   EXPECT_EQ(changed_placements, (steps - 1) / 5);

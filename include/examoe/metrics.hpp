@@ -40,6 +40,11 @@ struct LayerStats {
   std::vector<std::int64_t> tokens_per_expert;       ///< global, all E experts (from the router)
   std::array<double, kNumPhases> seconds{};          ///< time per phase of the last step
   double imbalance = 1.0;   ///< max over ranks / mean of rows per rank (global, from counts)
+  /// Distinct ranks a local token's k rows go to (its own included when it owns one of its
+  /// experts): the mean and the maximum over this rank's tokens of the last forward (0 at
+  /// T = 0). Group-limited routing with a group per rank bounds the maximum by topk_groups.
+  double ranks_per_token = 0.0;
+  std::int64_t max_ranks_per_token = 0;
 };
 
 }  // namespace examoe

@@ -44,6 +44,41 @@ void return_locations(const Space& space, int A, const IV& keys, const IV& inv_p
       });
 }
 
+/// Over tokens: out[0] = sum and out[1] = max of the number of distinct ranks that own a
+/// token's k experts (its own rank included when it owns one of them).
+template <class IV, class TV>
+struct DestinationsFunctor {
+  using value_type = long long[];
+  using size_type = int;
+  int value_count = 2;
+  IV owner;  // [E] owner rank of each expert
+  TV topk;
+  DestinationsFunctor(const IV& o, const TV& t) : owner(o), topk(t) {}
+  KOKKOS_INLINE_FUNCTION void operator()(const int t, value_type v) const {
+    const int k = static_cast<int>(topk.extent(1));
+    long long n = 0;
+    for (int j = 0; j < k; ++j) {
+      const int r = owner(topk(t, j));
+      bool seen = false;
+      for (int i = 0; i < j; ++i) seen = seen || owner(topk(t, i)) == r;
+      n += seen ? 0 : 1;
+    }
+    v[0] += n;
+    v[1] = n > v[1] ? n : v[1];
+  }
+  KOKKOS_INLINE_FUNCTION void join(value_type dst, const value_type src) const {
+    dst[0] += src[0];
+    dst[1] = src[1] > dst[1] ? src[1] : dst[1];
+  }
+#if !EXAMOE_KOKKOS4
+  KOKKOS_INLINE_FUNCTION void join(volatile value_type dst, const volatile value_type src) const {
+    dst[0] += src[0];
+    dst[1] = src[1] > dst[1] ? src[1] : dst[1];
+  }
+#endif
+  KOKKOS_INLINE_FUNCTION void init(value_type v) const { v[0] = v[1] = 0; }
+};
+
 }  // namespace
 
 DispatchPlan::DispatchPlan() = default;
@@ -56,10 +91,18 @@ void DispatchPlan::set_placement(const Space& space, const Placement& placement,
   const int E = placement.num_experts();
   if (key_of_expert_.extent(0) != static_cast<std::size_t>(E))
     key_of_expert_ = IView1("examoe::dispatch::key_of_expert", E);
+  if (owner_of_expert_.extent(0) != static_cast<std::size_t>(E))
+    owner_of_expert_ = IView1("examoe::dispatch::owner_of_expert", E);
   auto koe = Kokkos::create_mirror_view(key_of_expert_);
-  for (int e = 0; e < E; ++e) koe(e) = placement.key(e);
+  auto ooe = Kokkos::create_mirror_view(owner_of_expert_);
+  for (int e = 0; e < E; ++e) {
+    koe(e) = placement.key(e);
+    ooe(e) = placement.owner(e);
+  }
   Kokkos::deep_copy(space, key_of_expert_, koe);
+  Kokkos::deep_copy(space, owner_of_expert_, ooe);
   if (key_start_slot_.count != static_cast<std::size_t>(E) + 1) key_start_slot_ = readback_.reserve<int>(E + 1);
+  if (destinations_slot_.count != 2) destinations_slot_ = readback_.reserve<long long>(2);
   const auto nb = static_cast<std::size_t>(std::max(1, nloc_ * P_));
   if (blocks_.extent(0) < nb) {
     blocks_ = BlockView("examoe::dispatch::blocks", nb);
@@ -77,7 +120,7 @@ void DispatchPlan::set_placement(const Space& space, const Placement& placement,
   counts_exchange_.finish(false);
   exchange_.reset(P_);
   expert_offset_.assign(nloc_ + 1, 0);
-  host_sync(space);  // koe is a temporary host mirror
+  host_sync(space);  // koe and ooe are temporary host mirrors
   sorted_ = complete_ = false;
 }
 
@@ -96,6 +139,13 @@ void DispatchPlan::sort(const Space& space, const TopkView& topk) {
   assignment_keys(space, A_, k, key_of_expert_, topk, keys_);
   stable_counting_sort(space, head(keys_, A_), E, kSortChunk, hist_, head(perm_, A_),
                        head(inv_perm_, A_), key_start());
+  // Ranks per token (sum, max), for the statistics; rides in the same readback.
+  const auto dest = readback_.device<long long>(destinations_slot_);
+  if (T_ > 0)
+    Kokkos::parallel_reduce("examoe::dispatch::destinations", Kokkos::RangePolicy<Space>(space, 0, T_),
+                            DestinationsFunctor<IView1, TopkView>(owner_of_expert_, topk), dest);
+  else
+    Kokkos::deep_copy(space, dest, 0LL);
   sorted_at_fetch_ = readback_.fetches();
   sorted_ = true;
   complete_ = false;
@@ -104,6 +154,12 @@ void DispatchPlan::sort(const Space& space, const TopkView& topk) {
 void DispatchPlan::fetch_counts(const Space& space) {
   if (!sorted_) throw Error("examoe::DispatchPlan::fetch_counts: called before sort()");
   if (readback_.fetches() == sorted_at_fetch_) readback_.fetch(space);
+}
+
+long long DispatchPlan::destination_ranks(bool max) const {
+  if (!sorted_ || readback_.fetches() == sorted_at_fetch_)
+    throw Error("examoe::DispatchPlan::destination_ranks: called before fetch_counts()");
+  return readback_.host<long long>(destinations_slot_)(max ? 1 : 0);
 }
 
 int DispatchPlan::assignments_to(int e) const {

@@ -52,6 +52,9 @@ class DispatchPlan {
   void fetch_counts(const Space& space);
   /// This rank's assignments to global expert e in the last sort (after fetch_counts).
   int assignments_to(int e) const;
+  /// Over the last sort's tokens, the distinct ranks owning a token's k experts: their sum
+  /// (max = false) or their maximum (after fetch_counts).
+  long long destination_ranks(bool max) const;
   /// The buffer the counts come down in; other units reserve their slots in it at set-up.
   HostReadback<Space>& readback() { return readback_; }
 
@@ -104,6 +107,8 @@ class DispatchPlan {
   bool sorted_ = false, complete_ = false;
 
   IView1 key_of_expert_;  // [E]
+  IView1 owner_of_expert_;  // [E]
+  HostReadback<Space>::Slot destinations_slot_;  // [2] sum and max of ranks per token
   IView1 keys_, perm_, inv_perm_, loc_, hist_;
   HostReadback<Space> readback_{"examoe::dispatch::readback"};
   HostReadback<Space>::Slot key_start_slot_;  // [E+1] start of each key's run of sorted slots

@@ -332,6 +332,8 @@ struct MoELayer<Scalar>::Impl {
 
   /// The dispatch statistics of this step's plan.
   void record_plan_stats() {
+    stats.ranks_per_token = T > 0 ? static_cast<double>(plan.destination_ranks(false)) / T : 0.0;
+    stats.max_ranks_per_token = plan.destination_ranks(true);
     for (int lx = 0; lx < nloc; ++lx)
       stats.rows_per_local_expert[lx] = plan.expert_row_begin(lx + 1) - plan.expert_row_begin(lx);
     const std::int64_t row_bytes =
