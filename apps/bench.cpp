@@ -45,6 +45,15 @@ void add_bench_command(CLI::App& app, BenchOptions& o) {
   c->add_option("--steps", o.steps, "Timed steps")->capture_default_str()->check(integer_in(1));
   c->add_option("--warmup", o.warmup, "Untimed warm-up steps")->capture_default_str()->check(integer_in(0));
   c->add_option("--temperature", o.temperature, "Router softmax temperature")->capture_default_str()->check(positive_number());
+  c->add_option("--score", o.score, "Router scores: softmax or sigmoid")->capture_default_str()->check(CLI::IsMember({"softmax", "sigmoid"}));
+  c->add_option("--bias-rate", o.bias_rate,
+                "Aux-loss-free balancing: the selection bias moves by this much after every step, warm-up included (0 = off)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  c->add_option("--groups", o.groups, "Group-limited routing: expert groups (0 = one per rank)")->capture_default_str()->check(integer_in(0));
+  c->add_option("--topk-groups", o.topk_groups, "Group-limited routing: groups each token may use (0 = no limit)")
+      ->capture_default_str()
+      ->check(integer_in(0));
   c->add_option("--seed", o.seed, "Seed of inputs and weights")->capture_default_str()->check(unsigned_integer());
   c->add_option("--comm", o.comm, "Collectives backend (auto: nccl on GPU builds with NCCL)")->capture_default_str()->check(CLI::IsMember({"auto", "mpi", "nccl"}));
   c->add_option("--json", o.json, "Append one JSON line with all figures to this file (rank 0)");
@@ -223,6 +232,7 @@ double time_steps(const BenchOptions& o, MPI_Comm comm, MoELayer<S>& layer, cons
     layer.backward(dout, dx);
     Kokkos::fence();
     const double dt = seconds_since(t);
+    layer.update_router_bias();  // no-op without --bias-rate
     if (s >= o.warmup) {
       step_time += dt;
       for (int p = 0; p < kNumPhases; ++p) phase[p] += layer.stats().seconds[p];
@@ -289,6 +299,10 @@ int run(const BenchOptions& o) {
   cfg.overlap_exchange = o.overlap == "on";
   cfg.allow_tf32 = o.tf32 == "on";
   cfg.router.temperature = o.temperature;
+  cfg.router.score = router_score_from_string(o.score);
+  cfg.router.bias_rate = o.bias_rate;
+  cfg.router.groups = o.groups;
+  cfg.router.topk_groups = o.topk_groups;
   cfg.router.seed = o.seed;
   cfg.time_phases = true;  // no fences: host clocks, or CUDA events on the stream
   MoELayerOptions lopts;
@@ -352,6 +366,8 @@ int run(const BenchOptions& o) {
                 step_max > 0 ? 100.0 * bound / step_max : 0.0, step_max > 0 ? 100.0 * gemm_max / step_max : 0.0);
     std::printf("  dispatch: %lld bytes sent in all (%lld rows stayed local), imbalance %.3f\n",
                 sent_sum, local_sum, st.imbalance);
+    std::printf("  ranks per token: %.3f on average, %lld at most (rank 0, own rank included)\n", st.ranks_per_token,
+                static_cast<long long>(st.max_ranks_per_token));
     std::printf("  data movement       %10.2f GB/s (dispatch + combine + dy dispatch, rank 0) vs device copy %.2f GB/s: %.1f %%\n",
                 move_s > 0 ? move_bytes / move_s * 1e-9 : 0.0, copy_min * 1e-9,
                 move_s > 0 && copy_min > 0 ? 100.0 * move_bytes / move_s / copy_min : 0.0);
@@ -371,6 +387,9 @@ int run(const BenchOptions& o) {
          << ",\"fraction_of_gemm_bound\":" << bound / step_max
          << ",\"fraction_of_expert_gemm_bound\":" << gemm_max / step_max
          << ",\"bytes_sent\":" << sent_sum << ",\"imbalance\":" << st.imbalance
+         << ",\"score\":\"" << o.score << "\",\"bias_rate\":" << o.bias_rate << ",\"groups\":" << o.groups
+         << ",\"topk_groups\":" << o.topk_groups << ",\"ranks_per_token\":" << st.ranks_per_token
+         << ",\"max_ranks_per_token\":" << st.max_ranks_per_token
          << ",\"comm\":\"" << layer.communicator().backend() << "\",\"space\":\""
          << Kokkos::DefaultExecutionSpace::name() << "\",\"move_bytes_per_s\":" << (move_s > 0 ? move_bytes / move_s : 0.0)
          << ",\"copy_bytes_per_s\":" << copy_min << ",\"forward_counts\":" << counts_json(work.forward)

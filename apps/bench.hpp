@@ -10,6 +10,9 @@ struct BenchOptions {
   std::string tf32 = "off";               // float expert GEMMs on TF32 tensor cores (CUDA): on or off
   int steps = 5, warmup = 2;
   double temperature = 1.0;
+  std::string score = "softmax";  // router scores: softmax or sigmoid
+  double bias_rate = 0;           // selection bias, updated after every step (0 = off)
+  int groups = 0, topk_groups = 0;  // group-limited routing (topk_groups 0 = off)
   std::uint64_t seed = 1234;
   std::string json;  // optional JSON-lines output file
   std::string comm = "auto";  // collectives backend: auto, mpi, nccl

@@ -31,6 +31,7 @@ struct CheckpointInfo {
   long long parameters = 0;
   std::string placement_history;  ///< JSON array of the migrations so far
   std::vector<std::vector<double>> expert_load_ema;  ///< [layer][expert], the rebalancer's input
+  std::vector<std::vector<double>> router_bias;      ///< [layer][expert] (router.bias_rate > 0)
   std::string run_id;  ///< the run that wrote it (header line `run`); "" = unknown (older file)
 };
 

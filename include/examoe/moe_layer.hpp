@@ -100,6 +100,8 @@ class MoELayer {
   /// the training forwards since the last call. Call it after each optimizer step; it is the
   /// same on every rank. No-op with the bias off.
   void update_router_bias();
+  /// Forgets the loads counted since the last update (a step whose update was skipped).
+  void discard_router_loads();
   /// The selection bias b[E] (zeros with the bias off) and its replacement (checkpoints).
   const std::vector<double>& router_bias() const;
   void set_router_bias(const std::vector<double>& bias);

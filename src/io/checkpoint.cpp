@@ -79,6 +79,24 @@ Hid open_file_parallel(const std::string& path, MPI_Comm comm, bool create) {
 }
 
 // ------------------------------------------------------------------ writing
+/// /router_bias [L][E]: every layer's selection bias (router.bias_rate > 0), identical on
+/// every rank; rank 0 writes it through the selections of write_metadata.
+template <class S>
+void write_router_bias(hid_t f, Model<S>& model, hid_t sp, hid_t ms, hid_t fs, const Transfer& t) {
+  Communicator& comm = model.mesh().world();
+  const int L = model.n_layers(), E = model.config().num_experts;
+  std::vector<double> b(static_cast<std::size_t>(L) * E);
+  for (int l = 0; l < L; ++l)
+    std::copy(model.moe(l).router_bias().begin(), model.moe(l).router_bias().end(), b.begin() + static_cast<std::size_t>(l) * E);
+  Hid d;
+  impl::agree(comm, [&] {
+    d = Hid(need(H5Dcreate2(f, "router_bias", H5T_NATIVE_DOUBLE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+                 "cannot create router_bias"), H5Dclose);
+  });
+  const herr_t w = H5Dwrite(d, H5T_NATIVE_DOUBLE, ms, fs, t.dxpl, b.data());
+  impl::agree(comm, [&] { need_ok(w, "cannot write router_bias"); });
+}
+
 /// The root attributes, the config and the [layers][experts] tables of a checkpoint being
 /// written (collective; failures agreed on every rank).
 template <class S>
@@ -140,6 +158,7 @@ void write_metadata(hid_t f, Model<S>& model, const AdamW<S>& opt, const TrainCo
   impl::agree(comm, [&] {
     for (const auto& w : writes) need_ok(w.second, std::string("cannot write ") + w.first);
   });
+  if (cfg.model.router.bias_rate > 0) write_router_bias(f, model, sp, ms, fs, t);
 }
 
 /// Bytes a checkpoint of `model` takes at most: the tensors (parameters and two moments), the
@@ -153,7 +172,7 @@ std::uint64_t checkpoint_bytes_bound(Model<S>& model, const std::string& placeme
   for (const ParamSlot& row : model.param_table()) expert_rows += row.owner == ParamSlot::Owner::experts ? 1 : 0;
   const std::uint64_t datasets = 3 * (static_cast<std::uint64_t>(model.fsdp().num_params()) + expert_rows) + 3;
   return 3 * static_cast<std::uint64_t>(mr.dense_total_params + mr.expert_total_params) * sizeof(S) +
-         3 * L * E * 8 + datasets * 2048 + placement_history_json.size() + (std::uint64_t(64) << 10);
+         4 * L * E * 8 + (datasets + 1) * 2048 + placement_history_json.size() + (std::uint64_t(64) << 10);
 }
 
 std::string human(std::uint64_t b) {
@@ -286,6 +305,13 @@ void read_expert_tables(hid_t f, CheckpointInfo& info) {
     for (double x : v)
       if (!(x >= 0) || !std::isfinite(x)) fail("dataset 'expert_load_ema' holds " + std::to_string(x) + ": the file is corrupt");
     for (hsize_t l = 0; l < dims[0]; ++l) info.expert_load_ema.emplace_back(v.begin() + l * dims[1], v.begin() + (l + 1) * dims[1]);
+  }
+  if (H5Lexists(f, "router_bias", H5P_DEFAULT) > 0) {
+    hsize_t dims[2] = {0, 0};
+    const std::vector<double> v = tables.read<double>("router_bias", H5T_NATIVE_DOUBLE, dims);
+    for (double x : v)
+      if (!std::isfinite(x)) fail("dataset 'router_bias' holds " + std::to_string(x) + ": the file is corrupt");
+    for (hsize_t l = 0; l < dims[0]; ++l) info.router_bias.emplace_back(v.begin() + l * dims[1], v.begin() + (l + 1) * dims[1]);
   }
   for (const char* dsname : {"placement", "tokens_per_expert"}) {
     hsize_t dims[2] = {0, 0};
@@ -436,6 +462,10 @@ CheckpointInfo load_checkpoint(const std::string& path, Model<S>& model, AdamW<S
     opt.set_steps(adam_step);
     for (io::TensorGroup group : io::kTensorGroups) io::read_tensors<S>(f, model, opt, group);
   });
+  // The selection bias continues where it was (a checkpoint without one: it starts at 0).
+  if (cfg.model.router.bias_rate > 0)
+    for (int l = 0; l < model.n_layers() && l < static_cast<int>(info.router_bias.size()); ++l)
+      model.moe(l).set_router_bias(info.router_bias[l]);
   impl::count_host_sync();
   Kokkos::fence();
   return info;

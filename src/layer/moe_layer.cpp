@@ -491,6 +491,8 @@ RouterLosses MoELayer<S>::losses() const { return impl_->router->losses(); }
 template <class S>
 void MoELayer<S>::update_router_bias() { impl_->router->update_bias(); }
 template <class S>
+void MoELayer<S>::discard_router_loads() { impl_->router->discard_loads(); }
+template <class S>
 const std::vector<double>& MoELayer<S>::router_bias() const { return impl_->router->bias(); }
 template <class S>
 void MoELayer<S>::set_router_bias(const std::vector<double>& bias) { impl_->router->set_bias(bias); }

@@ -75,6 +75,7 @@ class Router {
   /// b_e += bias_rate * sign(mean_e' c_e' - c_e) for the global assignment counts c of the
   /// training forwards since the last update; then forgets them. No-op when the bias is off.
   void update_bias();
+  void discard_loads() { counts_since_update_.assign(E_, 0.0); }
   /// The number of groups tokens choose among (0 when routing is not group-limited).
   int groups() const { return params_.topk_groups > 0 ? params_.groups : 0; }
 

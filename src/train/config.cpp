@@ -180,6 +180,24 @@ const std::vector<ConfigKey>& config_keys() {
       EXAMOE_KEY_DBL("model.router.jitter", model.router.jitter, "Std-dev of training noise on router logits (0 = off)"),
       EXAMOE_KEY_DBL("model.router.aux_loss_coef", model.router.aux_loss_coef, "Load-balancing loss weight alpha"),
       EXAMOE_KEY_DBL("model.router.z_loss_coef", model.router.z_loss_coef, "Router z-loss weight beta"),
+      recorded_when_set(ConfigKey{"model.router.score",
+                "Router scores: softmax, or sigmoid (DeepSeek-V3: gates are the chosen sigmoid scores normalised over the k)",
+                "softmax|sigmoid", [](const TrainConfig& c) { return std::string(to_string(c.model.router.score)); },
+                [](TrainConfig& c, const std::string& v) {
+                  try {
+                    c.model.router.score = router_score_from_string(v);
+                  } catch (const Error&) {
+                    throw Error("examoe::config: model.router.score must be softmax or sigmoid, got " + quoted(v));
+                  }
+                }}),
+      recorded_when_set(EXAMOE_KEY_DBL("model.router.bias_rate", model.router.bias_rate,
+                                       "Aux-loss-free balancing: per-expert selection bias moved by rate * sign(mean load - load) "
+                                       "after each optimizer step (never enters the gates; 0 = off)")),
+      recorded_when_set(EXAMOE_KEY_INT("model.router.groups", model.router.groups,
+                                       "Group-limited routing: experts in this many contiguous groups (0 = one per expert-parallel rank)")),
+      recorded_when_set(EXAMOE_KEY_INT("model.router.topk_groups", model.router.topk_groups,
+                                       "Group-limited routing: each token picks its k experts within its best this-many groups, "
+                                       "ranked by the sum of their top two scores (0 = no limit)")),
       EXAMOE_KEY_DBL("model.norm_eps", model.norm_eps, "RMSNorm epsilon"),
       EXAMOE_KEY_INT("parallel.ep", parallel.ep, "Expert-parallel degree; dp = world / ep (0 = world)"),
       EXAMOE_KEY_BOOL("parallel.reshard_after_forward", parallel.reshard_after_forward, "FSDP: free gathered parameters after each unit's forward"),
@@ -426,6 +444,11 @@ void TrainConfig::validate() const {
   need(model.router.jitter >= 0, "model.router.jitter", ">= 0");
   need(model.router.aux_loss_coef >= 0, "model.router.aux_loss_coef", ">= 0");
   need(model.router.z_loss_coef >= 0, "model.router.z_loss_coef", ">= 0");
+  need(model.router.bias_rate >= 0 && std::isfinite(model.router.bias_rate), "model.router.bias_rate", ">= 0");
+  need(model.router.groups >= 0 && model.router.groups <= model.num_experts, "model.router.groups",
+       "in [0, model.num_experts = " + text("model.num_experts") + "] (0 = one group per expert-parallel rank)");
+  need(model.router.topk_groups >= 0 && (model.router.groups == 0 || model.router.topk_groups <= model.router.groups),
+       "model.router.topk_groups", "in [0, model.router.groups = " + text("model.router.groups") + "] (0 = no limit)");
   need(model.norm_eps > 0, "model.norm_eps", "positive");
   model.validate();  // anything the model checks beyond the keys (vocab)
   need(parallel.ep >= 0, "parallel.ep", ">= 0 (0 = the whole world)");

@@ -62,6 +62,8 @@ nlohmann::json progress_record(const ProgressPoint& p) {
   j["bytes_moved"] = p.bytes_moved;
   j["peak_rss_bytes"] = p.peak_rss;
   j["tokens_per_expert"] = p.tokens_per_expert;
+  if (!p.router_bias.empty()) j["router_bias"] = p.router_bias;
+  if (p.max_ranks_per_token >= 0) j["max_ranks_per_token"] = p.max_ranks_per_token;
   nlohmann::json phs;
   for (int i = 0; i < kNumPhases; ++i) phs[phase_name(static_cast<Phase>(i))] = p.phase_s[i];
   j["moe_phase_s"] = phs;

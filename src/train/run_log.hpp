@@ -32,6 +32,10 @@ struct ProgressPoint {
   long long bytes_moved = 0;  ///< all-to-all bytes of this step, all ranks and layers
   std::size_t peak_rss = 0;
   std::vector<std::vector<std::int64_t>> tokens_per_expert;  ///< [layer][expert], this step
+  std::vector<std::vector<double>> router_bias;  ///< [layer][expert] (router.bias_rate > 0; else empty)
+  /// Group-limited routing (router.topk_groups > 0; else -1): the most ranks one of rank 0's
+  /// tokens reached this step, over the layers.
+  long long max_ranks_per_token = -1;
   std::array<double, kNumPhases> phase_s{};                  ///< MoE time per phase, all layers
   bool has_step_phases = false;   ///< log.step_phases: the two below hold this step's
   StepPhaseSeconds step_phase_s{};  ///< rank 0's time per phase of the step

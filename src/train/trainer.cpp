@@ -342,10 +342,13 @@ bool Trainer<S>::update_or_skip(int step, const StepSums& r, double lr, double s
   if (!nonfinite) {
     skipped_in_a_row_ = 0;
     opt_.step(lr, scale);
+    for (int l = 0; l < model_.n_layers(); ++l) model_.moe(l).update_router_bias();
     accumulate_loads();
     return true;
   }
-  // Skipped: no update of weights, AdamW moments or step count, nor of the expert loads.
+  // Skipped: no update of weights, AdamW moments or step count, nor of the expert loads or
+  // the router's selection bias.
+  for (int l = 0; l < model_.n_layers(); ++l) model_.moe(l).discard_router_loads();
   ++skipped_in_a_row_;
   ++res_.skipped_steps;
   res_.skipped.push_back(step + 1);
@@ -475,6 +478,8 @@ EvalResult Trainer<S>::report(int step, const StepSums& r, double loss, double c
     p.bytes_moved += ls.bytes_sent_dispatch + ls.bytes_sent_combine;
     for (int i = 0; i < kNumPhases; ++i) p.phase_s[i] += ls.seconds[i];
     p.tokens_per_expert.push_back(ls.tokens_per_expert);
+    if (cfg_.model.router.bias_rate > 0) p.router_bias.push_back(model_.moe(l).router_bias());
+    if (cfg_.model.router.topk_groups > 0) p.max_ranks_per_token = std::max<long long>(p.max_ranks_per_token, ls.max_ranks_per_token);
   }
   if (do_eval) ev = evaluate();
   {
