@@ -16,6 +16,7 @@
 #include <hdf5.h>
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -106,6 +107,52 @@ TEST(Checkpoint, ResumeContinuesExactly) {
   long long routed = 0;
   for (long long t : info.tokens_per_expert[0]) routed += t;
   EXPECT_EQ(routed, 12LL * 8 * 16 * 2) << "steps x batch x seq x top_k assignments";
+  remove_dir(dir);
+}
+
+// Sigmoid scores with the selection bias: the bias is in the checkpoint and a resumed run
+// continues bitwise (at one rank too, to 1e-10: the bias is the same at any rank count).
+TEST(Checkpoint, ResumeWithRouterBiasContinuesExactly) {
+  const std::string dir = shared_dir("resume_bias");
+  auto full = tiny(dir);
+  full.model.router.score = examoe::RouterScore::sigmoid;
+  full.model.router.bias_rate = 0.05;
+  full.model.router.aux_loss_coef = 0;
+  full.checkpoint.interval = 6;
+  full.checkpoint.keep = 5;
+  const auto a = examoe::train(full, MPI_COMM_WORLD, nullptr);
+  ASSERT_EQ(a.losses.size(), 12u);
+  const auto info = examoe::read_checkpoint_info(examoe::checkpoint_path(dir, 6), MPI_COMM_WORLD);
+  ASSERT_EQ(info.router_bias.size(), 2u);
+  double moved = 0;
+  for (const auto& layer : info.router_bias)
+    for (double b : layer) {
+      // six updates of +-0.05 or 0 each
+      EXPECT_NEAR(std::remainder(b, 0.05), 0.0, 1e-12) << b;
+      EXPECT_LE(std::fabs(b), 6 * 0.05 + 1e-12);
+      moved = std::max(moved, std::fabs(b));
+    }
+  EXPECT_GT(moved, 0.0) << "the bias never moved";
+
+  auto r = full;
+  r.checkpoint.resume = examoe::checkpoint_path(dir, 6);
+  const auto b = examoe::train(r, MPI_COMM_WORLD, nullptr);
+  ASSERT_EQ(b.losses.size(), 6u);
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(b.losses[i], a.losses[6 + i]) << "step " << 6 + i;
+  if (rank_() == 0) {
+    const auto c = examoe::train(r, MPI_COMM_SELF, nullptr);
+    ASSERT_EQ(c.losses.size(), 6u);
+    for (int i = 0; i < 6; ++i)
+      EXPECT_NEAR(c.losses[i], a.losses[6 + i], 1e-10 * std::fabs(a.losses[6 + i])) << "1 rank, step " << 6 + i;
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  // Without the bias the resumed run is another one: the checkpoint's bias mattered.
+  auto z = r;
+  z.model.router.bias_rate = 0;
+  const auto n = examoe::train(z, MPI_COMM_WORLD, nullptr);
+  bool differs = false;
+  for (int i = 0; i < 6; ++i) differs = differs || n.losses[i] != a.losses[6 + i];
+  EXPECT_TRUE(differs) << "dropping the selection bias changed no loss";
   remove_dir(dir);
 }
 

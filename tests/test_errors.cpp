@@ -101,6 +101,37 @@ TEST(Errors, TemperatureNotPositive) {
   expect_error_everywhere(c, "temperature");
 }
 
+TEST(Errors, RouterModesOutOfRange) {
+  MoEConfig c = valid_config();
+  c.router.bias_rate = -1e-3;
+  expect_error_everywhere(c, "router.bias_rate");
+  c = valid_config();
+  c.router.groups = c.num_experts + 1;
+  expect_error_everywhere(c, "router.groups");
+  c = valid_config();
+  c.router.groups = 2;
+  c.router.topk_groups = 3;
+  expect_error_everywhere(c, "router.topk_groups");
+  // k = 3 experts from one group of two
+  c = valid_config();
+  c.num_experts = 2 * world_size() + 2;
+  c.top_k = 3;
+  c.router.groups = c.num_experts / 2;
+  c.router.topk_groups = 1;
+  expect_error_everywhere(c, "top_k (3) exceeds the experts of router.topk_groups = 1");
+  // The same with one group per rank (router.groups = 0): found when the ranks are known. On
+  // one rank the one group holds every expert, and the config is valid.
+  c = valid_config();
+  c.num_experts = 2 * world_size() + (world_size() == 1 ? 2 : 0);
+  c.top_k = 3;
+  c.router.topk_groups = 1;
+  if (world_size() > 1)
+    expect_error_everywhere(c, "one group per expert-parallel rank");
+  else
+    EXPECT_NO_THROW(MoELayer<double>(c, MPI_COMM_WORLD));
+  expect_world_still_usable();
+}
+
 TEST(Errors, PlacementWrongSize) {
   MoEConfig c = valid_config();
   c.placement.assign(c.num_experts - 1, 0);

@@ -173,6 +173,7 @@ const std::map<std::string, std::string>& keys_without_range() {
   static const std::map<std::string, std::string> m = {
       {"model.activation", "a choice: only the wrong-type case exists"},
       {"model.dispatch_dtype", "a choice: only the wrong-type case exists"},
+      {"model.router.score", "a choice: only the wrong-type case exists"},
       {"train.nonfinite", "a choice: only the wrong-type case exists"},
       {"parallel.gpu_aware_mpi", "a choice: only the wrong-type case exists"},
       {"parallel.comm", "a choice; nccl where this build cannot run it: Comm.BadBackendOptionsFailOnEveryRank"},
@@ -215,6 +216,9 @@ std::map<std::string, std::vector<Bad>> out_of_range() {
       {"model.router.jitter", {{"-0.5", {">= 0"}}}},
       {"model.router.aux_loss_coef", {{"-1", {">= 0"}}}},
       {"model.router.z_loss_coef", {{"-1e-3", {">= 0"}}}},
+      {"model.router.bias_rate", {{"-1e-3", {">= 0"}}}},
+      {"model.router.groups", {{"-1", {"[0, model.num_experts = 4]"}}, {"5", {"[0, model.num_experts = 4]"}}}},
+      {"model.router.topk_groups", {{"-1", {"[0, model.router.groups = 0]", "0 = no limit"}}}},
       {"model.norm_eps", {{"0", {"positive"}}, {"-1e-5", {"positive"}}}},
       {"parallel.ep", {{"-1", {">= 0"}}, {std::to_string(world_size() + 1), {"must divide the world size " + P}}}},
       {"train.steps", {{"-1", {">= 0"}}}},
