@@ -31,6 +31,9 @@ struct GradCase {
   bool empty_rank1;
   bool zero_dout;  ///< L = aux + z only
   std::uint64_t seed;
+  RouterScore score = RouterScore::softmax;
+  double bias_rate = 0;  ///< > 0: a fixed random selection bias (make_inputs)
+  int groups = 0, topk_groups = 0;
 };
 
 std::ostream& operator<<(std::ostream& os, const GradCase& c) { return os << c.name; }
@@ -43,6 +46,8 @@ const GradCase kGradCases[] = {
   {"gelu_E8_k4_renorm_temp13",   8, 4, 10, 12, 30, Activation::gelu,    true, 1.3, 0.05, 0.02, true,  false, 33},
   {"gelu_E6_k1_plain",           6, 1,  8, 12, 22, Activation::gelu,   false, 1.0, 0.05, 0.02, false, false, 44},
   {"swiglu_E4_k1_losses_only",   4, 1,  8, 12, 20, Activation::swiglu,  true, 0.7, 0.5,  0.1,  false, true,  55},
+  {"sigmoid_bias_groups_E8_k2",  8, 2,  8, 10, 24, Activation::gelu,    true, 0.9, 0.5,  0.1,  true,  false, 66,
+   RouterScore::sigmoid, 1e-3, 4, 2},
 };
 // clang-format on
 
@@ -73,6 +78,10 @@ TEST_P(GradCheck, FullLoss) {
   cfg.router.temperature = c.temperature;
   cfg.router.aux_loss_coef = c.alpha;
   cfg.router.z_loss_coef = c.beta;
+  cfg.router.score = c.score;
+  cfg.router.bias_rate = c.bias_rate;
+  cfg.router.groups = c.groups;
+  cfg.router.topk_groups = c.topk_groups;
   const int d = cfg.d_model, h = cfg.d_hidden, E = cfg.num_experts;
   const bool swiglu = c.act == Activation::swiglu;
 
@@ -88,6 +97,7 @@ TEST_P(GradCheck, FullLoss) {
 
   MoELayer<double> layer(cfg, MPI_COMM_WORLD);
   set_layer_weights(layer, in);
+  if (c.bias_rate > 0) layer.set_router_bias(in.bias);
   const Placement& pl = layer.placement();
 
   // Analytic gradients.
