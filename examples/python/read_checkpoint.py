@@ -58,6 +58,9 @@ class ModelShape:
     temperature: float
     renormalize: bool
     eps: float
+    score: str = "softmax"   # router scores: softmax or sigmoid
+    groups: int = 0          # group-limited routing: groups (0 = the writer's ep ranks)
+    topk_groups: int = 0     # groups a token may use (0 = no limit)
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Checkpoint:
     placement: np.ndarray    # int [L][E]: owner (expert-parallel rank) of each expert
     tokens_per_expert: np.ndarray  # int64 [L][E]
     placement_history: list  # one dict per migration
+    router_bias: np.ndarray = None  # double [L][E] selection bias (model.router.bias_rate > 0), or None
 
     def slot(self, layer, expert):
         """The expert's local index on its owner: its rank among the experts that rank owns,
@@ -121,7 +125,12 @@ def model_shape(config, V):
             raise CheckpointError(f"/config has no key '{key}'")
         return config[key]
     try:
-        return _model_shape(need, V)
+        m = _model_shape(need, V)
+        # keys recorded only when set (docs/checkpoint-format.md): absent = their default
+        m.score = config.get("model.router.score", "softmax")
+        m.groups = int(config.get("model.router.groups", "0"))
+        m.topk_groups = int(config.get("model.router.topk_groups", "0"))
+        return m
     except ValueError as e:
         raise CheckpointError(f"/config holds a model key that is not a number: {e}")
 
@@ -180,7 +189,10 @@ def load(path):
         placement = _dataset(f, "placement", (m.L, m.E), "table")
         tokens = _dataset(f, "tokens_per_expert", (m.L, m.E), "table")
         history = json.loads(attrs.pop("placement_history", "[]"))
-    return Checkpoint(path, header, attrs, config, m, params, placement, tokens, history)
+        bias = _dataset(f, "router_bias", (m.L, m.E), "table") if "router_bias" in f else None
+        if m.topk_groups > 0 and m.groups == 0:
+            m.groups = int(attrs["ep"])  # one group per expert-parallel rank of the writer
+    return Checkpoint(path, header, attrs, config, m, params, placement, tokens, history, bias)
 
 
 # ---- the forward pass, docs/model.md "Forward" and docs/moe-layer.md ---------------------------
@@ -221,19 +233,31 @@ def expert(x, w1, w2, w3, activation):
     return a @ w2
 
 
-def route(x, wr, m):
-    """Top-k experts (descending, ties to the lower id) and gates per token, no jitter."""
-    p = softmax((x @ wr) / m.temperature)
-    top = np.argsort(-p, axis=1, kind="stable")[:, :m.k]
-    gates = np.take_along_axis(p, top, axis=1)
+def route(x, wr, m, bias=None):
+    """Top-k experts (descending, ties to the lower id) and gates per token, no jitter:
+    softmax or sigmoid scores; the selection bias and the group limit choose, never weigh."""
+    u = (x @ wr) / m.temperature
+    s = softmax(u) if m.score == "softmax" else 1 / (1 + np.exp(-u))
+    key = s if bias is None else s + bias
+    if m.topk_groups > 0:  # groups: contiguous blocks, the first E % G one larger
+        sizes = [m.E // m.groups + (g < m.E % m.groups) for g in range(m.groups)]
+        first = np.concatenate([[0], np.cumsum(sizes)])
+        score = np.stack([np.sort(key[:, first[g]:first[g + 1]], axis=1)[:, ::-1][:, :2].sum(axis=1)
+                          for g in range(m.groups)], axis=1)
+        chosen = np.argsort(-score, axis=1, kind="stable")[:, :m.topk_groups]
+        group = np.repeat(np.arange(m.groups), sizes)
+        allowed = (group[None, :, None] == chosen[:, None, :]).any(axis=2)
+        key = np.where(allowed, key, -np.inf)
+    top = np.argsort(-key, axis=1, kind="stable")[:, :m.k]
+    gates = np.take_along_axis(s, top, axis=1)
     if m.renormalize:
         gates = gates / gates.sum(axis=1, keepdims=True)
     return top, gates
 
 
-def moe(x, wr, w1, w2, w3, m):
+def moe(x, wr, w1, w2, w3, m, bias=None):
     """out[t] = sum_j g[t][j] y_{e[t][j]}(x[t]), summed in order j = 0..k-1; x: [T][d]."""
-    top, gates = route(x, wr, m)
+    top, gates = route(x, wr, m, bias)
     out = np.zeros_like(x)
     for j in range(m.k):
         for e in np.unique(top[:, j]):
@@ -271,7 +295,8 @@ def forward(ck, tokens, dtype=np.float64):
         r = x + attention(a, P[b + "attn.wq"], P[b + "attn.wk"], P[b + "attn.wv"], P[b + "attn.wo"], m.H)
         y = rmsnorm(r, P[b + "moe_norm"], m.eps).reshape(n * s, m.d)
         w3 = P.get(f"layer{l}.w3")
-        x = r + moe(y, P[b + "moe.router"], P[f"layer{l}.w1"], P[f"layer{l}.w2"], w3, m).reshape(n, s, m.d)
+        bias = None if ck.router_bias is None else ck.router_bias[l].astype(dtype)
+        x = r + moe(y, P[b + "moe.router"], P[f"layer{l}.w1"], P[f"layer{l}.w2"], w3, m, bias).reshape(n, s, m.d)
     return rmsnorm(x, P["final_norm"], m.eps) @ P["lm_head"]
 
 

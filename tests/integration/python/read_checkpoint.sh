@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # examples/python/read_checkpoint.py (h5py + numpy, written from docs/model.md and
 # docs/checkpoint-format.md alone) against `examoe eval`: the logits of a numpy forward pass over
-# a checkpoint equal those of ExaMoE, for a GELU model in float and a SwiGLU model in double,
+# a checkpoint equal those of ExaMoE, for a GELU model in float, a SwiGLU model in double and a
+# sigmoid-scored model with a selection bias and group-limited routing in float,
 # each trained at 2 ranks with expert parallelism and migrations (experts not where the
 # balanced placement puts them). A checkpoint with two experts swapped must fail the comparison;
 # bad inputs get one-line errors. usage: read_checkpoint.sh <examoe> <mpiexec>
@@ -85,6 +86,19 @@ grep -q "layer1.w3  *\[5, 16, 24\]" swiglu.txt
 # eval writes float32 logits of a double model: they agree to float32 rounding.
 "$py" "$reader" swiglu/step-00000012.h5 --input in.h5 --compare swiglu-logits.h5 --tolerance 1e-6 | tee swiglu.cmp
 grep -q ": ok$" swiglu.cmp
+
+echo "== sigmoid scores, selection bias, 3 groups of 2 with 2 per token, float"
+train sigmoid --model.num_experts 6 --model.top_k 2 --model.router.score sigmoid --model.router.bias_rate 0.05 \
+  --model.router.aux_loss_coef 0 --model.router.groups 3 --model.router.topk_groups 2
+"$py" - sigmoid/step-00000012.h5 <<'PY'
+import sys, numpy as np, read_checkpoint as rc
+ck = rc.load(sys.argv[1])
+assert ck.model.score == "sigmoid" and (ck.model.groups, ck.model.topk_groups) == (3, 2), ck.model
+assert ck.router_bias is not None and np.abs(ck.router_bias).max() > 0, ck.router_bias
+print(f"router_bias {ck.router_bias.tolist()}")
+PY
+"$py" "$reader" sigmoid/step-00000012.h5 --input in.h5 --compare sigmoid-logits.h5 | tee sigmoid.cmp
+grep -q ": ok$" sigmoid.cmp
 
 # Edits through h5py may change the file's size: reseal.py FILE... sets the header's `bytes` to
 # it (the reader checks the size, not the checksum; examoe::seal_checkpoint_file does both).
