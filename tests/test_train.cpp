@@ -175,6 +175,33 @@ TEST(TrainMesh, LossesIndependentOfRankCountAndSplit) {
   }
 }
 
+// Sigmoid scores, the selection bias (moved every step from the global loads) and two groups
+// with one per token: the same losses at any rank count and dp x ep, and bitwise run to run.
+TEST(TrainMesh, RouterModesIndependentOfRankCountAndSplit) {
+  const int W = world_size();
+  examoe::TrainConfig base = tiny_config();
+  base.train.steps = 12;
+  base.model.router.score = examoe::RouterScore::sigmoid;
+  base.model.router.bias_rate = 0.02;
+  base.model.router.aux_loss_coef = 0;
+  base.model.router.groups = 2;
+  base.model.router.topk_groups = 1;
+  const std::vector<double> ref = one_rank_losses(base);
+  std::vector<int> eps{W};
+  if (W == 4) eps.push_back(2);
+  if (W == 2) eps.push_back(1);
+  for (int ep : eps) {
+    examoe::TrainConfig c = base;
+    c.parallel.ep = ep;
+    const auto r = examoe::train(c, MPI_COMM_WORLD, nullptr);
+    expect_same_losses(r.losses, ref, 1e-10, "router modes, dp " + std::to_string(W / ep) + " x ep " + std::to_string(ep));
+    if (ep == W) {
+      const auto again = examoe::train(c, MPI_COMM_WORLD, nullptr);
+      EXPECT_EQ(again.losses, r.losses) << "not bitwise run to run";
+    }
+  }
+}
+
 TEST(TrainMesh, KeepGatheredAndCheckpointingChangeNothing) {
   examoe::TrainConfig a = tiny_config();
   a.train.steps = 8;
