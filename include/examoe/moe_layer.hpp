@@ -102,7 +102,8 @@ class MoELayer {
   void update_router_bias();
   /// Forgets the loads counted since the last update (a step whose update was skipped).
   void discard_router_loads();
-  /// The selection bias b[E] (zeros with the bias off) and its replacement (checkpoints).
+  /// The selection bias b[E] (zeros with the bias off) and its replacement (checkpoints;
+  /// ignored with the bias off).
   const std::vector<double>& router_bias() const;
   void set_router_bias(const std::vector<double>& bias);
 

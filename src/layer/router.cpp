@@ -133,8 +133,8 @@ void Router<Scalar>::set_bias(const std::vector<double>& b) {
   if (static_cast<int>(b.size()) != E_)
     throw Error("examoe::impl::Router::set_bias: expected " + std::to_string(E_) + " values, got " +
                 std::to_string(b.size()));
+  if (bias_rate_ <= 0) return;  // off: the bias stays 0
   bias_h_ = b;
-  if (bias_rate_ <= 0) return;
   for (int e = 0; e < E_; ++e) bias_staging_(e) = static_cast<Scalar>(bias_h_[e]);
   Kokkos::deep_copy(space_, bias_, bias_staging_);
   host_sync(space_);  // the staging buffer may be rewritten by the next update

@@ -70,7 +70,8 @@ class Router {
 
   /// The selection bias b[E] (all 0 unless router.bias_rate > 0), identical on every rank.
   const std::vector<double>& bias() const { return bias_h_; }
-  /// Replaces b (a checkpoint's); `b` must have E entries.
+  /// Replaces b (a checkpoint's); `b` must have E entries. Ignored with the bias off. One
+  /// host wait (the upload's staging buffer is reused).
   void set_bias(const std::vector<double>& b);
   /// b_e += bias_rate * sign(mean_e' c_e' - c_e) for the global assignment counts c of the
   /// training forwards since the last update; then forgets them. No-op when the bias is off.
