@@ -120,7 +120,8 @@ void check_memory_here(const TrainConfig& cfg, Mesh& mesh, long long rows, std::
                        const HeldData& data) {
   std::string how;
   const std::size_t limit = memory_limit_bytes(cfg.train.memory_limit, mesh.world().mpi_comm(), &how);
-  const MemoryReport m = estimate_memory(cfg.model, cfg.parallel, mesh.world_size(), mesh.ep_size(), rows, scalar_bytes);
+  const MemoryReport m = estimate_memory(cfg.model, cfg.parallel, mesh.world_size(), mesh.ep_size(), rows, scalar_bytes,
+                                         cfg.train.micro_batches);
   const std::size_t need = m.total() > SIZE_MAX - data.bytes ? SIZE_MAX : m.total() + data.bytes;
   if (limit > 0 && need > limit) {
     auto hb = [](std::size_t b) {
