@@ -318,17 +318,21 @@ examoe::TrainConfig accumulation_config() {
 // M micro-batches per step train as one batch of their union: the same losses (1e-10), the
 // same expert loads (the rebalancer's migrations and imbalances, from the step's counts), the
 // same validation; M = 4 with its blocks recomputed. (Every dp x ep and the gradients and
-// parameters themselves: ModelAccumulation in test_model.cpp.)
-TEST(TrainAccumulation, MicroBatchesTrainAsTheirUnion) {
+// parameters themselves: ModelAccumulation in test_model.cpp.) Then the run with M = 2
+// resumed from its checkpoint at step 3 continues it bitwise; the key is in the checkpoint
+// (and left out at its default, so older configs and checkpoints stay as they were).
+TEST(TrainAccumulation, MicroBatchesTrainAsTheirUnionAndResumeBitwise) {
   const examoe::TrainConfig base = accumulation_config();
   const auto whole = examoe::train(base, MPI_COMM_WORLD, nullptr);
   ASSERT_EQ(whole.losses.size(), 6u);
   if (world_size() > 1) EXPECT_GT(whole.migrations, 0) << "the comparison should cover rebalancing";
+  std::vector<examoe::TrainResult> runs;
   for (int M : {2, 4}) {
     examoe::TrainConfig c = base;
     c.train.micro_batches = M;
     c.parallel.activation_checkpointing = M == 4;
-    const auto r = examoe::train(c, MPI_COMM_WORLD, nullptr);
+    runs.push_back(examoe::train(c, MPI_COMM_WORLD, nullptr));
+    const examoe::TrainResult& r = runs.back();
     const std::string what = "micro_batches " + std::to_string(M);
     expect_same_losses(r.losses, whole.losses, 1e-10, what);
     expect_same_losses(r.ce, whole.ce, 1e-10, what + " (cross-entropy)");
@@ -338,16 +342,13 @@ TEST(TrainAccumulation, MicroBatchesTrainAsTheirUnion) {
     EXPECT_NEAR(r.final.loss, whole.final.loss, 1e-10 * whole.final.loss) << what;
     EXPECT_EQ(r.final.accuracy, whole.final.accuracy) << what;
   }
-}
-
+  EXPECT_EQ(examoe::canonical_config(examoe::TrainConfig()).find("micro_batches"), std::string::npos);
 #if EXAMOE_ENABLE_HDF5
-// A run with micro-batches resumed from its checkpoint continues bitwise; the key is in its
-// checkpoint (and left out at its default, so older configs and checkpoints stay as they were).
-TEST(TrainAccumulation, ResumedRunContinuesBitwise) {
   const std::string dir = examoe::test::make_shared_dir("train", "accum");
-  examoe::TrainConfig c = accumulation_config();
+  examoe::TrainConfig c = base;
   c.train.micro_batches = 2;
-  const auto full = examoe::train(c, MPI_COMM_WORLD, nullptr);
+  EXPECT_NE(examoe::canonical_config(c).find("train.micro_batches=2"), std::string::npos);
+  const examoe::TrainResult& full = runs[0];
   examoe::TrainConfig first = c;
   first.train.steps = 3;
   first.checkpoint.dir = dir;
@@ -368,16 +369,14 @@ TEST(TrainAccumulation, ResumedRunContinuesBitwise) {
     EXPECT_EQ(a.losses[s], full.losses[s]) << "step " << s + 1;
     EXPECT_EQ(b.losses[s], full.losses[3 + s]) << "resumed step " << s + 4;  // bitwise
   }
-  EXPECT_EQ(examoe::canonical_config(examoe::TrainConfig()).find("micro_batches"), std::string::npos);
-  EXPECT_NE(examoe::canonical_config(c).find("train.micro_batches=2"), std::string::npos);
   examoe::test::remove_shared_dir(dir);
-}
 #endif
+}
 
 // A non-finite gradient in one micro-batch's step: that step is skipped, as without micro-batches.
 TEST(TrainAccumulation, NonfiniteStepIsSkippedAsWithoutMicroBatches) {
   examoe::TrainConfig c = accumulation_config();
-  c.train.steps = 4;
+  c.train.steps = 3;
   c.placement.rebalance_interval = 0;
   std::vector<examoe::TrainResult> runs;
   for (int M : {1, 2}) {
