@@ -223,6 +223,7 @@ std::map<std::string, std::vector<Bad>> out_of_range() {
       {"parallel.ep", {{"-1", {">= 0"}}, {std::to_string(world_size() + 1), {"must divide the world size " + P}}}},
       {"train.steps", {{"-1", {">= 0"}}}},
       {"train.batch", {{"0", {"positive"}}}},
+      {"train.micro_batches", {{"0", {">= 1"}}, {"3", {"must divide every rank's share of train.batch = 8"}}}},
       {"train.lr", {{"0", {"positive"}}, {"-0.1", {"positive"}}}},
       {"train.min_lr", {{"-1", {"[0, train.lr"}}, {"1", {"[0, train.lr = 0.01]"}}}},
       {"train.warmup", {{"-1", {">= 0"}}}},

@@ -2,6 +2,9 @@
 // parallel decomposition, learning, memory accounting and bad input.
 #include "test_util.hpp"
 
+#include <examoe/checkpoint.hpp>
+#include <examoe/checkpoint_dir.hpp>
+#include <examoe/config.hpp>
 #include <examoe/error.hpp>
 #include <examoe/fsdp.hpp>
 #include <examoe/mesh.hpp>
@@ -13,6 +16,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -317,6 +321,111 @@ TEST(TrainErrors, JsonConfigKeys) {
   EXPECT_THROW(examoe::apply_json_config(c, R"({"train": {"steps": "many"}})", "t.json"), examoe::Error);
   EXPECT_THROW(examoe::apply_json_config(c, "{not json", "t.json"), examoe::Error);
   EXPECT_EQ(examoe::closest_key("lr"), "train.lr");
+}
+
+// -------------------------------------------------------- gradient accumulation
+
+namespace {
+/// A config whose every rank's share divides into 4 micro-batches, with the aux and z losses,
+/// router jitter, clipping and rebalancing every 2 steps on.
+examoe::TrainConfig accumulation_config() {
+  examoe::TrainConfig c = tiny_config();
+  c.train.steps = 6;
+  c.train.warmup = 2;
+  c.train.batch = 4 * world_size();
+  c.train.clip = 0.5;
+  c.model.router.aux_loss_coef = 0.05;
+  c.model.router.z_loss_coef = 0.01;
+  c.model.router.jitter = 0.1;
+  c.placement.rebalance_interval = 2;
+  return c;
+}
+}  // namespace
+
+// M micro-batches per step train as one batch of their union: the same losses (1e-10), the
+// same expert loads (the rebalancer's migrations and imbalances, from the step's counts), the
+// same validation; M = 4 with its blocks recomputed. (Every dp x ep and the gradients and
+// parameters themselves: ModelAccumulation in test_model.cpp.) Then the run with M = 2
+// resumed from its checkpoint at step 3 continues it bitwise; the key is in the checkpoint
+// (and left out at its default, so older configs and checkpoints stay as they were).
+TEST(TrainAccumulation, MicroBatchesTrainAsTheirUnionAndResumeBitwise) {
+  const examoe::TrainConfig base = accumulation_config();
+  const auto whole = examoe::train(base, MPI_COMM_WORLD, nullptr);
+  ASSERT_EQ(whole.losses.size(), 6u);
+  if (world_size() > 1) EXPECT_GT(whole.migrations, 0) << "the comparison should cover rebalancing";
+  std::vector<examoe::TrainResult> runs;
+  for (int M : {2, 4}) {
+    examoe::TrainConfig c = base;
+    c.train.micro_batches = M;
+    c.parallel.activation_checkpointing = M == 4;
+    runs.push_back(examoe::train(c, MPI_COMM_WORLD, nullptr));
+    const examoe::TrainResult& r = runs.back();
+    const std::string what = "micro_batches " + std::to_string(M);
+    expect_same_losses(r.losses, whole.losses, 1e-10, what);
+    expect_same_losses(r.ce, whole.ce, 1e-10, what + " (cross-entropy)");
+    EXPECT_EQ(r.migrations, whole.migrations) << what;
+    EXPECT_EQ(r.imbalance_before, whole.imbalance_before) << what;
+    EXPECT_EQ(r.imbalance_after, whole.imbalance_after) << what;
+    EXPECT_NEAR(r.final.loss, whole.final.loss, 1e-10 * whole.final.loss) << what;
+    EXPECT_EQ(r.final.accuracy, whole.final.accuracy) << what;
+  }
+  EXPECT_EQ(examoe::canonical_config(examoe::TrainConfig()).find("micro_batches"), std::string::npos);
+#if EXAMOE_ENABLE_HDF5
+  const std::string dir = examoe::test::make_shared_dir("train", "accum");
+  examoe::TrainConfig c = base;
+  c.train.micro_batches = 2;
+  EXPECT_NE(examoe::canonical_config(c).find("train.micro_batches=2"), std::string::npos);
+  const examoe::TrainResult& full = runs[0];
+  examoe::TrainConfig first = c;
+  first.train.steps = 3;
+  first.checkpoint.dir = dir;
+  first.checkpoint.interval = 3;
+  const auto a = examoe::train(first, MPI_COMM_WORLD, nullptr);
+  const examoe::CheckpointInfo info = examoe::read_checkpoint_info(examoe::checkpoint_path(dir, 3), MPI_COMM_WORLD);
+  bool recorded = false;
+  for (const auto& kv : info.config) recorded = recorded || (kv.first == "train.micro_batches" && kv.second == "2");
+  EXPECT_TRUE(recorded) << "train.micro_batches = 2 is not in the checkpoint's config";
+  examoe::TrainConfig second = c;
+  second.checkpoint.dir = dir;
+  second.checkpoint.resume = "latest";
+  const auto b = examoe::train(second, MPI_COMM_WORLD, nullptr);
+  EXPECT_EQ(b.first_step, 3);
+  ASSERT_EQ(a.losses.size(), 3u);
+  ASSERT_EQ(b.losses.size(), 3u);
+  for (int s = 0; s < 3; ++s) {
+    EXPECT_EQ(a.losses[s], full.losses[s]) << "step " << s + 1;
+    EXPECT_EQ(b.losses[s], full.losses[3 + s]) << "resumed step " << s + 4;  // bitwise
+  }
+  examoe::test::remove_shared_dir(dir);
+#endif
+}
+
+// A non-finite gradient in one micro-batch's step: that step is skipped, as without micro-batches.
+TEST(TrainAccumulation, NonfiniteStepIsSkippedAsWithoutMicroBatches) {
+  examoe::TrainConfig c = accumulation_config();
+  c.train.steps = 3;
+  c.placement.rebalance_interval = 0;
+  std::vector<examoe::TrainResult> runs;
+  for (int M : {1, 2}) {
+    c.train.micro_batches = M;
+    setenv("EXAMOE_FAULT", ("nan:step=2:rank=" + std::to_string(world_size() - 1)).c_str(), 1);
+    runs.push_back(examoe::train(c, MPI_COMM_WORLD, nullptr));
+    unsetenv("EXAMOE_FAULT");
+  }
+  EXPECT_EQ(runs[1].skipped, (std::vector<long long>{2}));
+  EXPECT_EQ(runs[1].skipped, runs[0].skipped);
+  expect_same_losses(runs[1].ce, runs[0].ce, 1e-10, "skip run, micro_batches 2");
+}
+
+TEST(TrainAccumulation, MicroBatchesThatDoNotDivideAShareAreRefusedOnEveryRank) {
+  auto c = tiny_config();
+  c.train.micro_batches = 0;
+  expect_error(c, "train.micro_batches");
+  // 8 sequences: shares of 8, 4, 3 or 2 over 1-4 ranks; none divides into 3.
+  c = tiny_config();
+  c.train.batch = 8;
+  c.train.micro_batches = 3;
+  expect_error(c, "train.micro_batches = 3 must divide every rank's share of train.batch = 8");
 }
 
 // ------------------------------------------------------------------- many ranks

@@ -70,8 +70,14 @@ class Fsdp {
   const execution_space& space() const { return space_; }
   uvector grad1(int p) const;
   umatrix grad2(int p) const;
-  /// Sums the unit's full gradient over all ranks into this rank's shard gradient (=).
+  /// Sums the unit's full gradient over all ranks into this rank's shard gradient (=, or +=
+  /// with gradient accumulation on).
   void reduce_scatter_grad(int unit);
+  /// Gradient accumulation over micro-batches: while on, reduce_scatter_grad adds the summed
+  /// gradient into the shard gradient (through a buffer of one shard of the largest unit,
+  /// allocated the first time) instead of writing it; no full-size gradient outlives its
+  /// unit's backward either way.
+  void set_grad_accumulation(bool on) { accumulate_ = on; }
 
   int num_units() const { return static_cast<int>(units_.size()); }
   const std::string& unit_name(int u) const { return units_[u].name; }
@@ -93,7 +99,8 @@ class Fsdp {
   std::size_t shard_bytes() const;
   std::size_t gathered_bytes_peak() const { return peak_gathered_; }
   std::size_t gathered_bytes_max_unit() const;
-  std::size_t grad_buffer_bytes() const { return gbuf_.size() * sizeof(S); }
+  /// The full-size gradient buffer of one unit, and the accumulation buffer once allocated.
+  std::size_t grad_buffer_bytes() const { return (gbuf_.size() + acc_.size()) * sizeof(S); }
   bool reshard_after_forward() const { return reshard_; }
 
  private:
@@ -126,6 +133,8 @@ class Fsdp {
   std::vector<Param> params_;
   std::vector<Unit> units_;
   vector pool_, gbuf_;
+  vector acc_;  // set_grad_accumulation: one shard of the largest unit
+  bool accumulate_ = false;
   int pool_unit_ = -1, grad_unit_ = -1;
   bool finalized_ = false;
   std::size_t peak_gathered_ = 0;

@@ -110,8 +110,10 @@ struct MemoryReport {
 /// activations for `rows` tokens per rank (the largest batch a rank will see), gathered units
 /// for the FSDP mode. Fields match Model::memory() of the same configuration (its most
 /// loaded rank, after a step of `rows` tokens); sizes too large for size_t saturate.
+/// With gradient accumulation (`micro_batches` > 1) `rows` is one micro-batch's and the
+/// gradient buffer adds FSDP's accumulation buffer (one shard of the largest unit).
 MemoryReport estimate_memory(const ModelConfig& cfg, const ParallelConfig& par, int world_size,
-                             int ep_size, long long rows, std::size_t scalar_bytes);
+                             int ep_size, long long rows, std::size_t scalar_bytes, int micro_batches = 1);
 
 /// One MoE layer's part of estimate_memory on the fullest rank of an expert-parallel group of
 /// `ep_size` ranks, in bytes (saturating): its local experts' parameters (their gradients and
@@ -170,6 +172,17 @@ class Model {
   /// shard gradients and the local expert gradients (reduced over the expert-data-parallel
   /// group). `step` keys the router noise. Collective over the world.
   StepStats forward_backward(const Batch& local, long long global_valid, std::uint64_t step);
+  /// Gradient accumulation (train.micro_batches; docs/model.md, "Gradient accumulation"): the
+  /// same step over this rank's share given as consecutive micro-batches (the same number on
+  /// every rank, any of them may be empty), with the result of forward_backward of their
+  /// concatenation up to rounding. A forward-only pass over every micro-batch first sums
+  /// each layer's router statistics; then each micro-batch runs forward and backward with
+  /// the whole step's aux and z losses and coefficients, its dense gradients reduce-scattered
+  /// into (added to) the shard gradients and its expert gradients added on their owners.
+  /// `global_valid` counts the targets of the whole step. Activations are those of one
+  /// micro-batch. One micro-batch is forward_backward itself. Collective over the world.
+  StepStats forward_backward_accumulated(const std::vector<Batch>& micro_batches, long long global_valid,
+                                         std::uint64_t step);
   /// Forward only (no router noise); `correct` gets 1 per argmax-correct target row.
   /// `logits` (if given) receives the logits [rows][vocab] row-major, in float.
   StepStats evaluate(const Batch& local, std::vector<int>* correct = nullptr,
@@ -183,6 +196,11 @@ class Model {
   Mesh& mesh() { return mesh_; }
   const execution_space& space() const { return space_; }
   MemoryReport memory() const;
+  /// Layer l's statistics of the last training step: the layer's own (MoELayer::stats) after
+  /// forward_backward or evaluate; after forward_backward_accumulated the whole step's: its
+  /// tokens per expert and imbalance, the micro-batches' rows and bytes added up (each
+  /// micro-batch's forward once, as a single step counts them), the seconds of every pass.
+  const LayerStats& layer_stats(int l) const;
 
   /// Times the phases of every forward_backward / evaluate from now on (host clocks; on a GPU
   /// every phase then ends with a counted fence, so leave it off where that matters). Off by
@@ -226,6 +244,14 @@ class Model {
   void block_backward(int l, std::uint64_t step);
   void embedding_backward();
   void reduce_expert_grads();
+  // Gradient accumulation (accumulation.cpp).
+  std::vector<std::int64_t> micro_batch_token_offsets(const std::vector<Batch>& micro);
+  void prepare_agreed(const Batch& b);
+  std::vector<RouterSums> router_statistics_pass(const std::vector<Batch>& micro,
+                                                 const std::vector<std::int64_t>& offsets, std::uint64_t step);
+  void micro_batch_forward_backward(const Batch& b, std::int64_t offset, long long global_valid,
+                                    std::uint64_t step, bool accumulate, StepStats& st);
+  void end_accumulation();
   /// The time since the previous tick belongs to `ph` (when timing is on).
   void tick(StepPhase ph);
 
@@ -252,6 +278,11 @@ class Model {
   StepPhaseSeconds phase_s_{};
   std::chrono::steady_clock::time_point tick_;
   int rows_ = 0, batch_ = 0;
+  /// Gradient accumulation: the global index of this micro-batch's first token (the layers'
+  /// jitter keys), -1 outside it; the step's layer statistics and whether they are current.
+  std::int64_t token_offset_ = -1;
+  std::vector<LayerStats> step_stats_;
+  bool step_stats_valid_ = false;
   std::int64_t allocations_ = 0;
 };
 

@@ -17,6 +17,18 @@ struct RouterLosses {
   double z = 0.0;    ///< beta * mean_t logsumexp(u_t)^2
 };
 
+/// The router's global sums (over the statistics communicator) that its losses, their
+/// backward coefficients and the tokens per expert come from: of one forward, or added over
+/// the micro-batches of one optimizer step (gradient accumulation, docs/model.md).
+struct RouterSums {
+  std::vector<double> assignments;    ///< [E]: top-k assignments per expert
+  std::vector<double> probabilities;  ///< [E]: sum over tokens of p[t][e]
+  double lse_squares = 0;             ///< sum over tokens of logsumexp(u_t)^2
+  double tokens = 0;                  ///< T_g
+  /// Adds `o` (an empty *this takes o's shape).
+  RouterSums& operator+=(const RouterSums& o);
+};
+
 /// How a MoELayer is connected: its communicators and its execution-space instance.
 ///
 /// The layer needs a communicator for dispatch and combine, given either as an MPI
@@ -94,6 +106,19 @@ class MoELayer {
   /// advances it by one). Recomputing a forward (activation checkpointing) with the same
   /// step reproduces it exactly.
   void set_step(std::uint64_t step);
+  /// Sets the global index of this rank's first token in the next forward, which keys its
+  /// jitter noise (by default an exclusive scan of T over the statistics communicator): a
+  /// micro-batch keys its tokens as they are keyed in the whole step's batch. Set on every
+  /// rank or on none.
+  void set_token_offset(std::int64_t first);
+
+  /// The global router sums of the last forward (its own, also while step sums are set).
+  const RouterSums& router_sums() const;
+  /// Gradient accumulation: until clear_step_router_sums(), every forward takes its aux and
+  /// z losses, their backward coefficients (alpha E f_e / T_g, 2 beta / T_g), tokens per
+  /// expert and imbalance from `sums` (the whole optimizer step's) instead of its own.
+  void set_step_router_sums(const RouterSums& sums);
+  void clear_step_router_sums();
 
   /// Aux-loss-free balancing (router.bias_rate > 0): moves each expert's selection bias by
   /// bias_rate * sign(mean load - its load), the loads being the global assignment counts of

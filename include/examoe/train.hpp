@@ -25,6 +25,9 @@ NonfinitePolicy nonfinite_policy_from_string(const std::string& s);
 struct TrainOptions {
   int steps = 3000;
   int batch = 32;           ///< global batch, sequences per step (split over all ranks)
+  /// Gradient accumulation: each rank's share of the batch runs as this many micro-batches of
+  /// one optimizer step (the same step as the whole batch at once; docs/model.md).
+  int micro_batches = 1;
   double lr = 3e-3, min_lr = 3e-4;
   int warmup = 60;
   double weight_decay = 0.05, beta1 = 0.9, beta2 = 0.95, eps = 1e-8;

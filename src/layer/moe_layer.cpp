@@ -442,6 +442,19 @@ struct MoELayer<Scalar>::Impl {
 };
 
 // ------------------------------------------------------------------- MoELayer
+RouterSums& RouterSums::operator+=(const RouterSums& o) {
+  if (assignments.empty()) assignments.assign(o.assignments.size(), 0.0);
+  if (probabilities.empty()) probabilities.assign(o.probabilities.size(), 0.0);
+  if (assignments.size() != o.assignments.size() || probabilities.size() != o.probabilities.size())
+    throw Error("examoe::RouterSums: adding sums of " + std::to_string(o.assignments.size()) + " experts to sums of " +
+                std::to_string(assignments.size()));
+  for (std::size_t e = 0; e < assignments.size(); ++e) assignments[e] += o.assignments[e];
+  for (std::size_t e = 0; e < probabilities.size(); ++e) probabilities[e] += o.probabilities[e];
+  lse_squares += o.lse_squares;
+  tokens += o.tokens;
+  return *this;
+}
+
 template <class S>
 MoELayer<S>::MoELayer(const MoEConfig& config, const MoELayerOptions& options)
     : impl_(std::make_unique<Impl>(config, options)) {}
@@ -463,6 +476,26 @@ void MoELayer<S>::set_placement(const Placement& p) {
 template <class S>
 void MoELayer<S>::set_step(std::uint64_t step) {
   impl_->router->set_step(step);
+}
+template <class S>
+void MoELayer<S>::set_token_offset(std::int64_t first) {
+  impl_->router->set_token_offset(first);
+}
+template <class S>
+const RouterSums& MoELayer<S>::router_sums() const {
+  return impl_->router->sums();
+}
+template <class S>
+void MoELayer<S>::set_step_router_sums(const RouterSums& sums) {
+  const std::size_t E = static_cast<std::size_t>(impl_->E);
+  if (sums.assignments.size() != E || sums.probabilities.size() != E)
+    throw Error("examoe::MoELayer::set_step_router_sums: sums of " + std::to_string(sums.assignments.size()) + " and " +
+                std::to_string(sums.probabilities.size()) + " experts for a layer of " + std::to_string(E));
+  impl_->router->set_step_sums(&sums);
+}
+template <class S>
+void MoELayer<S>::clear_step_router_sums() {
+  impl_->router->set_step_sums(nullptr);
 }
 template <class S>
 MoELayer<S>::~MoELayer() = default;

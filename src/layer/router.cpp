@@ -90,7 +90,8 @@ void Router<Scalar>::forward(const const_matrix& x, bool training, Communicator&
   step_set_ = false;
   params_.step = step_;
   params_.jitter = training ? jitter_ : 0.0;
-  params_.token_offset = params_.jitter > 0 ? stats_comm.exscan_sum(T_) : 0;
+  params_.token_offset = params_.jitter > 0 ? (token_offset_set_ ? token_offset_ : stats_comm.exscan_sum(T_)) : 0;
+  token_offset_set_ = false;
 
   ws_.reserve(probs_, "probs", T_, E_);
   ws_.reserve(lse_, "lse", T_);
@@ -165,6 +166,7 @@ void Router<Scalar>::reduce_statistics(const DispatchPlan& plan, const Placement
   red_[2 * E + 2] = 0;
   red_[2 * E + 1] = T_;
   stats_comm.allreduce_sum(red_.data(), red_.size(), DataType::f64);
+  adopt_step_sums();
   const double Tg = red_[2 * E + 1];
   double aux = 0;
   if (training_ && bias_rate_ > 0)
@@ -211,6 +213,20 @@ void Router<Scalar>::backward(const const_matrix& x, Collectives<Space>* reduce,
   }
   accumulate(space_, dWr_, dWr_step_);
   impl::kc::gemm(space_, "N", "T", Scalar(1), dzv, Wr_, Scalar(0), dx);
+}
+
+template <class Scalar>
+void Router<Scalar>::adopt_step_sums() {
+  const int E = E_;
+  sums_.assignments.assign(red_.begin(), red_.begin() + E);
+  sums_.probabilities.assign(red_.begin() + E, red_.begin() + 2 * E);
+  sums_.lse_squares = red_[2 * E];
+  sums_.tokens = red_[2 * E + 1];
+  if (!use_step_sums_) return;
+  std::copy(step_sums_.assignments.begin(), step_sums_.assignments.end(), red_.begin());
+  std::copy(step_sums_.probabilities.begin(), step_sums_.probabilities.end(), red_.begin() + E);
+  red_[2 * E] = step_sums_.lse_squares;
+  red_[2 * E + 1] = step_sums_.tokens;
 }
 
 template class Router<float>;

@@ -42,6 +42,12 @@ class Router {
   void init_weights(std::uint64_t seed);
   /// The step that keys the jitter noise of the next forward (else each forward adds one).
   void set_step(std::uint64_t step);
+  /// The global index of this rank's first token in the next forward (its jitter keys),
+  /// instead of the exclusive scan of T over the statistics communicator.
+  void set_token_offset(std::int64_t first) {
+    token_offset_ = first;
+    token_offset_set_ = true;
+  }
 
   /// Local half of forward for x[T][d]: logits x Wr, softmax, top-k and gates, and this
   /// rank's probability and lse^2 sums into its readback slot (queued; nothing waits). With
@@ -61,6 +67,14 @@ class Router {
   auto topk() const { return rows_of(topk_, T_); }
   auto gates() const { return rows_of(gates_, T_); }
   RouterLosses losses() const { return losses_; }
+  /// The last forward's own global sums (reduce_statistics).
+  const RouterSums& sums() const { return sums_; }
+  /// Gradient accumulation: the step's sums (null: none) replace each forward's own in the
+  /// losses, backward's coefficients, tokens per expert and imbalance.
+  void set_step_sums(const RouterSums* step_sums) {
+    use_step_sums_ = step_sums != nullptr;
+    if (step_sums) step_sums_ = *step_sums;
+  }
 
   /// dL/dgate [T][k] of the current backward, for the combine^T to fill.
   auto gate_grads();
@@ -89,6 +103,9 @@ class Router {
   using SView1 = Kokkos::View<Scalar*, Mem>;
   using DView1 = Kokkos::View<double*, Mem>;
   void reserve_mode_views();
+  /// After the statistics allreduce: keeps red_'s sums in sums_ and, with step sums set,
+  /// writes those into red_ in their place.
+  void adopt_step_sums();
   Space space_;
   int E_ = 0, k_ = 1, d_ = 0, T_ = 0;
   double alpha_ = 0, beta_ = 0;  // aux and z loss coefficients
@@ -114,6 +131,10 @@ class Router {
   std::uint64_t step_ = 0;
   bool step_set_ = false;
   std::vector<double> red_;  // statistics allreduce buffer
+  std::int64_t token_offset_ = 0;  // set_token_offset, for the next forward only
+  bool token_offset_set_ = false;
+  RouterSums sums_, step_sums_;  // the last forward's global sums; the step's (accumulation)
+  bool use_step_sums_ = false;
   Workspace ws_{"examoe::moe::"};
 };
 

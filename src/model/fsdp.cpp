@@ -9,6 +9,16 @@
 
 namespace examoe {
 
+namespace {
+/// a[i] += b[i] for i < n (free function: nvcc forbids device lambdas in private members).
+template <class Space, class V>
+void add_into(const Space& space, const V& a, const V& b, std::size_t n) {
+  Kokkos::parallel_for(
+      "examoe::fsdp::accumulate_grad", Kokkos::RangePolicy<Space>(space, 0, n),
+      KOKKOS_LAMBDA(const std::size_t i) { a(i) += b(i); });
+}
+}  // namespace
+
 template <class S>
 Fsdp<S>::Fsdp(Communicator& world, bool reshard_after_forward, const execution_space& space)
     : world_(world), reshard_(reshard_after_forward), space_(space),
@@ -165,7 +175,18 @@ template <class S>
 void Fsdp<S>::reduce_scatter_grad(int u) {
   if (u != grad_unit_) throw Error("examoe::Fsdp::reduce_scatter_grad: unit not in backward");
   impl::CollectiveLabel label("fsdp.reduce_scatter");
-  coll_->reduce_scatter_sum(gbuf_.data(), units_[u].shard_grad.data(), units_[u].shard);
+  Unit& U = units_[u];
+  if (!accumulate_) {
+    coll_->reduce_scatter_sum(gbuf_.data(), U.shard_grad.data(), U.shard);
+  } else {
+    if (acc_.size() == 0) {
+      std::size_t max_shard = 0;
+      for (const Unit& V : units_) max_shard = std::max(max_shard, V.shard);
+      acc_ = vector("examoe::fsdp::grad_accumulation", max_shard);
+    }
+    coll_->reduce_scatter_sum(gbuf_.data(), acc_.data(), U.shard);
+    add_into(space_, U.shard_grad, acc_, U.shard);
+  }
   grad_unit_ = -1;
 }
 

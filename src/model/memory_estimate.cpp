@@ -52,7 +52,7 @@ MoELayerMemory estimate_moe_layer_memory(const ModelConfig& cfg, int ep_size, lo
 }
 
 MemoryReport estimate_memory(const ModelConfig& cfg, const ParallelConfig& par, int world_size,
-                             int ep_size, long long rows, std::size_t scalar_bytes) {
+                             int ep_size, long long rows, std::size_t scalar_bytes, int micro_batches) {
   // Same layout as Model: units embed [wte, wpe], block l [attn_norm, wq, wk, wv, wo,
   // moe_norm, router], head [final_norm, lm_head], each padded to a multiple of the world.
   // In doubles: every product stays exact up to 2^53 and cannot overflow.
@@ -73,7 +73,7 @@ MemoryReport estimate_memory(const ModelConfig& cfg, const ParallelConfig& par, 
   m.dense_grad_shard = m.dense_shard;
   m.gathered_unit_max = saturate(max_padded * sb);
   m.gathered_peak = saturate((par.reshard_after_forward ? max_padded : all_padded) * sb);
-  m.grad_buffer = saturate(max_padded * sb);
+  m.grad_buffer = saturate((max_padded + (micro_batches > 1 ? max_padded / W : 0)) * sb);
   m.experts = saturate(local_expert_values * L * sb);
   m.expert_grads = m.experts;
   m.optimizer = saturate(2 * (shard + local_expert_values * L) * sb);

@@ -359,6 +359,7 @@ StepStats Model<S>::run(const Batch& local, long long global_valid, bool trainin
                         std::uint64_t step, std::vector<int>* correct,
                         std::vector<float>* logits_out) {
   phase_s_.fill(0.0);
+  step_stats_valid_ = false;
   if (time_phases_) {
     impl::host_sync(space_);
     tick_ = std::chrono::steady_clock::now();
@@ -405,6 +406,7 @@ void Model<S>::forward_blocks(bool training, std::uint64_t step, StepStats& st) 
     F.gather(u_block_[l]);
     tick(StepPhase::fsdp_gather);
     if (training) moe_[l]->set_step(step);
+    if (training && token_offset_ >= 0) moe_[l]->set_token_offset(token_offset_);
     block_forward(l, *acts_[par_.activation_checkpointing ? 0 : l], training);
     if (par_.reshard_after_forward || !training) F.release(u_block_[l]);
     tick(StepPhase::fsdp_gather);
@@ -485,6 +487,7 @@ void Model<S>::block_backward(int l, std::uint64_t step) {
   tick(StepPhase::fsdp_gather);
   if (ckpt) {  // recompute the block (same router noise step) instead of storing it
     moe_[l]->set_step(step);
+    if (token_offset_ >= 0) moe_[l]->set_token_offset(token_offset_);
     block_forward(l, A, true);
   }
   F.begin_grad(sp, u_block_[l]);

@@ -226,6 +226,10 @@ const std::vector<ConfigKey>& config_keys() {
       EXAMOE_KEY_DBL("parallel.watchdog_seconds", parallel.watchdog_seconds, "Abort with a report naming the collective and the ranks that did not arrive when a collective takes longer than this (0 = off)"),
       EXAMOE_KEY_INT("train.steps", train.steps, "Optimizer steps"),
       EXAMOE_KEY_INT("train.batch", train.batch, "Global batch in sequences (split over all ranks)"),
+      recorded_when_set(EXAMOE_KEY_INT("train.micro_batches", train.micro_batches,
+                                       "Gradient accumulation: each rank's share of train.batch runs as this many "
+                                       "micro-batches of one optimizer step (the same step as the whole batch, "
+                                       "activations of one micro-batch; the share must divide by it)")),
       EXAMOE_KEY_DBL("train.lr", train.lr, "Peak learning rate"),
       EXAMOE_KEY_DBL("train.min_lr", train.min_lr, "Learning rate at the end of the cosine decay"),
       EXAMOE_KEY_INT("train.warmup", train.warmup, "Linear warmup steps"),
@@ -454,6 +458,7 @@ void TrainConfig::validate() const {
   need(parallel.ep >= 0, "parallel.ep", ">= 0 (0 = the whole world)");
   need(train.steps >= 0, "train.steps", ">= 0");
   need(train.batch > 0, "train.batch", "positive");
+  need(train.micro_batches >= 1, "train.micro_batches", ">= 1 (1 = no gradient accumulation)");
   need(train.lr > 0 && std::isfinite(train.lr), "train.lr", "positive");
   need(train.min_lr >= 0 && train.min_lr <= train.lr, "train.min_lr", "in [0, train.lr = " + text("train.lr") + "]");
   need(train.warmup >= 0, "train.warmup", ">= 0");

@@ -120,7 +120,8 @@ void check_memory_here(const TrainConfig& cfg, Mesh& mesh, long long rows, std::
                        const HeldData& data) {
   std::string how;
   const std::size_t limit = memory_limit_bytes(cfg.train.memory_limit, mesh.world().mpi_comm(), &how);
-  const MemoryReport m = estimate_memory(cfg.model, cfg.parallel, mesh.world_size(), mesh.ep_size(), rows, scalar_bytes);
+  const MemoryReport m = estimate_memory(cfg.model, cfg.parallel, mesh.world_size(), mesh.ep_size(), rows, scalar_bytes,
+                                         cfg.train.micro_batches);
   const std::size_t need = m.total() > SIZE_MAX - data.bytes ? SIZE_MAX : m.total() + data.bytes;
   if (limit > 0 && need > limit) {
     auto hb = [](std::size_t b) {
@@ -136,10 +137,14 @@ void check_memory_here(const TrainConfig& cfg, Mesh& mesh, long long rows, std::
        << human_bytes(static_cast<double>(m.optimizer)) << "; dense shards "
        << human_bytes(static_cast<double>(3 * m.dense_shard)) << " with gradients and decay mask; gathered units "
        << human_bytes(static_cast<double>(m.gathered_peak + m.grad_buffer)) << "; activations and buffers for "
-       << rows << " tokens " << human_bytes(static_cast<double>(m.activations) + static_cast<double>(m.buffers));
+       << rows << " tokens "
+       << (cfg.train.micro_batches > 1 ? "(the larger of a micro-batch, train.micro_batches = " +
+                                             std::to_string(cfg.train.micro_batches) + ", and the validation share) "
+                                       : std::string())
+       << human_bytes(static_cast<double>(m.activations) + static_cast<double>(m.buffers));
     if (data.bytes > 0) os << "; " << data.what << " " << hb(data.bytes) << ", held whole by every rank";
     os << ". Reduce model.num_experts, model.d_hidden, model.d_model or train.batch, raise parallel.ep to "
-          "spread the experts"
+          "spread the experts or train.micro_batches to split each rank's batch"
        << (data.bytes > 0 ? ", use less data" : "") << ", or set train.memory_limit.";
     throw Error(os.str());
   }

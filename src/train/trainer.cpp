@@ -86,10 +86,12 @@ std::unique_ptr<Corpus> make_corpus(const TrainConfig& cfg, Mesh& mesh) {
     corpus->check(seq);
     val = corpus->num_val_sequences(seq);
   });
-  // The most tokens a rank holds at once: its share of a training batch or of the validation
-  // set (evaluated in one pass).
+  // The most tokens a rank holds at once: one micro-batch of its share of a training batch
+  // (the whole share without accumulation), or its share of the validation set (evaluated in
+  // one pass).
   const long long W = mesh.world_size();
-  check_memory(cfg, mesh, std::max((cfg.train.batch + W - 1) / W, (val + W - 1) / W) * seq, sizeof(S), data);
+  const long long train_rows = (cfg.train.batch + W - 1) / W / cfg.train.micro_batches;
+  check_memory(cfg, mesh, std::max(train_rows, (val + W - 1) / W) * seq, sizeof(S), data);
   if (whole)
     agree(mesh.world(), [&] {
       corpus = std::make_unique<FileCorpus>(cfg.data.path, cfg.train.seed, cfg.data.val_fraction);
@@ -266,17 +268,29 @@ template <class S>
 typename Trainer<S>::StepSums Trainer<S>::forward_backward(int step) {
   const int seq = cfg_.model.seq_len;
   const auto t_data = Clock::now();
-  corpus_->train_batch(static_cast<std::uint64_t>(step), first_, count_, seq, batch_);
+  const int M = cfg_.train.micro_batches;
+  if (M == 1) {
+    corpus_->train_batch(static_cast<std::uint64_t>(step), first_, count_, seq, batch_);
+  } else {  // gradient accumulation: the share's sequences in M consecutive micro-batches
+    micro_.resize(M);
+    for (int m = 0; m < M; ++m)
+      corpus_->train_batch(static_cast<std::uint64_t>(step), first_ + m * (count_ / M), count_ / M, seq, micro_[m]);
+  }
   StepSums r;
   long long valid = 0;
-  for (int t : batch_.targets) valid += t >= 0 ? 1 : 0;
+  auto count_valid = [&valid](const Batch& b) {
+    for (int t : b.targets) valid += t >= 0 ? 1 : 0;
+  };
+  if (M == 1) count_valid(batch_);
+  for (int m = 0; M > 1 && m < M; ++m) count_valid(micro_[m]);
   r.global_valid = valid;
   {
     CollectiveLabel label("train.count_targets");
     mesh_.world().allreduce_sum(&r.global_valid, 1, DataType::i64);
   }
   const double data_s = std::chrono::duration<double>(Clock::now() - t_data).count();
-  r.stats = model_.forward_backward(batch_, r.global_valid, static_cast<std::uint64_t>(step));
+  r.stats = M == 1 ? model_.forward_backward(batch_, r.global_valid, static_cast<std::uint64_t>(step))
+                   : model_.forward_backward_accumulated(micro_, r.global_valid, static_cast<std::uint64_t>(step));
   step_phase_s_ = model_.phase_seconds();  // before validation times its own forward
   step_phase_s_[static_cast<int>(StepPhase::data)] += data_s;
   if (fault::armed()) inject_faults(r.stats);  // fault injection (docs/faults.md)
@@ -379,8 +393,8 @@ template <class S>
 void Trainer<S>::accumulate_loads() {
   for (int l = 0; l < model_.n_layers(); ++l)  // before validation overwrites the stats
     for (int e = 0; e < cfg_.model.num_experts; ++e) {
-      const double t = static_cast<double>(model_.moe(l).stats().tokens_per_expert[e]);
-      tokens_cum_[l][e] += model_.moe(l).stats().tokens_per_expert[e];
+      const double t = static_cast<double>(model_.layer_stats(l).tokens_per_expert[e]);
+      tokens_cum_[l][e] += model_.layer_stats(l).tokens_per_expert[e];
       load_ema_[l][e] = !have_ema_ ? t : cfg_.placement.ema * load_ema_[l][e] + (1 - cfg_.placement.ema) * t;
     }
   have_ema_ = true;
@@ -473,7 +487,7 @@ EvalResult Trainer<S>::report(int step, const StepSums& r, double loss, double c
   ProgressPoint p;
   // Load statistics of this training step, every layer (before validation overwrites them).
   for (int l = 0; l < model_.n_layers(); ++l) {
-    const LayerStats& ls = model_.moe(l).stats();
+    const LayerStats& ls = model_.layer_stats(l);
     p.imbalance = std::max(p.imbalance, ls.imbalance);
     p.bytes_moved += ls.bytes_sent_dispatch + ls.bytes_sent_combine;
     for (int i = 0; i < kNumPhases; ++i) p.phase_s[i] += ls.seconds[i];
@@ -587,6 +601,21 @@ template class Trainer<float>;
 template class Trainer<double>;
 
 namespace {
+/// Every rank's share of train.batch divides into train.micro_batches (computed for all ranks
+/// on each: the same error everywhere, no collective).
+void check_micro_batches(const TrainConfig& cfg, int P) {
+  const int M = cfg.train.micro_batches;
+  for (int r = 0; r < P && M > 1; ++r) {
+    const int share = split(cfg.train.batch, P, r).second;
+    if (share % M != 0)
+      throw Error("examoe::train: train.micro_batches = " + std::to_string(M) + " must divide every rank's share of " +
+                  "train.batch = " + std::to_string(cfg.train.batch) + " sequences over " + std::to_string(P) +
+                  " ranks, but rank " + std::to_string(r) + " holds " + std::to_string(share) +
+                  " (set train.batch to a multiple of " + std::to_string(M * P) +
+                  " = micro_batches x ranks, or a train.micro_batches that divides each share)");
+  }
+}
+
 /// Before any collective whose shape depends on the config: the config is the same on every
 /// rank, valid, its ep divides the world; fault injection (EXAMOE_FAULT) is armed. Errors on
 /// every rank.
@@ -599,6 +628,7 @@ void check_run(const TrainConfig& cfg, MPI_Comm comm, std::ostream* out) {
   if (ep > 0 && (ep > P || P % ep != 0))
     throw Error("examoe::train: parallel.ep = " + std::to_string(ep) + " must divide the world size " +
                 std::to_string(P) + " (world = dp x ep; parallel.ep = 0 means the whole world)");
+  check_micro_batches(cfg, P);
   // Fault injection (tests of the fault handling): EXAMOE_FAULT, read once per run.
   try {
     agree(*c, [&] {

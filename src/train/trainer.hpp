@@ -123,6 +123,7 @@ class Trainer {
   bool stopped_ = false;
   int skipped_in_a_row_ = 0;
   Batch batch_;
+  std::vector<Batch> micro_;  ///< train.micro_batches > 1: this rank's share in micro-batches
   Clock::time_point t_start_, t_interval_;
   StepPhaseSeconds step_phase_s_{};  ///< this step's time per phase (log.step_phases)
   double step_s_ = 0;                ///< this step's time: forward_backward and update_or_skip
