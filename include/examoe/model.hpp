@@ -63,6 +63,8 @@ struct ModelConfig {
   DispatchDtype dispatch_dtype = DispatchDtype::scalar;
   /// Float expert GEMMs may use TF32 tensor cores on CUDA builds (MoEConfig::allow_tf32).
   bool allow_tf32 = false;
+  /// Expert capacity of the MoE layers (MoEConfig::capacity_factor; 0 = dropless).
+  double capacity_factor = 0.0;
   void validate() const;
 };
 
