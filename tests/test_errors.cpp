@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <functional>
 #include <string>
 
@@ -99,6 +100,14 @@ TEST(Errors, TemperatureNotPositive) {
   expect_error_everywhere(c, "temperature");
   c.router.temperature = -1.0;
   expect_error_everywhere(c, "temperature");
+}
+
+TEST(Errors, CapacityFactorNegativeOrNotFinite) {
+  for (double cf : {-1.0, -1e-300, std::nan(""), HUGE_VAL}) {
+    MoEConfig c = valid_config();
+    c.capacity_factor = cf;
+    expect_error_everywhere(c, "capacity_factor must be >= 0 and finite");
+  }
 }
 
 TEST(Errors, PlacementWrongSize) {

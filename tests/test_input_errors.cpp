@@ -216,6 +216,7 @@ std::map<std::string, std::vector<Bad>> out_of_range() {
       {"model.router.aux_loss_coef", {{"-1", {">= 0"}}}},
       {"model.router.z_loss_coef", {{"-1e-3", {">= 0"}}}},
       {"model.norm_eps", {{"0", {"positive"}}, {"-1e-5", {"positive"}}}},
+      {"model.capacity_factor", {{"-1", {">= 0 and finite"}}, {"-1e-300", {">= 0 and finite"}}}},
       {"parallel.ep", {{"-1", {">= 0"}}, {std::to_string(world_size() + 1), {"must divide the world size " + P}}}},
       {"train.steps", {{"-1", {">= 0"}}}},
       {"train.batch", {{"0", {"positive"}}}},
