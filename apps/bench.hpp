@@ -10,6 +10,7 @@ struct BenchOptions {
   std::string tf32 = "off";               // float expert GEMMs on TF32 tensor cores (CUDA): on or off
   int steps = 5, warmup = 2;
   double temperature = 1.0;
+  double capacity_factor = 0.0;  // expert capacity (MoEConfig::capacity_factor): 0 = dropless
   std::uint64_t seed = 1234;
   std::string json;  // optional JSON-lines output file
   std::string comm = "auto";  // collectives backend: auto, mpi, nccl

@@ -32,6 +32,9 @@ struct ProgressPoint {
   long long bytes_moved = 0;  ///< all-to-all bytes of this step, all ranks and layers
   std::size_t peak_rss = 0;
   std::vector<std::vector<std::int64_t>> tokens_per_expert;  ///< [layer][expert], this step
+  /// With a capacity (model.capacity_factor > 0): the assignments each expert dropped,
+  /// [layer][expert], this step; empty when dropless.
+  std::vector<std::vector<std::int64_t>> dropped_per_expert;
   std::array<double, kNumPhases> phase_s{};                  ///< MoE time per phase, all layers
   bool has_step_phases = false;   ///< log.step_phases: the two below hold this step's
   StepPhaseSeconds step_phase_s{};  ///< rank 0's time per phase of the step
@@ -40,7 +43,10 @@ struct ProgressPoint {
   EvalResult val;
 };
 
-/// "step  S/N | loss ... | ETA T" [+ " | skipped K"] [+ " | val L acc A%"], then a newline.
+/// Dropped assignments / all assignments of the step, over every layer (0 when dropless).
+double dropped_fraction(const ProgressPoint& p);
+/// "step  S/N | loss ... | ETA T" [+ " | dropped D%"] [+ " | skipped K"] [+ " | val L acc A%"],
+/// then a newline.
 void write_progress(std::ostream& os, const ProgressPoint& p);
 /// The JSON line of a progress point.
 nlohmann::json progress_record(const ProgressPoint& p);

@@ -475,6 +475,7 @@ EvalResult Trainer<S>::report(int step, const StepSums& r, double loss, double c
     p.bytes_moved += ls.bytes_sent_dispatch + ls.bytes_sent_combine;
     for (int i = 0; i < kNumPhases; ++i) p.phase_s[i] += ls.seconds[i];
     p.tokens_per_expert.push_back(ls.tokens_per_expert);
+    if (cfg_.model.capacity_factor > 0) p.dropped_per_expert.push_back(ls.dropped_per_expert);
   }
   if (do_eval) ev = evaluate();
   {
