@@ -9,6 +9,7 @@
 #include "test_util.hpp"
 
 #include <examoe/impl/dispatch_kernels.hpp>
+#include <examoe/model.hpp>
 #include <examoe/placement.hpp>
 
 #include <Kokkos_Core.hpp>
@@ -249,6 +250,23 @@ TEST(Capacity, SameChoiceAndResultAsOneRank) {
     if (!all_ranks(!::testing::Test::HasFailure())) return;
   }
   EXPECT_GT(dropped, 0);
+}
+
+// The memory estimate counts the experts' side of the rows at their bound, C per local expert.
+// By hand, d = 8, h = 12, E = 4, k = 2, ep = 2, 10 tokens per rank, in doubles: router state
+// 10 (3E + 3k) = 180 values, sending side A 2d = 20 * 16 = 320; experts' side (6d + 5h = 108 per
+// row) dropless A = 20 rows (2160), with f = 0.5 2 local experts x C = ceil(0.5 2 20 / 4) = 5.
+TEST(Capacity, MemoryEstimateCountsTheBound) {
+  ModelConfig mc;
+  mc.d_model = 8;
+  mc.d_hidden = 12;
+  mc.num_experts = 4;
+  mc.top_k = 2;
+  EXPECT_EQ(estimate_moe_layer_memory(mc, 2, 10, 8).buffers, (180u + 320u + 20u * 108u) * 8u);
+  mc.capacity_factor = 0.5;
+  EXPECT_EQ(estimate_moe_layer_memory(mc, 2, 10, 8).buffers, (180u + 320u + 10u * 108u) * 8u);
+  mc.capacity_factor = 3.0;  // C = 30 per expert: more than the rank's share, still the bound
+  EXPECT_EQ(estimate_moe_layer_memory(mc, 2, 10, 8).buffers, (180u + 320u + 60u * 108u) * 8u);
 }
 
 // A fixed data-parallel split, dp = 2, at two expert-parallel degrees: each replica's group of
