@@ -49,7 +49,7 @@ void add_bench_command(CLI::App& app, BenchOptions& o) {
                 "Expert capacity: each expert keeps at most ceil(f * k * T * ranks / E) assignments per step, the "
                 "largest gates (the rest are dropped); 0 = dropless")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(nonnegative_number("dropless"));
   c->add_option("--seed", o.seed, "Seed of inputs and weights")->capture_default_str()->check(unsigned_integer());
   c->add_option("--comm", o.comm, "Collectives backend (auto: nccl on GPU builds with NCCL)")->capture_default_str()->check(CLI::IsMember({"auto", "mpi", "nccl"}));
   c->add_option("--json", o.json, "Append one JSON line with all figures to this file (rank 0)");
