@@ -54,6 +54,11 @@ void add_bench_command(CLI::App& app, BenchOptions& o) {
   c->add_option("--topk-groups", o.topk_groups, "Group-limited routing: groups each token may use (0 = no limit)")
       ->capture_default_str()
       ->check(integer_in(0));
+  c->add_option("--capacity-factor", o.capacity_factor,
+                "Expert capacity: each expert keeps at most ceil(f * k * T * ranks / E) assignments per step, the "
+                "largest gates (the rest are dropped); 0 = dropless")
+      ->capture_default_str()
+      ->check(nonnegative_number("dropless"));
   c->add_option("--seed", o.seed, "Seed of inputs and weights")->capture_default_str()->check(unsigned_integer());
   c->add_option("--comm", o.comm, "Collectives backend (auto: nccl on GPU builds with NCCL)")->capture_default_str()->check(CLI::IsMember({"auto", "mpi", "nccl"}));
   c->add_option("--json", o.json, "Append one JSON line with all figures to this file (rank 0)");
@@ -196,6 +201,7 @@ void check_bench_memory(const BenchOptions& o, MPI_Comm comm, std::size_t sb) {
   mc.num_experts = o.num_experts;
   mc.top_k = o.top_k;
   mc.activation = activation_from_string(o.activation);
+  mc.capacity_factor = o.capacity_factor;
   const MoELayerMemory layer = estimate_moe_layer_memory(mc, size, o.tokens, sb);
   const double d = o.d_model, h = o.d_hidden, T = o.tokens, A = T * o.top_k, b = static_cast<double>(sb);
   const double local = std::ceil(static_cast<double>(o.num_experts) / size);
@@ -304,6 +310,7 @@ int run(const BenchOptions& o) {
   cfg.router.groups = o.groups;
   cfg.router.topk_groups = o.topk_groups;
   cfg.router.seed = o.seed;
+  cfg.capacity_factor = o.capacity_factor;
   cfg.time_phases = true;  // no fences: host clocks, or CUDA events on the stream
   MoELayerOptions lopts;
   lopts.comm = comm;
@@ -334,6 +341,12 @@ int run(const BenchOptions& o) {
   long long sent = st.bytes_sent_dispatch, sent_sum = 0, rows = st.expert_rows, rows_max = 0;
   MPI_Allreduce(&sent, &sent_sum, 1, MPI_LONG_LONG, MPI_SUM, comm);
   MPI_Allreduce(&rows, &rows_max, 1, MPI_LONG_LONG, MPI_MAX, comm);
+  long long rows_sum = 0, routed = 0, dropped = 0;
+  MPI_Allreduce(&rows, &rows_sum, 1, MPI_LONG_LONG, MPI_SUM, comm);
+  for (auto n : st.tokens_per_expert) routed += n;  // global already (the router's counts)
+  for (auto n : st.dropped_per_expert) dropped += n;
+  const double kept_imbalance = rows_sum > 0 ? static_cast<double>(rows_max) * size / static_cast<double>(rows_sum) : 1.0;
+  const double dropped_fraction = routed > 0 ? static_cast<double>(dropped) / static_cast<double>(routed) : 0.0;
   long long mem_rows_local = st.rows_local, local_sum = 0;
   MPI_Allreduce(&mem_rows_local, &local_sum, 1, MPI_LONG_LONG, MPI_SUM, comm);
   // Data movement: dispatch, combine and the dispatch of dy move every assignment's row once
@@ -368,6 +381,11 @@ int run(const BenchOptions& o) {
                 sent_sum, local_sum, st.imbalance);
     std::printf("  ranks per token: %.3f on average, %lld at most (rank 0, own rank included)\n", st.ranks_per_token,
                 static_cast<long long>(st.max_ranks_per_token));
+    if (o.capacity_factor > 0)
+      std::printf("  capacity: factor %g, C = %lld per expert, dropped %lld of %lld assignments (%.2f %%), "
+                  "imbalance of the kept rows %.3f\n",
+                  o.capacity_factor, static_cast<long long>(st.capacity), dropped, routed, 100 * dropped_fraction,
+                  kept_imbalance);
     std::printf("  data movement       %10.2f GB/s (dispatch + combine + dy dispatch, rank 0) vs device copy %.2f GB/s: %.1f %%\n",
                 move_s > 0 ? move_bytes / move_s * 1e-9 : 0.0, copy_min * 1e-9,
                 move_s > 0 && copy_min > 0 ? 100.0 * move_bytes / move_s / copy_min : 0.0);
@@ -390,6 +408,8 @@ int run(const BenchOptions& o) {
          << ",\"score\":\"" << o.score << "\",\"bias_rate\":" << o.bias_rate << ",\"groups\":" << o.groups
          << ",\"topk_groups\":" << o.topk_groups << ",\"ranks_per_token\":" << st.ranks_per_token
          << ",\"max_ranks_per_token\":" << st.max_ranks_per_token
+         << ",\"capacity_factor\":" << o.capacity_factor << ",\"capacity\":" << st.capacity
+         << ",\"dropped_fraction\":" << dropped_fraction << ",\"kept_imbalance\":" << kept_imbalance
          << ",\"comm\":\"" << layer.communicator().backend() << "\",\"space\":\""
          << Kokkos::DefaultExecutionSpace::name() << "\",\"move_bytes_per_s\":" << (move_s > 0 ? move_bytes / move_s : 0.0)
          << ",\"copy_bytes_per_s\":" << copy_min << ",\"forward_counts\":" << counts_json(work.forward)

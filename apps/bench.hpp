@@ -13,6 +13,7 @@ struct BenchOptions {
   std::string score = "softmax";  // router scores: softmax or sigmoid
   double bias_rate = 0;           // selection bias, updated after every step (0 = off)
   int groups = 0, topk_groups = 0;  // group-limited routing (topk_groups 0 = off)
+  double capacity_factor = 0.0;  // expert capacity (MoEConfig::capacity_factor): 0 = dropless
   std::uint64_t seed = 1234;
   std::string json;  // optional JSON-lines output file
   std::string comm = "auto";  // collectives backend: auto, mpi, nccl

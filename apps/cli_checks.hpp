@@ -60,13 +60,14 @@ inline std::string parse_finite_number(const std::string& v, double* x) {
   return {};
 }
 
-/// A finite number >= 0 (generate's sampling temperature; 0 = greedy).
-inline CLI::Validator nonnegative_number() {
+/// A finite number >= 0 (generate's sampling temperature, 0 = greedy; bench's capacity factor,
+/// 0 = dropless): `zero` says what 0 means.
+inline CLI::Validator nonnegative_number(const std::string& zero = "greedy") {
   return CLI::Validator(
-      [](std::string& v) -> std::string {
+      [zero](std::string& v) -> std::string {
         double x = 0;
         std::string err = parse_finite_number(v, &x);
-        if (err.empty() && x < 0) err = "must be >= 0 (0 = greedy), got '" + clip_for_message(v) + "'";
+        if (err.empty() && x < 0) err = "must be >= 0 (0 = " + zero + "), got '" + clip_for_message(v) + "'";
         return err;
       },
       "NONNEGATIVE");

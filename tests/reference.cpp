@@ -135,6 +135,28 @@ RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in, const RefWire
     }
   }
 
+  // ---------------- capacity ----------------
+  // Each expert keeps at most C = ceil(cf k T / E) of the assignments to it: the largest
+  // gates, ties to the lower token index. The losses below count the router's choices.
+  r.kept.assign(T * k, 1);
+  r.dropped.assign(E, 0);
+  r.min_capacity_gap = std::numeric_limits<double>::infinity();
+  if (cfg.capacity_factor > 0) {
+    r.capacity = static_cast<long long>(
+        std::ceil(cfg.capacity_factor * static_cast<double>(k) * static_cast<double>(T) / E));
+    for (int e = 0; e < E; ++e) {
+      std::vector<int> mine;  // assignments t*k+j to e, in token order
+      for (int tj = 0; tj < T * k; ++tj)
+        if (r.topk[tj] == e) mine.push_back(tj);
+      if (static_cast<long long>(mine.size()) <= r.capacity) continue;
+      std::stable_sort(mine.begin(), mine.end(), [&](int a, int b) { return r.gates[a] > r.gates[b]; });
+      for (std::size_t i = static_cast<std::size_t>(r.capacity); i < mine.size(); ++i) r.kept[mine[i]] = 0;
+      r.dropped[e] = static_cast<std::int64_t>(mine.size()) - r.capacity;
+      if (r.capacity > 0)
+        r.min_capacity_gap = std::min(r.min_capacity_gap, r.gates[mine[r.capacity - 1]] - r.gates[mine[r.capacity]]);
+    }
+  }
+
   // ---------------- losses ----------------
   const double Tg = static_cast<double>(T);
   std::vector<double> f(E, 0.0), P(E, 0.0);
@@ -170,6 +192,7 @@ RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in, const RefWire
     for (int j = 0; j < k; ++j) {
       const int e = r.topk[t * k + j];
       const int tj = t * k + j;
+      if (!r.kept[tj]) continue;  // dropped: no expert row, y stays 0
       const std::vector<double> xin = expert_input(t, e);
       const double* xt = xin.data();
       const double* W1e = &in.W1[static_cast<std::size_t>(e) * d * h];
@@ -198,7 +221,8 @@ RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in, const RefWire
       std::copy(yrow.begin(), yrow.end(), y.begin() + tj * d);
     }
     for (int j = 0; j < k; ++j)
-      for (int o = 0; o < d; ++o) r.out[t * d + o] += r.gates[t * k + j] * y[(t * k + j) * d + o];
+      if (r.kept[t * k + j])
+        for (int o = 0; o < d; ++o) r.out[t * d + o] += r.gates[t * k + j] * y[(t * k + j) * d + o];
   }
 
   // ---------------- backward ----------------
@@ -211,6 +235,7 @@ RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in, const RefWire
     for (int j = 0; j < k; ++j) {
       const int e = r.topk[t * k + j];
       const int tj = t * k + j;
+      if (!r.kept[tj]) continue;  // dropped: dg = 0, no expert backward, no part of dx
       const double g = r.gates[tj];
       const bool cross = crosses(t, e);
       const std::vector<double> xin = expert_input(t, e);

@@ -31,7 +31,15 @@ struct RefResult {
   std::vector<double> lse;     ///< [T]
   std::vector<int> topk;       ///< [T][k]
   std::vector<double> gates;   ///< [T][k]
-  std::vector<std::int64_t> counts;  ///< [E] c_i
+  std::vector<std::int64_t> counts;  ///< [E] c_i (the router's choices, before any dropping)
+  /// Capacity (MoEConfig::capacity_factor > 0): C per expert (0: dropless), kept[t*k+j] = 1 if
+  /// assignment (t, j) is kept, 0 if its expert dropped it, and the drops per expert.
+  long long capacity = 0;
+  std::vector<int> kept;              ///< [T][k]
+  std::vector<std::int64_t> dropped;  ///< [E]
+  /// min over experts that drop of gate(last kept) - gate(first dropped) (infinity when none
+  /// drops): how far the capacity decision is from flipping (0: a tie, broken by token index).
+  double min_capacity_gap = 0.0;
   double aux = 0.0;
   double z = 0.0;
   /// min over tokens of u[k-th largest] - u[(k+1)-th largest] (infinity when k == E): how

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <functional>
 #include <string>
 
@@ -130,6 +131,14 @@ TEST(Errors, RouterModesOutOfRange) {
   else
     EXPECT_NO_THROW(MoELayer<double>(c, MPI_COMM_WORLD));
   expect_world_still_usable();
+}
+
+TEST(Errors, CapacityFactorNegativeOrNotFinite) {
+  for (double cf : {-1.0, -1e-300, std::nan(""), HUGE_VAL}) {
+    MoEConfig c = valid_config();
+    c.capacity_factor = cf;
+    expect_error_everywhere(c, "capacity_factor must be >= 0 and finite");
+  }
 }
 
 TEST(Errors, PlacementWrongSize) {

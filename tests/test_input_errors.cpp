@@ -220,6 +220,7 @@ std::map<std::string, std::vector<Bad>> out_of_range() {
       {"model.router.groups", {{"-1", {"[0, model.num_experts = 4]"}}, {"5", {"[0, model.num_experts = 4]"}}}},
       {"model.router.topk_groups", {{"-1", {"[0, model.router.groups = 0]", "0 = no limit"}}}},
       {"model.norm_eps", {{"0", {"positive"}}, {"-1e-5", {"positive"}}}},
+      {"model.capacity_factor", {{"-1", {">= 0 and finite"}}, {"-1e-300", {">= 0 and finite"}}}},
       {"parallel.ep", {{"-1", {">= 0"}}, {std::to_string(world_size() + 1), {"must divide the world size " + P}}}},
       {"train.steps", {{"-1", {">= 0"}}}},
       {"train.batch", {{"0", {"positive"}}}},

@@ -111,6 +111,22 @@ TEST(Trainer, ProgressRecord) {
   EXPECT_EQ(dump.find("val_"), std::string::npos) << dump;
 }
 
+// With a capacity (model.capacity_factor > 0) the line and the record carry the drops:
+// 1 + 3 of 16 routed assignments = 25 %.
+TEST(Trainer, ProgressWithCapacity) {
+  examoe::impl::ProgressPoint p = sample_point();
+  p.tokens_per_expert = {{3, 5}, {4, 4}};
+  p.dropped_per_expert = {{1, 0}, {0, 3}};
+  std::ostringstream os;
+  examoe::impl::write_progress(os, p);
+  EXPECT_EQ(os.str(),
+            "step   5/100 | loss 1.2500 | aux 0.0625 | lr 3.00e-03 | 1234 tok/s | imbalance 1.50 | ETA 1m05s"
+            " | dropped 25.0%\n");
+  const auto j = examoe::impl::progress_record(p);
+  EXPECT_EQ(j.at("dropped_per_expert").dump(), "[[1,0],[0,3]]");
+  EXPECT_EQ(j.at("dropped_fraction").get<double>(), 0.25);
+}
+
 TEST(Trainer, SummaryLineAndRecord) {
   examoe::TrainResult r;
   r.first_step = 100;

@@ -38,6 +38,10 @@ struct LayerStats {
   std::int64_t bytes_recv_combine = 0;
   std::vector<std::int64_t> rows_per_local_expert;   ///< rows each local expert processed
   std::vector<std::int64_t> tokens_per_expert;       ///< global, all E experts (from the router)
+  /// Assignments each expert dropped over its capacity (global, all E experts, like
+  /// tokens_per_expert; all 0 when dropless: MoEConfig::capacity_factor = 0).
+  std::vector<std::int64_t> dropped_per_expert;
+  std::int64_t capacity = 0;  ///< this step's C per expert (0: dropless)
   std::array<double, kNumPhases> seconds{};          ///< time per phase of the last step
   double imbalance = 1.0;   ///< max over ranks / mean of rows per rank (global, from counts)
   /// Distinct ranks a local token's k rows go to (its own included when it owns one of its

@@ -63,6 +63,8 @@ struct ModelConfig {
   DispatchDtype dispatch_dtype = DispatchDtype::scalar;
   /// Float expert GEMMs may use TF32 tensor cores on CUDA builds (MoEConfig::allow_tf32).
   bool allow_tf32 = false;
+  /// Expert capacity of the MoE layers (MoEConfig::capacity_factor; 0 = dropless).
+  double capacity_factor = 0.0;
   void validate() const;
 };
 
@@ -119,7 +121,8 @@ MemoryReport estimate_memory(const ModelConfig& cfg, const ParallelConfig& par, 
 /// `ep_size` ranks, in bytes (saturating): its local experts' parameters (their gradients and
 /// AdamW moments are as many again each), and its router state and the rows of the top_k
 /// assignments of `rows` tokens (dispatch, expert input/output and their gradients, hidden
-/// activations). `examoe bench` checks its one layer with it.
+/// activations; with model.capacity_factor the experts' rows are their bound, C per local
+/// expert). `examoe bench` checks its one layer with it.
 struct MoELayerMemory {
   std::size_t experts = 0;
   std::size_t buffers = 0;

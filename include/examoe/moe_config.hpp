@@ -89,6 +89,12 @@ struct MoEConfig {
   /// travel, then the received ones. Off: every exchange completes before the experts run.
   /// The results are the same either way (the same GEMMs on the same rows, the same sums).
   bool overlap_exchange = true;
+  /// Expert capacity (docs/moe-layer.md, "Capacity and token dropping"): each expert keeps at
+  /// most C = ceil(capacity_factor * top_k * T / num_experts) assignments per step, T the
+  /// tokens of the layer communicator's batch; its owner keeps the ones with the largest
+  /// gates (ties: the lower global token index), the others are dropped (they add nothing to
+  /// the output; their tokens keep the residual path). 0 = dropless (the default); >= 0, finite.
+  double capacity_factor = 0.0;
 
   /// Local validity checks; throws examoe::Error naming the bad field.
   void validate() const;

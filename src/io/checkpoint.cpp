@@ -345,9 +345,9 @@ std::string incompatibility(const CheckpointInfo& info, const TrainConfig& cfg, 
   static const TrainConfig defaults;
   for (const auto& k : config_keys()) {
     const std::string& key = k.name;
-    // Shapes only: the router's settings, norm_eps and the rows' wire type may change on resume.
+    // Shapes only: the router's settings, norm_eps, the rows' wire type and the capacity may change on resume.
     if (key.rfind("model.", 0) != 0 || key.rfind("model.router.", 0) == 0 || key == "model.norm_eps" ||
-        key == "model.dispatch_dtype" || key == "model.allow_tf32")
+        key == "model.dispatch_dtype" || key == "model.allow_tf32" || key == "model.capacity_factor")
       continue;
     // A key left out at its default (model.vocab_size) had that value; others absent: not compared.
     const std::string* saved = nullptr;

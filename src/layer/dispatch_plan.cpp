@@ -25,17 +25,20 @@ void assignment_keys(const Space& space, int A, int k, const IV& key_of_expert, 
 }
 
 /// Where each assignment's expert output comes back: >= 0 a row of this rank's expert rows,
-/// < 0 (-1 - i) row i of the combine receive buffer.
+/// < 0 (-1 - i) row i of the combine receive buffer, kDroppedRow for a dropped assignment
+/// (key `dropped_key`).
 template <class Space, class IV, class SV, class BV>
 void return_locations(const Space& space, int A, const IV& keys, const IV& inv_perm,
                       const SV& key_start, const BV& blocks, int my_first, int nloc, int P, int me,
-                      int self_begin, int self_count, const IV& loc) {
+                      int self_begin, int self_count, int dropped_key, const IV& loc) {
   const int my_last = my_first + nloc;
   Kokkos::parallel_for(
       "examoe::dispatch::return_locations", Kokkos::RangePolicy<Space>(space, 0, A),
       KOKKOS_LAMBDA(const int a) {
         const int key = keys(a), s = inv_perm(a);
-        if (key >= my_first && key < my_last) {
+        if (key == dropped_key) {
+          loc(a) = kDroppedRow;
+        } else if (key >= my_first && key < my_last) {
           const int lx = key - my_first;
           loc(a) = blocks(lx * P + me).dest + (s - key_start(key));
         } else {
@@ -79,6 +82,16 @@ struct DestinationsFunctor {
   KOKKOS_INLINE_FUNCTION void init(value_type v) const { v[0] = v[1] = 0; }
 };
 
+/// keys[a] = dropped_key where keep[a] == 0 (the assignment leaves every run of the sort).
+template <class Space, class IV>
+void drop_keys(const Space& space, int A, const IV& keep, int dropped_key, const IV& keys) {
+  Kokkos::parallel_for(
+      "examoe::dispatch::drop_keys", Kokkos::RangePolicy<Space>(space, 0, A),
+      KOKKOS_LAMBDA(const int a) {
+        if (keep(a) == 0) keys(a) = dropped_key;
+      });
+}
+
 }  // namespace
 
 DispatchPlan::DispatchPlan() = default;
@@ -101,7 +114,8 @@ void DispatchPlan::set_placement(const Space& space, const Placement& placement,
   }
   Kokkos::deep_copy(space, key_of_expert_, koe);
   Kokkos::deep_copy(space, owner_of_expert_, ooe);
-  if (key_start_slot_.count != static_cast<std::size_t>(E) + 1) key_start_slot_ = readback_.reserve<int>(E + 1);
+  // E keys of experts, then the dropped assignments' key E (empty without a capacity).
+  if (key_start_slot_.count != static_cast<std::size_t>(E) + 2) key_start_slot_ = readback_.reserve<int>(E + 2);
   if (destinations_slot_.count != 2) destinations_slot_ = readback_.reserve<long long>(2);
   const auto nb = static_cast<std::size_t>(std::max(1, nloc_ * P_));
   if (blocks_.extent(0) < nb) {
@@ -126,7 +140,6 @@ void DispatchPlan::set_placement(const Space& space, const Placement& placement,
 
 void DispatchPlan::sort(const Space& space, const TopkView& topk) {
   kc::ScopedRegion region("examoe::DispatchPlan::sort");
-  const int E = placement_.num_experts();
   T_ = static_cast<int>(topk.extent(0));
   const int k = static_cast<int>(topk.extent(1));
   A_ = T_ * k;
@@ -134,22 +147,44 @@ void DispatchPlan::sort(const Space& space, const TopkView& topk) {
   ws_.reserve(perm_, "perm", A_);
   ws_.reserve(inv_perm_, "inv_perm", A_);
   ws_.reserve(loc_, "loc", A_);
-  const int C = (A_ + kSortChunk - 1) / kSortChunk;
-  ws_.reserve(hist_, "hist", static_cast<std::size_t>(C) * E);
   assignment_keys(space, A_, k, key_of_expert_, topk, keys_);
-  stable_counting_sort(space, head(keys_, A_), E, kSortChunk, hist_, head(perm_, A_),
-                       head(inv_perm_, A_), key_start());
-  // Ranks per token (sum, max), for the statistics; rides in the same readback.
+  // Ranks per token of the router's choices (sum, max), for the statistics; rides in the
+  // same readback (drop() leaves it as it is).
   const auto dest = readback_.device<long long>(destinations_slot_);
   if (T_ > 0)
     Kokkos::parallel_reduce("examoe::dispatch::destinations", Kokkos::RangePolicy<Space>(space, 0, T_),
                             DestinationsFunctor<IView1, TopkView>(owner_of_expert_, topk), dest);
   else
     Kokkos::deep_copy(space, dest, 0LL);
+  sort_keys(space);
+}
+
+void DispatchPlan::drop(const Space& space, const IView1& keep) {
+  if (!complete_) throw Error("examoe::DispatchPlan::drop: called before exchange_counts()");
+  kc::ScopedRegion region("examoe::DispatchPlan::drop");
+  drop_keys(space, A_, keep, placement_.num_experts(), keys_);
+  sort_keys(space);
+}
+
+/// The counting sort of keys_ over the E expert keys and the dropped key E.
+void DispatchPlan::sort_keys(const Space& space) {
+  const int K = placement_.num_experts() + 1;
+  const int C = (A_ + kSortChunk - 1) / kSortChunk;
+  ws_.reserve(hist_, "hist", static_cast<std::size_t>(C) * K);
+  stable_counting_sort(space, head(keys_, A_), K, kSortChunk, hist_, head(perm_, A_),
+                       head(inv_perm_, A_), key_start());
   sorted_at_fetch_ = readback_.fetches();
   sorted_ = true;
   complete_ = false;
 }
+
+int DispatchPlan::dropped() const {
+  const int E = placement_.num_experts();
+  const auto ks = key_start_host();
+  return ks(E + 1) - ks(E);
+}
+
+int DispatchPlan::key_begin(int key) const { return key_start_host()(key); }
 
 void DispatchPlan::fetch_counts(const Space& space) {
   if (!sorted_) throw Error("examoe::DispatchPlan::fetch_counts: called before sort()");
@@ -206,7 +241,7 @@ void DispatchPlan::exchange_counts(const Space& space, Communicator& comm) {
   lay_out_expert_rows();
   Kokkos::deep_copy(space, blocks_, blocks_h_);
   return_locations(space, A_, keys_, inv_perm_, key_start(), blocks_, placement_.rank_offset(me_),
-                   nloc_, P_, me_, self_begin_, self_count_, loc_);
+                   nloc_, P_, me_, self_begin_, self_count_, E, loc_);
   complete_ = true;
 }
 

@@ -48,6 +48,11 @@ class DispatchPlan {
 
   /// Local half: sorts the assignments a = t*k + j of `topk` [T][k] (T may be 0) by key.
   void sort(const Space& space, const TopkView& topk);
+  /// Drops the assignments a with keep[a] == 0 (keep: [>= A], after exchange_counts): they
+  /// leave every run of the sort (their key is the dropped key E, past every rank's), so they
+  /// are neither packed, sent nor computed, and their return location is kDroppedRow. Sorts
+  /// again; fetch_counts and exchange_counts then lay out the exchange of the kept ones.
+  void drop(const Space& space, const IView1& keep);
   /// The counts of the last sort to the host (one copy, one wait; no-op if already fetched).
   void fetch_counts(const Space& space);
   /// This rank's assignments to global expert e in the last sort (after fetch_counts).
@@ -55,6 +60,13 @@ class DispatchPlan {
   /// Over the last sort's tokens, the distinct ranks owning a token's k experts: their sum
   /// (max = false) or their maximum (after fetch_counts).
   long long destination_ranks(bool max) const;
+  /// This rank's dropped assignments in the last sort (after fetch_counts; 0 until drop()).
+  int dropped() const;
+  /// First sorted slot of key `key` (expert key, or E: the dropped ones) after fetch_counts.
+  int key_begin(int key) const;
+  /// Assignments rank `src` sends to local expert lx (after exchange_counts).
+  int recv_count(int src, int lx) const { return recv_mat_[static_cast<std::size_t>(src) * nloc_ + lx]; }
+  const Placement& placement() const { return placement_; }
   /// The buffer the counts come down in; other units reserve their slots in it at set-up.
   HostReadback<Space>& readback() { return readback_; }
 
@@ -69,7 +81,7 @@ class DispatchPlan {
   auto perm() const { return head(perm_, A_); }
   auto inv_perm() const { return head(inv_perm_, A_); }
   /// Return location of each assignment: >= 0 a row of this rank's expert rows, < 0
-  /// (-1 - i) row i of the combine receive buffer.
+  /// (-1 - i) row i of the combine receive buffer, kDroppedRow: dropped (no row).
   auto return_location() const { return head(loc_, A_); }
   const BlockView& blocks() const { return blocks_; }
   int num_blocks() const { return nblocks_; }
@@ -97,6 +109,7 @@ class DispatchPlan {
   std::int64_t workspace_allocations() const { return ws_.allocations(); }
 
  private:
+  void sort_keys(const Space& space);
   void lay_out_expert_rows();
   void lay_out_row_groups();
 

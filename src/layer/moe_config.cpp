@@ -78,6 +78,9 @@ void MoEConfig::validate() const {
                 std::to_string(router.topk_groups) + " of the smallest groups (" +
                 std::to_string(num_experts / router.groups) + " experts each of " + std::to_string(router.groups) +
                 " groups)");
+  if (!(capacity_factor >= 0) || !std::isfinite(capacity_factor))
+    throw Error(f + "capacity_factor must be >= 0 and finite (0 = dropless; got " +
+                std::to_string(capacity_factor) + ")");
   if (!placement.empty() && static_cast<int>(placement.size()) != num_experts)
     throw Error(f + "placement has " + std::to_string(placement.size()) +
                 " entries but num_experts is " + std::to_string(num_experts));
@@ -109,6 +112,7 @@ std::uint64_t MoEConfig::hash() const {
   f.add(allow_tf32);
   f.add(static_cast<int>(dispatch_dtype));
   f.add(overlap_exchange);
+  f.add(capacity_factor);
   return f.h;
 }
 
@@ -126,7 +130,7 @@ std::string MoEConfig::to_string() const {
   for (std::size_t i = 0; i < placement.size(); ++i) os << (i ? "," : "") << placement[i];
   os << "\nreduce_router_grad=" << reduce_router_grad << "\ncheck_finite_inputs=" << check_finite_inputs
      << "\nallow_tf32=" << allow_tf32 << "\ndispatch_dtype=" << examoe::to_string(dispatch_dtype)
-     << "\noverlap_exchange=" << overlap_exchange << "\n";
+     << "\noverlap_exchange=" << overlap_exchange << "\ncapacity_factor=" << capacity_factor << "\n";
   return os.str();
 }
 

@@ -2,10 +2,12 @@
 // and the mirror image in backward. It composes its parts (docs/moe-layer.md):
 //   impl::Router        router.{hpp,cpp}          Wr, top-k, gates, global statistics, losses
 //   impl::DispatchPlan  dispatch_plan.{hpp,cpp}   this step's counts, offsets and permutation
+//   impl::CapacitySelector capacity.{hpp,cpp}     which assignments an expert keeps (capacity)
 //   impl::Experts       experts.{hpp,cpp}         local expert weights, expert rows, GEMMs
 //   impl::RowWorkspace  row_workspace.hpp         the all-to-all row buffers
 //   impl::MigrationPlan migration_plan.{hpp,cpp}  the experts' move to a new placement
 // Data flow and conventions: docs/moe-layer.md.
+#include "layer/capacity.hpp"
 #include "layer/dispatch_plan.hpp"
 #include "layer/experts.hpp"
 #include "layer/migration_plan.hpp"
@@ -77,6 +79,7 @@ struct MoELayer<Scalar>::Impl {
   // the local experts, the row buffers of the exchanges.
   std::unique_ptr<impl::Router<Scalar>> router;
   impl::DispatchPlan plan;
+  impl::CapacitySelector capacity;  // with cfg.capacity_factor > 0
   std::unique_ptr<impl::Experts<Scalar>> experts;
   impl::RowWorkspace<Scalar> scalar_rows;  // rows on the wire in the layer's scalar ...
   impl::RowWorkspace<impl::bf16> bf16_rows;  // ... or in bf16 (cfg.dispatch_dtype)
@@ -146,6 +149,7 @@ struct MoELayer<Scalar>::Impl {
     router = std::make_unique<impl::Router<Scalar>>(cfg, P, space, plan.readback());
     first_bad_slot = plan.readback().reserve<long long>(1);
     stats.tokens_per_expert.assign(E, 0);
+    stats.dropped_per_expert.assign(E, 0);
     apply_placement(placement);
     experts = std::make_unique<impl::Experts<Scalar>>(cfg, nloc, space);
     init_parameters(cfg.router.seed);
@@ -266,6 +270,7 @@ struct MoELayer<Scalar>::Impl {
     if (cfg.check_finite_inputs) agree_finite(x, "forward", "x");
     router->reduce_statistics(plan, placement, *scomm, stats);
     plan.exchange_counts(space, *comm);
+    if (cfg.capacity_factor > 0) drop_over_capacity();
     record_plan_stats();
     toc(Phase::plan);
     if (cfg.dispatch_dtype == DispatchDtype::bf16)
@@ -324,6 +329,19 @@ struct MoELayer<Scalar>::Impl {
     impl::combine_rows(space, plan.return_location(), k, g, true, experts->outputs(), rows.back_recv,
                        false, out);
     toc(Phase::combine);
+  }
+
+  /// The capacity (docs/moe-layer.md, "Capacity and token dropping"): the owners choose the
+  /// kept assignments from the exchanged (gate, token) metadata, then the plan is laid out
+  /// again over the kept ones only, so no dropped row is packed, sent or computed.
+  void drop_over_capacity() {
+    impl::CollectiveLabel label("moe.capacity");
+    capacity.select(space, plan, router->gates(), *comm, cfg.capacity_factor);
+    plan.drop(space, capacity.keep());
+    plan.fetch_counts(space);
+    plan.exchange_counts(space, *comm);
+    capacity.reduce_dropped(placement, me, *scomm, stats.dropped_per_expert);
+    stats.capacity = capacity.capacity();
   }
 
   /// Whether this step hides its exchanges behind the kept rows' work: asked for, and other
@@ -581,7 +599,8 @@ auto MoELayer<S>::gates() const -> matrix {
 template <class S>
 std::int64_t MoELayer<S>::workspace_allocations() const {
   return impl_->scalar_rows.ws.allocations() + impl_->bf16_rows.ws.allocations() + impl_->plan.workspace_allocations() +
-         impl_->router->workspace_allocations() + impl_->experts->workspace_allocations();
+         impl_->router->workspace_allocations() + impl_->experts->workspace_allocations() +
+         impl_->capacity.workspace_allocations();
 }
 
 template class MoELayer<float>;

@@ -32,12 +32,20 @@ std::size_t MemoryReport::total() const {
 namespace {
 /// A MoE layer's numbers of values on the fullest rank (doubles: exact to 2^53, no overflow):
 /// local expert parameters, and router state plus the rows of the k assignments per token.
+/// Per row, 2d on the sending side (the dispatch send and combine receive buffers) and
+/// 6d + 5h on the experts' side (dispatch receive, combine send, expert input/output and
+/// their gradients, hidden activations). Dropless, the experts' side holds the rank's share
+/// A = rows k; with a capacity it holds at most C rows per local expert,
+/// C = ceil(capacity_factor k T / E) with T = ep rows: that bound is what is counted.
 std::pair<double, double> moe_layer_values(const ModelConfig& cfg, int ep_size, double rows) {
   const double d = cfg.d_model, h = cfg.d_hidden, E = cfg.num_experts, k = cfg.top_k;
   const double per_expert = d * h * (cfg.activation == Activation::swiglu ? 3 : 2);
-  const double local_experts = std::ceil(E / std::max(ep_size, 1));  // balanced blocks
+  const double ep = std::max(ep_size, 1);
+  const double local_experts = std::ceil(E / ep);  // balanced blocks
   const double A = rows * k;
-  return {local_experts * per_expert, rows * (3 * E + 3 * k) + A * (8 * d + 5 * h)};
+  const double expert_rows =
+      cfg.capacity_factor > 0 ? local_experts * std::ceil(cfg.capacity_factor * k * ep * rows / E) : A;
+  return {local_experts * per_expert, rows * (3 * E + 3 * k) + A * 2 * d + expert_rows * (6 * d + 5 * h)};
 }
 }  // namespace
 

@@ -55,6 +55,7 @@ void ModelConfig::validate() const {
   m.top_k = top_k;
   m.activation = activation;
   m.router = router;
+  m.capacity_factor = capacity_factor;
   m.validate();
 }
 
@@ -175,6 +176,7 @@ void Model<S>::build_moe_layers(std::uint64_t seed) {
     m.router = cfg_.router;
     m.dispatch_dtype = cfg_.dispatch_dtype;
     m.allow_tf32 = cfg_.allow_tf32;
+    m.capacity_factor = cfg_.capacity_factor;
     m.overlap_exchange = par_.overlap_exchange;
     m.router.seed = seed + 1000003ull * static_cast<std::uint64_t>(l + 1);
     m.reduce_router_grad = false;  // FSDP reduce-scatters the router gradient

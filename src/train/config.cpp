@@ -166,6 +166,10 @@ const std::vector<ConfigKey>& config_keys() {
       recorded_when_set(EXAMOE_KEY_BOOL("model.allow_tf32", model.allow_tf32,
                                         "Float expert GEMMs may use TF32 tensor cores (CUDA builds; about 1e-3 relative "
                                         "per product instead of float's 6e-8; no effect in double or on CPUs)")),
+      recorded_when_set(EXAMOE_KEY_DBL("model.capacity_factor", model.capacity_factor,
+                                       "Expert capacity: each expert keeps at most ceil(f * top_k * T / E) of a step's "
+                                       "assignments (T: the expert-parallel group's tokens; largest gates kept, the "
+                                       "others dropped to the residual path); 0 = dropless")),
       ConfigKey{"model.activation", "Expert MLP: gelu or swiglu", "gelu|swiglu",
                 [](const TrainConfig& c) { return to_string(c.model.activation); },
                 [](TrainConfig& c, const std::string& v) {
@@ -454,6 +458,8 @@ void TrainConfig::validate() const {
   need(model.router.topk_groups >= 0 && (model.router.groups == 0 || model.router.topk_groups <= model.router.groups),
        "model.router.topk_groups", "in [0, model.router.groups = " + text("model.router.groups") + "] (0 = no limit)");
   need(model.norm_eps > 0, "model.norm_eps", "positive");
+  need(model.capacity_factor >= 0 && std::isfinite(model.capacity_factor), "model.capacity_factor",
+       ">= 0 and finite (0 = dropless)");
   model.validate();  // anything the model checks beyond the keys (vocab)
   need(parallel.ep >= 0, "parallel.ep", ">= 0 (0 = the whole world)");
   need(train.steps >= 0, "train.steps", ">= 0");

@@ -28,6 +28,15 @@ std::string human_time(double s) {
   return buf;
 }
 
+double dropped_fraction(const ProgressPoint& p) {
+  double dropped = 0, all = 0;
+  for (const auto& layer : p.dropped_per_expert)
+    for (auto n : layer) dropped += static_cast<double>(n);
+  for (const auto& layer : p.tokens_per_expert)
+    for (auto n : layer) all += static_cast<double>(n);
+  return all > 0 ? dropped / all : 0.0;
+}
+
 void write_progress(std::ostream& os, const ProgressPoint& p) {
   char line[256];
   std::snprintf(line, sizeof line,
@@ -35,6 +44,10 @@ void write_progress(std::ostream& os, const ProgressPoint& p) {
                 static_cast<int>(std::to_string(p.steps).size()), static_cast<int>(p.step), p.steps, p.loss, p.aux,
                 p.lr, p.tokens_per_s, p.imbalance, human_time(p.eta_s).c_str());
   os << line;
+  if (!p.dropped_per_expert.empty()) {
+    std::snprintf(line, sizeof line, " | dropped %.1f%%", 100 * dropped_fraction(p));
+    os << line;
+  }
   if (p.skipped > 0) os << " | skipped " << p.skipped;
   if (p.evaluated) {
     std::snprintf(line, sizeof line, " | val %.4f", p.val.loss);
@@ -64,6 +77,10 @@ nlohmann::json progress_record(const ProgressPoint& p) {
   j["tokens_per_expert"] = p.tokens_per_expert;
   if (!p.router_bias.empty()) j["router_bias"] = p.router_bias;
   if (p.max_ranks_per_token >= 0) j["max_ranks_per_token"] = p.max_ranks_per_token;
+  if (!p.dropped_per_expert.empty()) {
+    j["dropped_per_expert"] = p.dropped_per_expert;
+    j["dropped_fraction"] = dropped_fraction(p);
+  }
   nlohmann::json phs;
   for (int i = 0; i < kNumPhases; ++i) phs[phase_name(static_cast<Phase>(i))] = p.phase_s[i];
   j["moe_phase_s"] = phs;

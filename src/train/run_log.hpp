@@ -36,6 +36,9 @@ struct ProgressPoint {
   /// Group-limited routing (router.topk_groups > 0; else -1): the most ranks one of rank 0's
   /// tokens reached this step, over the layers.
   long long max_ranks_per_token = -1;
+  /// With a capacity (model.capacity_factor > 0): the assignments each expert dropped,
+  /// [layer][expert], this step; empty when dropless.
+  std::vector<std::vector<std::int64_t>> dropped_per_expert;
   std::array<double, kNumPhases> phase_s{};                  ///< MoE time per phase, all layers
   bool has_step_phases = false;   ///< log.step_phases: the two below hold this step's
   StepPhaseSeconds step_phase_s{};  ///< rank 0's time per phase of the step
@@ -44,7 +47,10 @@ struct ProgressPoint {
   EvalResult val;
 };
 
-/// "step  S/N | loss ... | ETA T" [+ " | skipped K"] [+ " | val L acc A%"], then a newline.
+/// Dropped assignments / all assignments of the step, over every layer (0 when dropless).
+double dropped_fraction(const ProgressPoint& p);
+/// "step  S/N | loss ... | ETA T" [+ " | dropped D%"] [+ " | skipped K"] [+ " | val L acc A%"],
+/// then a newline.
 void write_progress(std::ostream& os, const ProgressPoint& p);
 /// The JSON line of a progress point.
 nlohmann::json progress_record(const ProgressPoint& p);

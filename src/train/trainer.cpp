@@ -494,6 +494,7 @@ EvalResult Trainer<S>::report(int step, const StepSums& r, double loss, double c
     p.tokens_per_expert.push_back(ls.tokens_per_expert);
     if (cfg_.model.router.bias_rate > 0) p.router_bias.push_back(model_.moe(l).router_bias());
     if (cfg_.model.router.topk_groups > 0) p.max_ranks_per_token = std::max<long long>(p.max_ranks_per_token, ls.max_ranks_per_token);
+    if (cfg_.model.capacity_factor > 0) p.dropped_per_expert.push_back(ls.dropped_per_expert);
   }
   if (do_eval) ev = evaluate();
   {

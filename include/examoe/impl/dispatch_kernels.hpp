@@ -15,6 +15,10 @@ struct RowBlock {
   int dest, count, from, local;  // local: 1 when the rows come from this rank
 };
 
+/// The return location of a dropped assignment (MoEConfig::capacity_factor): it has no row,
+/// and adds nothing to the combine or the gate gradients.
+constexpr int kDroppedRow = -2147483647 - 1;
+
 /// A part of the expert rows: all of them, the rows that never left this rank (kept: ready
 /// before the dispatch arrives) or the rows that came from other ranks (received).
 enum class ExpertRows { all, kept, received };
@@ -174,7 +178,8 @@ void pack_back_rows(const Space& space, const BView& blocks, int nblocks, int nr
 /// of this rank's expert output, loc < 0 is row -1-loc of the combine receive buffer.
 
 /// Combine: out[t] = beta_out * out[t] + sum_j w(t,j) * row(loc[t*k+j]), in order j = 0..k-1,
-/// with w = gates (forward) or 1 (backward dx). One team per token, its threads over the d
+/// with w = gates (forward) or 1 (backward dx); a dropped assignment (kDroppedRow) adds nothing.
+/// One team per token, its threads over the d
 /// elements; every element is summed in the same order j = 0..k-1 (the partial sum lives in
 /// out[t] between the k passes, which each thread makes over the same elements).
 template <class Space, class LView, class GView, class BufView, class WireView, class OView>
@@ -192,7 +197,9 @@ void combine_rows(const Space& space, const LView& loc, int k, const GView& gate
           const int l = loc(t * k + j);
           const bool fresh = j == 0 && !accumulate;  // out[t] holds no partial sum yet
           const auto w = gates(t, j);
-          if (l >= 0) {
+          if (l == kDroppedRow) {
+            if (fresh) Kokkos::parallel_for(Kokkos::TeamThreadRange(m, d), [&](const int c) { out(t, c) = O(0); });
+          } else if (l >= 0) {
             Kokkos::parallel_for(Kokkos::TeamThreadRange(m, d), [&](const int c) {
               const O acc = fresh ? O(0) : out(t, c);
               const S v = ye(l, c);
@@ -209,7 +216,7 @@ void combine_rows(const Space& space, const LView& loc, int k, const GView& gate
       });
 }
 
-/// Gate gradients: dg[t][j] = <dout[t], row(loc[t*k+j])>. One team per assignment, its
+/// Gate gradients: dg[t][j] = <dout[t], row(loc[t*k+j])>, 0 for a dropped assignment. One team per assignment, its
 /// threads over the d elements; the sum runs in element order on host backends (one thread
 /// per team) and as the team's fixed-order reduction on GPUs (the same every run).
 template <class Space, class LView, class BufView, class WireView, class DView, class GView>
@@ -224,7 +231,9 @@ void gate_grads(const Space& space, const LView& loc, int k, const BufView& ye,
       KOKKOS_LAMBDA(const team& m) {
         const int a = m.league_rank(), t = a / k, l = loc(a);
         G s = 0;
-        if (l >= 0)
+        if (l == kDroppedRow)
+          s = 0;
+        else if (l >= 0)
           Kokkos::parallel_reduce(
               Kokkos::TeamThreadRange(m, d), [&](const int c, G& acc) { acc += dout(t, c) * ye(l, c); }, s);
         else
