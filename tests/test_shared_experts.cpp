@@ -126,12 +126,22 @@ std::vector<int> decisions(Model<S>& model) {
 
 // ------------------------------------------------------------------ gradients
 
+/// "All shared": one routed expert (top-1, so every gate is exactly 1) beside the shared
+/// ones: the blocks are dense MLPs (docs/model.md, "Shared experts"); dp = world, ep = 1.
+ModelConfig all_shared_model() {
+  ModelConfig m = shared_model(Activation::gelu);
+  m.num_experts = 1;
+  m.top_k = 1;
+  return m;
+}
+
 TEST(SharedExperts, FullModelGradientsMatchFiniteDifferences) {
   const int W = world_size();
-  for (Activation act : {Activation::gelu, Activation::swiglu}) {
-    const ModelConfig cfg = shared_model(act);
+  for (int variant = 0; variant < 3; ++variant) {
+    const ModelConfig cfg = variant == 2 ? all_shared_model() : shared_model(variant == 0 ? Activation::gelu : Activation::swiglu);
+    const Activation act = cfg.activation;
     ParallelConfig par;
-    Mesh mesh(MPI_COMM_WORLD, W);
+    Mesh mesh(MPI_COMM_WORLD, cfg.num_experts >= W ? W : 1);
     Model<double> model(cfg, par, mesh, 17);
     const Batch b = rank_batch(cfg.seq_len);
     const long long n = global_valid(b);
@@ -145,7 +155,7 @@ TEST(SharedExperts, FullModelGradientsMatchFiniteDifferences) {
       for (const char* w : {"w1", "w2", "w3"})
         if (act == Activation::swiglu || std::string(w) != "w3")
           names.push_back("block" + std::to_string(l) + ".moe.shared." + w);
-    Rng rng(act == Activation::gelu ? 3 : 4);
+    Rng rng(3 + variant);
     const double eps = 1e-6;
     double worst = 0, biggest = 0;
     int flips = 0;
@@ -163,7 +173,7 @@ TEST(SharedExperts, FullModelGradientsMatchFiniteDifferences) {
         nudge(model, p, i, eps);
         const double fd = (lp - lm) / (2 * eps);
         const double allowed = 1e-6 * std::max(std::fabs(fd), std::fabs(g[i])) + 5e-9 * std::max(1.0, l0);
-        EXPECT_LE(std::fabs(fd - g[i]), allowed) << to_string(act) << " dL/d" << name << "[" << i << "]: analytic "
+        EXPECT_LE(std::fabs(fd - g[i]), allowed) << "variant " << variant << " dL/d" << name << "[" << i << "]: analytic "
                                                  << g[i] << ", finite difference " << fd;
         worst = std::max(worst, std::fabs(fd - g[i]) / allowed);
         if (name.find("shared") != std::string::npos) biggest = std::max(biggest, std::fabs(g[i]));
@@ -172,7 +182,7 @@ TEST(SharedExperts, FullModelGradientsMatchFiniteDifferences) {
     EXPECT_EQ(flips, 0) << "a perturbation flipped a routing decision: the check is invalid";
     EXPECT_GT(biggest, 1e-5) << "the sampled shared-expert gradients vanish: the check is vacuous";
     if (world_rank() == 0 && std::getenv("EXAMOE_TEST_VERBOSE"))
-      std::printf("[ shared gradcheck ] %s: worst |fd - analytic| / tolerance %.3g\n", to_string(act).c_str(), worst);
+      std::printf("[ shared gradcheck ] variant %d: worst |fd - analytic| / tolerance %.3g\n", variant, worst);
   }
 }
 
@@ -379,6 +389,29 @@ TEST(SharedExperts, CheckpointsResumeAtAnyRankCountAndRefuseAnotherShape) {
   remove_shared_dir(dir);
 }
 #endif
+
+TEST(SharedExperts, AllSharedNoRouted) {
+  // No routed experts at all is refused, naming the key and the dense alternative.
+  TrainConfig c = shared_train_config();
+  c.model.num_experts = 0;
+  expect_train_error(c, "model.num_experts must be positive (no routed experts is no MoE model; dense MLP blocks: "
+                        "model.num_experts 1 and model.top_k 1");
+  // That alternative: every gate is exactly 1, and dp = world gives the losses of one rank.
+  c = shared_train_config();
+  c.model.num_experts = 1;
+  c.model.top_k = 1;
+  c.parallel.ep = 1;
+  const std::vector<double> ref = one_rank_losses(c);
+  const std::vector<double> got = train(c, MPI_COMM_WORLD, nullptr).losses;
+  ASSERT_EQ(got.size(), ref.size());
+  for (std::size_t i = 0; i < ref.size(); ++i) EXPECT_NEAR(got[i], ref[i], 1e-10 * std::fabs(ref[i])) << "step " << i;
+  Mesh mesh(MPI_COMM_WORLD, 1);
+  Model<double> model(all_shared_model(), ParallelConfig{}, mesh, 5);
+  const Batch b = rank_batch(model.config().seq_len);
+  model.evaluate(b);
+  for (int l = 0; l < model.n_layers(); ++l)
+    for (double g : to_host(model.moe(l).gates())) ASSERT_EQ(g, 1.0) << "layer " << l;
+}
 
 TEST(SharedExperts, BadKeysNameTheKey) {
   TrainConfig c = shared_train_config();

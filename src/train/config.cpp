@@ -424,7 +424,9 @@ void TrainConfig::validate() const {
   need(model.d_model % model.n_heads == 0, "model.n_heads", "a divisor of model.d_model = " + text("model.d_model"));
   need(model.seq_len > 0, "model.seq_len", "positive");
   need(model.d_hidden > 0, "model.d_hidden", "positive");
-  need(model.num_experts > 0, "model.num_experts", "positive");
+  need(model.num_experts > 0, "model.num_experts",
+       "positive (no routed experts is no MoE model; dense MLP blocks: model.num_experts 1 and model.top_k 1, "
+       "whose one expert takes every token with gate 1, beside model.num_shared_experts)");
   need(model.top_k >= 1 && model.top_k <= model.num_experts, "model.top_k",
        "in [1, model.num_experts = " + text("model.num_experts") + "]");
   need(model.num_shared_experts >= 0, "model.num_shared_experts", ">= 0 (0 = none)");
