@@ -99,17 +99,19 @@ std::vector<double> full_grad(Model<S>& model, int p) {
   return all;
 }
 
-/// Adds `delta` to element i of parameter p on the rank whose shard holds it.
+/// Adds `delta * v[i]` to every element i of parameter p, each on the rank whose shard holds it.
 template <class S>
-void nudge(Model<S>& model, int p, std::size_t i, double delta) {
+void nudge(Model<S>& model, int p, const std::vector<double>& v, double delta) {
   auto& F = model.fsdp();
   const int u = F.param_unit(p);
-  const std::size_t flat = F.param_offset(p) + i, sh = F.shard_numel(u);
-  if (static_cast<int>(flat / sh) != world_rank()) return;
+  const std::size_t sh = F.shard_numel(u), first = static_cast<std::size_t>(world_rank()) * sh;
   auto shard = F.shard(u);
   auto h = Kokkos::create_mirror_view(shard);
   Kokkos::deep_copy(h, shard);
-  h(flat % sh) += static_cast<S>(delta);
+  for (std::size_t i = 0; i < v.size(); ++i) {
+    const std::size_t flat = F.param_offset(p) + i;
+    if (flat >= first && flat < first + sh) h(flat - first) += static_cast<S>(delta * v[i]);
+  }
   Kokkos::deep_copy(shard, h);
 }
 
@@ -149,7 +151,9 @@ TEST(SharedExperts, FullModelGradientsMatchFiniteDifferences) {
     const double l0 = loss_of(model, b, n);
     const std::vector<int> routed0 = decisions(model);
     // The shared experts' weights of both blocks, and parameters before them on the path of
-    // their input gradient (the norm in front of them, the position embedding).
+    // their input gradient (the norm in front of them, the position embedding). Each tensor is
+    // checked along a random direction v of +-1 entries: (L(p + eps v) - L(p - eps v)) / 2 eps
+    // against <dL/dp, v>, every element of the gradient taking part.
     std::vector<std::string> names = {"embed.wpe", "block0.moe_norm"};
     for (int l = 0; l < cfg.n_layers; ++l)
       for (const char* w : {"w1", "w2", "w3"})
@@ -162,22 +166,25 @@ TEST(SharedExperts, FullModelGradientsMatchFiniteDifferences) {
     for (const std::string& name : names) {
       const int p = param_id(model, name);
       const std::vector<double> g = full_grad(model, p);
-      for (int s = 0; s < 2; ++s) {
-        const std::size_t i = static_cast<std::size_t>(rng.below(static_cast<int>(g.size())));
-        nudge(model, p, i, eps);
-        const double lp = loss_of(model, b, n);
-        flips += decisions(model) != routed0;
-        nudge(model, p, i, -2 * eps);
-        const double lm = loss_of(model, b, n);
-        flips += decisions(model) != routed0;
-        nudge(model, p, i, eps);
-        const double fd = (lp - lm) / (2 * eps);
-        const double allowed = 1e-6 * std::max(std::fabs(fd), std::fabs(g[i])) + 5e-9 * std::max(1.0, l0);
-        EXPECT_LE(std::fabs(fd - g[i]), allowed) << "variant " << variant << " dL/d" << name << "[" << i << "]: analytic "
-                                                 << g[i] << ", finite difference " << fd;
-        worst = std::max(worst, std::fabs(fd - g[i]) / allowed);
-        if (name.find("shared") != std::string::npos) biggest = std::max(biggest, std::fabs(g[i]));
+      std::vector<double> v(g.size());
+      double analytic = 0;
+      for (std::size_t i = 0; i < g.size(); ++i) {
+        v[i] = rng.below(2) ? 1.0 : -1.0;
+        analytic += g[i] * v[i];
       }
+      nudge(model, p, v, eps);
+      const double lp = loss_of(model, b, n);
+      flips += decisions(model) != routed0;
+      nudge(model, p, v, -2 * eps);
+      const double lm = loss_of(model, b, n);
+      flips += decisions(model) != routed0;
+      nudge(model, p, v, eps);
+      const double fd = (lp - lm) / (2 * eps);
+      const double allowed = 1e-6 * std::max(std::fabs(fd), std::fabs(analytic)) + 5e-9 * std::max(1.0, l0);
+      EXPECT_LE(std::fabs(fd - analytic), allowed)
+          << "variant " << variant << " dL/d" << name << " along v: analytic " << analytic << ", finite difference " << fd;
+      worst = std::max(worst, std::fabs(fd - analytic) / allowed);
+      if (name.find("shared") != std::string::npos) biggest = std::max(biggest, std::fabs(analytic));
     }
     EXPECT_EQ(flips, 0) << "a perturbation flipped a routing decision: the check is invalid";
     EXPECT_GT(biggest, 1e-5) << "the sampled shared-expert gradients vanish: the check is vacuous";
@@ -243,6 +250,7 @@ TEST(SharedExperts, SameLossesAtEveryRankCountSplitAndOverlap) {
   std::vector<int> eps{W};
   if (W % 2 == 0 && W > 1) eps.push_back(W / 2);  // dp 2 x ep W/2
   if (W > 1) eps.push_back(1);                    // dp W x ep 1
+  std::vector<double> a;  // dp 1 x ep W
   for (int ep : eps) {
     TrainConfig c = base;
     c.parallel.ep = ep;
@@ -250,10 +258,10 @@ TEST(SharedExperts, SameLossesAtEveryRankCountSplitAndOverlap) {
     ASSERT_EQ(got.size(), ref.size());
     for (std::size_t i = 0; i < ref.size(); ++i)
       EXPECT_NEAR(got[i], ref[i], 1e-10 * std::fabs(ref[i])) << "dp " << W / ep << " x ep " << ep << ", step " << i;
+    if (ep == W) a = got;
   }
   // Bitwise: run to run, and with the exchanges not overlapped (the shared experts then run
   // after the layer's work instead of while its rows travel).
-  const std::vector<double> a = train(base, MPI_COMM_WORLD, nullptr).losses;
   const std::vector<double> again = train(base, MPI_COMM_WORLD, nullptr).losses;
   TrainConfig no_overlap = base;
   no_overlap.parallel.overlap_exchange = false;
@@ -350,6 +358,7 @@ TEST(SharedExperts, CheckpointsResumeAtAnyRankCountAndRefuseAnotherShape) {
   // of the shared experts resharded).
   TrainConfig r = full;
   r.checkpoint.resume = checkpoint_path(dir, 4);
+  r.checkpoint.interval = 0;  // the resumed runs write nothing
   const auto b = train(r, MPI_COMM_WORLD, nullptr);
   ASSERT_EQ(b.losses.size(), 4u);
   for (int i = 0; i < 4; ++i) EXPECT_EQ(b.losses[i], a.losses[4 + i]) << "step " << 4 + i;
@@ -378,12 +387,13 @@ TEST(SharedExperts, CheckpointsResumeAtAnyRankCountAndRefuseAnotherShape) {
   TrainConfig old = full;
   old.model.num_shared_experts = 0;
   old.model.shared_hidden = 0;
-  old.train.steps = 4;
   old.checkpoint.dir = dir + "/old";
+  old.train.steps = 1;
+  old.checkpoint.interval = 1;
   train(old, MPI_COMM_WORLD, nullptr);
   TrainConfig add = old;
-  add.checkpoint.resume = checkpoint_path(old.checkpoint.dir, 4);
-  add.train.steps = 5;
+  add.checkpoint.resume = checkpoint_path(old.checkpoint.dir, 1);
+  add.train.steps = 2;
   add.model.num_shared_experts = 1;
   expect_train_error(add, "was written for model.num_shared_experts = 0, this run has model.num_shared_experts = 1");
   remove_shared_dir(dir);
