@@ -212,6 +212,8 @@ std::map<std::string, std::vector<Bad>> out_of_range() {
       {"model.d_hidden", {{"0", {"positive"}}, {"-1", {"positive"}}}},
       {"model.num_experts", {{"0", {"positive"}}, {"1", {"top_k"}}}},
       {"model.top_k", {{"0", {"[1, model.num_experts"}}, {"5", {"[1, model.num_experts = 4]"}}}},
+      {"model.num_shared_experts", {{"-1", {">= 0"}}}},
+      {"model.shared_hidden", {{"-2", {">= 0 (0 = model.d_hidden)"}}}},
       {"model.router.temperature", {{"0", {"positive"}}, {"-1", {"positive"}}}},
       {"model.router.jitter", {{"-0.5", {">= 0"}}}},
       {"model.router.aux_loss_coef", {{"-1", {">= 0"}}}},

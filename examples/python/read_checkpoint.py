@@ -10,6 +10,7 @@ As a module (examples/python/ on sys.path):
     ck = rc.load("checkpoints/step-00003000.h5")
     ck.params["block0.attn.wq"]        # numpy array [d][d], named as in docs/model.md
     ck.params["layer0.w1"][e]          # expert e of MoE layer 0, [d][h], by global expert id
+    ck.params["block0.moe.shared.w1"]  # block 0's shared experts side by side, [d][N hs] (if any)
     ck.placement[l][e], ck.slot(l, e)  # the expert-parallel rank that held it, its slot there
     ck.tokens_per_expert[l][e]         # assignments routed to it since step 0
     ck.config["model.top_k"]           # every config key, as text
@@ -55,6 +56,8 @@ class ModelShape:
     k: int
     h: int
     activation: str  # gelu or swiglu
+    shared: int      # shared experts per block (model.num_shared_experts; absent: 0)
+    hs: int          # hidden width of each (model.shared_hidden; absent or 0: h)
     temperature: float
     renormalize: bool
     eps: float
@@ -125,7 +128,7 @@ def model_shape(config, V):
             raise CheckpointError(f"/config has no key '{key}'")
         return config[key]
     try:
-        m = _model_shape(need, V)
+        m = _model_shape(need, V, config)
         # keys recorded only when set (docs/checkpoint-format.md): absent = their default
         m.score = config.get("model.router.score", "softmax")
         m.groups = int(config.get("model.router.groups", "0"))
@@ -135,11 +138,14 @@ def model_shape(config, V):
         raise CheckpointError(f"/config holds a model key that is not a number: {e}")
 
 
-def _model_shape(need, V):
+def _model_shape(need, V, config):
+    h = int(need("model.d_hidden"))
+    # Keys added later are stored only when set: absent, they hold their defaults.
+    shared, hs = int(config.get("model.num_shared_experts", 0)), int(config.get("model.shared_hidden", 0)) or h
     return ModelShape(
         V=V, d=int(need("model.d_model")), L=int(need("model.n_layers")), H=int(need("model.n_heads")),
         S=int(need("model.seq_len")), E=int(need("model.num_experts")), k=int(need("model.top_k")),
-        h=int(need("model.d_hidden")), activation=need("model.activation"),
+        h=h, activation=need("model.activation"), shared=shared, hs=hs,
         temperature=float(need("model.router.temperature")),
         renormalize=need("model.router.renormalize") == "true", eps=float(need("model.norm_eps")))
 
@@ -152,6 +158,10 @@ def parameter_table(m):
         t += [(b + "attn_norm", (m.d,))] + [(b + "attn.w" + x, (m.d, m.d)) for x in "qkvo"]
         t += [(b + "moe_norm", (m.d,)), (b + "moe.router", (m.d, m.E))]
     t += [("final_norm", (m.d,)), ("lm_head", (m.d, m.V))]
+    for l in range(m.L):  # shared experts: their N hidden blocks side by side (docs/model.md)
+        if m.shared > 0:
+            b, w = f"block{l}.moe.shared.", m.shared * m.hs
+            t += [(b + "w1", (m.d, w)), (b + "w2", (w, m.d))] + ([(b + "w3", (m.d, w))] if m.activation == "swiglu" else [])
     for l in range(m.L):
         t += [(f"layer{l}.w1", (m.E, m.d, m.h)), (f"layer{l}.w2", (m.E, m.h, m.d))]
         if m.activation == "swiglu":
@@ -296,7 +306,14 @@ def forward(ck, tokens, dtype=np.float64):
         y = rmsnorm(r, P[b + "moe_norm"], m.eps).reshape(n * s, m.d)
         w3 = P.get(f"layer{l}.w3")
         bias = None if ck.router_bias is None else ck.router_bias[l].astype(dtype)
-        x = r + moe(y, P[b + "moe.router"], P[f"layer{l}.w1"], P[f"layer{l}.w2"], w3, m, bias).reshape(n, s, m.d)
+        out = moe(y, P[b + "moe.router"], P[f"layer{l}.w1"], P[f"layer{l}.w2"], w3, m, bias)
+        if m.shared > 0:  # out = routed(y) + sum_s shared_s(y), each shared expert an expert MLP
+            for j in range(m.shared):
+                c = slice(j * m.hs, (j + 1) * m.hs)
+                sw3 = P.get(b + "moe.shared.w3")
+                out = out + expert(y, P[b + "moe.shared.w1"][:, c], P[b + "moe.shared.w2"][c, :],
+                                   None if sw3 is None else sw3[:, c], m.activation)
+        x = r + out.reshape(n, s, m.d)
     return rmsnorm(x, P["final_norm"], m.eps) @ P["lm_head"]
 
 
@@ -306,7 +323,8 @@ def summary(ck):
     m, a = ck.model, ck.attrs
     out = [f"{ck.path}: step {a['step']}, {a['precision']}, written by {a['world_size']} ranks "
            f"(dp {a['dp']} x ep {a['ep']}), {a.get('producer', '?')}",
-           f"model: V {m.V}, d {m.d}, L {m.L}, H {m.H}, S {m.S}, E {m.E}, k {m.k}, h {m.h}, {m.activation}; "
+           f"model: V {m.V}, d {m.d}, L {m.L}, H {m.H}, S {m.S}, E {m.E}, k {m.k}, h {m.h}, {m.activation}"
+           + (f", {m.shared} shared experts of h {m.hs}" if m.shared else "") + "; "
            f"router temperature {m.temperature:g}, renormalize {str(m.renormalize).lower()}; eps {m.eps:g}",
            f"parameters: {len(ck.params)} tensors, {sum(v.size for v in ck.params.values())} values"]
     out += [f"  {name:20s} {list(v.shape)}" for name, v in ck.params.items()]

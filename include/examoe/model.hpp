@@ -16,6 +16,8 @@ namespace examoe {
 namespace impl {
 template <class Space>
 class GroupedGemm;
+template <class S>
+class SharedExperts;
 }
 
 /// The parts of one training step (docs/metrics.md, `step_phase_s`): the model times all but
@@ -56,6 +58,14 @@ struct ModelConfig {
   int d_hidden = 128;  ///< expert hidden width
   int num_experts = 4;
   int top_k = 2;
+  /// Shared experts per block (docs/model.md, "Shared experts"): dense expert MLPs of the
+  /// model's activation that every token passes through, their outputs added to the routed
+  /// output of the MoE block. 0 = none (config key model.num_shared_experts).
+  int num_shared_experts = 0;
+  /// Hidden width of each shared expert; 0 = d_hidden (config key model.shared_hidden).
+  int shared_hidden = 0;
+  /// The hidden width of each shared expert: shared_hidden, or d_hidden when it is 0.
+  int shared_width() const { return shared_hidden > 0 ? shared_hidden : d_hidden; }
   Activation activation = Activation::gelu;
   RouterConfig router;
   double norm_eps = 1e-5;
@@ -229,10 +239,14 @@ class Model {
 
  private:
   /// Parameter ids of one block in the FSDP registry.
-  struct BlockParams { int attn_norm, wq, wk, wv, wo, moe_norm, router; };
+  struct BlockParams {
+    int attn_norm, wq, wk, wv, wo, moe_norm, router;
+    std::array<int, 3> shared{{-1, -1, -1}};  ///< shared experts' w1, w2, w3 (-1: none)
+  };
   struct Acts;
   // Construction.
   void register_dense_parameters(std::uint64_t seed);
+  void register_shared_experts();
   void build_moe_layers(std::uint64_t seed);
   void build_param_table();
   // One step, in the order run() calls them.
@@ -277,6 +291,7 @@ class Model {
   matrix dq_, dk_, dv_, do_;
   matrix ds_;  // attention score gradients [rows*heads][seq]
   std::unique_ptr<impl::GroupedGemm<execution_space>> attn_gemm_;  // the batched attention GEMMs
+  std::unique_ptr<impl::SharedExperts<S>> shared_;  // the blocks' shared experts (null: none)
   bool time_phases_ = false;
   StepPhaseSeconds phase_s_{};
   std::chrono::steady_clock::time_point tick_;

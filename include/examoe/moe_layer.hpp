@@ -6,6 +6,7 @@
 
 #include <Kokkos_Core.hpp>
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -95,12 +96,19 @@ class MoELayer {
   /// Router and expert weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
   void init_parameters(std::uint64_t seed);
 
+  /// The caller's work that needs nothing of this layer (e.g. a model's shared experts),
+  /// given to forward or backward to run while the layer's first row exchange travels when
+  /// the layer overlaps its exchanges (MoEConfig::overlap_exchange, more than one rank), else
+  /// at the end of that call; either way exactly once, on the layer's instance. It must not
+  /// use the layer; the layer's results do not depend on it, nor its on where it ran.
+  using AlongsideWork = std::function<void()>;
   /// Forward. x: [T][d] (T >= 0), out: [T][d]. `training` enables the jitter noise.
   /// Collective over the communicator.
-  void forward(const const_matrix& x, const matrix& out, bool training = true);
+  void forward(const const_matrix& x, const matrix& out, bool training = true,
+               const AlongsideWork& alongside = {});
   /// Backward of the last forward, for loss L = L_outer(out) + aux + z: given dL/dout, writes
   /// dL/dx into dx and accumulates the router and expert weight gradients. Collective.
-  void backward(const const_matrix& dout, const matrix& dx);
+  void backward(const const_matrix& dout, const matrix& dx, const AlongsideWork& alongside = {});
   void zero_grad();
   /// Sets the step that keys the jitter noise of the next forward (by default every forward
   /// advances it by one). Recomputing a forward (activation checkpointing) with the same

@@ -246,7 +246,22 @@ struct MoELayer<Scalar>::Impl {
     throw_if_any(*scomm, err);
   }
 
+  // ------------------------------------------------------- the caller's work alongside
+  const AlongsideWork* alongside = nullptr;  // of the running forward/backward; run once
+  void run_alongside() {
+    const AlongsideWork* work = alongside;
+    alongside = nullptr;
+    if (work && *work) (*work)();
+  }
+
   // ------------------------------------------------------------------ forward
+  void forward(const const_matrix& x, const matrix& out, bool training, const AlongsideWork& work) {
+    alongside = &work;
+    forward(x, out, training);
+    run_alongside();  // not overlapped: after the layer's work
+    alongside = nullptr;
+    toc(Phase::experts);
+  }
   void forward(const const_matrix& x, const matrix& out, bool training) {
     impl::kc::ScopedRegion region("examoe::MoELayer::forward");
     impl::CollectiveLabel label("moe.router");
@@ -300,6 +315,7 @@ struct MoELayer<Scalar>::Impl {
       impl::gather_expert_rows(space, plan.blocks(), plan.num_blocks(), nrows, x, plan.perm(), k, g,
                                false, rows.recv, xe, ExpertRows::kept);
       experts->hidden(plan, ExpertRows::kept);
+      run_alongside();
       coll->progress_alltoallv_rows();
       toc(Phase::experts);
     }
@@ -383,6 +399,13 @@ struct MoELayer<Scalar>::Impl {
   }
 
   // ----------------------------------------------------------------- backward
+  void backward(const const_matrix& dout, const matrix& dx, const AlongsideWork& work) {
+    alongside = &work;
+    backward(dout, dx);
+    run_alongside();  // not overlapped: after the layer's work
+    alongside = nullptr;
+    toc(Phase::bwd_experts);
+  }
   void backward(const const_matrix& dout, const matrix& dx) {
     impl::kc::ScopedRegion region("examoe::MoELayer::backward");
     impl::CollectiveLabel label("moe.backward");
@@ -419,6 +442,7 @@ struct MoELayer<Scalar>::Impl {
       impl::gather_expert_rows(space, plan.blocks(), plan.num_blocks(), nrows, dout, plan.perm(), k, g,
                                true, rows.recv, dye, ExpertRows::kept);
       experts->hidden_grad(plan, ExpertRows::kept);
+      run_alongside();
       coll->progress_alltoallv_rows();
       toc(Phase::bwd_experts);
     }
@@ -525,12 +549,12 @@ MoELayer<S>& MoELayer<S>::operator=(MoELayer&&) noexcept = default;
 template <class S>
 void MoELayer<S>::init_parameters(std::uint64_t seed) { impl_->init_parameters(seed); }
 template <class S>
-void MoELayer<S>::forward(const const_matrix& x, const matrix& out, bool training) {
-  impl_->forward(x, out, training);
+void MoELayer<S>::forward(const const_matrix& x, const matrix& out, bool training, const AlongsideWork& alongside) {
+  impl_->forward(x, out, training, alongside);
 }
 template <class S>
-void MoELayer<S>::backward(const const_matrix& dout, const matrix& dx) {
-  impl_->backward(dout, dx);
+void MoELayer<S>::backward(const const_matrix& dout, const matrix& dx, const AlongsideWork& alongside) {
+  impl_->backward(dout, dx, alongside);
 }
 template <class S>
 void MoELayer<S>::zero_grad() {

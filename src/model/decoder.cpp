@@ -105,6 +105,8 @@ IncrementalDecoder<S>::IncrementalDecoder(Model<S>& model, int batch)
     blk.k_cache = matrix("examoe::decoder::k_cache", static_cast<std::size_t>(Sq) * n, d);
     blk.v_cache = matrix("examoe::decoder::v_cache", static_cast<std::size_t>(Sq) * n, d);
   }
+  if (cfg_.num_shared_experts > 0)
+    shared_ = std::make_unique<SharedExperts<S>>(cfg_.activation, cfg_.num_shared_experts * cfg_.shared_width());
   copy_dense_parameters();
 }
 
@@ -153,6 +155,11 @@ void IncrementalDecoder<S>::copy_dense_parameters() {
         blk.wv = copy2(b + "attn.wv");
         blk.wo = copy2(b + "attn.wo");
         blk.moe_norm = copy1(b + "moe_norm");
+        if (cfg_.num_shared_experts > 0) {
+          blk.shared_w1 = copy2(b + "moe.shared.w1");
+          blk.shared_w2 = copy2(b + "moe.shared.w2");
+          if (cfg_.activation == Activation::swiglu) blk.shared_w3 = copy2(b + "moe.shared.w3");
+        }
         Kokkos::deep_copy(space_, model_.moe(l).router_weight(), F.param2(find(b + "moe.router")));
       }
     }
@@ -181,7 +188,16 @@ void IncrementalDecoder<S>::block_step(int l) {
   kc::gemm(sp, "N", "N", S(1), first_rows(o_, B), blk.wo, S(0), first_rows(t_, B));
   residual(sp, x, first_rows(t_, B), first_rows(h_, B));
   dk::rmsnorm_forward(sp, first_rows(h_, B), blk.moe_norm, cfg_.norm_eps, first_rows(m_, B), impl::head(inv_rms_, B));
-  model_.moe(l).forward(first_rows(m_, B), first_rows(y_, B), false);
+  if (shared_) {  // y = routed(m) + shared(m), as in training
+    using U = typename SharedExperts<S>::umatrix;
+    auto u = [](const matrix& w) { return U(w.data(), w.extent(0), w.extent(1)); };
+    const typename SharedExperts<S>::Weights w{u(blk.shared_w1), u(blk.shared_w2), u(blk.shared_w3)};
+    model_.moe(l).forward(first_rows(m_, B), first_rows(y_, B), false,
+                          [&] { shared_->forward(sp, first_rows(m_, B), w, shared_saved_, first_rows(t_, B)); });
+    residual(sp, first_rows(y_, B), first_rows(t_, B), first_rows(y_, B));
+  } else {
+    model_.moe(l).forward(first_rows(m_, B), first_rows(y_, B), false);
+  }
   residual(sp, first_rows(h_, B), first_rows(y_, B), x);
 }
 

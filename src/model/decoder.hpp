@@ -3,8 +3,11 @@
 // Private to the library (src/model); `examoe generate` drives it (src/train/generate.cpp).
 #include <examoe/model.hpp>
 
+#include "model/shared_experts.hpp"
+
 #include <Kokkos_Core.hpp>
 
+#include <memory>
 #include <vector>
 
 namespace examoe::impl {
@@ -53,6 +56,7 @@ class IncrementalDecoder {
     Block() {}  // never value-initialise a struct holding Views (see Fsdp::Unit)
     vector attn_norm, moe_norm;
     matrix wq, wk, wv, wo;
+    matrix shared_w1, shared_w2, shared_w3;  // the shared experts (extent 0: none)
     matrix k_cache, v_cache;  // [seq_len * batch][d], row s * batch + b
   };
   void copy_dense_parameters();
@@ -70,6 +74,8 @@ class IncrementalDecoder {
   matrix x_, a_, q_, o_, t_, h_, m_, y_, f_, logits_, p_;
   vector inv_rms_;
   ivector tokens_;
+  std::unique_ptr<SharedExperts<S>> shared_;  // null: the model has none
+  typename SharedExperts<S>::Saved shared_saved_;
 };
 
 extern template class IncrementalDecoder<float>;

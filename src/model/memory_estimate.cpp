@@ -62,13 +62,18 @@ MoELayerMemory estimate_moe_layer_memory(const ModelConfig& cfg, int ep_size, lo
 MemoryReport estimate_memory(const ModelConfig& cfg, const ParallelConfig& par, int world_size,
                              int ep_size, long long rows, std::size_t scalar_bytes, int micro_batches) {
   // Same layout as Model: units embed [wte, wpe], block l [attn_norm, wq, wk, wv, wo,
-  // moe_norm, router], head [final_norm, lm_head], each padded to a multiple of the world.
+  // moe_norm, router (, shared experts' w1, w2 (, w3))], head [final_norm, lm_head], each padded
+  // to a multiple of the world.
   // In doubles: every product stays exact up to 2^53 and cannot overflow.
   const double d = cfg.d_model, V = cfg.vocab, Sq = cfg.seq_len, E = cfg.num_experts,
                L = cfg.n_layers, h = cfg.d_hidden, H = cfg.n_heads, W = std::max(world_size, 1),
                sb = static_cast<double>(scalar_bytes), r = static_cast<double>(std::max(rows, 0LL));
   auto padded = [&](double n) { return std::ceil(n / W) * W; };
-  const double embed = V * d + Sq * d, block = 2 * d + 4 * d * d + d * E, head = d + d * V;
+  // The shared experts: one MLP of width N hs per block (src/model/shared_experts.hpp).
+  const double sw = static_cast<double>(cfg.num_shared_experts) * cfg.shared_width();
+  const double swiglu = cfg.activation == Activation::swiglu ? 1 : 0;
+  const double shared = d * sw * (2 + swiglu);
+  const double embed = V * d + Sq * d, block = 2 * d + 4 * d * d + d * E + shared, head = d + d * V;
   const double shard = padded(embed) / W + L * (padded(block) / W) + padded(head) / W;
   const double max_padded = std::max({padded(embed), padded(block), padded(head)});
   const double all_padded = padded(embed) + L * padded(block) + padded(head);
@@ -85,14 +90,16 @@ MemoryReport estimate_memory(const ModelConfig& cfg, const ParallelConfig& par, 
   m.experts = saturate(local_expert_values * L * sb);
   m.expert_grads = m.experts;
   m.optimizer = saturate(2 * (shard + local_expert_values * L) * sb);
-  const double per_block = 7 * r * d + r * H * Sq + 2 * r;
+  // Per block also the shared experts' g, a (and u), kept for backward.
+  const double per_block = 7 * r * d + r * H * Sq + 2 * r + r * sw * (2 + swiglu);
   const double inputs = (L + 1) * r * d;
   m.activations_without_checkpointing = saturate((per_block * L + inputs) * sb);
   m.activations = saturate((per_block * (par.activation_checkpointing ? 1 : L) + inputs) * sb);
   // Logits, 8 activation-gradient/scratch matrices, the attention score gradients (like p),
   // and per MoE layer its router state and the rows of its k assignments per token
-  // (dispatch, expert input/output and their gradients, hidden activations).
-  m.buffers = saturate((r * V + 8 * r * d + r * H * Sq + r + L * moe) * sb);
+  // (dispatch, expert input/output and their gradients, hidden activations), and the shared
+  // experts' backward scratch (da, and du for SwiGLU).
+  m.buffers = saturate((r * V + 8 * r * d + r * H * Sq + r + L * moe + r * sw * (1 + swiglu)) * sb);
   return m;
 }
 

@@ -9,7 +9,10 @@
 #include <examoe/impl/collectives.hpp>
 #include <examoe/model.hpp>
 
+#include "model/shared_experts.hpp"
+
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <limits>
 
@@ -48,6 +51,9 @@ void ModelConfig::validate() const {
     throw Error(f + "d_model (" + std::to_string(d_model) + ") must be a multiple of n_heads (" +
                 std::to_string(n_heads) + ")");
   if (!(norm_eps > 0)) throw Error(f + "norm_eps must be positive");
+  if (num_shared_experts < 0 || shared_hidden < 0 || 1LL * num_shared_experts * shared_width() > INT32_MAX)
+    throw Error(f + "num_shared_experts (" + std::to_string(num_shared_experts) + ") and shared_hidden (" +
+                std::to_string(shared_hidden) + ", 0 = d_hidden) must be >= 0, their product at most 2^31 - 1");
   MoEConfig m;
   m.d_model = d_model;
   m.d_hidden = d_hidden;
@@ -115,6 +121,7 @@ struct Model<S>::Acts {
   Acts() {}  // see Fsdp::Unit: never value-initialise an aggregate holding Views
   matrix a, q, k, v, o, h, m, p;
   vector r1, r2;
+  typename impl::SharedExperts<S>::Saved shared;  // the shared experts' activations
   int cap = 0;
 };
 
@@ -160,7 +167,16 @@ void Model<S>::register_dense_parameters(std::uint64_t seed) {
   u_head_ = F.add_unit("head");
   p_fnorm_ = F.add_param(u_head_, "final_norm", {d}, {ParamInit::constant, 1.0}, false);
   p_head_ = F.add_param(u_head_, "lm_head", {d, V}, {ParamInit::uniform, sd}, true);
+  register_shared_experts();
   F.finalize(seed);
+}
+
+/// Block l's shared experts, in its unit after every other dense parameter (shared_experts.hpp).
+template <class S>
+void Model<S>::register_shared_experts() {
+  if (cfg_.num_shared_experts == 0) return;
+  shared_ = std::make_unique<impl::SharedExperts<S>>(cfg_.activation, cfg_.num_shared_experts * cfg_.shared_width());
+  for (int l = 0; l < cfg_.n_layers; ++l) bp_[l].shared = impl::add_shared_expert_params(*fsdp_, u_block_[l], l, cfg_);
 }
 
 /// One MoE layer per block, on the mesh's communicators and the model's instance.
@@ -304,7 +320,14 @@ void Model<S>::block_forward(int l, Acts& A, bool training) {
   dk::rmsnorm_forward(sp, rows(A.h, n), F.param1(P.moe_norm), cfg_.norm_eps, rows(A.m, n), head(A.r2, n));
   tick(StepPhase::norms);
   Kokkos::deep_copy(sp, moe_[l]->router_weight(), F.param2(P.router));
-  moe_[l]->forward(rows(A.m, n), rows(t2_, n), training);
+  if (shared_) {  // out = routed(m) + shared(m), the shared experts while the rows travel
+    const auto w = impl::shared_expert_weights(F, P.shared, false);
+    moe_[l]->forward(rows(A.m, n), rows(t2_, n), training,
+                     [&] { shared_->forward(sp, rows(A.m, n), w, A.shared, rows(t1_, n)); });
+    add(sp, rows(t2_, n), rows(t1_, n), rows(t2_, n));
+  } else {
+    moe_[l]->forward(rows(A.m, n), rows(t2_, n), training);
+  }
   tick(StepPhase::moe);
   add(sp, rows(A.h, n), rows(t2_, n), rows(xin_[l + 1], n));
   tick(StepPhase::norms);
@@ -496,7 +519,14 @@ void Model<S>::block_backward(int l, std::uint64_t step) {
   tick(StepPhase::fsdp_reduce_scatter);
   // x_out = h + moe(m): dh = dx + rmsnorm2^T(moe^T(dx))
   auto dm = rows(t1_, n);
-  moe_[l]->backward(dx, dm);
+  if (shared_) {  // dm = routed^T(dx) + shared^T(dx), the shared experts while the rows travel
+    const auto w = impl::shared_expert_weights(F, P.shared, false);
+    const auto dw = impl::shared_expert_weights(F, P.shared, true);
+    moe_[l]->backward(dx, dm, [&] { shared_->backward(sp, rows(A.m, n), dx, w, dw, A.shared, rows(t2_, n)); });
+    add(sp, dm, rows(t2_, n), dm);
+  } else {
+    moe_[l]->backward(dx, dm);
+  }
   tick(StepPhase::moe);
   auto dh = rows(t2_, n);
   dk::rmsnorm_backward(sp, rows(A.h, n), F.param1(P.moe_norm), head(A.r2, n), dm, dh,
@@ -577,10 +607,12 @@ MemoryReport Model<S>::memory() const {
     r.expert_grads += b;
   }
   r.optimizer = 2 * (r.dense_shard + r.experts);
-  // Saved dense activations per block: a, q, k, v, o, h, m (rows x d), p (rows*heads x seq), r1, r2.
+  // Saved dense activations per block: a, q, k, v, o, h, m (rows x d), p (rows*heads x seq), r1, r2,
+  // and the shared experts' hidden activations.
   const std::size_t rows = static_cast<std::size_t>(std::max(rows_, 0));
+  const std::size_t shared = shared_ ? shared_->saved_per_row() * rows : 0;
   const std::size_t per_block =
-      (7 * rows * cfg_.d_model + rows * cfg_.n_heads * cfg_.seq_len + 2 * rows) * sizeof(S);
+      (7 * rows * cfg_.d_model + rows * cfg_.n_heads * cfg_.seq_len + 2 * rows + shared) * sizeof(S);
   const std::size_t inputs = (cfg_.n_layers + 1) * rows * cfg_.d_model * sizeof(S);
   r.activations_without_checkpointing = per_block * cfg_.n_layers + inputs;
   r.activations = per_block * acts_.size() + inputs;

@@ -152,6 +152,11 @@ const std::vector<ConfigKey>& config_keys() {
       EXAMOE_KEY_INT("model.d_hidden", model.d_hidden, "Expert MLP hidden width"),
       EXAMOE_KEY_INT("model.num_experts", model.num_experts, "Experts per MoE layer E (>= ep)"),
       EXAMOE_KEY_INT("model.top_k", model.top_k, "Experts per token k (1 <= k <= E)"),
+      recorded_when_set(EXAMOE_KEY_INT("model.num_shared_experts", model.num_shared_experts,
+                                       "Shared experts per block: dense expert MLPs (model.activation) every token "
+                                       "passes through, added to the routed output (0 = none)")),
+      recorded_when_set(EXAMOE_KEY_INT("model.shared_hidden", model.shared_hidden,
+                                       "Hidden width of each shared expert (0 = model.d_hidden)")),
       recorded_when_set(ConfigKey{"model.dispatch_dtype",
                 "Type MoE rows travel in between ranks: scalar (train.precision) or bf16 (half the bytes; "
                 "compute stays in train.precision)",
@@ -445,9 +450,15 @@ void TrainConfig::validate() const {
   need(model.d_model % model.n_heads == 0, "model.n_heads", "a divisor of model.d_model = " + text("model.d_model"));
   need(model.seq_len > 0, "model.seq_len", "positive");
   need(model.d_hidden > 0, "model.d_hidden", "positive");
-  need(model.num_experts > 0, "model.num_experts", "positive");
+  need(model.num_experts > 0, "model.num_experts",
+       "positive (no routed experts is no MoE model; dense MLP blocks: model.num_experts 1 and model.top_k 1, "
+       "whose one expert takes every token with gate 1, beside model.num_shared_experts)");
   need(model.top_k >= 1 && model.top_k <= model.num_experts, "model.top_k",
        "in [1, model.num_experts = " + text("model.num_experts") + "]");
+  need(model.num_shared_experts >= 0, "model.num_shared_experts", ">= 0 (0 = none)");
+  need(model.shared_hidden >= 0, "model.shared_hidden", ">= 0 (0 = model.d_hidden)");
+  need(1LL * model.num_shared_experts * model.shared_width() <= INT32_MAX, "model.num_shared_experts",
+       "at most (2^31 - 1) / model.shared_hidden");
   need(model.router.temperature > 0, "model.router.temperature", "positive");
   need(model.router.jitter >= 0, "model.router.jitter", ">= 0");
   need(model.router.aux_loss_coef >= 0, "model.router.aux_loss_coef", ">= 0");

@@ -165,8 +165,9 @@ void write_banner(std::ostream& os, const TrainConfig& cfg, const Mesh& mesh, co
      << "), " << Kokkos::DefaultExecutionSpace::name() << " with " << mesh.backend() << " collectives, "
      << cfg.train.precision << ", " << data << "\n";
   os << "  model: d=" << m.d_model << " L=" << m.n_layers << " heads=" << m.n_heads << " seq=" << m.seq_len
-     << " E=" << m.num_experts << " k=" << m.top_k << " h=" << m.d_hidden << " " << to_string(m.activation)
-     << "; batch " << cfg.train.batch << " x " << m.seq_len << " tokens"
+     << " E=" << m.num_experts << " k=" << m.top_k << " h=" << m.d_hidden << " " << to_string(m.activation);
+  if (m.num_shared_experts > 0) os << " + " << m.num_shared_experts << " shared (h=" << m.shared_width() << ")";
+  os << "; batch " << cfg.train.batch << " x " << m.seq_len << " tokens"
      << (cfg.train.micro_batches > 1 ? " in " + std::to_string(cfg.train.micro_batches) + " micro-batches per rank"
                                      : std::string())
      << ", " << cfg.train.steps << " steps\n";

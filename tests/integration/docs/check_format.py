@@ -2,7 +2,7 @@
 """An independent reader of ExaMoE checkpoints, written from docs/checkpoint-format.md and
 docs/model.md alone (no ExaMoE code): it checks that the pages are exact.
 
-usage: check_format.py INIT_CHECKPOINT TRAINED_CHECKPOINT
+usage: check_format.py INIT_CHECKPOINT TRAINED_CHECKPOINT [INIT_CHECKPOINT...]
 
 INIT_CHECKPOINT is written by `examoe train --train.steps 0 --checkpoint.interval 1` (the
 initial model); TRAINED_CHECKPOINT by a run with rebalancing. For both: the header and the
@@ -85,8 +85,9 @@ def hash_key(a, b, c, d):
     return splitmix64(splitmix64(splitmix64(splitmix64(a) ^ b) ^ c) ^ d)
 
 
-def dense_parameters(d, L, S, E, V):
-    """(name, shape, init scale or None for ones), in parameter-id order (docs/model.md)."""
+def dense_parameters(d, L, S, E, V, shared=0, hs=0, swiglu=False):
+    """(name, shape, init scale or None for ones), in parameter-id order (docs/model.md); the
+    shared experts (`shared` of width `hs`) come after every other dense parameter."""
     sd = 1.0 / np.sqrt(d)
     p = [("embed.wte", (V, d), 1.0), ("embed.wpe", (S, d), 1.0)]
     for l in range(L):
@@ -95,6 +96,13 @@ def dense_parameters(d, L, S, E, V):
         p += [(b + "attn.w" + x, (d, d), sd) for x in "qkvo"]
         p += [(b + "moe_norm", (d,), None), (b + "moe.router", (d, E), sd)]
     p += [("final_norm", (d,), None), ("lm_head", (d, V), sd)]
+    if shared > 0:
+        w = shared * hs
+        for l in range(L):
+            b = f"block{l}.moe.shared."
+            p += [(b + "w1", (d, w), sd), (b + "w2", (w, d), 1.0 / np.sqrt(hs))]
+            if swiglu:
+                p += [(b + "w3", (d, w), sd)]
     return p
 
 
@@ -106,7 +114,9 @@ def check_init(f):
     dtype = np.float32 if f.attrs["precision"] in (b"float", "float") else np.float64
     checked = 0
     V = int(cfg.get("model.vocab_size", 256))  # stored only when it is not 256
-    for pid, (name, shape, scale) in enumerate(dense_parameters(d, L, S, E, V)):
+    shared = int(cfg.get("model.num_shared_experts", 0))  # stored only when set
+    hs = int(cfg.get("model.shared_hidden", 0)) or h
+    for pid, (name, shape, scale) in enumerate(dense_parameters(d, L, S, E, V, shared, hs, swiglu)):
         n = int(np.prod(shape))
         if scale is None:
             want = np.ones(n)
@@ -145,8 +155,8 @@ def check_history(f):
 
 
 def main():
-    init, trained = sys.argv[1], sys.argv[2]
-    for path in (init, trained):
+    inits, trained = [sys.argv[1]] + sys.argv[3:], sys.argv[2]
+    for path in inits + [trained]:
         raw = open(path, "rb").read()
         body = check_header(path, raw)
         with h5py.File(path, "r") as f:
@@ -155,7 +165,7 @@ def main():
                 assert a in f.attrs, f"{path}: root attribute {a} missing"
             n = check_checksums(f)
             extra = ""
-            if path == init:
+            if path in inits:
                 assert int(f.attrs["step"]) == 0
                 extra = f", {check_init(f)} parameters equal the page's init"
             else:

@@ -18,4 +18,8 @@ shape=(--model.d_model 16 --model.n_heads 2 --model.seq_len 16 --model.d_hidden 
 "$mpiexec" -n 3 "$examoe" train "${shape[@]}" --model.num_experts 6 --model.activation swiglu \
   --train.precision double --train.steps 6 --checkpoint.interval 6 --placement.rebalance_interval 2 \
   --checkpoint.dir trained > trained.log 2>&1 || { cat trained.log; exit 1; }
-"$py" "$here/check_format.py" init/step-00000000.h5 trained/step-00000006.h5
+# An initial model with shared experts (SwiGLU, width 8): their parameters follow every other.
+"$mpiexec" -n 2 "$examoe" train "${shape[@]}" --model.activation swiglu --model.num_shared_experts 2 \
+  --model.shared_hidden 8 --train.steps 0 --checkpoint.interval 1 --checkpoint.dir shared > shared.log 2>&1 ||
+  { cat shared.log; exit 1; }
+"$py" "$here/check_format.py" init/step-00000000.h5 trained/step-00000006.h5 shared/step-00000000.h5

@@ -4,7 +4,8 @@
 # a checkpoint equal those of ExaMoE, for a GELU model in float, a SwiGLU model in double and a
 # sigmoid-scored model with a selection bias and group-limited routing in float,
 # each trained at 2 ranks with expert parallelism and migrations (experts not where the
-# balanced placement puts them). A checkpoint with two experts swapped must fail the comparison;
+# balanced placement puts them), and a GELU model with shared experts in float. A checkpoint with
+# two experts swapped (or the shared experts doubled) must fail the comparison;
 # bad inputs get one-line errors. usage: read_checkpoint.sh <examoe> <mpiexec>
 set -euo pipefail
 examoe=$(readlink -f "$1") mpiexec=${2:-mpiexec}
@@ -100,6 +101,14 @@ PY
 "$py" "$reader" sigmoid/step-00000012.h5 --input in.h5 --compare sigmoid-logits.h5 | tee sigmoid.cmp
 grep -q ": ok$" sigmoid.cmp
 
+echo "== GELU, float, 2 shared experts of width 12 beside 4 routed experts"
+train shared --model.num_experts 4 --model.num_shared_experts 2 --model.shared_hidden 12
+placement shared
+grep -q "gelu, 2 shared experts of h 12; router" shared.txt
+grep -q "block1.moe.shared.w2  *\[24, 16\]" shared.txt
+"$py" "$reader" shared/step-00000012.h5 --input in.h5 --compare shared-logits.h5 | tee shared.cmp
+grep -q ": ok$" shared.cmp
+
 # Edits through h5py may change the file's size: reseal.py FILE... sets the header's `bytes` to
 # it (the reader checks the size, not the checksum; examoe::seal_checkpoint_file does both).
 cat > reseal.py <<'PY'
@@ -128,6 +137,19 @@ if "$py" "$reader" swapped.h5 --input in.h5 --compare gelu-logits.h5 > swapped.c
 fi
 cat swapped.cmp
 grep -q "EXCEEDED" swapped.cmp
+
+echo "== the comparison fails when the shared experts' output is doubled"
+cp shared/step-00000012.h5 doubled.h5
+"$py" - doubled.h5 <<'PY'
+import sys, h5py
+with h5py.File(sys.argv[1], "r+") as f:
+    f["params"]["block0.moe.shared.w2"][...] = 2 * f["params"]["block0.moe.shared.w2"][()]
+PY
+"$py" reseal.py doubled.h5
+if "$py" "$reader" doubled.h5 --input in.h5 --compare shared-logits.h5 > doubled.cmp; then
+  cat doubled.cmp; echo "FAIL: the shared experts doubled, yet the logits agree"; exit 1
+fi
+grep -q "EXCEEDED" doubled.cmp
 
 echo "== bad inputs: one line naming the problem, exit status 1, no traceback"
 expect_error() {  # expect_error PATTERN ARGS...
