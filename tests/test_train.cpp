@@ -400,6 +400,23 @@ TEST(TrainAccumulation, MicroBatchesTrainAsTheirUnionAndResumeBitwise) {
 #endif
 }
 
+// Sigmoid scores, the selection bias (updated from loads counted M + 1 times: the same signs)
+// and group-limited routing with jitter: M = 2 trains as the union.
+TEST(TrainAccumulation, RouterModesTrainAsTheirUnion) {
+  examoe::TrainConfig base = accumulation_config();
+  base.model.router.score = examoe::RouterScore::sigmoid;
+  base.model.router.bias_rate = 0.02;
+  base.model.router.groups = 2;
+  base.model.router.topk_groups = 1;
+  base.model.router.jitter = 0.1;
+  const auto whole = examoe::train(base, MPI_COMM_WORLD, nullptr);
+  examoe::TrainConfig c = base;
+  c.train.micro_batches = 2;
+  const auto r = examoe::train(c, MPI_COMM_WORLD, nullptr);
+  expect_same_losses(r.losses, whole.losses, 1e-10, "router modes, micro_batches 2");
+  EXPECT_EQ(r.migrations, whole.migrations);
+}
+
 // A non-finite gradient in one micro-batch's step: that step is skipped, as without micro-batches.
 TEST(TrainAccumulation, NonfiniteStepIsSkippedAsWithoutMicroBatches) {
   examoe::TrainConfig c = accumulation_config();

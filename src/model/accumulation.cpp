@@ -10,6 +10,7 @@
 #include <examoe/impl/watchdog.hpp>
 #include <examoe/model.hpp>
 
+#include <algorithm>
 #include <string>
 
 namespace examoe {
@@ -31,6 +32,14 @@ void add_seconds(LayerStats& step, const LayerStats& one) {
 /// One micro-batch's forward counters added to the step's; the tokens per expert and the
 /// imbalance are already the step's (the layer computes them from the step's sums).
 void add_counters(LayerStats& step, const LayerStats& one) {
+  const double before = static_cast<double>(step.tokens), now = static_cast<double>(one.tokens);
+  step.ranks_per_token = before + now > 0
+                             ? (step.ranks_per_token * before + one.ranks_per_token * now) / (before + now)
+                             : 0.0;  // the mean over the step's tokens
+  step.max_ranks_per_token = std::max(step.max_ranks_per_token, one.max_ranks_per_token);
+  step.dropped_per_expert.resize(one.dropped_per_expert.size(), 0);
+  for (std::size_t i = 0; i < one.dropped_per_expert.size(); ++i) step.dropped_per_expert[i] += one.dropped_per_expert[i];
+  step.capacity = one.capacity;  // a capacity holds per micro-batch
   step.tokens += one.tokens;
   step.assignments += one.assignments;
   step.rows_local += one.rows_local;
