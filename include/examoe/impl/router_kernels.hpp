@@ -357,6 +357,28 @@ struct RouterStatsFunctor {
   }
 };
 
+/// The gate part of dL/ds for token t's k chosen scores, from the gate gradients dg:
+/// renormalised, (dg_j - sum_j' dg_j' g_j') / S with S the chosen scores' sum (0 when S = 0);
+/// otherwise dg_j. The same for softmax and sigmoid scores.
+template <class S, class PView, class IView, class GView>
+struct GatePart {
+  S chosen = 0, dgg = 0;
+  const GView& dg;
+  int t;
+  bool renorm;
+  KOKKOS_INLINE_FUNCTION GatePart(const PView& p, const IView& topk, const GView& gates, const GView& dg_, int t_,
+                                  int k, bool renorm_)
+      : dg(dg_), t(t_), renorm(renorm_) {
+    for (int j = 0; j < k; ++j) {
+      chosen += p(t, topk(t, j));
+      dgg += dg(t, j) * gates(t, j);
+    }
+  }
+  KOKKOS_INLINE_FUNCTION S operator()(const int j) const {
+    return renorm ? (chosen > 0 ? (dg(t, j) - dgg) / chosen : S(0)) : dg(t, j);
+  }
+};
+
 /// Router backward with softmax scores, one team per token, its threads over the E experts. dz[T][E] = dL/dz for
 /// the gate gradients dg[T][k], the aux-loss gradient coefficient aux[e] = alpha E f_e / T_g
 /// and z-loss coefficient zc = 2 beta / T_g. Every expert first gets the aux part of dp; the
@@ -377,12 +399,7 @@ void router_backward_softmax(const Space& space, const RouterParams& rp, const P
       KOKKOS_LAMBDA(const team& m) {
         const int t = m.league_rank();
         // dp[e_j] from the gates (k terms: every thread computes them alike)
-        S chosen = 0, dgg = 0;
-        for (int j = 0; j < k; ++j) {
-          chosen += p(t, topk(t, j));
-          dgg += dg(t, j) * gates(t, j);
-        }
-        auto gate_part = [&](const int j) { return renorm ? (dg(t, j) - dgg) / chosen : dg(t, j); };
+        const GatePart<S, PView, IView, GView> gate_part(p, topk, gates, dg, t, k, renorm);
         // sum_e p_e dp_e
         S dot = 0;
         Kokkos::parallel_reduce(
@@ -425,14 +442,7 @@ void router_backward_sigmoid(const Space& space, const RouterParams& rp, const P
       "examoe::router::backward_sigmoid", row_policy(space, T, E),
       KOKKOS_LAMBDA(const team& m) {
         const int t = m.league_rank();
-        S chosen = 0, dgg = 0;
-        for (int j = 0; j < k; ++j) {
-          chosen += p(t, topk(t, j));
-          dgg += dg(t, j) * gates(t, j);
-        }
-        auto gate_part = [&](const int j) {
-          return renorm ? (chosen > 0 ? (dg(t, j) - dgg) / chosen : S(0)) : dg(t, j);
-        };
+        const GatePart<S, PView, IView, GView> gate_part(p, topk, gates, dg, t, k, renorm);
         const S n = inv_sum(t);
         S dot = 0;  // sum_e aux(e) s_e
         Kokkos::parallel_reduce(
