@@ -14,9 +14,15 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <map>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -141,6 +147,38 @@ TEST(FaultsWatchdog, ReportNamesTheRanksThatDidNotArrive) {
   r = examoe::impl::watchdog_report("x", "MPI_Ibarrier", 3, 2, 0, 1, peers, {});
   EXPECT_TRUE(r.missing.empty());
   EXPECT_NE(r.message.find("every rank entered it"), std::string::npos) << r.message;
+}
+
+// The reporting rank waits until mpiexec has read its report before it aborts the job.
+TEST(FaultsWatchdog, WaitsUntilTheReaderHasReadTheOutput) {
+  using examoe::impl::wait_until_output_read;
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  const char text[] = "examoe: watchdog: a report\n";
+  ASSERT_EQ(write(fds[1], text, sizeof text), static_cast<ssize_t>(sizeof text));
+  // Nobody reads: the wait gives up after its limit.
+  EXPECT_FALSE(wait_until_output_read(fds[1], 0.05));
+  // A reader that comes 100 ms later: the wait returns once everything is read.
+  std::atomic<bool> read_all{false};
+  std::thread reader([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    char buf[sizeof text];
+    ssize_t got = 0;
+    while (got < static_cast<ssize_t>(sizeof text)) got += read(fds[0], buf + got, sizeof text - got);
+    read_all = true;
+  });
+  EXPECT_TRUE(wait_until_output_read(fds[1], 30));
+  EXPECT_TRUE(read_all.load());
+  reader.join();
+  close(fds[0]);
+  close(fds[1]);
+  // A regular file: nothing to wait for.
+  FILE* f = std::tmpfile();
+  ASSERT_NE(f, nullptr);
+  std::fputs(text, f);
+  std::fflush(f);
+  EXPECT_TRUE(wait_until_output_read(fileno(f), 0));
+  std::fclose(f);
 }
 
 TEST(FaultsWatchdog, CollectivesGiveTheSameResultsWithADeadline) {

@@ -5,6 +5,12 @@
 #include <examoe/impl/watchdog.hpp>
 
 #include <sched.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#if defined(__linux__)
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -224,8 +230,32 @@ void WatchdogChannel::timed_out(MPI_Request& req, double seconds) {
   }
   std::fprintf(stderr, "%s\n", rep.message.c_str());
   std::fflush(stderr);
+  std::fflush(stdout);  // the last progress lines, too
+  wait_until_output_read(STDERR_FILENO, kWatchdogReportReadSeconds);
+  wait_until_output_read(STDOUT_FILENO, kWatchdogReportReadSeconds);
   std::this_thread::sleep_for(std::chrono::duration<double>(kWatchdogReportDrainSeconds));
   end_job();
+}
+
+bool wait_until_output_read(int fd, double max_seconds) noexcept {
+#if defined(__linux__)
+  struct stat st;
+  if (fstat(fd, &st) != 0) return true;
+  const bool pipe = S_ISFIFO(st.st_mode), socket = S_ISSOCK(st.st_mode);
+  if (!pipe && !socket) return true;
+  const auto start = Clock::now();
+  for (;;) {
+    int queued = 0;
+    if (ioctl(fd, pipe ? FIONREAD : SIOCOUTQ, &queued) != 0) return true;  // cannot tell
+    if (queued <= 0) return true;
+    if (since(start) >= max_seconds) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+#else
+  (void)fd;
+  (void)max_seconds;
+  return true;
+#endif
 }
 
 void WatchdogChannel::end_job() {

@@ -64,10 +64,20 @@ constexpr int kWatchdogAbortCode = 4;
 /// After the report, how long MPI_Abort may take to end the job before the reporting process
 /// exits by itself with kWatchdogAbortCode (MPI_Abort need not return).
 constexpr double kWatchdogExitGraceSeconds = 5.0;
-/// How long the reporting process waits after writing its report before MPI_Abort: the process
-/// manager forwards a rank's output asynchronously, and an abort that follows the write at once
-/// can end the job before the report is forwarded (seen with MPICH's mpiexec under load).
+/// The process manager forwards a rank's output asynchronously, and an abort that follows the
+/// write at once can end the job before the report is forwarded (seen with MPICH's mpiexec under
+/// load). So the reporting process first waits until the process manager has read its stdout and
+/// stderr (wait_until_output_read), at most kWatchdogReportReadSeconds, and then another
+/// kWatchdogReportDrainSeconds for the report to travel on before it calls MPI_Abort.
+constexpr double kWatchdogReportReadSeconds = 10.0;
 constexpr double kWatchdogReportDrainSeconds = 1.0;
+
+/// Waits until whoever reads the pipe or socket behind `fd` (the process manager, for stdout and
+/// stderr under mpiexec) has read everything written to it: polls the bytes still queued (Linux's
+/// FIONREAD for pipes, SIOCOUTQ for sockets) every millisecond for at most `max_seconds`.
+/// Returns true when none are left. Files, terminals and other systems return true at once: a
+/// write to them is done when write() returns.
+bool wait_until_output_read(int fd, double max_seconds) noexcept;
 
 /// What one rank said about itself when asked (or when it asked).
 struct WatchdogPeerState {

@@ -24,6 +24,8 @@ S=(--model.d_model 32 --model.seq_len 16 --model.d_hidden 32 --train.batch 8 --t
    --train.lr 3e-3 --train.min_lr 3e-3 --log.interval 1)
 
 fail() { echo "FAIL: $*"; exit 1; }
+# fail_log LOG MESSAGE: the message first (a CI excerpt shows the first lines), then the log.
+fail_log() { echo "FAIL: $2; the output was:"; cat "$1"; exit 1; }
 
 # run_fault NAME NP SPEC ARGS...: runs under `timeout 120` with EXAMOE_FAULT=SPEC; sets $rc
 # and $secs; output in NAME.log (stdout, then stderr).
@@ -41,12 +43,19 @@ run_fault() {
   cat "$name.out" "$name.err" > "$name.log"
   secs=$((SECONDS - t0))
   echo "-- $name: EXAMOE_FAULT=$spec on $np ranks: exit code $rc after ${secs} s"
-  [[ $rc != 124 ]] || { cat "$name.log"; fail "$name: the job was still running after 120 s"; }
-  # No rank may be left behind (the runs name their own checkpoint directories).
-  if pgrep -f -- "--checkpoint.dir $tmp/$name( |\$)" > /dev/null; then
-    pgrep -af -- "--checkpoint.dir $tmp/$name"
-    fail "$name: ranks still running after mpiexec returned"
-  fi
+  [[ $rc != 124 ]] || fail_log "$name.log" "$name: the job was still running after 120 s"
+  # No rank may be left behind (the runs name their own checkpoint directories). mpiexec can
+  # return while the ranks it killed are still exiting: a loaded machine gets 10 s for that.
+  local waited=0
+  while pgrep -f -- "--checkpoint.dir $tmp/$name( |\$)" > /dev/null; do
+    if ((waited == 100)); then
+      echo "FAIL: $name: ranks still running 10 s after mpiexec returned:"
+      pgrep -af -- "--checkpoint.dir $tmp/$name"
+      exit 1
+    fi
+    sleep 0.1
+    waited=$((waited + 1))
+  done
 }
 
 # same_losses A.jsonl B.jsonl FIRST LAST: per-step losses (full precision, from the metrics
@@ -80,21 +89,21 @@ inspect_step() {  # inspect_step FILE STEP: the checkpoint reads back and says i
 case $mode in
 kill)
   "$mpiexec" -n 2 "$examoe" train "${S[@]}" --train.steps 12 --checkpoint.dir "$tmp/ref" \
-    --log.metrics ref.jsonl > ref.log 2>&1 || { cat ref.log; fail "reference run failed"; }
+    --log.metrics ref.jsonl > ref.log 2>&1 || fail_log ref.log "reference run failed"
 
   # 1. SIGKILL to rank 1 in the middle of step 10; checkpoints at 4 and 8.
   run_fault a 2 kill:rank=1:step=10 "${S[@]}" --train.steps 12 --checkpoint.interval 4 \
     --checkpoint.dir "$tmp/a" --log.metrics a.jsonl
   [[ $rc != 0 ]] || fail "a: the job exited 0 although a rank was killed"
   ((secs < 60)) || fail "a: the job took $secs s to end"
-  grep -q "rank 1, step 10: SIGKILL in the middle of the step" a.log || { cat a.log; fail "a: no kill"; }
-  grep -q "KILLED BY SIGNAL: 9\|signal 9\|EXIT CODE: 9" a.log || { cat a.log; fail "a: mpiexec did not report the kill"; }
+  grep -q "rank 1, step 10: SIGKILL in the middle of the step" a.log || fail_log a.log "a: no kill"
+  grep -q "KILLED BY SIGNAL: 9\|signal 9\|EXIT CODE: 9" a.log || fail_log a.log "a: mpiexec did not report the kill"
   test -f a/step-00000008.h5 && ! test -e a/step-00000012.h5 || fail "a: unexpected checkpoints: $(ls a)"
   inspect_step a/step-00000008.h5 8
   same_losses a.jsonl ref.jsonl 1 9
   "$mpiexec" -n 2 "$examoe" train "${S[@]}" --train.steps 12 --checkpoint.interval 4 \
-    --checkpoint.dir "$tmp/a" --resume latest --log.metrics a2.jsonl > a2.log 2>&1 || { cat a2.log; fail "a: resume failed"; }
-  grep -q "resumed from $tmp/a/step-00000008.h5 at step 8" a2.log || { cat a2.log; fail "a: did not resume from step 8"; }
+    --checkpoint.dir "$tmp/a" --resume latest --log.metrics a2.jsonl > a2.log 2>&1 || fail_log a2.log "a: resume failed"
+  grep -q "resumed from $tmp/a/step-00000008.h5 at step 8" a2.log || fail_log a2.log "a: did not resume from step 8"
   same_losses a2.jsonl ref.jsonl 9 12
 
   # 2. SIGKILL to rank 1 while it writes the checkpoint of step 8 (parameters written, AdamW
@@ -103,7 +112,7 @@ kill)
     --checkpoint.interval 4 --checkpoint.dir "$tmp/b" --log.metrics b.jsonl
   [[ $rc != 0 ]] || fail "b: the job exited 0 although a rank was killed"
   ((secs < 60)) || fail "b: the job took $secs s to end"
-  grep -q "rank 1, step 8: SIGKILL while writing a checkpoint" b.log || { cat b.log; fail "b: no kill"; }
+  grep -q "rank 1, step 8: SIGKILL while writing a checkpoint" b.log || fail_log b.log "b: no kill"
   test -f b/step-00000008.h5.tmp || fail "b: no partial file: $(ls b)"
   ! test -e b/step-00000008.h5 || fail "b: a checkpoint of step 8 was completed"
   echo "   partial file left by the kill: b/step-00000008.h5.tmp ($(stat -c %s b/step-00000008.h5.tmp) bytes)"
@@ -112,23 +121,23 @@ kill)
   fi
   inspect_step b/step-00000004.h5 4
   "$mpiexec" -n 2 "$examoe" train "${S[@]}" --train.steps 12 --checkpoint.interval 4 \
-    --checkpoint.dir "$tmp/b" --resume latest --log.metrics b2.jsonl > b2.log 2>&1 || { cat b2.log; fail "b: resume failed"; }
-  grep -q "note: ignored and removed $tmp/b/step-00000008.h5.tmp" b2.log || { cat b2.log; fail "b: no note on the partial file"; }
-  grep -q "resumed from $tmp/b/step-00000004.h5 at step 4" b2.log || { cat b2.log; fail "b: did not resume from step 4"; }
+    --checkpoint.dir "$tmp/b" --resume latest --log.metrics b2.jsonl > b2.log 2>&1 || fail_log b2.log "b: resume failed"
+  grep -q "note: ignored and removed $tmp/b/step-00000008.h5.tmp" b2.log || fail_log b2.log "b: no note on the partial file"
+  grep -q "resumed from $tmp/b/step-00000004.h5 at step 4" b2.log || fail_log b2.log "b: did not resume from step 4"
   ! test -e b/step-00000008.h5.tmp || fail "b: the partial file is still there"
   inspect_step b/step-00000012.h5 12
   same_losses b2.jsonl ref.jsonl 5 12
 
   # 3. Three ranks: hydra ends the two survivors; the checkpoint resumes at 3 ranks.
   "$mpiexec" -n 3 "$examoe" train "${S[@]}" --train.steps 4 --checkpoint.dir "$tmp/ref3" \
-    --log.metrics ref3.jsonl > ref3.log 2>&1 || { cat ref3.log; fail "3-rank reference run failed"; }
+    --log.metrics ref3.jsonl > ref3.log 2>&1 || fail_log ref3.log "3-rank reference run failed"
   run_fault c 3 kill:rank=2:step=3 "${S[@]}" --train.steps 4 --checkpoint.interval 2 \
     --checkpoint.dir "$tmp/c"
   [[ $rc != 0 ]] || fail "c: the job exited 0 although a rank was killed"
   ((secs < 60)) || fail "c: the job took $secs s to end"
   inspect_step c/step-00000002.h5 2
   "$mpiexec" -n 3 "$examoe" train "${S[@]}" --train.steps 4 --checkpoint.dir "$tmp/c" \
-    --resume latest --log.metrics c2.jsonl > c2.log 2>&1 || { cat c2.log; fail "c: resume failed"; }
+    --resume latest --log.metrics c2.jsonl > c2.log 2>&1 || fail_log c2.log "c: resume failed"
   same_losses c2.jsonl ref3.jsonl 3 4
   echo "kill: 3 SIGKILLs injected; every job ended, checkpoints intact, resumed runs exact"
   ;;
@@ -143,7 +152,7 @@ hang)
       --checkpoint.dir "$tmp/h$np"
     [[ $rc != 0 ]] || fail "h$np: exit code 0"
     ((secs < 60)) || fail "h$np: the job took $secs s to end (deadline 5 s)"
-    grep "examoe: watchdog:" "h$np.log" || { cat "h$np.log"; fail "h$np: no watchdog report"; }
+    grep "examoe: watchdog:" "h$np.log" || fail_log "h$np.log" "h$np: no watchdog report"
     [[ $(grep -c "examoe: watchdog:" "h$np.log") == 1 ]] || fail "h$np: more than one report"
     grep -q "examoe: watchdog: collective '$label' (.*) did not finish within 5 s; ranks that did not arrive: $who;" "h$np.log" ||
       fail "h$np: the report does not name '$label' and rank $who"
@@ -151,7 +160,7 @@ hang)
   # A rank that is late by less than the deadline is no fault.
   run_fault slow 2 hang:rank=1:step=2:phase=moe.dispatch:seconds=2 "${S[@]}" --train.steps 4 \
     --parallel.watchdog_seconds 5 --checkpoint.dir "$tmp/slow"
-  [[ $rc == 0 ]] || { cat slow.log; fail "slow: a rank 2 s late failed the run (deadline 5 s)"; }
+  [[ $rc == 0 ]] || fail_log slow.log "slow: a rank 2 s late failed the run (deadline 5 s)"
   grep -q "^summary:" slow.log || fail "slow: no summary"
   echo "hang: 3 hangs injected; 2 reported by the watchdog with the right collective and rank, 1 shorter than the deadline tolerated"
   ;;
@@ -159,7 +168,7 @@ hang)
 nonfinite)
   run_fault skip 2 nan:step=3:rank=1 "${S[@]}" --train.steps 6 --checkpoint.dir "$tmp/skip" \
     --log.metrics skip.jsonl
-  [[ $rc == 0 ]] || { cat skip.log; fail "skip: exit code $rc"; }
+  [[ $rc == 0 ]] || fail_log skip.log "skip: exit code $rc"
   grep "non-finite" skip.log
   grep -q "step 3: non-finite gradient (seen on 1 of 2 ranks); update skipped (1 skipped, 1 in a row)" skip.log ||
     fail "skip: no report of the skipped step"
@@ -176,13 +185,13 @@ print("   metrics: skipped step 3 recorded, summary skipped_steps = 1")
 PY
   run_fault stop 2 inf:step=3:where=loss "${S[@]}" --train.steps 6 --train.nonfinite stop \
     --checkpoint.dir "$tmp/stop" --log.metrics stop.jsonl
-  [[ $rc == 3 ]] || { cat stop.log; fail "stop: exit code $rc, expected 3"; }
+  [[ $rc == 3 ]] || fail_log stop.log "stop: exit code $rc, expected 3"
   grep "^examoe: training stopped" stop.log
   grep -q "^examoe: training stopped at step 3: non-finite loss (train.nonfinite = stop); the last good weights and optimizer state are in $tmp/stop/step-00000003.h5" stop.log ||
     fail "stop: no clear message"
   inspect_step stop/step-00000003.h5 3
   "$mpiexec" -n 2 "$examoe" train "${S[@]}" --train.steps 6 --checkpoint.dir "$tmp/stop" \
-    --resume latest --log.metrics stop2.jsonl > stop2.log 2>&1 || { cat stop2.log; fail "stop: resume failed"; }
+    --resume latest --log.metrics stop2.jsonl > stop2.log 2>&1 || fail_log stop2.log "stop: resume failed"
   same_losses stop2.jsonl skip.jsonl 4 6
   echo "nonfinite: 2 faults injected; one step skipped, one run stopped with exit code 3 and resumed exactly"
   ;;
@@ -206,14 +215,14 @@ signals)
     rc=$?
     set -e
     echo "-- SIG$sig to mpiexec: exit code $rc after $((SECONDS - t0)) s"
-    [[ $rc == 0 ]] || { cat "sig$sig.log"; fail "SIG$sig: exit code $rc"; }
-    grep "stopping at step" "sig$sig.log" || { cat "sig$sig.log"; fail "SIG$sig: no clean stop"; }
+    [[ $rc == 0 ]] || fail_log "sig$sig.log" "SIG$sig: exit code $rc"
+    grep "stopping at step" "sig$sig.log" || fail_log "sig$sig.log" "SIG$sig: no clean stop"
     n=$(sed -n 's/^stopping at step \([0-9]*\) on a signal.*/\1/p' "sig$sig.log")
     ckpt=$(printf "%s/step-%08d.h5" "$d" "$n")
     inspect_step "$ckpt" "$n"
     # Resume 3 more steps and compare with an uninterrupted run of n+3 steps.
     "$mpiexec" -n 2 "$examoe" train "${S[@]}" --train.steps $((n + 3)) --checkpoint.dir "$d" \
-      --resume latest --log.metrics "sig${sig}2.jsonl" > "sig${sig}2.log" 2>&1 || { cat "sig${sig}2.log"; fail "SIG$sig: resume failed"; }
+      --resume latest --log.metrics "sig${sig}2.jsonl" > "sig${sig}2.log" 2>&1 || fail_log "sig${sig}2.log" "SIG$sig: resume failed"
     "$mpiexec" -n 2 "$examoe" train "${S[@]}" --train.steps $((n + 3)) --checkpoint.dir "$d-ref" \
       --log.metrics "sig${sig}ref.jsonl" > "sig${sig}ref.log" 2>&1 || fail "SIG$sig: reference run failed"
     same_losses "sig${sig}.jsonl" "sig${sig}ref.jsonl" 1 "$n"
