@@ -1,4 +1,5 @@
-// The float erf/exp used by the expert activations, against the C library in double; the
+// The float erf/exp used by the expert activations, against the C library in double; the host
+// vector loops of the activations against their element functions, bit for bit; the
 // dispatch plan's counting sort against std::stable_sort; the router's top-k against brute force.
 #include <examoe/impl/dispatch_kernels.hpp>
 #include <examoe/impl/expert_kernels.hpp>
@@ -8,6 +9,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <string>
@@ -47,6 +52,94 @@ TEST(Kernels, FloatExpMatchesLibm) {
 TEST(Kernels, DoubleUsesLibraryFunctions) {
   EXPECT_EQ(examoe::impl::erf_<double>(0.3), std::erf(0.3));
   EXPECT_EQ(examoe::impl::exp_<double>(-1.7), std::exp(-1.7));
+}
+
+// The host vector loops (AVX-512, AVX2 or baseline, whichever this CPU runs) give bitwise the
+// results (NaN for NaN) of the element functions the device kernels call, at every length (vector bodies and
+// remainders) and for special values; and through the Kokkos entry points, row by row.
+namespace {
+/// The bits of f; every NaN as one value (IEEE leaves open which operand's NaN an operation
+/// passes on, and compilers order commutative operands differently at different widths).
+std::uint32_t bits_of(float f) {
+  if (std::isnan(f)) return 0x7fc00000u;
+  std::uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+std::vector<float> activation_inputs(std::size_t n, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<float> u(-9.0f, 9.0f);
+  const float special[] = {0.0f, -0.0f, std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                           std::nanf(""), -std::nanf("0x1234"), 1e30f, -1e30f, 1e-40f, -87.5f, 88.5f, 4.0f, -4.0f};
+  std::vector<float> v(n);
+  for (std::size_t i = 0; i < n; ++i) v[i] = i % 5 == 3 ? special[(i / 5) % 13] : u(gen);
+  return v;
+}
+}  // namespace
+
+TEST(HostVectorKernels, BitwiseTheElementFunctionsAtEveryLength) {
+  using namespace examoe::impl;
+  std::printf("host vector loops run with: %s\n", host::vector_isa());
+  for (std::size_t n : {0, 1, 3, 7, 8, 15, 16, 17, 31, 33, 64, 100, 2053}) {
+    const auto s0 = activation_inputs(n, 7 + static_cast<unsigned>(n)), u0 = activation_inputs(n, 99);
+    // GELU: a and gelu'
+    std::vector<float> s = s0, a(n), a_ref(n), g_ref(n);
+    host::gelu_forward(s.data(), a.data(), n);
+    for (std::size_t c = 0; c < n; ++c) gelu_element(s0[c], a_ref[c], g_ref[c]);
+    for (std::size_t c = 0; c < n; ++c) {
+      ASSERT_EQ(bits_of(a[c]), bits_of(a_ref[c])) << "gelu(" << s0[c] << "), n " << n;
+      ASSERT_EQ(bits_of(s[c]), bits_of(g_ref[c])) << "gelu'(" << s0[c] << "), n " << n;
+    }
+    // SwiGLU forward and backward
+    std::vector<float> y(n), da = u0, du(n);
+    host::swiglu_forward(s0.data(), u0.data(), y.data(), n);
+    host::swiglu_backward(s0.data(), u0.data(), da.data(), du.data(), n);
+    for (std::size_t c = 0; c < n; ++c) {
+      ASSERT_EQ(bits_of(y[c]), bits_of(swiglu_element(s0[c], u0[c]))) << "swiglu(" << s0[c] << "), n " << n;
+      float dg = u0[c], dv = 0;
+      swiglu_backward_element(s0[c], u0[c], dg, dv);
+      ASSERT_EQ(bits_of(da[c]), bits_of(dg)) << "dg at " << s0[c] << ", n " << n;
+      ASSERT_EQ(bits_of(du[c]), bits_of(dv)) << "du at " << s0[c] << ", n " << n;
+    }
+  }
+  // gelu itself, against double precision (finite inputs): the loops compute the right thing.
+  std::vector<float> s = activation_inputs(4096, 3), a(4096);
+  const std::vector<float> s0 = s;
+  host::gelu_forward(s.data(), a.data(), s.size());
+  for (std::size_t c = 0; c < s.size(); ++c) {
+    if (!std::isfinite(s0[c]) || std::fabs(s0[c]) > 50) continue;
+    const double x = s0[c], ref = 0.5 * x * (1 + std::erf(x / std::sqrt(2.0)));
+    ASSERT_NEAR(a[c], ref, 2e-6 * std::max(1.0, std::fabs(ref))) << "gelu(" << x << ")";
+  }
+}
+
+TEST(HostVectorKernels, KokkosEntryPointsGoRowByRow) {
+  using Space = Kokkos::DefaultHostExecutionSpace;
+  using M = Kokkos::View<float**, Kokkos::LayoutRight, Kokkos::HostSpace>;
+  const int rows = 5, h = 37;
+  const auto in = activation_inputs(rows * h, 11), in_u = activation_inputs(rows * h, 12);
+  M s("s", rows, h), a("a", rows, h), u("u", rows, h), y("y", rows, h), da("da", rows, h), du("du", rows, h);
+  for (int i = 0; i < rows; ++i)
+    for (int c = 0; c < h; ++c) {
+      s(i, c) = in[i * h + c];
+      u(i, c) = in_u[i * h + c];
+      da(i, c) = in_u[i * h + c];
+    }
+  examoe::impl::swiglu_forward(Space(), s, u, y);
+  examoe::impl::swiglu_backward(Space(), s, u, da, du);
+  examoe::impl::gelu_forward(Space(), s, a);
+  for (int i = 0; i < rows; ++i)
+    for (int c = 0; c < h; ++c) {
+      const float x = in[i * h + c], uv = in_u[i * h + c];
+      float ar, gr, dg = uv, dv = 0;
+      examoe::impl::gelu_element(x, ar, gr);
+      examoe::impl::swiglu_backward_element(x, uv, dg, dv);
+      ASSERT_EQ(bits_of(a(i, c)), bits_of(ar)) << i << "," << c;
+      ASSERT_EQ(bits_of(s(i, c)), bits_of(gr)) << i << "," << c;
+      ASSERT_EQ(bits_of(y(i, c)), bits_of(examoe::impl::swiglu_element(x, uv))) << i << "," << c;
+      ASSERT_EQ(bits_of(da(i, c)), bits_of(dg)) << i << "," << c;
+      ASSERT_EQ(bits_of(du(i, c)), bits_of(dv)) << i << "," << c;
+    }
 }
 
 // The counting sort behind the dispatch plan, against a hand-sorted key list; then the same

@@ -76,6 +76,10 @@ const LayerCase kCases[] = {
   {"experts_all_on_rank0_gelu_k2",    6,  2,  8, 12, 26, Activation::gelu,   true, 1.0, 1e-2, 1e-3, Routing::random,      false, PlacementMode::all_on_rank0, 1111},
   {"reversed_placement_swiglu_k4",    8,  4, 10, 14, 35, Activation::swiglu, true, 1.2, 3e-2, 2e-3, Routing::random,       true, PlacementMode::reversed,    1212},
   {"tiny_T3_gelu_E4_k2",              4,  2,  8, 12,  3, Activation::gelu,   true, 1.0, 1e-2, 1e-3, Routing::random,      false, PlacementMode::balanced,    1313},
+  // Experts wide enough that host backends run their rows in chunks (Experts: 256 rows at
+  // these widths), with a chunk boundary inside every expert's kept and received rows.
+  {"chunks_all_to_expert0_gelu_k1",   4,  1,  8,1100,1400, Activation::gelu, true, 1.0, 1e-2, 1e-3, Routing::all_to_zero, false, PlacementMode::balanced,    1414},
+  {"chunks_swiglu_E4_k2",             4,  2,  8, 700, 900, Activation::swiglu,true, 1.0, 1e-2, 1e-3, Routing::random,      false, PlacementMode::balanced,    1515},
 };
 // clang-format on
 
@@ -370,6 +374,11 @@ TEST(LayerRankCount, MatchesSingleRankSwiGLUEmptyRank) {
   MoEConfig c2 = cfg;
   c2.activation = Activation::swiglu;
   report_bitwise("swiglu_E4_k2", compare_with_self(c2, 37, 32, true, true, 1e-13));
+}
+
+TEST(LayerRankCount, MatchesSingleRankInRowChunks) {
+  const MoEConfig cfg = make_config(kCases[14], world_size());  // chunks_swiglu_E4_k2
+  report_bitwise("chunks_swiglu_E4_k2", compare_with_self(cfg, 900, 33, false, true, 1e-13));
 }
 
 // Shapes that hold at any rank count (the "scale" label runs them at 8 and 16 ranks): the

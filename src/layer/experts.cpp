@@ -77,13 +77,6 @@ auto Experts<Scalar>::output_grads(int rows) -> matrix& {
 }
 
 template <class Scalar>
-void Experts<Scalar>::forward(const DispatchPlan& plan) {
-  hidden(plan, ExpertRows::all);
-  activate(plan);
-  output(plan, ExpertRows::all);
-}
-
-template <class Scalar>
 void Experts<Scalar>::hidden(const DispatchPlan& plan, ExpertRows which) {
   const int nrows = plan.expert_rows();
   ws_.reserve(hbuf_, "h", nrows, h_);
@@ -111,14 +104,6 @@ void Experts<Scalar>::output(const DispatchPlan& plan, ExpertRows which) {
   ws_.reserve(ye_, "ye", plan.expert_rows(), d_);
   // y = a W2
   grouped_gemm_rows(space_, gemm_, false, Scalar(1), abuf_, W2_, Scalar(0), ye_, plan.row_groups(which));
-}
-
-template <class Scalar>
-void Experts<Scalar>::backward(const DispatchPlan& plan) {
-  hidden_grad(plan, ExpertRows::all);
-  activation_backward(plan);
-  input_grad(plan, ExpertRows::all);
-  weight_grads(plan);
 }
 
 template <class Scalar>
@@ -157,6 +142,154 @@ void Experts<Scalar>::weight_grads(const DispatchPlan& plan) {
   grouped_gemm_weights(space_, gemm_, Scalar(1), abuf_, dye_, dW2_, o);
   grouped_gemm_weights(space_, gemm_, Scalar(1), xe_, dabuf_, dW1_, o);
   if (swiglu_) grouped_gemm_weights(space_, gemm_, Scalar(1), xe_, dubuf_, dW3_, o);
+}
+
+// ------------------------------------------------------------------ the layer's stages
+template <class Scalar>
+void Experts<Scalar>::forward_kept(const DispatchPlan& plan) {
+  if constexpr (by_expert) forward_chunks(plan, ExpertRows::kept);
+  else hidden(plan, ExpertRows::kept);
+}
+
+template <class Scalar>
+void Experts<Scalar>::forward_arrived(const DispatchPlan& plan, ExpertRows which) {
+  if constexpr (by_expert) {
+    forward_chunks(plan, which);
+  } else {
+    hidden(plan, which);
+    activate(plan);
+    output(plan, which);
+  }
+}
+
+template <class Scalar>
+void Experts<Scalar>::forward_kept_rest(const DispatchPlan& plan) {
+  if constexpr (!by_expert) output(plan, ExpertRows::kept);
+  else (void)plan;
+}
+
+template <class Scalar>
+void Experts<Scalar>::backward_kept(const DispatchPlan& plan) {
+  if constexpr (by_expert) backward_chunks(plan, ExpertRows::kept);
+  else hidden_grad(plan, ExpertRows::kept);
+}
+
+template <class Scalar>
+void Experts<Scalar>::backward_arrived(const DispatchPlan& plan, ExpertRows which) {
+  if constexpr (by_expert) {
+    backward_chunks(plan, which);
+  } else {
+    hidden_grad(plan, which);
+    activation_backward(plan);
+    input_grad(plan, which);
+  }
+}
+
+template <class Scalar>
+void Experts<Scalar>::backward_rest(const DispatchPlan& plan, bool overlap) {
+  if constexpr (by_expert) {
+    weight_grads_by_expert(plan);
+  } else {
+    if (overlap) input_grad(plan, ExpertRows::kept);
+    weight_grads(plan);
+  }
+}
+
+// ------------------------------------------------------------------ by expert (host backends)
+/// Rows per chunk: about 1 MiB of a chunk's xe, h (u), a and ye, and at least 256 rows, so that
+/// repacking the weights for every chunk's GEMMs stays a small part of their work.
+template <class Scalar>
+int Experts<Scalar>::chunk_rows() const {
+  const std::size_t row_bytes = sizeof(Scalar) * static_cast<std::size_t>(2 * d_ + (swiglu_ ? 3 : 2) * h_);
+  return static_cast<int>(std::max<std::size_t>(256, (std::size_t{1} << 20) / std::max<std::size_t>(1, row_bytes)));
+}
+
+template <class Scalar>
+void Experts<Scalar>::reserve_forward(int rows) {
+  ws_.reserve(hbuf_, "h", rows, h_);
+  if (swiglu_) ws_.reserve(ubuf_, "u", rows, h_);
+  ws_.reserve(abuf_, "a", rows, h_);
+  ws_.reserve(ye_, "ye", rows, d_);
+}
+
+template <class Scalar>
+void Experts<Scalar>::reserve_backward(int rows) {
+  ws_.reserve(dabuf_, "da", rows, h_);
+  if (swiglu_) ws_.reserve(dubuf_, "du", rows, h_);
+  ws_.reserve(dxe_, "dxe", rows, d_);
+}
+
+namespace {
+template <class M>
+auto chunk_of(const M& m, int b, int e) {
+  return Kokkos::subview(m, Kokkos::make_pair(b, e), Kokkos::ALL);
+}
+template <class T3>
+auto expert_of(const T3& w, int l) {
+  return Kokkos::subview(w, l, Kokkos::ALL, Kokkos::ALL);
+}
+}  // namespace
+
+template <class Scalar>
+void Experts<Scalar>::forward_chunks(const DispatchPlan& plan, ExpertRows which) {
+  reserve_forward(plan.expert_rows());
+  for (int p = 0; p < (swiglu_ ? 3 : 2); ++p) count_gemm_call();  // one grouped call per projection
+  const int step = chunk_rows();
+  const Scalar one(1), zero(0);
+  for (const RowGroup& g : plan.row_groups(which)) {
+    for (int b = g.begin; b < g.end; b += step) {
+      const int e = std::min(g.end, b + step);
+      auto x = chunk_of(xe_, b, e), hc = chunk_of(hbuf_, b, e), ac = chunk_of(abuf_, b, e);
+      kc::gemm_uncounted(space_, "N", "N", one, x, expert_of(W1_, g.w), zero, hc);
+      if (swiglu_) {
+        auto uc = chunk_of(ubuf_, b, e);
+        kc::gemm_uncounted(space_, "N", "N", one, x, expert_of(W3_, g.w), zero, uc);
+        swiglu_forward(space_, hc, uc, ac);
+      } else {
+        gelu_forward(space_, hc, ac);
+      }
+      kc::gemm_uncounted(space_, "N", "N", one, ac, expert_of(W2_, g.w), zero, chunk_of(ye_, b, e));
+    }
+  }
+}
+
+template <class Scalar>
+void Experts<Scalar>::backward_chunks(const DispatchPlan& plan, ExpertRows which) {
+  reserve_backward(plan.expert_rows());
+  for (int p = 0; p < (swiglu_ ? 3 : 2); ++p) count_gemm_call();
+  const int step = chunk_rows();
+  const Scalar one(1), zero(0);
+  for (const RowGroup& g : plan.row_groups(which)) {
+    for (int b = g.begin; b < g.end; b += step) {
+      const int e = std::min(g.end, b + step);
+      auto hc = chunk_of(hbuf_, b, e), dac = chunk_of(dabuf_, b, e), dx = chunk_of(dxe_, b, e);
+      kc::gemm_uncounted(space_, "N", "T", one, chunk_of(dye_, b, e), expert_of(W2_, g.w), zero, dac);
+      if (swiglu_) {
+        auto uc = chunk_of(ubuf_, b, e), duc = chunk_of(dubuf_, b, e);
+        swiglu_backward(space_, hc, uc, dac, duc);
+        kc::gemm_uncounted(space_, "N", "T", one, dac, expert_of(W1_, g.w), zero, dx);
+        kc::gemm_uncounted(space_, "N", "T", one, duc, expert_of(W3_, g.w), one, dx);
+      } else {
+        gelu_backward(space_, hc, dac);
+        kc::gemm_uncounted(space_, "N", "T", one, dac, expert_of(W1_, g.w), zero, dx);
+      }
+    }
+  }
+}
+
+template <class Scalar>
+void Experts<Scalar>::weight_grads_by_expert(const DispatchPlan& plan) {
+  for (int p = 0; p < (swiglu_ ? 3 : 2); ++p) count_gemm_call();
+  const std::vector<int>& o = plan.expert_row_offsets();
+  const Scalar one(1);
+  for (int l = 0; l + 1 < static_cast<int>(o.size()); ++l) {
+    if (o[l] == o[l + 1]) continue;
+    auto x = chunk_of(xe_, o[l], o[l + 1]), dh = chunk_of(dabuf_, o[l], o[l + 1]);
+    kc::gemm_uncounted(space_, "T", "N", one, chunk_of(abuf_, o[l], o[l + 1]), chunk_of(dye_, o[l], o[l + 1]), one,
+                       expert_of(dW2_, l));
+    kc::gemm_uncounted(space_, "T", "N", one, x, dh, one, expert_of(dW1_, l));
+    if (swiglu_) kc::gemm_uncounted(space_, "T", "N", one, x, chunk_of(dubuf_, o[l], o[l + 1]), one, expert_of(dW3_, l));
+  }
 }
 
 template <class Scalar>

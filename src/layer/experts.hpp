@@ -9,6 +9,7 @@
 
 #include <examoe/impl/collectives.hpp>
 #include <examoe/impl/grouped_gemm.hpp>
+#include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/workspace.hpp>
 #include <examoe/moe_config.hpp>
 #include <examoe/placement.hpp>
@@ -41,31 +42,37 @@ class Experts {
   /// The expert input rows of this step ([rows][d], in the plan's per-expert blocks),
   /// reserved for `rows` rows for the dispatch to fill.
   matrix& inputs(int rows);
-  /// ye = expert(xe) for every local expert's block of the plan: hidden(all), activate(),
-  /// output(all).
-  void forward(const DispatchPlan& plan);
-  /// The pieces of forward, so that the layer can run the kept rows while the others travel:
-  /// h = xe W1 (and u = xe W3) on `which` rows ...
-  void hidden(const DispatchPlan& plan, ExpertRows which);
-  /// ... a = act(h[, u]) on every row ...
-  void activate(const DispatchPlan& plan);
-  /// ... ye = a W2 on `which` rows.
-  void output(const DispatchPlan& plan, ExpertRows which);
   const matrix& outputs() const { return ye_; }
   /// dL/dye, reserved for `rows` rows for the combine^T to fill.
   matrix& output_grads(int rows);
-  /// dW1, dW2 (dW3) += this step's part; dxe = dL/dxe: hidden_grad(all),
-  /// activation_backward(), input_grad(all), weight_grads().
-  void backward(const DispatchPlan& plan);
-  /// The pieces of backward: da = dye W2^T on `which` rows ...
-  void hidden_grad(const DispatchPlan& plan, ExpertRows which);
-  /// ... dh = act'(h) da (and du) on every row, in place of da ...
-  void activation_backward(const DispatchPlan& plan);
-  /// ... dxe = dh W1^T (+ du W3^T) on `which` rows ...
-  void input_grad(const DispatchPlan& plan, ExpertRows which);
-  /// ... dW2 += a^T dye, dW1 += xe^T dh (dW3 += xe^T du), one grouped GEMM each over all rows.
-  void weight_grads(const DispatchPlan& plan);
   const matrix& input_grads() const { return dxe_; }
+
+  // ---- the experts' work in the layer's stages (docs/moe-layer.md, "Overlap"). Forward:
+  // ye = a W2 with a = act(xe W1 [, xe W3]); backward: dh = act'(.) (dye W2^T), dxe = dh W1^T
+  // (+ du W3^T), dW2 += a^T dye, dW1 += xe^T dh (dW3 += xe^T du). With overlap the kept rows
+  // run while the dispatch travels and the received rows once they have arrived; without, every
+  // row runs in the arrived stage. What runs in which stage is the experts' choice:
+  //  - on GPUs (`by_expert` false), one grouped GEMM per projection over every local expert: the
+  //    kept rows' first GEMM while the dispatch travels, their second while the combine does;
+  //  - on host backends (`by_expert` true), expert by expert in row chunks of about 1 MiB of
+  //    activations: a chunk's rows stay in cache from its first GEMM through the activation to
+  //    its second. The kept rows are done before the dispatch has arrived.
+  // Both give bitwise the same results (rows are independent; the weight gradients are one GEMM
+  // per expert over all its rows either way).
+  static constexpr bool by_expert = !kc::device_memory_v<Space>;
+  /// Forward, while the dispatch travels: the kept rows (or their first GEMM).
+  void forward_kept(const DispatchPlan& plan);
+  /// Forward of `which` rows (received, or all) once they have arrived.
+  void forward_arrived(const DispatchPlan& plan, ExpertRows which);
+  /// Forward, while the combine travels: what forward_kept left of the kept rows.
+  void forward_kept_rest(const DispatchPlan& plan);
+  /// Backward, while dye travels: the kept rows' dh and dxe (or their first GEMM).
+  void backward_kept(const DispatchPlan& plan);
+  /// Backward of `which` rows once their dye has arrived: dh and dxe.
+  void backward_arrived(const DispatchPlan& plan, ExpertRows which);
+  /// Backward, while dxe travels (overlap) or after: what backward_kept left of the kept rows,
+  /// then the weight gradients over every row.
+  void backward_rest(const DispatchPlan& plan, bool overlap);
 
   /// Moves the weights (and every tensor of `state`, in the layout of w1) through `plan`;
   /// the gradients are zeroed. Collective over `coll`'s communicator.
@@ -79,6 +86,21 @@ class Experts {
 
  private:
   void allocate_grads();
+  // By projection (GPUs): one grouped GEMM over `which` rows of every local expert.
+  void hidden(const DispatchPlan& plan, ExpertRows which);       // h = xe W1 (u = xe W3)
+  void activate(const DispatchPlan& plan);                       // a = act(h[, u]), every row
+  void output(const DispatchPlan& plan, ExpertRows which);       // ye = a W2
+  void hidden_grad(const DispatchPlan& plan, ExpertRows which);  // da = dye W2^T
+  void activation_backward(const DispatchPlan& plan);            // dh (du) in place of da, every row
+  void input_grad(const DispatchPlan& plan, ExpertRows which);   // dxe = dh W1^T (+ du W3^T)
+  void weight_grads(const DispatchPlan& plan);                   // dW += over every row
+  // By expert (host backends): the same per expert, in cache-sized row chunks.
+  void reserve_forward(int rows);
+  void reserve_backward(int rows);
+  void forward_chunks(const DispatchPlan& plan, ExpertRows which);
+  void backward_chunks(const DispatchPlan& plan, ExpertRows which);
+  void weight_grads_by_expert(const DispatchPlan& plan);
+  int chunk_rows() const;
   Space space_;
   int d_ = 0, h_ = 0, nloc_ = 0;
   bool swiglu_ = false;

@@ -296,8 +296,8 @@ struct MoELayer<Scalar>::Impl {
   }
 
   /// Forward after the plan: rows out (in the wire type W), experts, rows back, combine.
-  /// With overlap, the kept rows' first projection runs while the dispatch travels and their
-  /// second while the combine does (docs/moe-layer.md, "Overlap").
+  /// With overlap, the kept rows run while the dispatch travels (on GPUs their first projection,
+  /// their second while the combine does: Experts, "the layer's stages"; docs/moe-layer.md).
   template <class W>
   void dispatch_experts_combine(impl::RowWorkspace<W>& rows, const const_matrix& x, const matrix& out) {
     using impl::ExpertRows;
@@ -314,7 +314,7 @@ struct MoELayer<Scalar>::Impl {
     if (overlap) {
       impl::gather_expert_rows(space, plan.blocks(), plan.num_blocks(), nrows, x, plan.perm(), k, g,
                                false, rows.recv, xe, ExpertRows::kept);
-      experts->hidden(plan, ExpertRows::kept);
+      experts->forward_kept(plan);
       run_alongside();
       coll->progress_alltoallv_rows();
       toc(Phase::experts);
@@ -326,10 +326,7 @@ struct MoELayer<Scalar>::Impl {
     toc(Phase::pack);
 
     // ---- experts (the received rows, or all of them)
-    const ExpertRows rest = overlap ? ExpertRows::received : ExpertRows::all;
-    experts->hidden(plan, rest);
-    experts->activate(plan);
-    experts->output(plan, rest);
+    experts->forward_arrived(plan, overlap ? ExpertRows::received : ExpertRows::all);
     toc(Phase::experts);
 
     // ---- combine
@@ -337,7 +334,7 @@ struct MoELayer<Scalar>::Impl {
     impl::pack_back_rows(space, plan.blocks(), plan.num_blocks(), nrows, experts->outputs(), rows.back_send);
     start_exchange("moe.combine", impl::Direction::reverse, rows.back_send, rows.back_recv);
     if (overlap) {
-      experts->output(plan, ExpertRows::kept);
+      experts->forward_kept_rest(plan);
       coll->progress_alltoallv_rows();
       toc(Phase::experts);
     }
@@ -423,7 +420,8 @@ struct MoELayer<Scalar>::Impl {
   }
 
   /// Backward through the forward's plan, rows in the wire type W. With overlap, the kept
-  /// rows' da runs while dy travels, and their dxe and every weight gradient while dxe does.
+  /// rows run while dy travels (on GPUs their da, their dxe while dxe does), and every weight
+  /// gradient while dxe travels.
   template <class W>
   void backward_rows(impl::RowWorkspace<W>& rows, const const_matrix& dout, const matrix& dx) {
     using impl::ExpertRows;
@@ -441,7 +439,7 @@ struct MoELayer<Scalar>::Impl {
     if (overlap) {
       impl::gather_expert_rows(space, plan.blocks(), plan.num_blocks(), nrows, dout, plan.perm(), k, g,
                                true, rows.recv, dye, ExpertRows::kept);
-      experts->hidden_grad(plan, ExpertRows::kept);
+      experts->backward_kept(plan);
       run_alongside();
       coll->progress_alltoallv_rows();
       toc(Phase::bwd_experts);
@@ -453,25 +451,21 @@ struct MoELayer<Scalar>::Impl {
     toc(Phase::bwd_combine);
 
     // ---- experts (the received rows, or all of them)
-    const ExpertRows rest = overlap ? ExpertRows::received : ExpertRows::all;
-    experts->hidden_grad(plan, rest);
-    experts->activation_backward(plan);
-    experts->input_grad(plan, rest);
+    experts->backward_arrived(plan, overlap ? ExpertRows::received : ExpertRows::all);
     toc(Phase::bwd_experts);
 
     // ---- dispatch^T: dx rows go home
     impl::pack_back_rows(space, plan.blocks(), plan.num_blocks(), nrows, experts->input_grads(), rows.back_send);
     start_exchange("moe.dispatch_bwd", impl::Direction::reverse, rows.back_send, rows.back_recv);
     if (overlap) {
-      experts->input_grad(plan, ExpertRows::kept);
-      experts->weight_grads(plan);
+      experts->backward_rest(plan, true);
       coll->progress_alltoallv_rows();
       toc(Phase::bwd_experts);
     }
     finish_exchange("moe.dispatch_bwd");
     toc(Phase::bwd_alltoall);
     if (!overlap) {
-      experts->weight_grads(plan);
+      experts->backward_rest(plan, false);
       toc(Phase::bwd_experts);
     }
 

@@ -1,5 +1,6 @@
 // Element-wise parts of the expert MLPs (the GEMMs go through Kokkos Kernels).
 #pragma once
+#include <examoe/impl/host_vector_kernels.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/row_policy.hpp>
 
@@ -17,9 +18,15 @@ namespace examoe::impl {
 /// exp(x) for float: Cephes range reduction x = n ln2 + r and a degree-6 polynomial.
 KOKKOS_INLINE_FUNCTION float exp_fast(float x_in) {
   // NaN passes through (it must reach the non-finite checks); the arithmetic below runs on a
-  // finite stand-in, since converting NaN to int is undefined. Selects, so it still vectorizes.
-  const bool nan = !(x_in == x_in);
-  float x = nan ? 0.0f : x_in;
+  // finite stand-in (+0), since converting NaN to int is undefined. The NaN test and both
+  // selects are bit operations: GCC if-converts them at every vector width (selects on the
+  // float compare kept the AVX2 and AVX-512 loops scalar).
+  std::uint32_t u;
+  std::memcpy(&u, &x_in, sizeof(u));
+  const std::uint32_t nan = 0u - static_cast<std::uint32_t>((u & 0x7fffffffu) > 0x7f800000u);  // all ones
+  const std::uint32_t finite_bits = u & ~nan;
+  float x;
+  std::memcpy(&x, &finite_bits, sizeof(x));
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   const float t = x * 1.44269504088896341f;
   const int n = static_cast<int>(t + (t >= 0.0f ? 0.5f : -0.5f));
@@ -37,7 +44,13 @@ KOKKOS_INLINE_FUNCTION float exp_fast(float x_in) {
   const std::int32_t bits = static_cast<std::int32_t>(n + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return nan ? x_in : p * scale;
+  const float e = p * scale;
+  std::uint32_t ue;
+  std::memcpy(&ue, &e, sizeof(ue));
+  ue = (ue & ~nan) | (u & nan);
+  float out;
+  std::memcpy(&out, &ue, sizeof(out));
+  return out;
 }
 
 /// erf(x) for float: odd/even rational minimax approximation on [-4, 4] (erf is +-1 in
@@ -90,23 +103,58 @@ void for_each_element(const char* label, const Space& space, int n, int h, const
       });
 }
 
+// ---- the element-wise math of the activations, once: the Kokkos functors below and the host
+// vector loops (host_vector_kernels.hpp) both call these.
+
+/// gelu(s) and gelu'(s): erf is evaluated once per element for both.
+template <class S>
+KOKKOS_INLINE_FUNCTION void gelu_element(const S s, S& a, S& grad) {
+  const S cdf = S(0.5) * (S(1) + erf_(s * S(0.70710678118654752440)));
+  a = s * cdf;
+  grad = cdf + s * exp_(S(-0.5) * s * s) * S(0.39894228040143267794);
+}
+/// silu(g) u.
+template <class S>
+KOKKOS_INLINE_FUNCTION S swiglu_element(const S g, const S u) {
+  return g * sigmoid(g) * u;
+}
+/// From da: du = da silu(g), and da becomes dg = da u silu'(g).
+template <class S>
+KOKKOS_INLINE_FUNCTION void swiglu_backward_element(const S g, const S u, S& da, S& du) {
+  const S sg = sigmoid(g), dav = da;
+  du = dav * g * sg;
+  da = dav * u * sg * (S(1) + g * (S(1) - sg));
+}
+
+/// Whether a kernel over V's rows runs as the host vector loops: float rows on a host backend.
+template <class Space, class V>
+inline constexpr bool host_vector_rows_v =
+    !kc::device_memory_v<Space> && std::is_same<typename V::non_const_value_type, float>::value;
+
+/// f(i) for every row i, on a host backend (the host vector loops take a row at a time).
+template <class Space, class F>
+void for_each_row_on_host(const char* label, const Space& space, int n, const F& f) {
+  Kokkos::parallel_for(label, Kokkos::RangePolicy<Space>(space, 0, n), f);
+}
+
 /// a = gelu(hpre), and hpre is overwritten with gelu'(hpre): backward needs only the
-/// derivative, and erf is evaluated once per element for both.
+/// derivative.
 template <class Space, class V>
 struct GeluForward {
   V hpre, a;
   KOKKOS_INLINE_FUNCTION void operator()(const int i, const int c) const {
-    using S = typename V::non_const_value_type;
-    const S s = hpre(i, c);
-    const S cdf = S(0.5) * (S(1) + erf_(s * S(0.70710678118654752440)));
-    a(i, c) = s * cdf;
-    hpre(i, c) = cdf + s * exp_(S(-0.5) * s * s) * S(0.39894228040143267794);
+    gelu_element(hpre(i, c), a(i, c), hpre(i, c));
   }
 };
 template <class Space, class V>
 void gelu_forward(const Space& space, const V& hpre, const V& a) {
-  for_each_element("examoe::experts::gelu", space, static_cast<int>(hpre.extent(0)),
-                   static_cast<int>(hpre.extent(1)), GeluForward<Space, V>{hpre, a});
+  const int n = static_cast<int>(hpre.extent(0)), h = static_cast<int>(hpre.extent(1));
+  if constexpr (host_vector_rows_v<Space, V>) {
+    for_each_row_on_host("examoe::experts::gelu", space, n,
+                         [=](const int i) { host::gelu_forward(&hpre(i, 0), &a(i, 0), h); });
+  } else {
+    for_each_element("examoe::experts::gelu", space, n, h, GeluForward<Space, V>{hpre, a});
+  }
 }
 
 /// da *= gelu'(s), with gelu'(s) as stored by gelu_forward (in place: da becomes ds).
@@ -125,14 +173,17 @@ void gelu_backward(const Space& space, const V& gelu_grad, const V& da) {
 template <class Space, class V>
 struct SwigluForward {
   V g, u, a;
-  KOKKOS_INLINE_FUNCTION void operator()(const int i, const int c) const {
-    a(i, c) = g(i, c) * sigmoid(g(i, c)) * u(i, c);
-  }
+  KOKKOS_INLINE_FUNCTION void operator()(const int i, const int c) const { a(i, c) = swiglu_element(g(i, c), u(i, c)); }
 };
 template <class Space, class V>
 void swiglu_forward(const Space& space, const V& g, const V& u, const V& a) {
-  for_each_element("examoe::experts::swiglu", space, static_cast<int>(g.extent(0)),
-                   static_cast<int>(g.extent(1)), SwigluForward<Space, V>{g, u, a});
+  const int n = static_cast<int>(g.extent(0)), h = static_cast<int>(g.extent(1));
+  if constexpr (host_vector_rows_v<Space, V>) {
+    for_each_row_on_host("examoe::experts::swiglu", space, n,
+                         [=](const int i) { host::swiglu_forward(&g(i, 0), &u(i, 0), &a(i, 0), h); });
+  } else {
+    for_each_element("examoe::experts::swiglu", space, n, h, SwigluForward<Space, V>{g, u, a});
+  }
 }
 
 /// From da: dg = da * u * silu'(g) (written into da), du = da * silu(g).
@@ -140,16 +191,19 @@ template <class Space, class V>
 struct SwigluBackward {
   V g, u, da, du;
   KOKKOS_INLINE_FUNCTION void operator()(const int i, const int c) const {
-    using S = typename V::non_const_value_type;
-    const S gv = g(i, c), sg = sigmoid(gv), dav = da(i, c);
-    du(i, c) = dav * gv * sg;
-    da(i, c) = dav * u(i, c) * sg * (S(1) + gv * (S(1) - sg));
+    swiglu_backward_element(g(i, c), u(i, c), da(i, c), du(i, c));
   }
 };
 template <class Space, class V>
 void swiglu_backward(const Space& space, const V& g, const V& u, const V& da, const V& du) {
-  for_each_element("examoe::experts::swiglu_bwd", space, static_cast<int>(g.extent(0)),
-                   static_cast<int>(g.extent(1)), SwigluBackward<Space, V>{g, u, da, du});
+  const int n = static_cast<int>(g.extent(0)), h = static_cast<int>(g.extent(1));
+  if constexpr (host_vector_rows_v<Space, V>) {
+    for_each_row_on_host("examoe::experts::swiglu_bwd", space, n, [=](const int i) {
+      host::swiglu_backward(&g(i, 0), &u(i, 0), &da(i, 0), &du(i, 0), h);
+    });
+  } else {
+    for_each_element("examoe::experts::swiglu_bwd", space, n, h, SwigluBackward<Space, V>{g, u, da, du});
+  }
 }
 
 }  // namespace examoe::impl
