@@ -8,6 +8,7 @@
 #include <examoe/model.hpp>
 #include <examoe/train.hpp>
 #include <examoe/impl/host_sync.hpp>
+#include <examoe/impl/host_vector_kernels.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/random.hpp>
 
@@ -391,8 +392,9 @@ int run(const BenchOptions& o) {
                 move_s > 0 && copy_min > 0 ? 100.0 * move_bytes / move_s / copy_min : 0.0);
     std::printf("  per forward:  %s (rank 0)\n", counts_text(work.forward).c_str());
     std::printf("  per backward: %s (rank 0)\n", counts_text(work.backward).c_str());
-    std::printf("  backend: %s on %s\n", layer.communicator().backend().c_str(),
-                Kokkos::DefaultExecutionSpace::name());
+    std::printf("  backend: %s on %s%s%s\n", layer.communicator().backend().c_str(), Kokkos::DefaultExecutionSpace::name(),
+                impl::kc::device_memory_v<Kokkos::DefaultExecutionSpace> ? "" : ", float activations with ",
+                impl::kc::device_memory_v<Kokkos::DefaultExecutionSpace> ? "" : impl::host::vector_isa());
     if (!o.json.empty()) {
       errno = 0;
       js << "{\"bench\":\"moe_layer\",\"ranks\":" << size << ",\"precision\":\"" << o.precision
@@ -411,7 +413,8 @@ int run(const BenchOptions& o) {
          << ",\"capacity_factor\":" << o.capacity_factor << ",\"capacity\":" << st.capacity
          << ",\"dropped_fraction\":" << dropped_fraction << ",\"kept_imbalance\":" << kept_imbalance
          << ",\"comm\":\"" << layer.communicator().backend() << "\",\"space\":\""
-         << Kokkos::DefaultExecutionSpace::name() << "\",\"move_bytes_per_s\":" << (move_s > 0 ? move_bytes / move_s : 0.0)
+         << Kokkos::DefaultExecutionSpace::name() << "\",\"host_vector_isa\":\"" << impl::host::vector_isa()
+         << "\",\"move_bytes_per_s\":" << (move_s > 0 ? move_bytes / move_s : 0.0)
          << ",\"copy_bytes_per_s\":" << copy_min << ",\"forward_counts\":" << counts_json(work.forward)
          << ",\"backward_counts\":" << counts_json(work.backward) << ",\"phases_s\":{";
       for (int p = 0; p < kNumPhases; ++p)

@@ -122,7 +122,10 @@ RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in, const RefWire
     for (int e = 0; e < E; ++e)
       if (allowed[e]) order.push_back(e);
     std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return key[a] > key[b]; });
-    if (k < static_cast<int>(order.size())) r.min_topk_gap = std::min(r.min_topk_gap, key[order[k - 1]] - key[order[k]]);
+    // The order of the k chosen is a decision too (topk_experts() lists them by key): every
+    // adjacent pair of the first k + 1 counts.
+    for (int j = 0; j < k && j + 1 < static_cast<int>(order.size()); ++j)
+      r.min_topk_gap = std::min(r.min_topk_gap, key[order[j]] - key[order[j + 1]]);
     double S = 0.0;
     for (int j = 0; j < k; ++j) {
       r.topk[t * k + j] = order[j];

@@ -42,8 +42,8 @@ struct RefResult {
   double min_capacity_gap = 0.0;
   double aux = 0.0;
   double z = 0.0;
-  /// min over tokens of u[k-th largest] - u[(k+1)-th largest] (infinity when k == E): how
-  /// far the top-k decision is from flipping. With sigmoid scores, a bias or groups: in
+  /// min over tokens and j < k of u[j-th largest] - u[(j+1)-th largest] (k == E: j < k - 1):
+  /// how far the top-k decision, and the order of the k chosen, is from flipping. With sigmoid scores, a bias or groups: in
   /// units of the selection key s + b, the group choice's gap included.
   double min_topk_gap = 0.0;
   // backward of L = <dout, out> + aux + z
