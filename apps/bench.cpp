@@ -39,6 +39,11 @@ void add_bench_command(CLI::App& app, BenchOptions& o) {
   c->add_option("--overlap", o.overlap, "Compute the rows that stay on a rank while the others travel: on or off")
       ->capture_default_str()
       ->check(CLI::IsMember({"on", "off"}));
+  c->add_option("--expert-schedule", o.expert_schedule,
+                 "The experts' GEMMs: by-projection (grouped, the GPU default), by-expert (row chunks through "
+                 "GEMM, activation, GEMM in cache, the host default) or auto")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "by-projection", "by-expert"}));
   c->add_option("--tf32", o.tf32, "Float expert GEMMs on TF32 tensor cores (CUDA builds; no effect elsewhere): on or off")
       ->capture_default_str()
       ->check(CLI::IsMember({"on", "off"}));
@@ -304,6 +309,7 @@ int run(const BenchOptions& o) {
   cfg.activation = activation_from_string(o.activation);
   cfg.dispatch_dtype = dispatch_dtype_from_string(o.dispatch_dtype);
   cfg.overlap_exchange = o.overlap == "on";
+  cfg.expert_schedule = expert_schedule_from_string(o.expert_schedule);
   cfg.allow_tf32 = o.tf32 == "on";
   cfg.router.temperature = o.temperature;
   cfg.router.score = router_score_from_string(o.score);
@@ -364,9 +370,13 @@ int run(const BenchOptions& o) {
   if (rank == 0) {
     const double tokens = static_cast<double>(o.tokens) * size;
     const double flops_per_row = 2.0 * o.d_model * o.d_hidden * (cfg.activation == Activation::swiglu ? 3 : 2) * 3;
-    std::printf("examoe bench: %d ranks, %s, d=%d h=%d E=%d k=%d T=%d/rank, %s, rows on the wire: %s, overlap %s\n",
+    const char* schedule = o.expert_schedule != "auto" ? o.expert_schedule.c_str()
+                           : impl::kc::device_memory_v<Kokkos::DefaultExecutionSpace> ? "by-projection"
+                                                                                      : "by-expert";
+    std::printf("examoe bench: %d ranks, %s, d=%d h=%d E=%d k=%d T=%d/rank, %s, rows on the wire: %s, overlap %s, "
+                "experts %s\n",
                 size, o.precision.c_str(), o.d_model, o.d_hidden, o.num_experts, o.top_k, o.tokens,
-                o.activation.c_str(), o.dispatch_dtype.c_str(), o.overlap.c_str());
+                o.activation.c_str(), o.dispatch_dtype.c_str(), o.overlap.c_str(), schedule);
     std::printf("  step (fwd+bwd)      %10.4f s   %12.0f tokens/s\n", step_max,
                 step_max > 0 ? tokens / step_max : 0.0);
     for (int p = 0; p < kNumPhases; ++p)
@@ -401,7 +411,7 @@ int run(const BenchOptions& o) {
          << "\",\"d_model\":" << o.d_model << ",\"d_hidden\":" << o.d_hidden
          << ",\"experts\":" << o.num_experts << ",\"top_k\":" << o.top_k
          << ",\"tokens_per_rank\":" << o.tokens << ",\"dispatch_dtype\":\"" << o.dispatch_dtype
-         << "\",\"overlap\":\"" << o.overlap << "\",\"tf32\":\"" << o.tf32 << "\",\"activation\":\"" << o.activation
+         << "\",\"overlap\":\"" << o.overlap << "\",\"expert_schedule\":\"" << o.expert_schedule << "\",\"tf32\":\"" << o.tf32 << "\",\"activation\":\"" << o.activation
          << "\",\"step_s\":" << step_max << ",\"tokens_per_s\":" << tokens / step_max
          << ",\"gemm_only_s\":" << gemm_max << ",\"router_gemm_s\":" << router_max
          << ",\"fraction_of_gemm_bound\":" << bound / step_max

@@ -7,6 +7,7 @@ struct BenchOptions {
   std::string activation = "gelu", precision = "float";
   std::string dispatch_dtype = "scalar";  // rows on the wire: scalar or bf16
   std::string overlap = "on";             // exchanges behind the kept rows' work: on or off
+  std::string expert_schedule = "auto";   // the experts' GEMMs: auto, by-projection or by-expert
   std::string tf32 = "off";               // float expert GEMMs on TF32 tensor cores (CUDA): on or off
   int steps = 5, warmup = 2;
   double temperature = 1.0;

@@ -144,6 +144,7 @@ MoEConfig config(Activation act) {
   MoEConfig cfg = small_config(6, 2, act, 8, 12);
   cfg.check_finite_inputs = false;  // the trainer's setting
   cfg.time_phases = false;          // the library's default
+  cfg.expert_schedule = ExpertSchedule::by_projection;  // the experts' schedule of a CUDA build
   return cfg;
 }
 
@@ -155,6 +156,18 @@ TEST(HostSyncs, OneWaitPerForwardNoneInBackward) {
   check_counts(config(Activation::gelu), {1, 0}, {3, 3});
 }
 TEST(HostSyncs, SwiGLU) { check_counts(config(Activation::swiglu), {1, 0}, {3, 3}); }
+
+// The host backends' schedule (expert by expert, in row chunks): the same waits, and its GEMM
+// calls counted as the grouped calls they stand for.
+TEST(HostSyncs, ExpertByExpert) {
+  for (Activation act : {Activation::gelu, Activation::swiglu}) {
+    MoEConfig cfg = config(act);
+    cfg.expert_schedule = ExpertSchedule::by_expert;
+    check_counts(cfg, {1, 0}, {3, 3});
+    cfg.overlap_exchange = false;
+    check_counts(cfg, {1, 0}, {3, 3});
+  }
+}
 
 // Phase timing adds no wait: host clocks here, CUDA events on the stream on GPUs.
 TEST(HostSyncs, PhaseTimingAddsNoWait) {

@@ -205,17 +205,26 @@ TEST(Ragged, RouterGroupsOfOneExpertDouble) {  // G = E
   layer_steps<double>(kEightExperts, 8, 44, true, {RouterScore::sigmoid, 0, 8, 3});
 }
 
-/// Two layers, overlap on and off, through the same ragged sequence with migrations: the
-/// overlap only reorders independent work (the same GEMMs on the same rows, the same sums),
-/// so every output and gradient is bitwise the same, step after step.
+/// What the second layer of same_bits_as changes.
+enum class Variant {
+  overlap_off,    ///< every exchange completes before the experts run
+  by_projection,  ///< the experts' GPU schedule (the first layer runs the host one, by expert)
+};
+
+/// Two layers, the second one's `variant` changed, through the same ragged sequence with
+/// migrations: overlap and the experts' schedule only reorder independent work (the same GEMMs
+/// on the same rows, the same sums), so every output and gradient is bitwise the same, step
+/// after step.
 template <class Scalar>
-void overlap_is_bitwise(const RaggedCase& c, DispatchDtype wire, int steps, std::uint64_t seed) {
+void same_bits_as(Variant variant, const RaggedCase& c, DispatchDtype wire, int steps, std::uint64_t seed) {
   const int P = world_size(), rank = world_rank();
   MoEConfig cfg = small_config(c.E, c.k, c.act, c.d, c.h);
   cfg.router.renormalize = c.renormalize;
   cfg.dispatch_dtype = wire;
+  cfg.expert_schedule = ExpertSchedule::by_expert;
   MoEConfig off_cfg = cfg;
-  off_cfg.overlap_exchange = false;
+  if (variant == Variant::overlap_off) off_cfg.overlap_exchange = false;
+  if (variant == Variant::by_projection) off_cfg.expert_schedule = ExpertSchedule::by_projection;
   MoELayer<Scalar> on(cfg, MPI_COMM_WORLD), off(off_cfg, MPI_COMM_WORLD);
   Rng rng(seed);
   std::int64_t rows_received = 0;
@@ -255,12 +264,14 @@ void overlap_is_bitwise(const RaggedCase& c, DispatchDtype wire, int steps, std:
   if (P > 1) {
     std::int64_t all = 0;
     MPI_Allreduce(&rows_received, &all, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
-    EXPECT_GT(all, 0) << "no row ever crossed ranks: the overlap was never exercised";
+    EXPECT_GT(all, 0) << "no row ever crossed ranks: the kept and received rows were never both exercised";
   }
 }
 
-TEST(Ragged, OverlapIsBitwiseDoubleSwiglu) { overlap_is_bitwise<double>(kSwiglu, DispatchDtype::scalar, 16, 31); }
-TEST(Ragged, OverlapIsBitwiseFloatGeluBf16Rows) { overlap_is_bitwise<float>(kManyExperts, DispatchDtype::bf16, 16, 32); }
+TEST(Ragged, OverlapIsBitwiseDoubleSwiglu) { same_bits_as<double>(Variant::overlap_off, kSwiglu, DispatchDtype::scalar, 16, 31); }
+TEST(Ragged, OverlapIsBitwiseFloatGeluBf16Rows) { same_bits_as<float>(Variant::overlap_off, kManyExperts, DispatchDtype::bf16, 16, 32); }
+TEST(Ragged, ExpertSchedulesAreBitwiseFloatGelu) { same_bits_as<float>(Variant::by_projection, kGelu, DispatchDtype::scalar, 16, 33); }
+TEST(Ragged, ExpertSchedulesAreBitwiseDoubleSwigluBf16Rows) { same_bits_as<double>(Variant::by_projection, kSwiglu, DispatchDtype::bf16, 16, 34); }
 
 // ---------------------------------------------------------------------------------------------
 // The model: one instance on a dp x ep mesh through steps of 0..3 sequences per rank (a batch

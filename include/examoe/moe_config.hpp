@@ -27,6 +27,16 @@ enum class DispatchDtype {
 const char* to_string(DispatchDtype t);
 DispatchDtype dispatch_dtype_from_string(const std::string& s);
 
+/// How the experts run their GEMMs (docs/moe-layer.md, "Overlap"). The results are the same
+/// either way (bitwise while no expert's block of rows from one rank exceeds a chunk).
+enum class ExpertSchedule {
+  automatic,      ///< by_projection on GPUs, by_expert on host backends
+  by_projection,  ///< one grouped GEMM per projection over every local expert
+  by_expert,      ///< expert after expert, in cache-sized row chunks: GEMM, activation, GEMM
+};
+const char* to_string(ExpertSchedule s);
+ExpertSchedule expert_schedule_from_string(const std::string& s);
+
 /// How the router turns logits u into the scores s it selects by (docs/moe-layer.md, "Router").
 enum class RouterScore {
   softmax,  ///< s = softmax(u); gates are the chosen s (renormalised over the k if asked)
@@ -89,6 +99,7 @@ struct MoEConfig {
   /// travel, then the received ones. Off: every exchange completes before the experts run.
   /// The results are the same either way (the same GEMMs on the same rows, the same sums).
   bool overlap_exchange = true;
+  ExpertSchedule expert_schedule = ExpertSchedule::automatic;
   /// Expert capacity (docs/moe-layer.md, "Capacity and token dropping"): each expert keeps at
   /// most C = ceil(capacity_factor * top_k * T / num_experts) assignments per step, T the
   /// tokens of the layer communicator's batch; its owner keeps the ones with the largest

@@ -36,7 +36,10 @@ void init_expert_weights(const Space& space, const T3& w, const IV& gids, std::u
 template <class Scalar>
 Experts<Scalar>::Experts(const MoEConfig& cfg, int num_local, const Space& space)
     : space_(space), d_(cfg.d_model), h_(cfg.d_hidden), nloc_(num_local),
-      swiglu_(cfg.activation == Activation::swiglu), gemm_(cfg.allow_tf32) {
+      swiglu_(cfg.activation == Activation::swiglu),
+      by_expert_(cfg.expert_schedule == ExpertSchedule::by_expert ||
+                 (cfg.expert_schedule == ExpertSchedule::automatic && !kc::device_memory_v<Space>)),
+      gemm_(cfg.allow_tf32) {
   const std::string p = "examoe::moe::";
   W1_ = tensor3(p + "W1", nloc_, d_, h_);
   W2_ = tensor3(p + "W2", nloc_, h_, d_);
@@ -147,13 +150,13 @@ void Experts<Scalar>::weight_grads(const DispatchPlan& plan) {
 // ------------------------------------------------------------------ the layer's stages
 template <class Scalar>
 void Experts<Scalar>::forward_kept(const DispatchPlan& plan) {
-  if constexpr (by_expert) forward_chunks(plan, ExpertRows::kept);
+  if (by_expert_) forward_chunks(plan, ExpertRows::kept);
   else hidden(plan, ExpertRows::kept);
 }
 
 template <class Scalar>
 void Experts<Scalar>::forward_arrived(const DispatchPlan& plan, ExpertRows which) {
-  if constexpr (by_expert) {
+  if (by_expert_) {
     forward_chunks(plan, which);
   } else {
     hidden(plan, which);
@@ -164,19 +167,18 @@ void Experts<Scalar>::forward_arrived(const DispatchPlan& plan, ExpertRows which
 
 template <class Scalar>
 void Experts<Scalar>::forward_kept_rest(const DispatchPlan& plan) {
-  if constexpr (!by_expert) output(plan, ExpertRows::kept);
-  else (void)plan;
+  if (!by_expert_) output(plan, ExpertRows::kept);  // by expert, the kept rows are done
 }
 
 template <class Scalar>
 void Experts<Scalar>::backward_kept(const DispatchPlan& plan) {
-  if constexpr (by_expert) backward_chunks(plan, ExpertRows::kept);
+  if (by_expert_) backward_chunks(plan, ExpertRows::kept);
   else hidden_grad(plan, ExpertRows::kept);
 }
 
 template <class Scalar>
 void Experts<Scalar>::backward_arrived(const DispatchPlan& plan, ExpertRows which) {
-  if constexpr (by_expert) {
+  if (by_expert_) {
     backward_chunks(plan, which);
   } else {
     hidden_grad(plan, which);
@@ -187,7 +189,7 @@ void Experts<Scalar>::backward_arrived(const DispatchPlan& plan, ExpertRows whic
 
 template <class Scalar>
 void Experts<Scalar>::backward_rest(const DispatchPlan& plan, bool overlap) {
-  if constexpr (by_expert) {
+  if (by_expert_) {
     weight_grads_by_expert(plan);
   } else {
     if (overlap) input_grad(plan, ExpertRows::kept);

@@ -51,15 +51,17 @@ class Experts {
   // ye = a W2 with a = act(xe W1 [, xe W3]); backward: dh = act'(.) (dye W2^T), dxe = dh W1^T
   // (+ du W3^T), dW2 += a^T dye, dW1 += xe^T dh (dW3 += xe^T du). With overlap the kept rows
   // run while the dispatch travels and the received rows once they have arrived; without, every
-  // row runs in the arrived stage. What runs in which stage is the experts' choice:
-  //  - on GPUs (`by_expert` false), one grouped GEMM per projection over every local expert: the
-  //    kept rows' first GEMM while the dispatch travels, their second while the combine does;
-  //  - on host backends (`by_expert` true), expert by expert in row chunks of about 1 MiB of
-  //    activations: a chunk's rows stay in cache from its first GEMM through the activation to
-  //    its second. The kept rows are done before the dispatch has arrived.
-  // Both give bitwise the same results (rows are independent; the weight gradients are one GEMM
-  // per expert over all its rows either way).
-  static constexpr bool by_expert = !kc::device_memory_v<Space>;
+  // row runs in the arrived stage. What runs in which stage is the experts' schedule
+  // (MoEConfig::expert_schedule):
+  //  - by projection (the GPU default): one grouped GEMM per projection over every local
+  //    expert; the kept rows' first GEMM while the dispatch travels, their second while the
+  //    combine does;
+  //  - by expert (the host default): expert after expert in row chunks of about 1 MiB of
+  //    activations, a chunk's rows in cache from its first GEMM through the activation to its
+  //    second. The kept rows are done before the dispatch has arrived.
+  // Rows are independent and the weight gradients are one GEMM per expert over all its rows
+  // either way: the results are bitwise the same while no block of rows exceeds a chunk.
+  bool by_expert() const { return by_expert_; }
   /// Forward, while the dispatch travels: the kept rows (or their first GEMM).
   void forward_kept(const DispatchPlan& plan);
   /// Forward of `which` rows (received, or all) once they have arrived.
@@ -103,7 +105,7 @@ class Experts {
   int chunk_rows() const;
   Space space_;
   int d_ = 0, h_ = 0, nloc_ = 0;
-  bool swiglu_ = false;
+  bool swiglu_ = false, by_expert_ = false;
   tensor3 W1_, W2_, W3_, dW1_, dW2_, dW3_;
   matrix xe_, ye_, hbuf_, ubuf_, abuf_, dabuf_, dubuf_, dye_, dxe_;
   Workspace ws_{"examoe::moe::"};

@@ -27,6 +27,22 @@ DispatchDtype dispatch_dtype_from_string(const std::string& s) {
   throw Error("examoe::dispatch_dtype_from_string: unknown dispatch dtype '" + s + "' (scalar or bf16)");
 }
 
+const char* to_string(ExpertSchedule s) {
+  switch (s) {
+    case ExpertSchedule::automatic: return "auto";
+    case ExpertSchedule::by_projection: return "by-projection";
+    case ExpertSchedule::by_expert: return "by-expert";
+  }
+  return "?";
+}
+
+ExpertSchedule expert_schedule_from_string(const std::string& s) {
+  if (s == "auto") return ExpertSchedule::automatic;
+  if (s == "by-projection") return ExpertSchedule::by_projection;
+  if (s == "by-expert") return ExpertSchedule::by_expert;
+  throw Error("examoe::expert_schedule_from_string: unknown expert schedule '" + s + "' (auto, by-projection or by-expert)");
+}
+
 const char* to_string(RouterScore s) { return s == RouterScore::sigmoid ? "sigmoid" : "softmax"; }
 
 RouterScore router_score_from_string(const std::string& s) {
@@ -112,6 +128,7 @@ std::uint64_t MoEConfig::hash() const {
   f.add(allow_tf32);
   f.add(static_cast<int>(dispatch_dtype));
   f.add(overlap_exchange);
+  f.add(static_cast<int>(expert_schedule));
   f.add(capacity_factor);
   return f.h;
 }
@@ -130,7 +147,8 @@ std::string MoEConfig::to_string() const {
   for (std::size_t i = 0; i < placement.size(); ++i) os << (i ? "," : "") << placement[i];
   os << "\nreduce_router_grad=" << reduce_router_grad << "\ncheck_finite_inputs=" << check_finite_inputs
      << "\nallow_tf32=" << allow_tf32 << "\ndispatch_dtype=" << examoe::to_string(dispatch_dtype)
-     << "\noverlap_exchange=" << overlap_exchange << "\ncapacity_factor=" << capacity_factor << "\n";
+     << "\noverlap_exchange=" << overlap_exchange << "\nexpert_schedule=" << examoe::to_string(expert_schedule)
+     << "\ncapacity_factor=" << capacity_factor << "\n";
   return os.str();
 }
 
