@@ -95,16 +95,23 @@ void fill_uniform(const Mat<S>& m, std::uint64_t seed, std::uint64_t stream) {
       });
 }
 
-/// The bare expert GEMMs of one step (forward and backward) for the given rows per expert:
-/// exactly the GEMM calls, shapes and operand layouts the layer issues, nothing else.
+/// The bare expert GEMMs of one step (forward and backward): blocks[l] are local expert l's
+/// row blocks, each a row GEMM of its own as in the layer (its rows from one source rank:
+/// LayerStats::rows_per_block), or one block of all its rows (`per_expert`: the GEMMs a layer
+/// without that blocking would run). Expert after expert, as the host schedule runs them; the
+/// same calls, transposes and operand layouts, nothing else.
 template <class S>
-double gemm_only_seconds(const std::vector<std::int64_t>& rows, int d, int h, bool swiglu,
+double gemm_only_seconds(const std::vector<std::vector<std::int64_t>>& blocks, int d, int h, bool swiglu,
                          int steps) {
   const auto sp = Kokkos::DefaultExecutionSpace();
-  const int nw = swiglu ? 3 : 2;
   std::vector<Mat<S>> X, Hm, U, Y, W1, W2, W3, G1, G2, G3, DX;
-  for (std::size_t l = 0; l < rows.size(); ++l) {
-    const int n = static_cast<int>(rows[l]);
+  std::vector<std::vector<std::pair<int, int>>> ranges(blocks.size());  // [begin, end) per block
+  for (std::size_t l = 0; l < blocks.size(); ++l) {
+    int n = 0;
+    for (std::int64_t b : blocks[l]) {
+      if (b > 0) ranges[l].emplace_back(n, n + static_cast<int>(b));
+      n += static_cast<int>(b);
+    }
     X.emplace_back("X", n, d); Hm.emplace_back("H", n, h); U.emplace_back("U", n, h);
     Y.emplace_back("Y", n, d); DX.emplace_back("DX", n, d);
     W1.emplace_back("W1", d, h); W2.emplace_back("W2", h, d); W3.emplace_back("W3", d, h);
@@ -112,23 +119,25 @@ double gemm_only_seconds(const std::vector<std::int64_t>& rows, int d, int h, bo
     fill_uniform(X.back(), 7, l); fill_uniform(W1.back(), 8, l); fill_uniform(W2.back(), 9, l);
     fill_uniform(W3.back(), 10, l); fill_uniform(Hm.back(), 11, l);
   }
-  (void)nw;
+  auto rows = [](const Mat<S>& m, const std::pair<int, int>& r) {
+    return Kokkos::subview(m, Kokkos::make_pair(r.first, r.second), Kokkos::ALL);
+  };
   auto once = [&]() {
-    for (std::size_t l = 0; l < rows.size(); ++l) {
-      if (rows[l] == 0) continue;
-      // forward
-      impl::kc::gemm(sp, "N", "N", S(1), X[l], W1[l], S(0), Hm[l]);
-      if (swiglu) impl::kc::gemm(sp, "N", "N", S(1), X[l], W3[l], S(0), U[l]);
-      impl::kc::gemm(sp, "N", "N", S(1), Hm[l], W2[l], S(0), Y[l]);
-      // backward
-      impl::kc::gemm(sp, "N", "T", S(1), Y[l], W2[l], S(0), U[l]);
+    for (std::size_t l = 0; l < blocks.size(); ++l) {
+      for (const auto& r : ranges[l]) {  // forward, block by block
+        impl::kc::gemm(sp, "N", "N", S(1), rows(X[l], r), W1[l], S(0), rows(Hm[l], r));
+        if (swiglu) impl::kc::gemm(sp, "N", "N", S(1), rows(X[l], r), W3[l], S(0), rows(U[l], r));
+        impl::kc::gemm(sp, "N", "N", S(1), rows(Hm[l], r), W2[l], S(0), rows(Y[l], r));
+      }
+      for (const auto& r : ranges[l]) {  // backward: da, dx
+        impl::kc::gemm(sp, "N", "T", S(1), rows(Y[l], r), W2[l], S(0), rows(U[l], r));
+        impl::kc::gemm(sp, "N", "T", S(1), rows(U[l], r), W1[l], S(0), rows(DX[l], r));
+        if (swiglu) impl::kc::gemm(sp, "N", "T", S(1), rows(Hm[l], r), W3[l], S(1), rows(DX[l], r));
+      }
+      if (ranges[l].empty()) continue;  // the weight gradients, one GEMM per tensor over all rows
       impl::kc::gemm(sp, "T", "N", S(1), Hm[l], Y[l], S(1), G2[l]);
       impl::kc::gemm(sp, "T", "N", S(1), X[l], U[l], S(1), G1[l]);
-      impl::kc::gemm(sp, "N", "T", S(1), U[l], W1[l], S(0), DX[l]);
-      if (swiglu) {
-        impl::kc::gemm(sp, "T", "N", S(1), X[l], Hm[l], S(1), G3[l]);
-        impl::kc::gemm(sp, "N", "T", S(1), Hm[l], W3[l], S(1), DX[l]);
-      }
+      if (swiglu) impl::kc::gemm(sp, "T", "N", S(1), X[l], Hm[l], S(1), G3[l]);
     }
     sp.fence();
   };
@@ -334,13 +343,23 @@ int run(const BenchOptions& o) {
   const StepWork work = count_step(layer, x, out, dout, dx);  // rank 0's counts are printed
 
   const LayerStats& st = layer.stats();
-  const double gemm = gemm_only_seconds<S>(st.rows_per_local_expert, o.d_model, o.d_hidden,
-                                           cfg.activation == Activation::swiglu, o.steps);
+  // The bare GEMMs over the layer's blocks (the bound), and with one block per expert.
+  const int nloc = static_cast<int>(st.rows_per_local_expert.size());
+  std::vector<std::vector<std::int64_t>> blocks(nloc), whole(nloc);
+  for (int l = 0; l < nloc; ++l) {
+    blocks[l].assign(st.rows_per_block.begin() + static_cast<std::ptrdiff_t>(l) * size,
+                     st.rows_per_block.begin() + static_cast<std::ptrdiff_t>(l + 1) * size);
+    whole[l] = {st.rows_per_local_expert[l]};
+  }
+  const bool swiglu = cfg.activation == Activation::swiglu;
+  const double gemm = gemm_only_seconds<S>(blocks, o.d_model, o.d_hidden, swiglu, o.steps);
+  const double gemm_whole = gemm_only_seconds<S>(whole, o.d_model, o.d_hidden, swiglu, o.steps);
   const double router_gemm = router_gemm_seconds<S>(o.tokens, o.d_model, o.num_experts, o.steps);
   // The slowest rank sets the pace of a collective step.
-  double step_max = 0, gemm_max = 0, router_max = 0;
+  double step_max = 0, gemm_max = 0, router_max = 0, whole_max = 0;
   MPI_Allreduce(&step_time, &step_max, 1, MPI_DOUBLE, MPI_MAX, comm);
   MPI_Allreduce(&gemm, &gemm_max, 1, MPI_DOUBLE, MPI_MAX, comm);
+  MPI_Allreduce(&gemm_whole, &whole_max, 1, MPI_DOUBLE, MPI_MAX, comm);
   MPI_Allreduce(&router_gemm, &router_max, 1, MPI_DOUBLE, MPI_MAX, comm);
   const double bound = gemm_max + router_max;  // every GEMM of the layer, nothing else
   std::array<double, kNumPhases> phase_max{};
@@ -382,8 +401,10 @@ int run(const BenchOptions& o) {
     for (int p = 0; p < kNumPhases; ++p)
       std::printf("  %-18s  %10.4f s   %5.1f %%\n", phase_name(static_cast<Phase>(p)), phase_max[p],
                   100.0 * phase_max[p] / step_max);
-    std::printf("  expert GEMMs alone  %10.4f s   (same shapes, no MoE machinery; %.1f GFLOP/s)\n",
+    std::printf("  expert GEMMs alone  %10.4f s   (the layer's blocks, no MoE machinery; %.1f GFLOP/s)\n",
                 gemm_max, gemm_max > 0 ? flops_per_row * rows_max / gemm_max * 1e-9 : 0.0);
+    std::printf("    one per expert    %10.4f s   (all of an expert's rows in one GEMM: %.1f %% faster)\n", whole_max,
+                whole_max > 0 ? 100.0 * (gemm_max / whole_max - 1.0) : 0.0);
     std::printf("  router GEMMs alone  %10.4f s   (x Wr, x^T dz, dz Wr^T: %.1f %% of the expert GEMMs' flops)\n",
                 router_max, 100.0 * o.num_experts / (2.0 * o.top_k * o.d_hidden * (cfg.activation == Activation::swiglu ? 1.5 : 1.0)));
     std::printf("  layer / GEMM bound  %10.1f %%   (expert + router GEMMs; expert GEMMs only: %.1f %%)\n",
@@ -413,7 +434,8 @@ int run(const BenchOptions& o) {
          << ",\"tokens_per_rank\":" << o.tokens << ",\"dispatch_dtype\":\"" << o.dispatch_dtype
          << "\",\"overlap\":\"" << o.overlap << "\",\"expert_schedule\":\"" << o.expert_schedule << "\",\"tf32\":\"" << o.tf32 << "\",\"activation\":\"" << o.activation
          << "\",\"step_s\":" << step_max << ",\"tokens_per_s\":" << tokens / step_max
-         << ",\"gemm_only_s\":" << gemm_max << ",\"router_gemm_s\":" << router_max
+         << ",\"gemm_only_s\":" << gemm_max << ",\"gemm_one_per_expert_s\":" << whole_max
+         << ",\"router_gemm_s\":" << router_max
          << ",\"fraction_of_gemm_bound\":" << bound / step_max
          << ",\"fraction_of_expert_gemm_bound\":" << gemm_max / step_max
          << ",\"bytes_sent\":" << sent_sum << ",\"imbalance\":" << st.imbalance

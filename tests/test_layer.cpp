@@ -215,6 +215,15 @@ void run_vs_reference(const LayerCase& c) {
   std::vector<std::int64_t> per_local;
   for (int l = 0; l < pl.num_local(rank); ++l) per_local.push_back(ref.counts[pl.global_expert(rank, l)]);
   EXPECT_EQ(st.rows_per_local_expert, per_local);
+  // The GEMM blocks: rows from each source rank's tokens, counted from the reference's choices.
+  std::vector<std::int64_t> per_block(static_cast<std::size_t>(pl.num_local(rank)) * P, 0);
+  for (int src = 0; src < P; ++src)
+    for (int tg = pb.off[src]; tg < pb.off[src + 1]; ++tg)
+      for (int j = 0; j < k; ++j) {
+        const int e = ref.topk[tg * k + j];
+        if (pl.owner(e) == rank) ++per_block[static_cast<std::size_t>(pl.local_index(e)) * P + src];
+      }
+  EXPECT_EQ(st.rows_per_block, per_block);
   std::int64_t mine[2] = {st.rows_sent, st.rows_received}, tot[2] = {0, 0};
   MPI_Allreduce(mine, tot, 2, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
   EXPECT_EQ(tot[0], tot[1]) << "sum over ranks of rows_sent != sum of rows_received";

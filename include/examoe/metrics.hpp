@@ -37,6 +37,10 @@ struct LayerStats {
   std::int64_t bytes_sent_combine = 0;    ///< rows_received * d * sizeof(scalar)
   std::int64_t bytes_recv_combine = 0;
   std::vector<std::int64_t> rows_per_local_expert;   ///< rows each local expert processed
+  /// The experts' GEMM blocks: rows local expert lx got from rank src, at [lx * P + src] (P
+  /// the layer communicator's size). Each block is a GEMM of its own (docs/moe-layer.md,
+  /// "Overlap"): a row's result then depends neither on the overlap nor on the placement.
+  std::vector<std::int64_t> rows_per_block;
   std::vector<std::int64_t> tokens_per_expert;       ///< global, all E experts (from the router)
   /// Assignments each expert dropped over its capacity (global, all E experts, like
   /// tokens_per_expert; all 0 when dropless: MoEConfig::capacity_factor = 0).

@@ -172,14 +172,14 @@ void Experts<Scalar>::forward_kept_rest(const DispatchPlan& plan) {
 
 template <class Scalar>
 void Experts<Scalar>::backward_kept(const DispatchPlan& plan) {
-  if (by_expert_) backward_chunks(plan, ExpertRows::kept);
+  if (by_expert_) backward_chunks(plan, ExpertRows::kept, false);
   else hidden_grad(plan, ExpertRows::kept);
 }
 
 template <class Scalar>
 void Experts<Scalar>::backward_arrived(const DispatchPlan& plan, ExpertRows which) {
   if (by_expert_) {
-    backward_chunks(plan, which);
+    backward_chunks(plan, which, true);  // and the weight gradients, expert after expert
   } else {
     hidden_grad(plan, which);
     activation_backward(plan);
@@ -189,12 +189,9 @@ void Experts<Scalar>::backward_arrived(const DispatchPlan& plan, ExpertRows whic
 
 template <class Scalar>
 void Experts<Scalar>::backward_rest(const DispatchPlan& plan, bool overlap) {
-  if (by_expert_) {
-    weight_grads_by_expert(plan);
-  } else {
-    if (overlap) input_grad(plan, ExpertRows::kept);
-    weight_grads(plan);
-  }
+  if (by_expert_) return;  // the weight gradients ran with each expert's last rows
+  if (overlap) input_grad(plan, ExpertRows::kept);
+  weight_grads(plan);
 }
 
 // ------------------------------------------------------------------ by expert (host backends)
@@ -256,42 +253,47 @@ void Experts<Scalar>::forward_chunks(const DispatchPlan& plan, ExpertRows which)
 }
 
 template <class Scalar>
-void Experts<Scalar>::backward_chunks(const DispatchPlan& plan, ExpertRows which) {
+void Experts<Scalar>::backward_chunks(const DispatchPlan& plan, ExpertRows which, bool weight_grads) {
   reserve_backward(plan.expert_rows());
-  for (int p = 0; p < (swiglu_ ? 3 : 2); ++p) count_gemm_call();
+  for (int p = 0; p < (swiglu_ ? 3 : 2) * (weight_grads ? 2 : 1); ++p) count_gemm_call();
   const int step = chunk_rows();
   const Scalar one(1), zero(0);
-  for (const RowGroup& g : plan.row_groups(which)) {
-    for (int b = g.begin; b < g.end; b += step) {
-      const int e = std::min(g.end, b + step);
-      auto hc = chunk_of(hbuf_, b, e), dac = chunk_of(dabuf_, b, e), dx = chunk_of(dxe_, b, e);
-      kc::gemm_uncounted(space_, "N", "T", one, chunk_of(dye_, b, e), expert_of(W2_, g.w), zero, dac);
-      if (swiglu_) {
-        auto uc = chunk_of(ubuf_, b, e), duc = chunk_of(dubuf_, b, e);
-        swiglu_backward(space_, hc, uc, dac, duc);
-        kc::gemm_uncounted(space_, "N", "T", one, dac, expert_of(W1_, g.w), zero, dx);
-        kc::gemm_uncounted(space_, "N", "T", one, duc, expert_of(W3_, g.w), one, dx);
-      } else {
-        gelu_backward(space_, hc, dac);
-        kc::gemm_uncounted(space_, "N", "T", one, dac, expert_of(W1_, g.w), zero, dx);
+  const std::vector<RowGroup>& groups = plan.row_groups(which);  // ordered by local expert
+  std::size_t next = 0;
+  for (int l = 0; l < nloc_; ++l) {
+    for (; next < groups.size() && groups[next].w == l; ++next) {
+      const RowGroup& g = groups[next];
+      for (int b = g.begin; b < g.end; b += step) {
+        const int e = std::min(g.end, b + step);
+        auto hc = chunk_of(hbuf_, b, e), dac = chunk_of(dabuf_, b, e), dx = chunk_of(dxe_, b, e);
+        kc::gemm_uncounted(space_, "N", "T", one, chunk_of(dye_, b, e), expert_of(W2_, l), zero, dac);
+        if (swiglu_) {
+          auto uc = chunk_of(ubuf_, b, e), duc = chunk_of(dubuf_, b, e);
+          swiglu_backward(space_, hc, uc, dac, duc);
+          kc::gemm_uncounted(space_, "N", "T", one, dac, expert_of(W1_, l), zero, dx);
+          kc::gemm_uncounted(space_, "N", "T", one, duc, expert_of(W3_, l), one, dx);
+        } else {
+          gelu_backward(space_, hc, dac);
+          kc::gemm_uncounted(space_, "N", "T", one, dac, expert_of(W1_, l), zero, dx);
+        }
       }
     }
+    if (weight_grads) expert_weight_grads(plan, l);  // while this expert's last rows are in cache
   }
 }
 
+/// dW2 += a^T dye, dW1 += xe^T dh (dW3 += xe^T du) of local expert l: one GEMM per tensor over
+/// all its rows.
 template <class Scalar>
-void Experts<Scalar>::weight_grads_by_expert(const DispatchPlan& plan) {
-  for (int p = 0; p < (swiglu_ ? 3 : 2); ++p) count_gemm_call();
+void Experts<Scalar>::expert_weight_grads(const DispatchPlan& plan, int l) {
   const std::vector<int>& o = plan.expert_row_offsets();
+  if (o[l] == o[l + 1]) return;
   const Scalar one(1);
-  for (int l = 0; l + 1 < static_cast<int>(o.size()); ++l) {
-    if (o[l] == o[l + 1]) continue;
-    auto x = chunk_of(xe_, o[l], o[l + 1]), dh = chunk_of(dabuf_, o[l], o[l + 1]);
-    kc::gemm_uncounted(space_, "T", "N", one, chunk_of(abuf_, o[l], o[l + 1]), chunk_of(dye_, o[l], o[l + 1]), one,
-                       expert_of(dW2_, l));
-    kc::gemm_uncounted(space_, "T", "N", one, x, dh, one, expert_of(dW1_, l));
-    if (swiglu_) kc::gemm_uncounted(space_, "T", "N", one, x, chunk_of(dubuf_, o[l], o[l + 1]), one, expert_of(dW3_, l));
-  }
+  auto x = chunk_of(xe_, o[l], o[l + 1]), dh = chunk_of(dabuf_, o[l], o[l + 1]);
+  kc::gemm_uncounted(space_, "T", "N", one, chunk_of(abuf_, o[l], o[l + 1]), chunk_of(dye_, o[l], o[l + 1]), one,
+                     expert_of(dW2_, l));
+  kc::gemm_uncounted(space_, "T", "N", one, x, dh, one, expert_of(dW1_, l));
+  if (swiglu_) kc::gemm_uncounted(space_, "T", "N", one, x, chunk_of(dubuf_, o[l], o[l + 1]), one, expert_of(dW3_, l));
 }
 
 template <class Scalar>

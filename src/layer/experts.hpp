@@ -70,10 +70,11 @@ class Experts {
   void forward_kept_rest(const DispatchPlan& plan);
   /// Backward, while dye travels: the kept rows' dh and dxe (or their first GEMM).
   void backward_kept(const DispatchPlan& plan);
-  /// Backward of `which` rows once their dye has arrived: dh and dxe.
+  /// Backward of `which` rows once their dye has arrived: dh and dxe (by expert, then each
+  /// expert's weight gradients, while its last rows are in cache).
   void backward_arrived(const DispatchPlan& plan, ExpertRows which);
-  /// Backward, while dxe travels (overlap) or after: what backward_kept left of the kept rows,
-  /// then the weight gradients over every row.
+  /// Backward, while dxe travels (overlap) or after: what is left (by projection: the kept
+  /// rows' dxe, then the weight gradients over every row).
   void backward_rest(const DispatchPlan& plan, bool overlap);
 
   /// Moves the weights (and every tensor of `state`, in the layout of w1) through `plan`;
@@ -100,8 +101,8 @@ class Experts {
   void reserve_forward(int rows);
   void reserve_backward(int rows);
   void forward_chunks(const DispatchPlan& plan, ExpertRows which);
-  void backward_chunks(const DispatchPlan& plan, ExpertRows which);
-  void weight_grads_by_expert(const DispatchPlan& plan);
+  void backward_chunks(const DispatchPlan& plan, ExpertRows which, bool weight_grads);
+  void expert_weight_grads(const DispatchPlan& plan, int l);
   int chunk_rows() const;
   Space space_;
   int d_ = 0, h_ = 0, nloc_ = 0;

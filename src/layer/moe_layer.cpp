@@ -367,6 +367,9 @@ struct MoELayer<Scalar>::Impl {
     stats.max_ranks_per_token = plan.destination_ranks(true);
     for (int lx = 0; lx < nloc; ++lx)
       stats.rows_per_local_expert[lx] = plan.expert_row_begin(lx + 1) - plan.expert_row_begin(lx);
+    stats.rows_per_block.assign(static_cast<std::size_t>(nloc) * P, 0);
+    for (int lx = 0; lx < nloc; ++lx)
+      for (int src = 0; src < P; ++src) stats.rows_per_block[static_cast<std::size_t>(lx) * P + src] = plan.recv_count(src, lx);
     const std::int64_t row_bytes =
         static_cast<std::int64_t>(d) * (cfg.dispatch_dtype == DispatchDtype::bf16 ? sizeof(impl::bf16) : sizeof(Scalar));
     const std::int64_t sent = plan.rows_sent(), received = plan.rows_received();
