@@ -76,10 +76,13 @@ const LayerCase kCases[] = {
   {"experts_all_on_rank0_gelu_k2",    6,  2,  8, 12, 26, Activation::gelu,   true, 1.0, 1e-2, 1e-3, Routing::random,      false, PlacementMode::all_on_rank0, 1111},
   {"reversed_placement_swiglu_k4",    8,  4, 10, 14, 35, Activation::swiglu, true, 1.2, 3e-2, 2e-3, Routing::random,       true, PlacementMode::reversed,    1212},
   {"tiny_T3_gelu_E4_k2",              4,  2,  8, 12,  3, Activation::gelu,   true, 1.0, 1e-2, 1e-3, Routing::random,      false, PlacementMode::balanced,    1313},
-  // Experts wide enough that host backends run their rows in chunks (Experts: 256 rows at
-  // these widths), with a chunk boundary inside every expert's kept and received rows.
-  {"chunks_all_to_expert0_gelu_k1",   4,  1,  8,1100,1400, Activation::gelu, true, 1.0, 1e-2, 1e-3, Routing::all_to_zero, false, PlacementMode::balanced,    1414},
-  {"chunks_swiglu_E4_k2",             4,  2,  8, 700, 900, Activation::swiglu,true, 1.0, 1e-2, 1e-3, Routing::random,      false, PlacementMode::balanced,    1515},
+  // Blocks of rows longer than a chunk of the host schedule (Experts::chunk_rows: 264 rows in
+  // double, 528 in float at these widths): chunk boundaries inside the kept and the received
+  // blocks (in double at 1-4 ranks, in float at 1-2).
+  {"chunks_all_to_expert0_gelu_k1",   4,  1,  8, 240,2400, Activation::gelu, true, 1.0, 1e-2, 1e-3, Routing::all_to_zero, false, PlacementMode::balanced,    1414},
+  {"chunks_swiglu_E4_k2",             4,  2,  8, 160,2400, Activation::swiglu,true, 1.0, 1e-2, 1e-3, Routing::random,      false, PlacementMode::balanced,    1515},
+  // Rows too wide for 256 of them in a chunk: every block is one chunk.
+  {"wide_rows_gelu_E4_k2",            4,  2,  8, 600, 300, Activation::gelu,   true, 1.0, 1e-2, 1e-3, Routing::random,      false, PlacementMode::balanced,    1616},
 };
 // clang-format on
 
@@ -387,7 +390,7 @@ TEST(LayerRankCount, MatchesSingleRankSwiGLUEmptyRank) {
 
 TEST(LayerRankCount, MatchesSingleRankInRowChunks) {
   const MoEConfig cfg = make_config(kCases[14], world_size());  // chunks_swiglu_E4_k2
-  report_bitwise("chunks_swiglu_E4_k2", compare_with_self(cfg, 900, 33, false, true, 1e-13));
+  report_bitwise("chunks_swiglu_E4_k2", compare_with_self(cfg, 2400, 33, false, true, 1e-13));
 }
 
 // Shapes that hold at any rank count (the "scale" label runs them at 8 and 16 ranks): the

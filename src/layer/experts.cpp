@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace examoe::impl {
 namespace {
@@ -195,12 +196,14 @@ void Experts<Scalar>::backward_rest(const DispatchPlan& plan, bool overlap) {
 }
 
 // ------------------------------------------------------------------ by expert (host backends)
-/// Rows per chunk: about 1 MiB of a chunk's xe, h (u), a and ye, and at least 256 rows, so that
-/// repacking the weights for every chunk's GEMMs stays a small part of their work.
+/// Rows per chunk: as many as fit in about 1 MiB of a chunk's xe, h (u), a and ye. Fewer than
+/// 256 do not pay (every chunk repacks the weights for its GEMMs, about 12 / rows of their
+/// work): then a block is one chunk, whatever its size.
 template <class Scalar>
 int Experts<Scalar>::chunk_rows() const {
   const std::size_t row_bytes = sizeof(Scalar) * static_cast<std::size_t>(2 * d_ + (swiglu_ ? 3 : 2) * h_);
-  return static_cast<int>(std::max<std::size_t>(256, (std::size_t{1} << 20) / std::max<std::size_t>(1, row_bytes)));
+  const std::size_t fit = (std::size_t{1} << 20) / std::max<std::size_t>(1, row_bytes);
+  return fit >= 256 ? static_cast<int>(fit) : std::numeric_limits<int>::max();
 }
 
 template <class Scalar>
@@ -236,8 +239,8 @@ void Experts<Scalar>::forward_chunks(const DispatchPlan& plan, ExpertRows which)
   const int step = chunk_rows();
   const Scalar one(1), zero(0);
   for (const RowGroup& g : plan.row_groups(which)) {
-    for (int b = g.begin; b < g.end; b += step) {
-      const int e = std::min(g.end, b + step);
+    for (int b = g.begin, e = 0; b < g.end; b = e) {
+      e = g.end - b > step ? b + step : g.end;
       auto x = chunk_of(xe_, b, e), hc = chunk_of(hbuf_, b, e), ac = chunk_of(abuf_, b, e);
       kc::gemm_uncounted(space_, "N", "N", one, x, expert_of(W1_, g.w), zero, hc);
       if (swiglu_) {
@@ -263,8 +266,8 @@ void Experts<Scalar>::backward_chunks(const DispatchPlan& plan, ExpertRows which
   for (int l = 0; l < nloc_; ++l) {
     for (; next < groups.size() && groups[next].w == l; ++next) {
       const RowGroup& g = groups[next];
-      for (int b = g.begin; b < g.end; b += step) {
-        const int e = std::min(g.end, b + step);
+      for (int b = g.begin, e = 0; b < g.end; b = e) {
+        e = g.end - b > step ? b + step : g.end;
         auto hc = chunk_of(hbuf_, b, e), dac = chunk_of(dabuf_, b, e), dx = chunk_of(dxe_, b, e);
         kc::gemm_uncounted(space_, "N", "T", one, chunk_of(dye_, b, e), expert_of(W2_, l), zero, dac);
         if (swiglu_) {

@@ -57,8 +57,9 @@ class Experts {
   //    expert; the kept rows' first GEMM while the dispatch travels, their second while the
   //    combine does;
   //  - by expert (the host default): expert after expert in row chunks of about 1 MiB of
-  //    activations, a chunk's rows in cache from its first GEMM through the activation to its
-  //    second. The kept rows are done before the dispatch has arrived.
+  //    activations (chunk_rows), a chunk's rows in cache from its first GEMM through the
+  //    activation to its second, each expert's weight gradients after its last rows. The kept
+  //    rows are done before the dispatch has arrived.
   // Rows are independent and the weight gradients are one GEMM per expert over all its rows
   // either way: the results are bitwise the same while no block of rows exceeds a chunk.
   bool by_expert() const { return by_expert_; }
