@@ -1,5 +1,5 @@
 // The float element-wise kernels of the expert activations on host backends: plain loops over
-// one row, built for the widest vector unit the CPU has (src/layer/host_vector_kernels.cpp).
+// one row, run with the widest vector unit the CPU has (src/layer/host_vector_kernels.cpp).
 #pragma once
 #include <cstddef>
 
