@@ -222,13 +222,14 @@ void Experts<Scalar>::reserve_backward(int rows) {
 }
 
 namespace {
+// Rows [b, e) of a row matrix, and expert l's matrix of a weight tensor (as the grouped GEMMs').
 template <class M>
 auto chunk_of(const M& m, int b, int e) {
-  return Kokkos::subview(m, Kokkos::make_pair(b, e), Kokkos::ALL);
+  return detail::group_rows(m, b, e);
 }
 template <class T3>
 auto expert_of(const T3& w, int l) {
-  return Kokkos::subview(w, l, Kokkos::ALL, Kokkos::ALL);
+  return detail::group_matrix(w, l);
 }
 }  // namespace
 
