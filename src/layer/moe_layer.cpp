@@ -423,8 +423,8 @@ struct MoELayer<Scalar>::Impl {
   }
 
   /// Backward through the forward's plan, rows in the wire type W. With overlap, the kept
-  /// rows run while dy travels (on GPUs their da, their dxe while dxe does), and every weight
-  /// gradient while dxe travels.
+  /// rows run while dy travels (on GPUs their da; their dxe and every weight gradient while
+  /// dxe travels: Experts, "the layer's stages").
   template <class W>
   void backward_rows(impl::RowWorkspace<W>& rows, const const_matrix& dout, const matrix& dx) {
     using impl::ExpertRows;
