@@ -231,6 +231,14 @@ template <class T3>
 auto expert_of(const T3& w, int l) {
   return detail::group_matrix(w, l);
 }
+/// f(b, e) for the chunks [b, e) of at most `step` rows of group g, from its first row.
+template <class F>
+void for_each_chunk(const RowGroup& g, int step, const F& f) {
+  for (int b = g.begin, e = 0; b < g.end; b = e) {
+    e = g.end - b > step ? b + step : g.end;
+    f(b, e);
+  }
+}
 }  // namespace
 
 template <class Scalar>
@@ -240,8 +248,7 @@ void Experts<Scalar>::forward_chunks(const DispatchPlan& plan, ExpertRows which)
   const int step = chunk_rows();
   const Scalar one(1), zero(0);
   for (const RowGroup& g : plan.row_groups(which)) {
-    for (int b = g.begin, e = 0; b < g.end; b = e) {
-      e = g.end - b > step ? b + step : g.end;
+    for_each_chunk(g, step, [&](int b, int e) {
       auto x = chunk_of(xe_, b, e), hc = chunk_of(hbuf_, b, e), ac = chunk_of(abuf_, b, e);
       kc::gemm_uncounted(space_, "N", "N", one, x, expert_of(W1_, g.w), zero, hc);
       if (swiglu_) {
@@ -252,7 +259,7 @@ void Experts<Scalar>::forward_chunks(const DispatchPlan& plan, ExpertRows which)
         gelu_forward(space_, hc, ac);
       }
       kc::gemm_uncounted(space_, "N", "N", one, ac, expert_of(W2_, g.w), zero, chunk_of(ye_, b, e));
-    }
+    });
   }
 }
 
@@ -266,9 +273,7 @@ void Experts<Scalar>::backward_chunks(const DispatchPlan& plan, ExpertRows which
   std::size_t next = 0;
   for (int l = 0; l < nloc_; ++l) {
     for (; next < groups.size() && groups[next].w == l; ++next) {
-      const RowGroup& g = groups[next];
-      for (int b = g.begin, e = 0; b < g.end; b = e) {
-        e = g.end - b > step ? b + step : g.end;
+      for_each_chunk(groups[next], step, [&](int b, int e) {
         auto hc = chunk_of(hbuf_, b, e), dac = chunk_of(dabuf_, b, e), dx = chunk_of(dxe_, b, e);
         kc::gemm_uncounted(space_, "N", "T", one, chunk_of(dye_, b, e), expert_of(W2_, l), zero, dac);
         if (swiglu_) {
@@ -280,7 +285,7 @@ void Experts<Scalar>::backward_chunks(const DispatchPlan& plan, ExpertRows which
           gelu_backward(space_, hc, dac);
           kc::gemm_uncounted(space_, "N", "T", one, dac, expert_of(W1_, l), zero, dx);
         }
-      }
+      });
     }
     if (weight_grads) expert_weight_grads(plan, l);  // while this expert's last rows are in cache
   }
