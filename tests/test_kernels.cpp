@@ -90,6 +90,10 @@ TEST(HostVectorKernels, BitwiseTheElementFunctionsAtEveryLength) {
       ASSERT_EQ(bits_of(a[c]), bits_of(a_ref[c])) << "gelu(" << s0[c] << "), n " << n;
       ASSERT_EQ(bits_of(s[c]), bits_of(g_ref[c])) << "gelu'(" << s0[c] << "), n " << n;
     }
+    // GELU backward: da *= gelu'
+    std::vector<float> dg = u0;
+    host::gelu_backward(g_ref.data(), dg.data(), n);
+    for (std::size_t c = 0; c < n; ++c) ASSERT_EQ(bits_of(dg[c]), bits_of(u0[c] * g_ref[c])) << "n " << n;
     // SwiGLU forward and backward
     std::vector<float> y(n), da = u0, du(n);
     host::swiglu_forward(s0.data(), u0.data(), y.data(), n);
@@ -113,6 +117,60 @@ TEST(HostVectorKernels, BitwiseTheElementFunctionsAtEveryLength) {
   }
 }
 
+// The router's row loops against one scalar pass each, on rows of every length around the
+// vector widths, with NaN, infinities, signed zeros and ties: row_max ignores NaN as the Max
+// reduction does (the lowest float if every value is NaN), first_greater finds the first
+// value above x from `begin`, exp_shifted is exp_fast element by element.
+TEST(HostVectorKernels, RouterRowLoopsMatchOneScalarPass) {
+  using namespace examoe::impl;
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> pick(0, 9);
+  int cases = 0;
+  for (int n : {0, 1, 2, 15, 16, 17, 31, 32, 33, 64, 65, 255, 256, 257}) {
+    for (int variant = 0; variant < 6; ++variant) {
+      std::vector<float> row(n);
+      for (float& v : row) {
+        const int r = pick(rng);
+        v = r == 0 ? nan : r == 1 ? -0.0f : r == 2 ? 0.0f : 0.25f * static_cast<float>(pick(rng)) - 1.0f;
+      }
+      if (variant == 1) std::fill(row.begin(), row.end(), nan);         // nothing compares
+      if (variant == 2 && n > 0) row[n - 1] = inf;                      // the maximum last
+      if (variant == 3) std::fill(row.begin(), row.end(), -inf);        // the lowest everywhere
+      if (variant == 4 && n > 0) row[n / 2] = 7.0f;                     // one maximum inside
+      std::vector<double> rowd(row.begin(), row.end());
+      float m = std::numeric_limits<float>::lowest();
+      double md = std::numeric_limits<double>::lowest();
+      for (int e = 0; e < n; ++e) {
+        m = row[e] > m ? row[e] : m;
+        md = rowd[e] > md ? rowd[e] : md;
+      }
+      const std::string what = "n " + std::to_string(n) + " variant " + std::to_string(variant);
+      EXPECT_EQ(host::row_max(row.data(), n), m) << what;  // +0 == -0: the sign is free
+      EXPECT_EQ(host::row_max(rowd.data(), n), md) << what;
+      for (float x : {-2.0f, -0.0f, 0.5f, 1.25f, nan}) {
+        for (int begin : {0, 1, 16, 17, n}) {
+          if (begin > n) continue;
+          int ref = n;
+          for (int e = begin; e < n; ++e)
+            if (row[e] > x) {
+              ref = e;
+              break;
+            }
+          ASSERT_EQ(host::first_greater(row.data(), begin, n, x), ref) << what << " x " << x << " begin " << begin;
+          ASSERT_EQ(host::first_greater(rowd.data(), begin, n, static_cast<double>(x)), ref) << what;
+          ++cases;
+        }
+      }
+      std::vector<float> u = row;
+      const float shift = n > 0 && std::isfinite(m) ? m : 0.5f;
+      host::exp_shifted(u.data(), shift, n);
+      for (int e = 0; e < n; ++e) ASSERT_EQ(bits_of(u[e]), bits_of(exp_fast(row[e] - shift))) << what << " e " << e;
+    }
+  }
+  EXPECT_GT(cases, 1000);
+}
+
 TEST(HostVectorKernels, KokkosEntryPointsGoRowByRow) {
   using Space = Kokkos::DefaultHostExecutionSpace;
   using M = Kokkos::View<float**, Kokkos::LayoutRight, Kokkos::HostSpace>;
@@ -128,6 +186,9 @@ TEST(HostVectorKernels, KokkosEntryPointsGoRowByRow) {
   examoe::impl::swiglu_forward(Space(), s, u, y);
   examoe::impl::swiglu_backward(Space(), s, u, da, du);
   examoe::impl::gelu_forward(Space(), s, a);
+  M dgelu("dgelu", rows, h);
+  Kokkos::deep_copy(dgelu, u);
+  examoe::impl::gelu_backward(Space(), s, dgelu);
   for (int i = 0; i < rows; ++i)
     for (int c = 0; c < h; ++c) {
       const float x = in[i * h + c], uv = in_u[i * h + c];
@@ -136,6 +197,7 @@ TEST(HostVectorKernels, KokkosEntryPointsGoRowByRow) {
       examoe::impl::swiglu_backward_element(x, uv, dg, dv);
       ASSERT_EQ(bits_of(a(i, c)), bits_of(ar)) << i << "," << c;
       ASSERT_EQ(bits_of(s(i, c)), bits_of(gr)) << i << "," << c;
+      ASSERT_EQ(bits_of(dgelu(i, c)), bits_of(uv * gr)) << i << "," << c;
       ASSERT_EQ(bits_of(y(i, c)), bits_of(examoe::impl::swiglu_element(x, uv))) << i << "," << c;
       ASSERT_EQ(bits_of(da(i, c)), bits_of(dg)) << i << "," << c;
       ASSERT_EQ(bits_of(du(i, c)), bits_of(dv)) << i << "," << c;

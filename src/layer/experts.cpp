@@ -4,6 +4,7 @@
 
 #include <examoe/impl/expert_kernels.hpp>
 #include <examoe/impl/host_sync.hpp>
+#include <examoe/impl/host_vector_kernels.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/random.hpp>
 
@@ -151,14 +152,17 @@ void Experts<Scalar>::weight_grads(const DispatchPlan& plan) {
 // ------------------------------------------------------------------ the layer's stages
 template <class Scalar>
 void Experts<Scalar>::forward_kept(const DispatchPlan& plan) {
-  if (by_expert_) forward_chunks(plan, ExpertRows::kept);
-  else hidden(plan, ExpertRows::kept);
+  if (by_expert_) {
+    if (!one_visit()) forward_chunks(plan, ExpertRows::kept);
+  } else {
+    hidden(plan, ExpertRows::kept);
+  }
 }
 
 template <class Scalar>
 void Experts<Scalar>::forward_arrived(const DispatchPlan& plan, ExpertRows which) {
   if (by_expert_) {
-    forward_chunks(plan, which);
+    forward_chunks(plan, one_visit() ? ExpertRows::all : which);
   } else {
     hidden(plan, which);
     activate(plan);
@@ -173,14 +177,17 @@ void Experts<Scalar>::forward_kept_rest(const DispatchPlan& plan) {
 
 template <class Scalar>
 void Experts<Scalar>::backward_kept(const DispatchPlan& plan) {
-  if (by_expert_) backward_chunks(plan, ExpertRows::kept, false);
-  else hidden_grad(plan, ExpertRows::kept);
+  if (by_expert_) {
+    if (!one_visit()) backward_chunks(plan, ExpertRows::kept, false);
+  } else {
+    hidden_grad(plan, ExpertRows::kept);
+  }
 }
 
 template <class Scalar>
 void Experts<Scalar>::backward_arrived(const DispatchPlan& plan, ExpertRows which) {
   if (by_expert_) {
-    backward_chunks(plan, which, true);  // and the weight gradients, expert after expert
+    backward_chunks(plan, one_visit() ? ExpertRows::all : which, true);  // and the weight gradients, expert after expert
   } else {
     hidden_grad(plan, which);
     activation_backward(plan);
@@ -196,14 +203,48 @@ void Experts<Scalar>::backward_rest(const DispatchPlan& plan, bool overlap) {
 }
 
 // ------------------------------------------------------------------ by expert (host backends)
-/// Rows per chunk: as many as fit in about 1 MiB of a chunk's xe, h (u), a and ye. Fewer than
+namespace {
+/// What the by-expert schedule keeps in cache at a time: a chunk's rows, or one expert's weights.
+constexpr std::size_t kCacheBytes = std::size_t{1} << 20;
+}  // namespace
+
+/// Rows per chunk: as many as fit in kCacheBytes of a chunk's xe, h (u), a and ye. Fewer than
 /// 256 do not pay (every chunk repacks the weights for its GEMMs, about 12 / rows of their
 /// work): then a block is one chunk, whatever its size.
 template <class Scalar>
 int Experts<Scalar>::chunk_rows() const {
   const std::size_t row_bytes = sizeof(Scalar) * static_cast<std::size_t>(2 * d_ + (swiglu_ ? 3 : 2) * h_);
-  const std::size_t fit = (std::size_t{1} << 20) / std::max<std::size_t>(1, row_bytes);
+  const std::size_t fit = kCacheBytes / std::max<std::size_t>(1, row_bytes);
   return fit >= 256 ? static_cast<int>(fit) : std::numeric_limits<int>::max();
+}
+
+/// Whether, by expert, every local expert is visited once per direction, its kept and received
+/// rows together after the exchange (no kept rows while it travels): where the weights fit in
+/// kCacheBytes. A second visit would fetch them again from memory, which costs more than a host
+/// exchange hides (at d=128, h=256, E=256 on 2 ranks: 82 ms per step in one visit, 94 ms in
+/// two). Larger weights are fetched per chunk either way.
+template <class Scalar>
+bool Experts<Scalar>::one_visit() const {
+  return by_expert_ && weights_fit_in_cache();
+}
+template <class Scalar>
+bool Experts<Scalar>::weights_fit_in_cache() const {
+  return sizeof(Scalar) * static_cast<std::size_t>(d_) * h_ * (swiglu_ ? 3 : 2) <= kCacheBytes;
+}
+
+/// Local expert l's weights streamed into the cache before its GEMMs, where they fit in
+/// kCacheBytes (small experts): each GEMM call repacks them, and a pack that fetches cold
+/// weights line by line is several times slower than this one front-to-back read (at d=128,
+/// h=256, E=256 on 2 ranks: 12.6 ms of a 94 ms step in packing, 4 ms after; docs/performance.md).
+/// Large experts' GEMMs have enough rows to hide the fetch.
+template <class Scalar>
+void Experts<Scalar>::stream_weights(int l) const {
+  if constexpr (kc::device_memory_v<Space>) return;  // by expert on a GPU (asked for): no host reads
+  if (!weights_fit_in_cache()) return;
+  const std::size_t n = static_cast<std::size_t>(d_) * h_, bytes = sizeof(Scalar) * n;
+  host::stream_into_cache(W1_.data() + l * n, bytes);
+  host::stream_into_cache(W2_.data() + l * n, bytes);
+  if (swiglu_) host::stream_into_cache(W3_.data() + l * n, bytes);
 }
 
 template <class Scalar>
@@ -247,7 +288,9 @@ void Experts<Scalar>::forward_chunks(const DispatchPlan& plan, ExpertRows which)
   for (int p = 0; p < (swiglu_ ? 3 : 2); ++p) count_gemm_call();  // one grouped call per projection
   const int step = chunk_rows();
   const Scalar one(1), zero(0);
+  int streamed = -1;  // the groups are ordered by local expert
   for (const RowGroup& g : plan.row_groups(which)) {
+    if (g.w != streamed) stream_weights(streamed = g.w);
     for_each_chunk(g, step, [&](int b, int e) {
       auto x = chunk_of(xe_, b, e), hc = chunk_of(hbuf_, b, e), ac = chunk_of(abuf_, b, e);
       kc::gemm_uncounted(space_, "N", "N", one, x, expert_of(W1_, g.w), zero, hc);
@@ -272,6 +315,7 @@ void Experts<Scalar>::backward_chunks(const DispatchPlan& plan, ExpertRows which
   const std::vector<RowGroup>& groups = plan.row_groups(which);  // ordered by local expert
   std::size_t next = 0;
   for (int l = 0; l < nloc_; ++l) {
+    if (next < groups.size() && groups[next].w == l) stream_weights(l);
     for (; next < groups.size() && groups[next].w == l; ++next) {
       for_each_chunk(groups[next], step, [&](int b, int e) {
         auto hc = chunk_of(hbuf_, b, e), dac = chunk_of(dabuf_, b, e), dx = chunk_of(dxe_, b, e);

@@ -105,6 +105,9 @@ class Experts {
   void backward_chunks(const DispatchPlan& plan, ExpertRows which, bool weight_grads);
   void expert_weight_grads(const DispatchPlan& plan, int l);
   int chunk_rows() const;
+  void stream_weights(int l) const;
+  bool weights_fit_in_cache() const;
+  bool one_visit() const;
   Space space_;
   int d_ = 0, h_ = 0, nloc_ = 0;
   bool swiglu_ = false, by_expert_ = false;

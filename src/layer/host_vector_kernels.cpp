@@ -10,6 +10,8 @@
 #include <examoe/impl/expert_kernels.hpp>
 #include <examoe/impl/host_vector_kernels.hpp>
 
+#include <limits>
+
 // On x86-64 ELF builds with GCC or Clang (not nvcc): each loop is built for AVX-512, AVX2 and
 // the baseline, and the dynamic loader picks the widest the CPU has, once. The multiversioned
 // loops stay inside this file, behind plain functions: across files, GCC's clones are local
@@ -28,6 +30,10 @@ EXAMOE_VECTOR_CLONES void gelu_loop(float* __restrict s, float* __restrict a, st
   for (std::size_t c = 0; c < n; ++c) gelu_element(s[c], a[c], s[c]);
 }
 
+EXAMOE_VECTOR_CLONES void gelu_backward_loop(const float* __restrict grad, float* __restrict da, std::size_t n) {
+  for (std::size_t c = 0; c < n; ++c) da[c] *= grad[c];
+}
+
 EXAMOE_VECTOR_CLONES void swiglu_loop(const float* __restrict g, const float* __restrict u, float* __restrict a,
                                       std::size_t n) {
   for (std::size_t c = 0; c < n; ++c) a[c] = swiglu_element(g[c], u[c]);
@@ -38,12 +44,80 @@ EXAMOE_VECTOR_CLONES void swiglu_backward_loop(const float* __restrict g, const 
   for (std::size_t c = 0; c < n; ++c) swiglu_backward_element(g[c], u[c], da[c], du[c]);
 }
 
+EXAMOE_VECTOR_CLONES void exp_shifted_loop(float* __restrict u, float m, int n) {
+  for (int e = 0; e < n; ++e) u[e] = exp_fast(u[e] - m);
+}
+
+// The router's loops for float and double: one body each, inlined into a multiversioned
+// function per type (Clang does not multiversion templates).
+#if defined(__GNUC__) || defined(__clang__)
+#define EXAMOE_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define EXAMOE_ALWAYS_INLINE inline
+#endif
+
+template <class S>
+EXAMOE_ALWAYS_INLINE S row_max_body(const S* __restrict row, int n) {
+  constexpr int L = 64 / sizeof(S);  // lanes of one 64-byte vector; each keeps its own max
+  S lane[L];
+  for (int j = 0; j < L; ++j) lane[j] = std::numeric_limits<S>::lowest();
+  int e = 0;
+  for (; e + L <= n; e += L)
+    for (int j = 0; j < L; ++j) lane[j] = row[e + j] > lane[j] ? row[e + j] : lane[j];
+  S m = std::numeric_limits<S>::lowest();
+  for (int j = 0; j < L; ++j) m = lane[j] > m ? lane[j] : m;
+  for (; e < n; ++e) m = row[e] > m ? row[e] : m;
+  return m;
+}
+
+template <class S>
+EXAMOE_ALWAYS_INLINE int first_greater_body(const S* __restrict row, int begin, int end, S x) {
+  constexpr int L = 64 / sizeof(S);
+  int e = begin;
+  for (; e + L <= end; e += L) {  // a block of L compared at once; scanned only on a hit
+    int hit = 0;
+    for (int j = 0; j < L; ++j) hit |= row[e + j] > x;
+    if (hit) break;
+  }
+  for (; e < end; ++e)
+    if (row[e] > x) return e;
+  return end;
+}
+
+EXAMOE_VECTOR_CLONES float row_max_f(const float* row, int n) { return row_max_body(row, n); }
+EXAMOE_VECTOR_CLONES double row_max_d(const double* row, int n) { return row_max_body(row, n); }
+EXAMOE_VECTOR_CLONES int first_greater_f(const float* row, int begin, int end, float x) {
+  return first_greater_body(row, begin, end, x);
+}
+EXAMOE_VECTOR_CLONES int first_greater_d(const double* row, int begin, int end, double x) {
+  return first_greater_body(row, begin, end, x);
+}
+
 }  // namespace
 
+float row_max(const float* row, int n) { return row_max_f(row, n); }
+double row_max(const double* row, int n) { return row_max_d(row, n); }
+void exp_shifted(float* u, float m, int n) { exp_shifted_loop(u, m, n); }
+int first_greater(const float* row, int begin, int end, float x) { return first_greater_f(row, begin, end, x); }
+int first_greater(const double* row, int begin, int end, double x) { return first_greater_d(row, begin, end, x); }
+
 void gelu_forward(float* s, float* a, std::size_t n) { gelu_loop(s, a, n); }
+void gelu_backward(const float* grad, float* da, std::size_t n) { gelu_backward_loop(grad, da, n); }
 void swiglu_forward(const float* g, const float* u, float* a, std::size_t n) { swiglu_loop(g, u, a, n); }
 void swiglu_backward(const float* g, const float* u, float* da, float* du, std::size_t n) {
   swiglu_backward_loop(g, u, da, du, n);
+}
+
+void stream_into_cache(const void* p, std::size_t bytes) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  unsigned char acc = 0;
+  for (std::size_t i = 0; i < bytes; i += 64) acc |= c[i];
+#if defined(__GNUC__) || defined(__clang__)
+  __asm__ volatile("" : : "r"(acc));  // the loads happen; their value is not needed
+#else
+  static volatile unsigned char sink;
+  sink = acc;
+#endif
 }
 
 const char* vector_isa() {

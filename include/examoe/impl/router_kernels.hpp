@@ -3,6 +3,8 @@
 // docs/moe-layer.md. One team per token, its threads over the experts (consecutive threads
 // read consecutive p[t][e]); no atomics.
 #pragma once
+#include <examoe/impl/fast_math.hpp>
+#include <examoe/impl/host_vector_kernels.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/random.hpp>
 #include <examoe/impl/row_policy.hpp>
@@ -105,15 +107,25 @@ KOKKOS_INLINE_FUNCTION void choose_groups(const Key& key, int t) {
   }
 }
 
+/// Where the scan of topk_by_insertion goes on once its list is full: at e itself.
+struct EveryExpert {
+  template <class S>
+  KOKKOS_INLINE_FUNCTION int operator()(int e, S /*last*/) const { return e; }
+};
+
 /// topk[t][0..k) = the k largest p[t][e] in descending order, ties to the lower id, by one
 /// pass over e that keeps the best k so far in order (a later equal value never passes an
 /// earlier one). Every id is valid also when p holds NaN (the first ids fill the list).
-template <class PView, class IView>
-KOKKOS_INLINE_FUNCTION void topk_by_insertion(const PView& p, int t, int E, int k, const IView& topk) {
+/// Once the list is full, next(e, last) may skip to the first e' >= e whose value exceeds the
+/// k-th's (E if none): the ids it skips could not enter.
+template <class PView, class IView, class Next = EveryExpert>
+KOKKOS_INLINE_FUNCTION void topk_by_insertion(const PView& p, int t, int E, int k, const IView& topk,
+                                              const Next& next = Next{}) {
   using S = typename PView::non_const_value_type;
   int n = 0;
   S last = 0;  // p of the k-th entry once the list is full
   for (int e = 0; e < E; ++e) {
+    if (n == k && (e = next(e, last)) >= E) break;
     const S v = p(t, e);
     if (n == k && !(v > last)) continue;
     int pos = n < k ? n++ : k - 1;
@@ -181,11 +193,56 @@ KOKKOS_FUNCTION EXAMOE_HOST_NOINLINE S row_max(const S* row, int n) {
   return v;
 }
 
+/// u = z / temperature + jitter * n(seed, step, token, e) of token t's logit z for expert e
+/// (called only with a temperature or jitter; u = z exactly without them).
+template <class S>
+KOKKOS_INLINE_FUNCTION S router_logit(const RouterParams& r, const S z, const int t, const int e, const int E) {
+  if (!(r.jitter > 0)) return static_cast<S>(z * r.inv_temperature);
+  const std::uint64_t key_e = static_cast<std::uint64_t>(r.token_offset + t) * static_cast<std::uint64_t>(E) + e;
+  return static_cast<S>(z * r.inv_temperature) + static_cast<S>(r.jitter * normal(hash_key(r.seed, r.step, key_e, 0x6a17)));
+}
+
 /// How the top-k of a token's E probabilities is found. insertion: one pass over e keeps the
 /// k best in order (one thread per token: host backends, whose teams are one thread);
 /// team_argmax: k passes, each a team-wide max and then the lowest id holding it (GPUs). Both
 /// give the k largest in descending order, ties to the lower id; automatic picks by the space.
 enum class TopkSearch { automatic, insertion, team_argmax };
+
+/// router_softmax_topk on a host backend with softmax scores and neither a bias nor a group
+/// limit (the default router): per token, plain loops over its row, so that the max, the
+/// exponentials, the scaling and the top-k scan run in vector lanes (host_vector_kernels.hpp).
+/// Bitwise the team kernel's results: every element by the same operations, the sum in expert
+/// order.
+template <class Space, class PView, class LView, class IView, class GView>
+void router_softmax_topk_on_host(const Space& space, const RouterParams& r, const PView& p, const LView& lse,
+                                 const IView& topk, const GView& gates) {
+  using S = typename PView::non_const_value_type;
+  const int T = static_cast<int>(p.extent(0)), E = static_cast<int>(p.extent(1));
+  const int k = static_cast<int>(topk.extent(1));
+  Kokkos::parallel_for("examoe::router::softmax_topk", Kokkos::RangePolicy<Space>(space, 0, T), [=](const int t) {
+    S* u = &p(t, 0);
+    if (r.jitter > 0 || r.inv_temperature != 1.0)
+      for (int e = 0; e < E; ++e) u[e] = router_logit(r, u[e], t, e, E);
+    const S umax = host::row_max(u, E);
+    if constexpr (std::is_same<S, float>::value)
+      host::exp_shifted(u, umax, E);
+    else
+      for (int e = 0; e < E; ++e) u[e] = exp_(u[e] - umax);
+    S sum = 0;
+    for (int e = 0; e < E; ++e) sum += u[e];
+    const S inv = S(1) / sum;
+    for (int e = 0; e < E; ++e) u[e] *= inv;
+    lse(t) = umax + kc::log(sum);
+    topk_by_insertion(p, t, E, k, topk, [u, E](int e, S last) { return host::first_greater(u, e, E, last); });
+    S chosen = 0;
+    for (int j = 0; j < k; ++j) {
+      gates(t, j) = u[topk(t, j)];
+      chosen += u[topk(t, j)];
+    }
+    if (r.renormalize && chosen > 0)
+      for (int j = 0; j < k; ++j) gates(t, j) /= chosen;
+  });
+}
 
 /// In: logits z[T][E] in `p`. Out: the scores in p (softmax(u), or sigmoid(u) with
 /// rp.sigmoid, when also q = softmax(u) and inv_sum = 1 / sum_e s), lse[T], topk[T][k] by the
@@ -200,6 +257,13 @@ void router_softmax_topk(const Space& space, const RouterParams& rp, const PView
   using S = typename PView::non_const_value_type;
   static_assert(std::is_same<typename PView::array_layout, Kokkos::LayoutRight>::value,
                 "examoe::impl::router_softmax_topk: p's rows must be contiguous (row_max reads a row)");
+  if constexpr (!kc::device_memory_v<Space> &&
+                (std::is_same<S, float>::value || std::is_same<S, double>::value)) {
+    if (search != TopkSearch::team_argmax && !rp.sigmoid && rp.topk_groups == 0 && modes.bias.extent(0) == 0) {
+      router_softmax_topk_on_host(space, rp, p, lse, topk, gates);
+      return;
+    }
+  }
   const int T = static_cast<int>(p.extent(0)), E = static_cast<int>(p.extent(1));
   const int k = static_cast<int>(topk.extent(1));
   const RouterParams r = rp;
@@ -223,17 +287,8 @@ void router_softmax_topk(const Space& space, const RouterParams& rp, const PView
         const int t = m.league_rank();
         // u = z / temperature + jitter * n (u = z exactly at temperature 1 without jitter)
         S umax = 0;
-        if (r.jitter > 0) {
-          Kokkos::parallel_for(Kokkos::TeamThreadRange(m, E), [&](const int e) {
-            const std::uint64_t key_e = static_cast<std::uint64_t>(r.token_offset + t) *
-                                            static_cast<std::uint64_t>(E) + e;
-            p(t, e) = static_cast<S>(p(t, e) * r.inv_temperature) +
-                      static_cast<S>(r.jitter * normal(hash_key(r.seed, r.step, key_e, 0x6a17)));
-          });
-        } else if (r.inv_temperature != 1.0) {
-          Kokkos::parallel_for(Kokkos::TeamThreadRange(m, E),
-                               [&](const int e) { p(t, e) = static_cast<S>(p(t, e) * r.inv_temperature); });
-        }
+        if (r.jitter > 0 || r.inv_temperature != 1.0)
+          Kokkos::parallel_for(Kokkos::TeamThreadRange(m, E), [&](const int e) { p(t, e) = router_logit(r, p(t, e), t, e, E); });
         // max over e from the Max reduction's identity (the same value whoever computes it)
         if (one_thread) {  // a plain loop keeps the running max in a register
           m.team_barrier();
@@ -268,7 +323,7 @@ void router_softmax_topk(const Space& space, const RouterParams& rp, const PView
           Kokkos::parallel_reduce(
               Kokkos::TeamThreadRange(m, E),
               [&](const int e, S& acc) {
-                const S v = kc::exp(p(t, e) - umax);
+                const S v = exp_(p(t, e) - umax);
                 p(t, e) = v;
                 acc += v;
               },
