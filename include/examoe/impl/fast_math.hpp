@@ -9,9 +9,10 @@
 
 namespace examoe::impl {
 
-// No library calls, so the element-wise loops vectorize on CPUs (libm's erff + expf cost ~14 ns per element here, these ~1 ns) and stay
-// branch-free on GPUs. Accuracy: a few float ulps (checked against std::erf/std::exp in the
-// tests). Double precision keeps the library functions.
+// No library calls, so the element-wise loops vectorize on CPUs (libm's erff + expf cost
+// ~14 ns per element here, these ~1 ns) and stay branch-free on GPUs. Accuracy: a few float
+// ulps (checked against std::erf/std::exp in the tests). Double precision keeps the library
+// functions.
 
 /// exp(x) for float: Cephes range reduction x = n ln2 + r and a degree-6 polynomial.
 KOKKOS_INLINE_FUNCTION float exp_fast(float x_in) {
