@@ -99,10 +99,12 @@ void fill_uniform(const Mat<S>& m, std::uint64_t seed, std::uint64_t stream) {
 /// row blocks, each a row GEMM of its own as in the layer (its rows from one source rank:
 /// LayerStats::rows_per_block), or one block of all its rows (`per_expert`: the GEMMs a layer
 /// without that blocking would run). Expert after expert, as the host schedule runs them; the
-/// same calls, transposes and operand layouts, nothing else.
+/// same calls, transposes and operand layouts, nothing else. Each expert's backward follows
+/// its forward, its weights still in cache; with `layer_order`, every expert's forward runs
+/// first and then every expert's backward, as a layer's forward and backward must.
 template <class S>
 double gemm_only_seconds(const std::vector<std::vector<std::int64_t>>& blocks, int d, int h, bool swiglu,
-                         int steps) {
+                         int steps, bool layer_order = false) {
   const auto sp = Kokkos::DefaultExecutionSpace();
   std::vector<Mat<S>> X, Hm, U, Y, W1, W2, W3, G1, G2, G3, DX;
   std::vector<std::vector<std::pair<int, int>>> ranges(blocks.size());  // [begin, end) per block
@@ -122,13 +124,18 @@ double gemm_only_seconds(const std::vector<std::vector<std::int64_t>>& blocks, i
   auto rows = [](const Mat<S>& m, const std::pair<int, int>& r) {
     return Kokkos::subview(m, Kokkos::make_pair(r.first, r.second), Kokkos::ALL);
   };
+  auto forward = [&](std::size_t l) {
+    for (const auto& r : ranges[l]) {  // block by block
+      impl::kc::gemm(sp, "N", "N", S(1), rows(X[l], r), W1[l], S(0), rows(Hm[l], r));
+      if (swiglu) impl::kc::gemm(sp, "N", "N", S(1), rows(X[l], r), W3[l], S(0), rows(U[l], r));
+      impl::kc::gemm(sp, "N", "N", S(1), rows(Hm[l], r), W2[l], S(0), rows(Y[l], r));
+    }
+  };
   auto once = [&]() {
+    if (layer_order)
+      for (std::size_t l = 0; l < blocks.size(); ++l) forward(l);
     for (std::size_t l = 0; l < blocks.size(); ++l) {
-      for (const auto& r : ranges[l]) {  // forward, block by block
-        impl::kc::gemm(sp, "N", "N", S(1), rows(X[l], r), W1[l], S(0), rows(Hm[l], r));
-        if (swiglu) impl::kc::gemm(sp, "N", "N", S(1), rows(X[l], r), W3[l], S(0), rows(U[l], r));
-        impl::kc::gemm(sp, "N", "N", S(1), rows(Hm[l], r), W2[l], S(0), rows(Y[l], r));
-      }
+      if (!layer_order) forward(l);
       for (const auto& r : ranges[l]) {  // backward: da, dx
         impl::kc::gemm(sp, "N", "T", S(1), rows(Y[l], r), W2[l], S(0), rows(U[l], r));
         impl::kc::gemm(sp, "N", "T", S(1), rows(U[l], r), W1[l], S(0), rows(DX[l], r));
@@ -354,12 +361,14 @@ int run(const BenchOptions& o) {
   const bool swiglu = cfg.activation == Activation::swiglu;
   const double gemm = gemm_only_seconds<S>(blocks, o.d_model, o.d_hidden, swiglu, o.steps);
   const double gemm_whole = gemm_only_seconds<S>(whole, o.d_model, o.d_hidden, swiglu, o.steps);
+  const double gemm_ordered = gemm_only_seconds<S>(blocks, o.d_model, o.d_hidden, swiglu, o.steps, true);
   const double router_gemm = router_gemm_seconds<S>(o.tokens, o.d_model, o.num_experts, o.steps);
   // The slowest rank sets the pace of a collective step.
-  double step_max = 0, gemm_max = 0, router_max = 0, whole_max = 0;
+  double step_max = 0, gemm_max = 0, router_max = 0, whole_max = 0, ordered_max = 0;
   MPI_Allreduce(&step_time, &step_max, 1, MPI_DOUBLE, MPI_MAX, comm);
   MPI_Allreduce(&gemm, &gemm_max, 1, MPI_DOUBLE, MPI_MAX, comm);
   MPI_Allreduce(&gemm_whole, &whole_max, 1, MPI_DOUBLE, MPI_MAX, comm);
+  MPI_Allreduce(&gemm_ordered, &ordered_max, 1, MPI_DOUBLE, MPI_MAX, comm);
   MPI_Allreduce(&router_gemm, &router_max, 1, MPI_DOUBLE, MPI_MAX, comm);
   const double bound = gemm_max + router_max;  // every GEMM of the layer, nothing else
   std::array<double, kNumPhases> phase_max{};
@@ -405,6 +414,9 @@ int run(const BenchOptions& o) {
                 gemm_max, gemm_max > 0 ? flops_per_row * rows_max / gemm_max * 1e-9 : 0.0);
     std::printf("    one per expert    %10.4f s   (all of an expert's rows in one GEMM: %.1f %% faster)\n", whole_max,
                 whole_max > 0 ? 100.0 * (gemm_max / whole_max - 1.0) : 0.0);
+    std::printf("    in layer order    %10.4f s   (every forward, then every backward: weights leave the caches "
+                "between; layer at %.1f %% of this + router)\n",
+                ordered_max, step_max > 0 ? 100.0 * (ordered_max + router_max) / step_max : 0.0);
     std::printf("  router GEMMs alone  %10.4f s   (x Wr, x^T dz, dz Wr^T: %.1f %% of the expert GEMMs' flops)\n",
                 router_max, 100.0 * o.num_experts / (2.0 * o.top_k * o.d_hidden * (cfg.activation == Activation::swiglu ? 1.5 : 1.0)));
     std::printf("  layer / GEMM bound  %10.1f %%   (expert + router GEMMs; expert GEMMs only: %.1f %%)\n",
@@ -435,6 +447,7 @@ int run(const BenchOptions& o) {
          << "\",\"overlap\":\"" << o.overlap << "\",\"expert_schedule\":\"" << o.expert_schedule << "\",\"tf32\":\"" << o.tf32 << "\",\"activation\":\"" << o.activation
          << "\",\"step_s\":" << step_max << ",\"tokens_per_s\":" << tokens / step_max
          << ",\"gemm_only_s\":" << gemm_max << ",\"gemm_one_per_expert_s\":" << whole_max
+         << ",\"gemm_layer_order_s\":" << ordered_max
          << ",\"router_gemm_s\":" << router_max
          << ",\"fraction_of_gemm_bound\":" << bound / step_max
          << ",\"fraction_of_expert_gemm_bound\":" << gemm_max / step_max
