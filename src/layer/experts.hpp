@@ -59,7 +59,9 @@ class Experts {
   //  - by expert (the host default): expert after expert in row chunks of about 1 MiB of
   //    activations (chunk_rows), a chunk's rows in cache from its first GEMM through the
   //    activation to its second, each expert's weight gradients after its last rows. The kept
-  //    rows are done before the dispatch has arrived.
+  //    rows are done before the dispatch has arrived, except for small experts (one_visit:
+  //    weights within 1 MiB), whose kept and received rows run together once it has, each
+  //    expert's weights streamed into the cache first (stream_weights).
   // Rows are independent and the weight gradients are one GEMM per expert over all its rows
   // either way: the results are bitwise the same while no block of rows exceeds a chunk.
   bool by_expert() const { return by_expert_; }
