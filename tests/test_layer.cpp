@@ -84,6 +84,10 @@ const LayerCase kCases[] = {
   {"chunks_all_to_expert0_swiglu_k1", 4,  1,  8, 160,1200, Activation::swiglu,true, 1.0, 1e-2, 1e-3, Routing::all_to_zero, false, PlacementMode::balanced,    1515},
   // Rows too wide for 256 of them in a chunk: every block is one chunk.
   {"wide_rows_gelu_E4_k2",            4,  2,  8, 600, 300, Activation::gelu,   true, 1.0, 1e-2, 1e-3, Routing::random,      false, PlacementMode::balanced,    1616},
+  // Experts whose weights exceed 1 MiB (float and double): by expert, their kept rows run
+  // while the exchanges travel and their received rows after (two visits); smaller experts
+  // are visited once (Experts::one_visit).
+  {"large_experts_two_visits_gelu",   4,  2, 16,8200,  40, Activation::gelu,   true, 1.0, 1e-2, 1e-3, Routing::random,      false, PlacementMode::balanced,    1717},
 };
 // clang-format on
 

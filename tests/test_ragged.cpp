@@ -181,6 +181,9 @@ void layer_steps(const RaggedCase& c, int steps, std::uint64_t seed, bool overla
 const RaggedCase kGelu{"gelu_E4_k2", 4, 2, 8, 12, Activation::gelu, true};
 const RaggedCase kSwiglu{"swiglu_E6_k2_plain", 6, 2, 10, 14, Activation::swiglu, false};
 const RaggedCase kManyExperts{"gelu_E16_k4", 16, 4, 8, 10, Activation::gelu, true};
+// Weights over 1 MiB per expert (float and double): by expert with overlap, two visits per
+// direction (kept rows while the exchange travels, received rows after; Experts::one_visit).
+const RaggedCase kLargeExperts{"gelu_E4_k2_h8200", 4, 2, 16, 8200, Activation::gelu, true};
 const RaggedCase kEightExperts{"gelu_E8_k2", 8, 2, 8, 10, Activation::gelu, true};
 
 TEST(Ragged, MoEStepsDoubleGelu) { layer_steps<double>(kGelu, 30, 11); }
@@ -190,6 +193,7 @@ TEST(Ragged, MoEStepsFloatGelu) { layer_steps<float>(kGelu, 30, 14); }
 TEST(Ragged, MoEStepsFloatSwiglu) { layer_steps<float>(kSwiglu, 20, 15); }
 TEST(Ragged, MoEStepsDoubleSwigluOverlapOff) { layer_steps<double>(kSwiglu, 20, 16, false); }
 TEST(Ragged, MoEStepsFloatGeluOverlapOff) { layer_steps<float>(kGelu, 20, 17, false); }
+TEST(Ragged, MoEStepsDoubleGeluLargeExperts) { layer_steps<double>(kLargeExperts, 10, 18); }
 
 // Sigmoid scores, a selection bias and group-limited routing (docs/moe-layer.md, "Router").
 TEST(Ragged, RouterSigmoidBiasDoubleSwiglu) {
@@ -270,6 +274,7 @@ void same_bits_as(Variant variant, const RaggedCase& c, DispatchDtype wire, int 
 
 TEST(Ragged, OverlapIsBitwiseDoubleSwiglu) { same_bits_as<double>(Variant::overlap_off, kSwiglu, DispatchDtype::scalar, 16, 31); }
 TEST(Ragged, OverlapIsBitwiseFloatGeluBf16Rows) { same_bits_as<float>(Variant::overlap_off, kManyExperts, DispatchDtype::bf16, 16, 32); }
+TEST(Ragged, OverlapIsBitwiseFloatGeluLargeExperts) { same_bits_as<float>(Variant::overlap_off, kLargeExperts, DispatchDtype::scalar, 10, 35); }
 TEST(Ragged, ExpertSchedulesAreBitwiseFloatGelu) { same_bits_as<float>(Variant::by_projection, kGelu, DispatchDtype::scalar, 16, 33); }
 TEST(Ragged, ExpertSchedulesAreBitwiseDoubleSwigluBf16Rows) { same_bits_as<double>(Variant::by_projection, kSwiglu, DispatchDtype::bf16, 16, 34); }
 
