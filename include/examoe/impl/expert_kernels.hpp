@@ -53,17 +53,10 @@ template <class Space, class V>
 inline constexpr bool host_vector_rows_v =
     !kc::device_memory_v<Space> && std::is_same<typename V::non_const_value_type, float>::value;
 
-/// Over the n x h elements of v: on a host backend with float rows, host_row(i, h) for every
-/// row i (the host vector loops take a row at a time); otherwise f(i, c) for every element.
-/// host_row is a generic lambda (its h an auto parameter), so that it is instantiated only
-/// where it runs: with float rows.
-template <class Space, class V, class HostRow, class F>
-void rows_or_elements(const char* label, const Space& space, const V& v, const HostRow& host_row, const F& f) {
-  const int n = static_cast<int>(v.extent(0)), h = static_cast<int>(v.extent(1));
-  if constexpr (host_vector_rows_v<Space, V>)
-    Kokkos::parallel_for(label, Kokkos::RangePolicy<Space>(space, 0, n), [=](const int i) { host_row(i, h); });
-  else
-    for_each_element(label, space, n, h, f);
+/// f(i) for every row i, on a host backend (the host vector loops take a row at a time).
+template <class Space, class F>
+void for_each_row_on_host(const char* label, const Space& space, int n, const F& f) {
+  Kokkos::parallel_for(label, Kokkos::RangePolicy<Space>(space, 0, n), f);
 }
 
 /// a = gelu(hpre), and hpre is overwritten with gelu'(hpre): backward needs only the
@@ -77,9 +70,13 @@ struct GeluForward {
 };
 template <class Space, class V>
 void gelu_forward(const Space& space, const V& hpre, const V& a) {
-  rows_or_elements(
-      "examoe::experts::gelu", space, hpre, [=](const int i, const auto h) { host::gelu_forward(&hpre(i, 0), &a(i, 0), h); },
-      GeluForward<Space, V>{hpre, a});
+  const int n = static_cast<int>(hpre.extent(0)), h = static_cast<int>(hpre.extent(1));
+  if constexpr (host_vector_rows_v<Space, V>) {
+    for_each_row_on_host("examoe::experts::gelu", space, n,
+                         [=](const int i) { host::gelu_forward(&hpre(i, 0), &a(i, 0), h); });
+  } else {
+    for_each_element("examoe::experts::gelu", space, n, h, GeluForward<Space, V>{hpre, a});
+  }
 }
 
 /// da *= gelu'(s), with gelu'(s) as stored by gelu_forward (in place: da becomes ds).
@@ -90,10 +87,13 @@ struct GeluBackward {
 };
 template <class Space, class V>
 void gelu_backward(const Space& space, const V& gelu_grad, const V& da) {
-  rows_or_elements(
-      "examoe::experts::gelu_bwd", space, da,
-      [=](const int i, const auto h) { host::gelu_backward(&gelu_grad(i, 0), &da(i, 0), h); },
-      GeluBackward<Space, V>{gelu_grad, da});
+  const int n = static_cast<int>(da.extent(0)), h = static_cast<int>(da.extent(1));
+  if constexpr (host_vector_rows_v<Space, V>) {
+    for_each_row_on_host("examoe::experts::gelu_bwd", space, n,
+                         [=](const int i) { host::gelu_backward(&gelu_grad(i, 0), &da(i, 0), h); });
+  } else {
+    for_each_element("examoe::experts::gelu_bwd", space, n, h, GeluBackward<Space, V>{gelu_grad, da});
+  }
 }
 
 /// a = silu(g) * u.
@@ -104,10 +104,13 @@ struct SwigluForward {
 };
 template <class Space, class V>
 void swiglu_forward(const Space& space, const V& g, const V& u, const V& a) {
-  rows_or_elements(
-      "examoe::experts::swiglu", space, g,
-      [=](const int i, const auto h) { host::swiglu_forward(&g(i, 0), &u(i, 0), &a(i, 0), h); },
-      SwigluForward<Space, V>{g, u, a});
+  const int n = static_cast<int>(g.extent(0)), h = static_cast<int>(g.extent(1));
+  if constexpr (host_vector_rows_v<Space, V>) {
+    for_each_row_on_host("examoe::experts::swiglu", space, n,
+                         [=](const int i) { host::swiglu_forward(&g(i, 0), &u(i, 0), &a(i, 0), h); });
+  } else {
+    for_each_element("examoe::experts::swiglu", space, n, h, SwigluForward<Space, V>{g, u, a});
+  }
 }
 
 /// From da: dg = da * u * silu'(g) (written into da), du = da * silu(g).
@@ -120,10 +123,14 @@ struct SwigluBackward {
 };
 template <class Space, class V>
 void swiglu_backward(const Space& space, const V& g, const V& u, const V& da, const V& du) {
-  rows_or_elements(
-      "examoe::experts::swiglu_bwd", space, g,
-      [=](const int i, const auto h) { host::swiglu_backward(&g(i, 0), &u(i, 0), &da(i, 0), &du(i, 0), h); },
-      SwigluBackward<Space, V>{g, u, da, du});
+  const int n = static_cast<int>(g.extent(0)), h = static_cast<int>(g.extent(1));
+  if constexpr (host_vector_rows_v<Space, V>) {
+    for_each_row_on_host("examoe::experts::swiglu_bwd", space, n, [=](const int i) {
+      host::swiglu_backward(&g(i, 0), &u(i, 0), &da(i, 0), &du(i, 0), h);
+    });
+  } else {
+    for_each_element("examoe::experts::swiglu_bwd", space, n, h, SwigluBackward<Space, V>{g, u, da, du});
+  }
 }
 
 }  // namespace examoe::impl
