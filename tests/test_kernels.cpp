@@ -1,6 +1,7 @@
 // The float erf/exp used by the expert activations, against the C library in double; the host
 // vector loops of the activations against their element functions, bit for bit; the
-// dispatch plan's counting sort against std::stable_sort; the router's top-k against brute force.
+// dispatch plan's counting sort against std::stable_sort; the router's top-k against brute force;
+// the host paths of the gate gradients and the router backward against their team kernels.
 #include <examoe/impl/dispatch_kernels.hpp>
 #include <examoe/impl/expert_kernels.hpp>
 #include <examoe/impl/router_kernels.hpp>
@@ -413,7 +414,7 @@ TEST(Kernels, RouterTopkBothWaysMatchBruteForce) {
   for (const int E : {1, 2, 8, 64, 256}) {
     for (const int k : {1, 2, 4, 8}) {
       if (k > E) continue;
-      const int T = 97;
+      for (const int T : {0, 1, 8, 97}) {  // around the host path's blocks of tokens
       std::uniform_int_distribution<int> level(0, 5);  // few distinct logits: ties everywhere
       std::vector<float> z(static_cast<std::size_t>(T) * E);
       for (float& v : z) v = 0.5f * static_cast<float>(level(rng));
@@ -460,6 +461,121 @@ TEST(Kernels, RouterTopkBothWaysMatchBruteForce) {
       }
       EXPECT_EQ(got[0], got[1]);
       EXPECT_EQ(probs[0], probs[1]) << "p and lse differ between the one-thread and the team path";
+      }
     }
   }
+}
+
+namespace {
+// v filled with random finite values in [-2, 2), through a host mirror.
+template <class V>
+void fill_random(const V& v, std::mt19937& rng) {
+  std::uniform_real_distribution<double> u(-2, 2);
+  auto h = Kokkos::create_mirror_view(v);
+  auto* data = h.data();
+  for (std::size_t i = 0; i < h.span(); ++i) data[i] = static_cast<typename V::non_const_value_type>(u(rng));
+  Kokkos::deep_copy(v, h);
+}
+template <class V>
+auto on_host(const V& v) {
+  return Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), v);
+}
+}  // namespace
+
+// Gate gradients on a host backend (kSumsInOrder assignments at once) against the team kernel
+// and against one plain loop per assignment, bit for bit: dropped assignments (0 even where
+// dout holds inf), rows kept on this rank and rows come back, at assignment counts around the
+// block size and several d; float and double.
+template <class S>
+void check_gate_grads_both_ways() {
+  using Space = Kokkos::DefaultExecutionSpace;
+  using M = Kokkos::View<S**, Kokkos::LayoutRight, Space::memory_space>;
+  std::mt19937 rng(11);
+  for (const int d : {1, 7, 128}) {
+    for (const int k : {1, 2, 3}) {
+      for (const int T : {0, 1, 5, 8, 37, 64, 3}) {
+        const int A = T * k, rows = A + 1;
+        M ye("test::ye", rows, d), back("test::back", rows, d), dout("test::dout", T, d);
+        M dg_host("test::dg_host", T, k), dg_team("test::dg_team", T, k);
+        Kokkos::View<int*, Space::memory_space> loc("test::loc", A);
+        fill_random(ye, rng);
+        fill_random(back, rng);
+        fill_random(dout, rng);
+        auto douth = on_host(dout);
+        if (T > 2) douth(2, 0) = std::numeric_limits<S>::infinity();  // must not reach a dropped one
+        Kokkos::deep_copy(dout, douth);
+        auto loch = Kokkos::create_mirror_view(loc);
+        std::uniform_int_distribution<int> kind(0, 4), row(0, rows - 1);
+        for (int a = 0; a < A; ++a) {
+          const int c = kind(rng);
+          loch(a) = c == 0 ? examoe::impl::kDroppedRow : c <= 2 ? row(rng) : -1 - row(rng);
+        }
+        if (T > 2) loch(2 * k) = examoe::impl::kDroppedRow;
+        Kokkos::deep_copy(loc, loch);
+        examoe::impl::gate_grads(Space(), loc, k, ye, back, dout, dg_host);
+        examoe::impl::gate_grads(Space(), loc, k, ye, back, dout, dg_team, /*team_kernel=*/true);
+        Kokkos::fence();
+        const auto yh = on_host(ye), bh = on_host(back), gh = on_host(dg_host), gt = on_host(dg_team);
+        for (int a = 0; a < A; ++a) {
+          const int t = a / k, l = loch(a);
+          S want = 0;
+          if (l != examoe::impl::kDroppedRow)
+            for (int c = 0; c < d; ++c) want += douth(t, c) * (l >= 0 ? yh(l, c) : bh(-1 - l, c));
+          const S got = gh(t, a % k);
+          EXPECT_EQ(std::memcmp(&got, &want, sizeof(S)), 0)
+              << "d=" << d << " k=" << k << " T=" << T << " assignment " << a << ": " << got << " vs " << want;
+          EXPECT_EQ(std::memcmp(&got, &gt(t, a % k), sizeof(S)), 0) << "host and team paths differ";
+        }
+      }
+    }
+  }
+}
+TEST(Kernels, GateGradsHostSumsMatchTheTeamKernelBitwise) {
+  check_gate_grads_both_ways<float>();
+  check_gate_grads_both_ways<double>();
+}
+
+// Router backward (softmax scores) on a host backend, tokens in blocks of kSumsInOrder,
+// against the team kernel bit for bit: token counts around the block size, E from 1 to 256,
+// k = 1 and 2, renormalised gates or not, temperature 1 and 0.7; float and double.
+template <class S>
+void check_router_backward_both_ways() {
+  using Space = Kokkos::DefaultExecutionSpace;
+  using M = Kokkos::View<S**, Kokkos::LayoutRight, Space::memory_space>;
+  std::mt19937 rng(13);
+  for (const int E : {1, 8, 64, 256}) {
+    for (const int k : {1, 2}) {
+      if (k > E) continue;
+      for (const int T : {0, 1, 8, 9, 97}) {
+        for (const bool renorm : {true, false}) {
+          examoe::impl::RouterParams rp;
+          rp.renormalize = renorm;
+          rp.inv_temperature = E == 64 ? 1 / 0.7 : 1.0;
+          M p("test::p", T, E), g("test::g", T, k), dg("test::dg", T, k);
+          M dz_host("test::dz_host", T, E), dz_team("test::dz_team", T, E);
+          Kokkos::View<S*, Space::memory_space> lse("test::lse", T);
+          Kokkos::View<int**, Kokkos::LayoutRight, Space::memory_space> topk("test::topk", T, k);
+          Kokkos::View<double*, Space::memory_space> aux("test::aux", E);
+          fill_random(p, rng);
+          fill_random(dg, rng);
+          fill_random(aux, rng);
+          examoe::impl::router_softmax_topk(Space(), rp, p, lse, topk, g);
+          examoe::impl::router_backward_softmax(Space(), rp, p, lse, topk, g, dg, aux, 0.01, dz_host);
+          examoe::impl::router_backward_softmax(Space(), rp, p, lse, topk, g, dg, aux, 0.01, dz_team,
+                                                /*team_kernel=*/true);
+          Kokkos::fence();
+          const auto hh = on_host(dz_host), th = on_host(dz_team);
+          for (int t = 0; t < T; ++t)
+            for (int e = 0; e < E; ++e)
+              ASSERT_EQ(std::memcmp(&hh(t, e), &th(t, e), sizeof(S)), 0)
+                  << "E=" << E << " k=" << k << " T=" << T << " renorm=" << renorm << " token " << t << " expert "
+                  << e << ": " << hh(t, e) << " vs " << th(t, e);
+        }
+      }
+    }
+  }
+}
+TEST(Kernels, RouterBackwardHostBlocksMatchTheTeamKernelBitwise) {
+  check_router_backward_both_ways<float>();
+  check_router_backward_both_ways<double>();
 }

@@ -5,6 +5,9 @@
 #include <examoe/impl/bf16.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/row_policy.hpp>
+#include <examoe/impl/sums_in_order.hpp>
+
+#include <type_traits>
 
 namespace examoe::impl {
 
@@ -217,14 +220,40 @@ void combine_rows(const Space& space, const LView& loc, int k, const GView& gate
 }
 
 /// Gate gradients: dg[t][j] = <dout[t], row(loc[t*k+j])>, 0 for a dropped assignment. One team per assignment, its
-/// threads over the d elements; the sum runs in element order on host backends (one thread
-/// per team) and as the team's fixed-order reduction on GPUs (the same every run).
+/// threads over the d elements, on GPUs (the team's fixed-order reduction, the same every run).
+/// On host backends the sum runs in element order, kSumsInOrder assignments at once where the
+/// rows are contiguous and of one type (the team kernel otherwise, or with `team_kernel`: the
+/// tests compare the two).
 template <class Space, class LView, class BufView, class WireView, class DView, class GView>
 void gate_grads(const Space& space, const LView& loc, int k, const BufView& ye,
-                const WireView& back_recv, const DView& dout, const GView& dg) {
+                const WireView& back_recv, const DView& dout, const GView& dg, bool team_kernel = false) {
   const int T = static_cast<int>(dout.extent(0)), d = static_cast<int>(dout.extent(1));
   using S = typename BufView::non_const_value_type;
   using G = typename GView::non_const_value_type;
+  using W = typename WireView::non_const_value_type;
+  constexpr bool rows_contiguous = std::is_same<typename BufView::array_layout, Kokkos::LayoutRight>::value &&
+                                   std::is_same<typename WireView::array_layout, Kokkos::LayoutRight>::value &&
+                                   std::is_same<typename DView::array_layout, Kokkos::LayoutRight>::value;
+  if constexpr (!kc::device_memory_v<Space> && std::is_same<W, S>::value && rows_contiguous) {  // host, rows of S
+    if (!team_kernel) {  // kSumsInOrder assignments at once, each sum over its two rows in order
+      const int A = T * k, B = kSumsInOrder;
+      Kokkos::parallel_for(
+          "examoe::combine::gate_grads", Kokkos::RangePolicy<Space>(space, 0, (A + B - 1) / B), [=](const int b) {
+            const int a0 = b * B, m = A - a0 < B ? A - a0 : B;
+            const S* x[kSumsInOrder] = {};
+            const S* y[kSumsInOrder] = {};
+            for (int j = 0; j < m; ++j) {
+              const int a = a0 + j, l = loc(a);
+              x[j] = &dout(a / k, 0);
+              y[j] = l >= 0 ? &ye(l, 0) : l == kDroppedRow ? x[j] : &back_recv(-1 - l, 0);
+            }
+            G s[kSumsInOrder];
+            sums_in_order(m, d, [&](const int j, const int c) -> G { return x[j][c] * y[j][c]; }, s);
+            for (int j = 0; j < m; ++j) dg((a0 + j) / k, (a0 + j) % k) = loc(a0 + j) == kDroppedRow ? G(0) : s[j];
+          });
+      return;
+    }
+  }
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   Kokkos::parallel_for(
       "examoe::combine::gate_grads", row_policy(space, T * k, d),

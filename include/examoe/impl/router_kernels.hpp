@@ -8,6 +8,7 @@
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/random.hpp>
 #include <examoe/impl/row_policy.hpp>
+#include <examoe/impl/sums_in_order.hpp>
 
 #include <type_traits>
 
@@ -209,39 +210,47 @@ KOKKOS_INLINE_FUNCTION S router_logit(const RouterParams& r, const S z, const in
 enum class TopkSearch { automatic, insertion, team_argmax };
 
 /// router_softmax_topk on a host backend with softmax scores and neither a bias nor a group
-/// limit (the default router): per token, plain loops over its row, so that the max, the
-/// exponentials, the scaling and the top-k scan run in vector lanes (host_vector_kernels.hpp).
-/// Bitwise the team kernel's results: every element by the same operations, the sum in expert
-/// order.
+/// limit (the default router): tokens in blocks of kSumsInOrder, each token's row by plain
+/// loops, so that the max, the exponentials, the scaling and the top-k scan run in vector lanes
+/// (host_vector_kernels.hpp) and the block's sums interleave (sums_in_order). Bitwise the team
+/// kernel's results: every element by the same operations, each sum in expert order.
 template <class Space, class PView, class LView, class IView, class GView>
 void router_softmax_topk_on_host(const Space& space, const RouterParams& r, const PView& p, const LView& lse,
                                  const IView& topk, const GView& gates) {
   using S = typename PView::non_const_value_type;
   const int T = static_cast<int>(p.extent(0)), E = static_cast<int>(p.extent(1));
-  const int k = static_cast<int>(topk.extent(1));
-  Kokkos::parallel_for("examoe::router::softmax_topk", Kokkos::RangePolicy<Space>(space, 0, T), [=](const int t) {
-    S* u = &p(t, 0);
-    if (r.jitter > 0 || r.inv_temperature != 1.0)
-      for (int e = 0; e < E; ++e) u[e] = router_logit(r, u[e], t, e, E);
-    const S umax = host::row_max(u, E);
-    if constexpr (std::is_same<S, float>::value)
-      host::exp_shifted(u, umax, E);
-    else
-      for (int e = 0; e < E; ++e) u[e] = exp_(u[e] - umax);
-    S sum = 0;
-    for (int e = 0; e < E; ++e) sum += u[e];
-    const S inv = S(1) / sum;
-    for (int e = 0; e < E; ++e) u[e] *= inv;
-    lse(t) = umax + kc::log(sum);
-    topk_by_insertion(p, t, E, k, topk, [u, E](int e, S last) { return host::first_greater(u, e, E, last); });
-    S chosen = 0;
-    for (int j = 0; j < k; ++j) {
-      gates(t, j) = u[topk(t, j)];
-      chosen += u[topk(t, j)];
-    }
-    if (r.renormalize && chosen > 0)
-      for (int j = 0; j < k; ++j) gates(t, j) /= chosen;
-  });
+  const int k = static_cast<int>(topk.extent(1)), B = kSumsInOrder;
+  Kokkos::parallel_for(
+      "examoe::router::softmax_topk", Kokkos::RangePolicy<Space>(space, 0, (T + B - 1) / B), [=](const int b) {
+        const int t0 = b * B, m = T - t0 < B ? T - t0 : B;
+        S umax[kSumsInOrder], sum[kSumsInOrder];
+        for (int j = 0; j < m; ++j) {
+          S* u = &p(t0 + j, 0);
+          if (r.jitter > 0 || r.inv_temperature != 1.0)
+            for (int e = 0; e < E; ++e) u[e] = router_logit(r, u[e], t0 + j, e, E);
+          umax[j] = host::row_max(u, E);
+          if constexpr (std::is_same<S, float>::value)
+            host::exp_shifted(u, umax[j], E);
+          else
+            for (int e = 0; e < E; ++e) u[e] = exp_(u[e] - umax[j]);
+        }
+        sums_in_order(m, E, [&](const int j, const int e) { return p(t0 + j, e); }, sum);
+        for (int j = 0; j < m; ++j) {
+          const int t = t0 + j;
+          S* u = &p(t, 0);
+          const S inv = S(1) / sum[j];
+          for (int e = 0; e < E; ++e) u[e] *= inv;
+          lse(t) = umax[j] + kc::log(sum[j]);
+          topk_by_insertion(p, t, E, k, topk, [u, E](int e, S last) { return host::first_greater(u, e, E, last); });
+          S chosen = 0;
+          for (int i = 0; i < k; ++i) {
+            gates(t, i) = u[topk(t, i)];
+            chosen += u[topk(t, i)];
+          }
+          if (r.renormalize && chosen > 0)
+            for (int i = 0; i < k; ++i) gates(t, i) /= chosen;
+        }
+      });
 }
 
 /// In: logits z[T][E] in `p`. Out: the scores in p (softmax(u), or sigmoid(u) with
@@ -434,15 +443,61 @@ struct GatePart {
   }
 };
 
+/// dL/du_e of a softmax score p_e with dL/dp_e = dpe, dot = sum_e' p_e' dL/dp_e' and the z-loss
+/// term zt = zc lse, divided by the temperature (du/dz).
+template <class S>
+KOKKOS_INLINE_FUNCTION S softmax_dz(const S p, const S dpe, const S dot, const S zt, const double invtemp) {
+  const S du = p * (dpe - dot) + zt * p;
+  return static_cast<S>(du * invtemp);
+}
+
+/// router_backward_softmax on a host backend: tokens in blocks of kSumsInOrder, the block's
+/// dot products interleaved (sums_in_order), each token's row by plain loops. Bitwise the team
+/// kernel's results.
+template <class Space, class PView, class LView, class IView, class GView, class AView, class DView>
+void router_backward_softmax_on_host(const Space& space, const RouterParams& rp, const PView& p, const LView& lse,
+                                     const IView& topk, const GView& gates, const GView& dg, const AView& aux,
+                                     double zc, const DView& dz) {
+  using S = typename PView::non_const_value_type;
+  const int T = static_cast<int>(p.extent(0)), E = static_cast<int>(p.extent(1));
+  const int k = static_cast<int>(topk.extent(1)), B = kSumsInOrder;
+  const bool renorm = rp.renormalize;
+  const double invtemp = rp.inv_temperature;
+  Kokkos::parallel_for(
+      "examoe::router::backward", Kokkos::RangePolicy<Space>(space, 0, (T + B - 1) / B), [=](const int b) {
+        const int t0 = b * B, m = T - t0 < B ? T - t0 : B;
+        S dot[kSumsInOrder];  // sum_e p_e dp_e, the aux part first (as the team kernel)
+        sums_in_order(m, E, [&](const int j, const int e) { return p(t0 + j, e) * static_cast<S>(aux(e)); }, dot);
+        for (int j = 0; j < m; ++j) {
+          const int t = t0 + j;
+          const GatePart<S, PView, IView, GView> gate_part(p, topk, gates, dg, t, k, renorm);
+          for (int i = 0; i < k; ++i) dot[j] += p(t, topk(t, i)) * gate_part(i);
+          const S zt = static_cast<S>(zc) * lse(t), dt = dot[j];
+          for (int e = 0; e < E; ++e) dz(t, e) = softmax_dz(p(t, e), static_cast<S>(aux(e)), dt, zt, invtemp);
+          for (int i = 0; i < k; ++i) {
+            const int e = topk(t, i);
+            dz(t, e) = softmax_dz(p(t, e), static_cast<S>(aux(e)) + gate_part(i), dt, zt, invtemp);
+          }
+        }
+      });
+}
+
 /// Router backward with softmax scores, one team per token, its threads over the E experts. dz[T][E] = dL/dz for
 /// the gate gradients dg[T][k], the aux-loss gradient coefficient aux[e] = alpha E f_e / T_g
 /// and z-loss coefficient zc = 2 beta / T_g. Every expert first gets the aux part of dp; the
-/// k chosen ones are then rewritten with their gate part added (the same expression).
+/// k chosen ones are then rewritten with their gate part added (the same expression). On host
+/// backends router_backward_softmax_on_host runs instead, unless `team_kernel` (the tests').
 template <class Space, class PView, class LView, class IView, class GView, class AView,
           class DView>
 void router_backward_softmax(const Space& space, const RouterParams& rp, const PView& p,
                              const LView& lse, const IView& topk, const GView& gates, const GView& dg,
-                             const AView& aux, double zc, const DView& dz) {
+                             const AView& aux, double zc, const DView& dz, bool team_kernel = false) {
+  if constexpr (!kc::device_memory_v<Space>) {
+    if (!team_kernel) {
+      router_backward_softmax_on_host(space, rp, p, lse, topk, gates, dg, aux, zc, dz);
+      return;
+    }
+  }
   using S = typename PView::non_const_value_type;
   const int T = static_cast<int>(p.extent(0)), E = static_cast<int>(p.extent(1));
   const int k = static_cast<int>(topk.extent(1));
@@ -462,17 +517,14 @@ void router_backward_softmax(const Space& space, const RouterParams& rp, const P
             dot);
         for (int j = 0; j < k; ++j) dot += p(t, topk(t, j)) * gate_part(j);
         const S zt = static_cast<S>(zc) * lse(t);
-        auto dz_of = [&](const int e, const S dpe) {
-          const S du = p(t, e) * (dpe - dot) + zt * p(t, e);
-          return static_cast<S>(du * invtemp);
-        };
-        Kokkos::parallel_for(Kokkos::TeamThreadRange(m, E),
-                             [&](const int e) { dz(t, e) = dz_of(e, static_cast<S>(aux(e))); });
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(m, E), [&](const int e) {
+          dz(t, e) = softmax_dz(p(t, e), static_cast<S>(aux(e)), dot, zt, invtemp);
+        });
         m.team_barrier();
         Kokkos::single(Kokkos::PerTeam(m), [&]() {
           for (int j = 0; j < k; ++j) {
             const int e = topk(t, j);
-            dz(t, e) = dz_of(e, static_cast<S>(aux(e)) + gate_part(j));
+            dz(t, e) = softmax_dz(p(t, e), static_cast<S>(aux(e)) + gate_part(j), dot, zt, invtemp);
           }
         });
       });
