@@ -242,14 +242,16 @@ void gate_grads(const Space& space, const LView& loc, int k, const BufView& ye,
             const int a0 = b * B, m = A - a0 < B ? A - a0 : B;
             const S* x[kSumsInOrder] = {};
             const S* y[kSumsInOrder] = {};
+            bool dropped[kSumsInOrder] = {};
             for (int j = 0; j < m; ++j) {
               const int a = a0 + j, l = loc(a);
+              dropped[j] = l == kDroppedRow;
               x[j] = &dout(a / k, 0);
-              y[j] = l >= 0 ? &ye(l, 0) : l == kDroppedRow ? x[j] : &back_recv(-1 - l, 0);
+              y[j] = l >= 0 ? &ye(l, 0) : dropped[j] ? x[j] : &back_recv(-1 - l, 0);  // dropped: any row, result 0
             }
             G s[kSumsInOrder];
             sums_in_order(m, d, [&](const int j, const int c) -> G { return x[j][c] * y[j][c]; }, s);
-            for (int j = 0; j < m; ++j) dg((a0 + j) / k, (a0 + j) % k) = loc(a0 + j) == kDroppedRow ? G(0) : s[j];
+            for (int j = 0; j < m; ++j) dg((a0 + j) / k, (a0 + j) % k) = dropped[j] ? G(0) : s[j];
           });
       return;
     }

@@ -17,7 +17,7 @@ template <class R, class F>
 inline void sums_in_order(int m, int n, const F& term, R* out) {
   R acc[kSumsInOrder];
   for (int j = 0; j < kSumsInOrder; ++j) acc[j] = R(0);
-  if (m == kSumsInOrder) {
+  if (m == kSumsInOrder) {  // the common case, with a trip count the compiler unrolls
     for (int c = 0; c < n; ++c)
       for (int j = 0; j < kSumsInOrder; ++j) acc[j] += term(j, c);
   } else {
