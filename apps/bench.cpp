@@ -7,6 +7,7 @@
 #include <examoe/examoe.hpp>
 #include <examoe/model.hpp>
 #include <examoe/train.hpp>
+#include <examoe/impl/host_blas.hpp>
 #include <examoe/impl/host_sync.hpp>
 #include <examoe/impl/host_vector_kernels.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
@@ -435,9 +436,12 @@ int run(const BenchOptions& o) {
                 move_s > 0 && copy_min > 0 ? 100.0 * move_bytes / move_s / copy_min : 0.0);
     std::printf("  per forward:  %s (rank 0)\n", counts_text(work.forward).c_str());
     std::printf("  per backward: %s (rank 0)\n", counts_text(work.backward).c_str());
-    std::printf("  backend: %s on %s%s%s\n", layer.communicator().backend().c_str(), Kokkos::DefaultExecutionSpace::name(),
-                impl::kc::device_memory_v<Kokkos::DefaultExecutionSpace> ? "" : ", float activations with ",
-                impl::kc::device_memory_v<Kokkos::DefaultExecutionSpace> ? "" : impl::host::vector_isa());
+    const bool host_gemms = !impl::kc::device_memory_v<Kokkos::DefaultExecutionSpace>;
+    const std::string blas = host_gemms && !impl::host::blas_core().empty()
+                                 ? ", GEMMs with OpenBLAS's " + impl::host::blas_core() + " kernels"
+                                 : std::string();
+    std::printf("  backend: %s on %s%s%s%s\n", layer.communicator().backend().c_str(), Kokkos::DefaultExecutionSpace::name(),
+                host_gemms ? ", float activations with " : "", host_gemms ? impl::host::vector_isa() : "", blas.c_str());
     if (!o.json.empty()) {
       errno = 0;
       js << "{\"bench\":\"moe_layer\",\"ranks\":" << size << ",\"precision\":\"" << o.precision
@@ -459,6 +463,7 @@ int run(const BenchOptions& o) {
          << ",\"dropped_fraction\":" << dropped_fraction << ",\"kept_imbalance\":" << kept_imbalance
          << ",\"comm\":\"" << layer.communicator().backend() << "\",\"space\":\""
          << Kokkos::DefaultExecutionSpace::name() << "\",\"host_vector_isa\":\"" << impl::host::vector_isa()
+         << "\",\"blas_core\":\"" << impl::host::blas_core()
          << "\",\"move_bytes_per_s\":" << (move_s > 0 ? move_bytes / move_s : 0.0)
          << ",\"copy_bytes_per_s\":" << copy_min << ",\"forward_counts\":" << counts_json(work.forward)
          << ",\"backward_counts\":" << counts_json(work.backward) << ",\"phases_s\":{";

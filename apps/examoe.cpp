@@ -5,6 +5,8 @@
 #include "generate_cmd.hpp"
 
 #include <examoe/examoe.hpp>
+#include <examoe/impl/host_blas.hpp>
+#include <examoe/impl/host_vector_kernels.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 
 #include <mpi.h>
@@ -14,6 +16,15 @@
 #include <string>
 
 namespace {
+
+/// On rank 0 of a host backend: a warning when OpenBLAS runs kernels narrower than the CPU's
+/// vectors (impl/host_blas.hpp), before the run it would slow down.
+void warn_about_blas_kernels(int rank) {
+  if (rank != 0 || examoe::impl::kc::device_memory_v<Kokkos::DefaultExecutionSpace>) return;
+  namespace host = examoe::impl::host;
+  const std::string w = host::blas_core_warning(host::blas_core(), host::vector_isa(), host::blas_config());
+  if (!w.empty()) std::fprintf(stderr, "examoe: warning: %s\n", w.c_str());
+}
 
 /// A CLI11 parse error as ExaMoE words every error: the command it concerns, what is wrong
 /// (an unknown command is named), a bounded prefix of any value quoted, and where help is.
@@ -106,6 +117,7 @@ int main(int argc, char** argv) {
         // Kokkos starts only for real work: --help and --version run on nodes without a GPU.
         // On GPUs: one device per rank, by node-local rank (or EXAMOE_DEVICE_ID).
         own_kokkos = examoe::initialize_kokkos(MPI_COMM_WORLD);
+        if (!app.got_subcommand("inspect")) warn_about_blas_kernels(rank);  // inspect runs no GEMMs
         if (app.got_subcommand("bench")) rc = examoe::app::run_bench(bench);
         if (app.got_subcommand("train")) rc = examoe::app::run_train(app, train);
         if (app.got_subcommand("inspect")) rc = examoe::app::run_inspect(inspect);

@@ -49,26 +49,45 @@ build() {
 # One BLAS thread per rank: the ranks are the parallelism.
 export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1
 
+# An OpenBLAS older than the CPU does not recognise it and runs its SSE3 kernels, several times
+# slower (docs/performance.md, "The host BLAS"). Where OpenBLAS would, and OPENBLAS_CORETYPE is
+# not set, this sets it to the kernels the CPU's vectors fit, and says so.
+choose_blas_kernels() {
+  [ -z "${OPENBLAS_CORETYPE:-}" ] || return 0
+  local core fit=""
+  core=$(python3 -c 'import ctypes; b = ctypes.CDLL("libopenblas.so.0"); b.openblas_get_corename.restype = ctypes.c_char_p; print(b.openblas_get_corename().decode())' 2>/dev/null) || return 0
+  case "$core" in ""|Haswell|Zen|SkylakeX|Cooperlake|SapphireRapids|Excavator) return 0 ;; esac
+  if grep -qw avx512f /proc/cpuinfo 2>/dev/null; then fit=SkylakeX
+  elif grep -qw avx2 /proc/cpuinfo 2>/dev/null; then fit=Haswell
+  else return 0; fi
+  export OPENBLAS_CORETYPE=$fit
+  echo "examoe: OpenBLAS would run its $core kernels on this CPU; OPENBLAS_CORETYPE=$fit for this run"
+}
+
 case "${1:-}" in
   deps) install_deps ;;
   run)
     install_deps
+    choose_blas_kernels
     build
     mpiexec -n "${EXAMOE_RANKS:-2}" ./build/apps/examoe train
     ;;
   test)
     install_deps
+    choose_blas_kernels
     build
     ctest --preset default
     ;;
   sanitize)
     install_deps
+    choose_blas_kernels
     cmake --preset asan
     cmake --build --preset asan
     ctest --preset asan
     ;;
   fuzz)
     install_deps
+    choose_blas_kernels
     cmake --preset fuzz
     cmake --build --preset fuzz
     out=build-fuzz

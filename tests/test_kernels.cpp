@@ -4,6 +4,7 @@
 // the host paths of the gate gradients and the router backward against their team kernels.
 #include <examoe/impl/dispatch_kernels.hpp>
 #include <examoe/impl/expert_kernels.hpp>
+#include <examoe/impl/host_blas.hpp>
 #include <examoe/impl/router_kernels.hpp>
 
 #include <gtest/gtest.h>
@@ -203,6 +204,49 @@ TEST(HostVectorKernels, KokkosEntryPointsGoRowByRow) {
       ASSERT_EQ(bits_of(da(i, c)), bits_of(dg)) << i << "," << c;
       ASSERT_EQ(bits_of(du(i, c)), bits_of(dv)) << i << "," << c;
     }
+}
+
+// The host BLAS check: a warning exactly where OpenBLAS's kernels lack AVX2 on a CPU that has
+// it, naming the OPENBLAS_CORETYPE that fits; and the core this process runs, as OpenBLAS's
+// own build line names it.
+TEST(HostBlas, WarnsWhereTheKernelsAreNarrowerThanTheCpu) {
+  using examoe::impl::host::blas_core_warning;
+  const std::string config = "OpenBLAS 0.3.21 DYNAMIC_ARCH NO_AFFINITY Prescott MAX_THREADS=64";
+  const std::string w = blas_core_warning("Prescott", "avx512f", config);
+  EXPECT_NE(w.find("'Prescott' kernels"), std::string::npos) << w;
+  EXPECT_NE(w.find("AVX-512"), std::string::npos) << w;
+  EXPECT_NE(w.find("OPENBLAS_CORETYPE=SkylakeX"), std::string::npos) << w;
+  EXPECT_NE(w.find("(" + config + ")"), std::string::npos) << w;
+  const std::string w2 = blas_core_warning("Nehalem", "avx2", "");
+  EXPECT_NE(w2.find("OPENBLAS_CORETYPE=Haswell"), std::string::npos) << w2;
+  EXPECT_NE(w2.find("AVX2"), std::string::npos) << w2;
+  EXPECT_EQ(w2.find("()"), std::string::npos) << w2;
+  EXPECT_NE(blas_core_warning("Sandybridge", "avx2", ""), "");
+  // Nothing to warn about: kernels as wide as the CPU's vectors (any case), a CPU without AVX2,
+  // or a BLAS that is not OpenBLAS.
+  for (const char* core : {"Haswell", "Zen", "SkylakeX", "skylakex", "Cooperlake", "SapphireRapids"}) {
+    EXPECT_EQ(blas_core_warning(core, "avx512f", config), "") << core;
+    EXPECT_EQ(blas_core_warning(core, "avx2", config), "") << core;
+  }
+  EXPECT_EQ(blas_core_warning("Prescott", "baseline", config), "");
+  EXPECT_EQ(blas_core_warning("", "avx512f", ""), "");
+
+  // A GEMM through Kokkos Kernels first, so that this process has loaded the BLAS it uses.
+  using M = Kokkos::View<float**, Kokkos::LayoutRight, Kokkos::HostSpace>;
+  M a("a", 2, 2), b("b", 2, 2), c("c", 2, 2);
+  a(0, 0) = 1, a(0, 1) = 2, a(1, 0) = 3, a(1, 1) = 4;
+  b(0, 0) = 5, b(0, 1) = 6, b(1, 0) = 7, b(1, 1) = 8;
+  examoe::impl::kc::gemm(Kokkos::DefaultHostExecutionSpace(), "N", "N", 1.0f, a, b, 0.0f, c);
+  EXPECT_EQ(c(0, 0), 19.0f);
+  EXPECT_EQ(c(0, 1), 22.0f);
+  EXPECT_EQ(c(1, 0), 43.0f);
+  EXPECT_EQ(c(1, 1), 50.0f);
+  const std::string core = examoe::impl::host::blas_core(), build = examoe::impl::host::blas_config();
+  std::printf("host BLAS: %s\n", build.empty() ? "not OpenBLAS" : build.c_str());
+  if (!build.empty()) {
+    EXPECT_FALSE(core.empty());
+    EXPECT_NE(build.find(core), std::string::npos) << build << " does not name " << core;
+  }
 }
 
 // The counting sort behind the dispatch plan, against a hand-sorted key list; then the same
