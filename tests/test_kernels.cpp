@@ -173,6 +173,48 @@ TEST(HostVectorKernels, RouterRowLoopsMatchOneScalarPass) {
   EXPECT_GT(cases, 1000);
 }
 
+// The finite check's scan against std::isfinite element by element: one or two non-finite
+// values (NaN, +-inf, a NaN with payload) anywhere around the 256-element blocks and the
+// vector widths, denormals and the largest finite values (finite), in float and double.
+TEST(HostVectorKernels, FirstNonfiniteMatchesIsfinite) {
+  using examoe::impl::host::first_nonfinite;
+  const float bad[] = {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                       -std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::quiet_NaN()};
+  std::mt19937 rng(9);
+  int cases = 0;
+  for (std::size_t n : {0, 1, 15, 16, 17, 255, 256, 257, 511, 512, 1000}) {
+    std::vector<float> v(n);
+    for (std::size_t i = 0; i < n; ++i)
+      v[i] = i % 3 == 0 ? std::numeric_limits<float>::max() * (i % 2 ? -1.0f : 1.0f)
+                        : i % 3 == 1 ? std::numeric_limits<float>::denorm_min() : 0.5f * static_cast<float>(i);
+    std::vector<double> vd(v.begin(), v.end());
+    if (n > 0) vd[0] = std::numeric_limits<double>::max();  // finite in double only
+    ASSERT_EQ(first_nonfinite(v.data(), n), n) << n;  // all finite
+    ASSERT_EQ(first_nonfinite(vd.data(), n), n) << n;
+    for (int trial = 0; trial < 40 && n > 0; ++trial) {
+      std::vector<float> w = v;
+      std::vector<double> wd = vd;
+      const std::size_t a = std::uniform_int_distribution<std::size_t>(0, n - 1)(rng);
+      const std::size_t b = trial % 2 ? std::uniform_int_distribution<std::size_t>(0, n - 1)(rng) : a;
+      w[a] = bad[trial % 4];
+      w[b] = bad[(trial + 1) % 4];
+      wd[a] = static_cast<double>(w[a]);
+      wd[b] = static_cast<double>(w[b]);
+      std::size_t ref = n;
+      for (std::size_t i = 0; i < n; ++i)
+        if (!std::isfinite(w[i])) {
+          ref = i;
+          break;
+        }
+      ASSERT_EQ(ref, std::min(a, b));
+      ASSERT_EQ(first_nonfinite(w.data(), n), ref) << "n " << n << " at " << a << ", " << b;
+      ASSERT_EQ(first_nonfinite(wd.data(), n), ref) << "n " << n << " at " << a << ", " << b;
+      ++cases;
+    }
+  }
+  EXPECT_GT(cases, 300);
+}
+
 TEST(HostVectorKernels, KokkosEntryPointsGoRowByRow) {
   using Space = Kokkos::DefaultHostExecutionSpace;
   using M = Kokkos::View<float**, Kokkos::LayoutRight, Kokkos::HostSpace>;

@@ -10,7 +10,10 @@
 #include <examoe/impl/expert_kernels.hpp>
 #include <examoe/impl/host_vector_kernels.hpp>
 
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 // On x86-64 ELF builds with GCC or Clang (not nvcc): each loop is built for AVX-512, AVX2 and
 // the baseline, and the dynamic loader picks the widest the CPU has, once. The multiversioned
@@ -84,6 +87,30 @@ EXAMOE_ALWAYS_INLINE int first_greater_body(const S* __restrict row, int begin, 
   return end;
 }
 
+template <class S>
+EXAMOE_ALWAYS_INLINE std::size_t first_nonfinite_body(const S* __restrict v, std::size_t n) {
+  using U = std::conditional_t<sizeof(S) == 4, std::uint32_t, std::uint64_t>;
+  constexpr U exponent = sizeof(S) == 4 ? U(0x7f800000u) : U(0x7ff0000000000000ull);
+  constexpr std::size_t block = 256;
+  const auto nonfinite = [&](std::size_t i) {
+    U u;
+    std::memcpy(&u, v + i, sizeof(u));
+    return (u & exponent) == exponent;
+  };
+  for (std::size_t b = 0; b < n; b += block) {
+    const std::size_t e = n - b > block ? b + block : n;
+    int any = 0;
+    for (std::size_t i = b; i < e; ++i) any |= nonfinite(i);
+    if (any)
+      for (std::size_t i = b; i < e; ++i)
+        if (nonfinite(i)) return i;
+  }
+  return n;
+}
+
+EXAMOE_VECTOR_CLONES std::size_t first_nonfinite_f(const float* v, std::size_t n) { return first_nonfinite_body(v, n); }
+EXAMOE_VECTOR_CLONES std::size_t first_nonfinite_d(const double* v, std::size_t n) { return first_nonfinite_body(v, n); }
+
 EXAMOE_VECTOR_CLONES float row_max_f(const float* row, int n) { return row_max_body(row, n); }
 EXAMOE_VECTOR_CLONES double row_max_d(const double* row, int n) { return row_max_body(row, n); }
 EXAMOE_VECTOR_CLONES int first_greater_f(const float* row, int begin, int end, float x) {
@@ -100,6 +127,9 @@ double row_max(const double* row, int n) { return row_max_d(row, n); }
 void exp_shifted(float* u, float m, int n) { exp_shifted_loop(u, m, n); }
 int first_greater(const float* row, int begin, int end, float x) { return first_greater_f(row, begin, end, x); }
 int first_greater(const double* row, int begin, int end, double x) { return first_greater_d(row, begin, end, x); }
+
+std::size_t first_nonfinite(const float* v, std::size_t n) { return first_nonfinite_f(v, n); }
+std::size_t first_nonfinite(const double* v, std::size_t n) { return first_nonfinite_d(v, n); }
 
 void gelu_forward(float* s, float* a, std::size_t n) { gelu_loop(s, a, n); }
 void gelu_backward(const float* grad, float* da, std::size_t n) { gelu_backward_loop(grad, da, n); }

@@ -20,6 +20,7 @@
 #include <examoe/impl/collectives.hpp>
 #include <examoe/impl/dispatch_kernels.hpp>
 #include <examoe/impl/host_sync.hpp>
+#include <examoe/impl/host_vector_kernels.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/watchdog.hpp>
 #include <examoe/moe_layer.hpp>
@@ -28,6 +29,7 @@
 #include <climits>
 #include <cmath>
 #include <sstream>
+#include <type_traits>
 
 namespace examoe {
 
@@ -41,24 +43,43 @@ template <class Space, class M, class F>
 void find_first_nonfinite(const Space& space, const M& v, const F& first) {
   const int n0 = static_cast<int>(v.extent(0)), n1 = static_cast<int>(v.extent(1));
   Kokkos::deep_copy(space, first, LLONG_MAX);
-  // One team per row, its threads over the row (coalesced on GPUs, a vectorized count on
-  // host backends); only a row with a non-finite element looks for the first one.
-  using team = typename Kokkos::TeamPolicy<Space>::member_type;
-  Kokkos::parallel_for(
-      "examoe::moe::finite_check", row_policy(space, n0, n1), KOKKOS_LAMBDA(const team& m) {
-        const int i = m.league_rank();
-        int bad = 0;
-        Kokkos::parallel_reduce(
-            Kokkos::TeamThreadRange(m, n1), [&](const int j, int& b) { b += kc::isfinite(v(i, j)) ? 0 : 1; }, bad);
-        if (bad == 0) return;
-        Kokkos::single(Kokkos::PerTeam(m), [&]() {
-          for (int j = 0; j < n1; ++j)
-            if (!kc::isfinite(v(i, j))) {
-              Kokkos::atomic_fetch_min(&first(0), static_cast<long long>(i) * n1 + j);
-              break;
+  if constexpr (!kc::device_memory_v<Space>) {
+    // Host backends: rows in blocks of 64, each row one vectorized scan (host::first_nonfinite).
+    static_assert(std::is_same<typename M::array_layout, Kokkos::LayoutRight>::value,
+                  "find_first_nonfinite: host rows are read through pointers");
+    if (n1 == 0) return;
+    constexpr int R = 64;
+    Kokkos::parallel_for(
+        "examoe::moe::finite_check", Kokkos::RangePolicy<Space>(space, 0, (n0 + R - 1) / R), [=](const int b) {
+          const int end = n0 - b * R < R ? n0 : (b + 1) * R;
+          for (int i = b * R; i < end; ++i) {
+            const std::size_t j = host::first_nonfinite(&v(i, 0), static_cast<std::size_t>(n1));
+            if (j < static_cast<std::size_t>(n1)) {
+              Kokkos::atomic_fetch_min(&first(0), static_cast<long long>(i) * n1 + static_cast<long long>(j));
+              return;
             }
+          }
         });
-      });
+  } else {
+    // GPUs: one team per row, its threads over the row (coalesced); only a row with a
+    // non-finite element looks for the first one.
+    using team = typename Kokkos::TeamPolicy<Space>::member_type;
+    Kokkos::parallel_for(
+        "examoe::moe::finite_check", row_policy(space, n0, n1), KOKKOS_LAMBDA(const team& m) {
+          const int i = m.league_rank();
+          int bad = 0;
+          Kokkos::parallel_reduce(
+              Kokkos::TeamThreadRange(m, n1), [&](const int j, int& b) { b += kc::isfinite(v(i, j)) ? 0 : 1; }, bad);
+          if (bad == 0) return;
+          Kokkos::single(Kokkos::PerTeam(m), [&]() {
+            for (int j = 0; j < n1; ++j)
+              if (!kc::isfinite(v(i, j))) {
+                Kokkos::atomic_fetch_min(&first(0), static_cast<long long>(i) * n1 + j);
+                break;
+              }
+          });
+        });
+  }
 }
 
 }  // namespace impl

@@ -27,6 +27,12 @@ void exp_shifted(float* u, float m, int n);
 int first_greater(const float* row, int begin, int end, float x);
 int first_greater(const double* row, int begin, int end, double x);
 
+/// The index of the first element of v[0..n) that is NaN or infinite (exponent bits all ones),
+/// or n (the layer's finite check of its inputs: a vectorized scan, block by block, that looks
+/// for the element only in a block that has one).
+std::size_t first_nonfinite(const float* v, std::size_t n);
+std::size_t first_nonfinite(const double* v, std::size_t n);
+
 /// Reads `bytes` bytes from p front to back, one load per 64-byte line, and discards them: the
 /// memory then comes into the cache as one stream (the experts' weights, before GEMMs that
 /// would otherwise fetch them line by line while packing them).
