@@ -22,6 +22,8 @@
 #if defined(__x86_64__) && defined(__ELF__) && (defined(__GNUC__) || defined(__clang__)) && \
     !defined(__CUDACC__) && !defined(__NVCOMPILER)
 #define EXAMOE_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define EXAMOE_AVX512_SEARCH 1
+#include <immintrin.h>
 #else
 #define EXAMOE_VECTOR_CLONES
 #endif
@@ -120,13 +122,65 @@ EXAMOE_VECTOR_CLONES int first_greater_d(const double* row, int begin, int end, 
   return first_greater_body(row, begin, end, x);
 }
 
+#ifdef EXAMOE_AVX512_SEARCH
+// The search with AVX-512 compares written out: GCC 12 keeps first_greater_body's blocks scalar
+// even in its AVX-512 clone (a loop with an early exit), and the router's top-k scans every row
+// with it (about 2.3x faster at E = 256). A compare into a mask, ordered and quiet (NaN is never
+// greater), and the mask's lowest set bit: the same index as the scalar loop.
+__attribute__((target("avx512f"))) int first_greater_avx512(const float* row, int begin, int end, float x) {
+  const __m512 xs = _mm512_set1_ps(x);
+  int e = begin;
+  for (; e + 16 <= end; e += 16) {
+    const unsigned m = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + e), xs, _CMP_GT_OQ);
+    if (m) return e + __builtin_ctz(m);
+  }
+  if (e < end) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (end - e)) - 1);
+    const unsigned m = _mm512_mask_cmp_ps_mask(tail, _mm512_maskz_loadu_ps(tail, row + e), xs, _CMP_GT_OQ);
+    if (m) return e + __builtin_ctz(m);
+  }
+  return end;
+}
+__attribute__((target("avx512f"))) int first_greater_avx512(const double* row, int begin, int end, double x) {
+  const __m512d xs = _mm512_set1_pd(x);
+  int e = begin;
+  for (; e + 8 <= end; e += 8) {
+    const unsigned m = _mm512_cmp_pd_mask(_mm512_loadu_pd(row + e), xs, _CMP_GT_OQ);
+    if (m) return e + __builtin_ctz(m);
+  }
+  if (e < end) {
+    const __mmask8 tail = static_cast<__mmask8>((1u << (end - e)) - 1);
+    const unsigned m = _mm512_mask_cmp_pd_mask(tail, _mm512_maskz_loadu_pd(tail, row + e), xs, _CMP_GT_OQ);
+    if (m) return e + __builtin_ctz(m);
+  }
+  return end;
+}
+bool cpu_has_avx512f() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return has;
+}
+#endif
+
 }  // namespace
 
 float row_max(const float* row, int n) { return row_max_f(row, n); }
 double row_max(const double* row, int n) { return row_max_d(row, n); }
 void exp_shifted(float* u, float m, int n) { exp_shifted_loop(u, m, n); }
-int first_greater(const float* row, int begin, int end, float x) { return first_greater_f(row, begin, end, x); }
-int first_greater(const double* row, int begin, int end, double x) { return first_greater_d(row, begin, end, x); }
+int first_greater(const float* row, int begin, int end, float x) {
+#ifdef EXAMOE_AVX512_SEARCH
+  if (cpu_has_avx512f()) return first_greater_avx512(row, begin, end, x);
+#endif
+  return first_greater_f(row, begin, end, x);
+}
+int first_greater(const double* row, int begin, int end, double x) {
+#ifdef EXAMOE_AVX512_SEARCH
+  if (cpu_has_avx512f()) return first_greater_avx512(row, begin, end, x);
+#endif
+  return first_greater_d(row, begin, end, x);
+}
 
 std::size_t first_nonfinite(const float* v, std::size_t n) { return first_nonfinite_f(v, n); }
 std::size_t first_nonfinite(const double* v, std::size_t n) { return first_nonfinite_d(v, n); }
