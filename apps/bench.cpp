@@ -104,80 +104,110 @@ void fill_uniform(const Mat<S>& m, std::uint64_t seed, std::uint64_t stream) {
 /// its forward, its weights still in cache; with `layer_order`, every expert's forward runs
 /// first and then every expert's backward, as a layer's forward and backward must.
 template <class S>
-double gemm_only_seconds(const std::vector<std::vector<std::int64_t>>& blocks, int d, int h, bool swiglu,
-                         int steps, bool layer_order = false) {
-  const auto sp = Kokkos::DefaultExecutionSpace();
-  std::vector<Mat<S>> X, Hm, U, Y, W1, W2, W3, G1, G2, G3, DX;
-  std::vector<std::vector<std::pair<int, int>>> ranges(blocks.size());  // [begin, end) per block
-  for (std::size_t l = 0; l < blocks.size(); ++l) {
-    int n = 0;
-    for (std::int64_t b : blocks[l]) {
-      if (b > 0) ranges[l].emplace_back(n, n + static_cast<int>(b));
-      n += static_cast<int>(b);
+class BareExpertGemms {
+ public:
+  BareExpertGemms(const std::vector<std::vector<std::int64_t>>& blocks, int d, int h, bool swiglu, bool layer_order)
+      : swiglu_(swiglu), layer_order_(layer_order), ranges_(blocks.size()) {
+    for (std::size_t l = 0; l < blocks.size(); ++l) {
+      int n = 0;
+      for (std::int64_t b : blocks[l]) {
+        if (b > 0) ranges_[l].emplace_back(n, n + static_cast<int>(b));
+        n += static_cast<int>(b);
+      }
+      X.emplace_back("X", n, d); Hm.emplace_back("H", n, h); U.emplace_back("U", n, h);
+      Y.emplace_back("Y", n, d); DX.emplace_back("DX", n, d);
+      W1.emplace_back("W1", d, h); W2.emplace_back("W2", h, d); W3.emplace_back("W3", d, h);
+      G1.emplace_back("G1", d, h); G2.emplace_back("G2", h, d); G3.emplace_back("G3", d, h);
+      fill_uniform(X.back(), 7, l); fill_uniform(W1.back(), 8, l); fill_uniform(W2.back(), 9, l);
+      fill_uniform(W3.back(), 10, l); fill_uniform(Hm.back(), 11, l);
     }
-    X.emplace_back("X", n, d); Hm.emplace_back("H", n, h); U.emplace_back("U", n, h);
-    Y.emplace_back("Y", n, d); DX.emplace_back("DX", n, d);
-    W1.emplace_back("W1", d, h); W2.emplace_back("W2", h, d); W3.emplace_back("W3", d, h);
-    G1.emplace_back("G1", d, h); G2.emplace_back("G2", h, d); G3.emplace_back("G3", d, h);
-    fill_uniform(X.back(), 7, l); fill_uniform(W1.back(), 8, l); fill_uniform(W2.back(), 9, l);
-    fill_uniform(W3.back(), 10, l); fill_uniform(Hm.back(), 11, l);
+    once();  // warm-up
   }
-  auto rows = [](const Mat<S>& m, const std::pair<int, int>& r) {
+  /// Seconds of one pass: every expert's forward and backward GEMMs.
+  double seconds() {
+    const auto t = Clock::now();
+    once();
+    return seconds_since(t);
+  }
+  /// Mean seconds of a pass over `steps` passes.
+  double mean_seconds(int steps) {
+    const auto t = Clock::now();
+    for (int s = 0; s < steps; ++s) once();
+    return seconds_since(t) / steps;
+  }
+
+ private:
+  static auto rows(const Mat<S>& m, const std::pair<int, int>& r) {
     return Kokkos::subview(m, Kokkos::make_pair(r.first, r.second), Kokkos::ALL);
-  };
-  auto forward = [&](std::size_t l) {
-    for (const auto& r : ranges[l]) {  // block by block
+  }
+  void forward(std::size_t l) {
+    const auto sp = Kokkos::DefaultExecutionSpace();
+    for (const auto& r : ranges_[l]) {  // block by block
       impl::kc::gemm(sp, "N", "N", S(1), rows(X[l], r), W1[l], S(0), rows(Hm[l], r));
-      if (swiglu) impl::kc::gemm(sp, "N", "N", S(1), rows(X[l], r), W3[l], S(0), rows(U[l], r));
+      if (swiglu_) impl::kc::gemm(sp, "N", "N", S(1), rows(X[l], r), W3[l], S(0), rows(U[l], r));
       impl::kc::gemm(sp, "N", "N", S(1), rows(Hm[l], r), W2[l], S(0), rows(Y[l], r));
     }
-  };
-  auto once = [&]() {
-    if (layer_order)
-      for (std::size_t l = 0; l < blocks.size(); ++l) forward(l);
-    for (std::size_t l = 0; l < blocks.size(); ++l) {
-      if (!layer_order) forward(l);
-      for (const auto& r : ranges[l]) {  // backward: da, dx
+  }
+  void once() {
+    const auto sp = Kokkos::DefaultExecutionSpace();
+    if (layer_order_)
+      for (std::size_t l = 0; l < ranges_.size(); ++l) forward(l);
+    for (std::size_t l = 0; l < ranges_.size(); ++l) {
+      if (!layer_order_) forward(l);
+      for (const auto& r : ranges_[l]) {  // backward: da, dx
         impl::kc::gemm(sp, "N", "T", S(1), rows(Y[l], r), W2[l], S(0), rows(U[l], r));
         impl::kc::gemm(sp, "N", "T", S(1), rows(U[l], r), W1[l], S(0), rows(DX[l], r));
-        if (swiglu) impl::kc::gemm(sp, "N", "T", S(1), rows(Hm[l], r), W3[l], S(1), rows(DX[l], r));
+        if (swiglu_) impl::kc::gemm(sp, "N", "T", S(1), rows(Hm[l], r), W3[l], S(1), rows(DX[l], r));
       }
-      if (ranges[l].empty()) continue;  // the weight gradients, one GEMM per tensor over all rows
+      if (ranges_[l].empty()) continue;  // the weight gradients, one GEMM per tensor over all rows
       impl::kc::gemm(sp, "T", "N", S(1), Hm[l], Y[l], S(1), G2[l]);
       impl::kc::gemm(sp, "T", "N", S(1), X[l], U[l], S(1), G1[l]);
-      if (swiglu) impl::kc::gemm(sp, "T", "N", S(1), X[l], Hm[l], S(1), G3[l]);
+      if (swiglu_) impl::kc::gemm(sp, "T", "N", S(1), X[l], Hm[l], S(1), G3[l]);
     }
     sp.fence();
-  };
-  once();  // warm-up
-  const auto t = Clock::now();
-  for (int s = 0; s < steps; ++s) once();
-  return seconds_since(t) / steps;
-}
+  }
+
+  bool swiglu_, layer_order_;
+  std::vector<std::vector<std::pair<int, int>>> ranges_;  // [begin, end) per block
+  std::vector<Mat<S>> X, Hm, U, Y, W1, W2, W3, G1, G2, G3, DX;
+};
 
 /// The bare router GEMMs of one step: the logits x Wr forward, dWr = x^T dz and dx = dz Wr^T
 /// backward, at the layer's shapes (T x d times d x E). They are GEMMs the layer must run too,
 /// a fraction E / (2 k h) of the experts' flops (a quarter at d=128, h=256, E=256).
 template <class S>
-double router_gemm_seconds(int tokens, int d, int num_experts, int steps) {
-  const auto sp = Kokkos::DefaultExecutionSpace();
-  Mat<S> x("examoe::bench::router_x", tokens, d), Wr("examoe::bench::router_Wr", d, num_experts);
-  Mat<S> z("examoe::bench::router_z", tokens, num_experts), dWr("examoe::bench::router_dWr", d, num_experts);
-  Mat<S> dx("examoe::bench::router_dx", tokens, d);
-  fill_uniform(x, 12, 0);
-  fill_uniform(Wr, 13, 0);
-  auto once = [&]() {
-    if (tokens == 0) return;
+class BareRouterGemms {
+ public:
+  BareRouterGemms(int tokens, int d, int num_experts)
+      : x("examoe::bench::router_x", tokens, d), Wr("examoe::bench::router_Wr", d, num_experts),
+        z("examoe::bench::router_z", tokens, num_experts), dWr("examoe::bench::router_dWr", d, num_experts),
+        dx("examoe::bench::router_dx", tokens, d) {
+    fill_uniform(x, 12, 0);
+    fill_uniform(Wr, 13, 0);
+    once();  // warm-up
+  }
+  double seconds() {
+    const auto t = Clock::now();
+    once();
+    return seconds_since(t);
+  }
+  double mean_seconds(int steps) {
+    const auto t = Clock::now();
+    for (int s = 0; s < steps; ++s) once();
+    return seconds_since(t) / steps;
+  }
+
+ private:
+  void once() {
+    const auto sp = Kokkos::DefaultExecutionSpace();
+    if (x.extent(0) == 0) return;
     impl::kc::gemm(sp, "N", "N", S(1), x, Wr, S(0), z);
     impl::kc::gemm(sp, "T", "N", S(1), x, z, S(0), dWr);
     impl::kc::gemm(sp, "N", "T", S(1), z, Wr, S(0), dx);
     sp.fence();
-  };
-  once();  // warm-up
-  const auto t = Clock::now();
-  for (int s = 0; s < steps; ++s) once();
-  return seconds_since(t) / steps;
-}
+  }
+  Mat<S> x, Wr, z, dWr, dx;
+};
 
 /// One-way bytes per second of a device-to-device copy of n elements (the best of `steps`).
 template <class S>
@@ -271,6 +301,43 @@ double time_steps(const BenchOptions& o, MPI_Comm comm, MoELayer<S>& layer, cons
   return step_time / o.steps;
 }
 
+/// The bound measured in paired rounds: each round times one layer step and then the bare
+/// GEMMs of the same shapes, so that both see the machine in the same state (on a shared VM
+/// the GEMM rate drifts by 20-40 % within a minute, and the means above, taken one after the
+/// other, drift with it). Per round, (bare expert + router GEMMs) / layer step, each the
+/// slowest rank's; the median and the range over `o.steps` rounds.
+struct PairedRounds {
+  double median = 0, low = 0, high = 0;
+};
+template <class S>
+PairedRounds paired_rounds(const BenchOptions& o, MPI_Comm comm, MoELayer<S>& layer, const Mat<S>& x,
+                           const Mat<S>& out, const Mat<S>& dout, const Mat<S>& dx, BareExpertGemms<S>& bare,
+                           BareRouterGemms<S>& bare_router) {
+  std::vector<double> fractions;
+  for (int s = 0; s < o.steps; ++s) {
+    MPI_Barrier(comm);
+    const auto t = Clock::now();
+    layer.forward(x, out);
+    layer.backward(dout, dx);
+    Kokkos::fence();
+    double mine[3] = {seconds_since(t), 0, 0}, slowest[3] = {0, 0, 0};
+    layer.update_router_bias();
+    MPI_Barrier(comm);
+    mine[1] = bare.seconds();
+    mine[2] = bare_router.seconds();
+    MPI_Allreduce(mine, slowest, 3, MPI_DOUBLE, MPI_MAX, comm);
+    if (slowest[0] > 0) fractions.push_back((slowest[1] + slowest[2]) / slowest[0]);
+  }
+  PairedRounds r;
+  if (fractions.empty()) return r;
+  std::sort(fractions.begin(), fractions.end());
+  const std::size_t n = fractions.size();
+  r.median = n % 2 ? fractions[n / 2] : 0.5 * (fractions[n / 2 - 1] + fractions[n / 2]);
+  r.low = fractions.front();
+  r.high = fractions.back();
+  return r;
+}
+
 /// What one forward and one backward make, counted (impl/host_sync.hpp): host waits, kernel
 /// launches (Kokkos Tools callbacks) and GEMM calls.
 struct StepWork {
@@ -360,10 +427,13 @@ int run(const BenchOptions& o) {
     whole[l] = {st.rows_per_local_expert[l]};
   }
   const bool swiglu = cfg.activation == Activation::swiglu;
-  const double gemm = gemm_only_seconds<S>(blocks, o.d_model, o.d_hidden, swiglu, o.steps);
-  const double gemm_whole = gemm_only_seconds<S>(whole, o.d_model, o.d_hidden, swiglu, o.steps);
-  const double gemm_ordered = gemm_only_seconds<S>(blocks, o.d_model, o.d_hidden, swiglu, o.steps, true);
-  const double router_gemm = router_gemm_seconds<S>(o.tokens, o.d_model, o.num_experts, o.steps);
+  const double gemm_whole = BareExpertGemms<S>(whole, o.d_model, o.d_hidden, swiglu, false).mean_seconds(o.steps);
+  const double gemm_ordered = BareExpertGemms<S>(blocks, o.d_model, o.d_hidden, swiglu, true).mean_seconds(o.steps);
+  BareExpertGemms<S> bare(blocks, o.d_model, o.d_hidden, swiglu, false);
+  BareRouterGemms<S> bare_router(o.tokens, o.d_model, o.num_experts);
+  const double gemm = bare.mean_seconds(o.steps);
+  const double router_gemm = bare_router.mean_seconds(o.steps);
+  const PairedRounds paired = paired_rounds(o, comm, layer, x, out, dout, dx, bare, bare_router);
   // The slowest rank sets the pace of a collective step.
   double step_max = 0, gemm_max = 0, router_max = 0, whole_max = 0, ordered_max = 0;
   MPI_Allreduce(&step_time, &step_max, 1, MPI_DOUBLE, MPI_MAX, comm);
@@ -422,6 +492,9 @@ int run(const BenchOptions& o) {
                 router_max, 100.0 * o.num_experts / (2.0 * o.top_k * o.d_hidden * (cfg.activation == Activation::swiglu ? 1.5 : 1.0)));
     std::printf("  layer / GEMM bound  %10.1f %%   (expert + router GEMMs; expert GEMMs only: %.1f %%)\n",
                 step_max > 0 ? 100.0 * bound / step_max : 0.0, step_max > 0 ? 100.0 * gemm_max / step_max : 0.0);
+    std::printf("  paired rounds       %10.1f %%   (median of %d rounds of one layer step, then its GEMMs alone: "
+                "%.1f-%.1f %%)\n",
+                100.0 * paired.median, o.steps, 100.0 * paired.low, 100.0 * paired.high);
     std::printf("  dispatch: %lld bytes sent in all (%lld rows stayed local), imbalance %.3f\n",
                 sent_sum, local_sum, st.imbalance);
     std::printf("  ranks per token: %.3f on average, %lld at most (rank 0, own rank included)\n", st.ranks_per_token,
@@ -455,6 +528,8 @@ int run(const BenchOptions& o) {
          << ",\"router_gemm_s\":" << router_max
          << ",\"fraction_of_gemm_bound\":" << bound / step_max
          << ",\"fraction_of_expert_gemm_bound\":" << gemm_max / step_max
+         << ",\"fraction_of_gemm_bound_paired\":" << paired.median
+         << ",\"fraction_of_gemm_bound_paired_range\":[" << paired.low << "," << paired.high << "]"
          << ",\"bytes_sent\":" << sent_sum << ",\"imbalance\":" << st.imbalance
          << ",\"score\":\"" << o.score << "\",\"bias_rate\":" << o.bias_rate << ",\"groups\":" << o.groups
          << ",\"topk_groups\":" << o.topk_groups << ",\"ranks_per_token\":" << st.ranks_per_token
