@@ -21,16 +21,50 @@
 #include <utility>
 #include <vector>
 
-TEST(Kernels, FloatErfMatchesLibm) {
-  double worst = 0;
-  for (double x = -12.0; x <= 12.0; x += 1.0 / 4096) {
+TEST(Kernels, FloatErfcxMatchesDouble) {
+  // erfcx(a) = exp(a^2) erfc(a) over [0, 9.4], where exp(-a^2) is a normal float.
+  double worst = 0, at = 0;
+  for (double x = 0.0; x <= 9.4; x += 1.0 / 4096) {
     const float f = static_cast<float>(x);
-    worst = std::max(worst, std::fabs(examoe::impl::erf_fast(f) - std::erf(static_cast<double>(f))));
+    const double a = f, ref = std::exp(a * a) * std::erfc(a);
+    const double err = std::fabs(examoe::impl::erfcx_fast(f) - ref) / ref;
+    if (err > worst) worst = err, at = a;
   }
-  EXPECT_LT(worst, 1e-6) << "max |erf_fast - erf|";
-  EXPECT_EQ(examoe::impl::erf_fast(0.0f), 0.0f);
-  EXPECT_FLOAT_EQ(examoe::impl::erf_fast(10.0f), 1.0f);
-  EXPECT_FLOAT_EQ(examoe::impl::erf_fast(-10.0f), -1.0f);
+  EXPECT_LT(worst, 4e-7) << "max relative error of erfcx_fast, at " << at;
+  EXPECT_NEAR(examoe::impl::erfcx_fast(0.0f), 1.0f, 3e-7f);
+  EXPECT_EQ(examoe::impl::erfcx_fast(std::numeric_limits<float>::infinity()), -2.22230792e-05f)
+      << "t = 0 at infinity: the polynomial's constant term";
+  EXPECT_TRUE(std::isnan(examoe::impl::erfcx_fast(std::nanf(""))));
+}
+
+TEST(Kernels, FloatGeluAccurateInBothTails) {
+  // gelu(s) = s Phi(s) and gelu'(s) = Phi(s) + s phi(s) against double precision, relative to
+  // the value (gelu) and to |Phi| + |s phi| (gelu', which crosses zero near s = -0.75), for
+  // every s whose gelu is a normal float: in the left tail, 1 + erf(s/sqrt2) would cancel
+  // (gelu(-5) lost all its digits that way before the erfcx form).
+  double worst_a = 0, worst_g = 0, at_a = 0, at_g = 0;
+  for (double x = -13.0; x <= 13.0; x += 1.0 / 1024) {
+    const float s = static_cast<float>(x);
+    float a = 0, g = 0;
+    examoe::impl::gelu_element(s, a, g);
+    const double v = s, Phi = 0.5 * std::erfc(-v / std::sqrt(2.0)), phi = std::exp(-0.5 * v * v) / std::sqrt(2 * 3.14159265358979323846);
+    const double ref_a = v * Phi, ref_g = Phi + v * phi;
+    if (std::fabs(ref_a) < 1e-36) continue;
+    const double ea = std::fabs(a - ref_a) / std::fabs(ref_a), eg = std::fabs(g - ref_g) / (std::fabs(Phi) + std::fabs(v * phi));
+    if (ea > worst_a) worst_a = ea, at_a = v;
+    if (eg > worst_g) worst_g = eg, at_g = v;
+  }
+  EXPECT_LT(worst_a, 8e-7) << "max relative error of gelu, at " << at_a;
+  EXPECT_LT(worst_g, 8e-7) << "max relative error of gelu', at " << at_g;
+  float a = 1, g = 1;
+  examoe::impl::gelu_element(std::nanf(""), a, g);
+  EXPECT_TRUE(std::isnan(a) && std::isnan(g)) << "NaN in, NaN out (the non-finite checks must see it)";
+  examoe::impl::gelu_element(-30.0f, a, g);
+  EXPECT_EQ(a, -0.0f);
+  EXPECT_EQ(g, 0.0f);
+  examoe::impl::gelu_element(30.0f, a, g);
+  EXPECT_EQ(a, 30.0f);
+  EXPECT_EQ(g, 1.0f);
 }
 
 TEST(Kernels, FloatExpMatchesLibm) {
@@ -48,12 +82,18 @@ TEST(Kernels, FloatExpMatchesLibm) {
   // NaN comes out as NaN (the trainer's non-finite checks must see it), without undefined
   // float-to-int conversions on the way (UBSan runs this in the sanitizer build).
   EXPECT_TRUE(std::isnan(examoe::impl::exp_fast(std::nanf(""))));
-  EXPECT_TRUE(std::isnan(examoe::impl::erf_fast(std::nanf(""))));
+  // exp_nonpositive: the same values where both apply, NaN as exp(-87) (gelu_element's other
+  // operands carry its NaN).
+  for (double x = -90.0; x <= 0.0; x += 1.0 / 64)
+    ASSERT_EQ(examoe::impl::exp_nonpositive(static_cast<float>(x)), examoe::impl::exp_fast(static_cast<float>(x))) << x;
+  EXPECT_EQ(examoe::impl::exp_nonpositive(std::nanf("")), examoe::impl::exp_fast(-87.0f));
 }
 
 TEST(Kernels, DoubleUsesLibraryFunctions) {
-  EXPECT_EQ(examoe::impl::erf_<double>(0.3), std::erf(0.3));
   EXPECT_EQ(examoe::impl::exp_<double>(-1.7), std::exp(-1.7));
+  double a = 0, g = 0;
+  examoe::impl::gelu_element(0.3, a, g);
+  EXPECT_EQ(a, 0.3 * (0.5 * (1 + std::erf(0.3 * 0.70710678118654752440))));
 }
 
 // The host vector loops (AVX-512, AVX2 or baseline, whichever this CPU runs) give bitwise the

@@ -1,12 +1,14 @@
 // The float activation loops of the host backends (include/examoe/impl/host_vector_kernels.hpp).
 //
 // The library is built for the compiler's baseline instruction set (SSE2 on x86-64: 4 floats per
-// instruction). On x86-64 these loops are also built for AVX2 and AVX-512 (GCC/Clang
-// target_clones), and the dynamic loader picks the widest the CPU has. Every element is
-// computed by the same functions as the Kokkos functors (gelu_element, swiglu_element,
-// swiglu_backward_element), as the same IEEE operations: this file is compiled without FMA
-// contraction (-ffp-contract=off, src/CMakeLists.txt), so the results are bitwise the same at
-// every width and as the Kokkos functors' on the same host (test_kernels: HostVectorKernels.*).
+// instruction). On x86-64 these loops are also built for AVX-512 and for x86-64-v3 (AVX2 with
+// FMA) (GCC/Clang target_clones), and the dynamic loader picks the widest the CPU has. Every
+// element is computed by the same functions as the Kokkos functors (gelu_element,
+// swiglu_element, swiglu_backward_element), as the same IEEE operations: their fused
+// multiply-adds are explicit (kc::fma: vfmadd in the AVX builds, libm's fmaf in the baseline
+// build, slow but exact), and nothing else is contracted (-ffp-contract=off,
+// src/CMakeLists.txt), so the results are bitwise the same at every width and as the Kokkos
+// functors' on the same host (test_kernels: HostVectorKernels.*).
 #include <examoe/impl/expert_kernels.hpp>
 #include <examoe/impl/host_vector_kernels.hpp>
 
@@ -15,13 +17,16 @@
 #include <limits>
 #include <type_traits>
 
-// On x86-64 ELF builds with GCC or Clang (not nvcc): each loop is built for AVX-512, AVX2 and
-// the baseline, and the dynamic loader picks the widest the CPU has, once. The multiversioned
+// On x86-64 ELF builds with GCC or Clang (not nvcc): each loop is built for AVX-512, x86-64-v3
+// and the baseline, and the dynamic loader picks the widest the CPU has, once. (An arch= clone
+// is chosen by the CPU's features only for the x86-64-v levels; "arch=haswell" would be for
+// Intel's Haswell cores and nothing else. What these clones inline must be force-inlined:
+// GCC inlines nothing else into a function built for another arch.) The multiversioned
 // loops stay inside this file, behind plain functions: across files, GCC's clones are local
 // and Clang 14 ignores the attribute on a definition whose declaration lacks it.
 #if defined(__x86_64__) && defined(__ELF__) && (defined(__GNUC__) || defined(__clang__)) && \
     !defined(__CUDACC__) && !defined(__NVCOMPILER)
-#define EXAMOE_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define EXAMOE_VECTOR_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
 #define EXAMOE_AVX512_SEARCH 1
 #include <immintrin.h>
 #else
@@ -209,7 +214,7 @@ const char* vector_isa() {
     !defined(__NVCOMPILER)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) return "avx512f";
-  if (__builtin_cpu_supports("avx2")) return "avx2";
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";  // x86-64-v3
 #endif
   return "baseline";
 }

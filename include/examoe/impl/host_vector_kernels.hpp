@@ -38,7 +38,8 @@ std::size_t first_nonfinite(const double* v, std::size_t n);
 /// would otherwise fetch them line by line while packing them).
 void stream_into_cache(const void* p, std::size_t bytes);
 
-/// The instruction set these loops run with on this CPU: "avx512f", "avx2" or "baseline".
+/// The instruction set these loops run with on this CPU: "avx512f", "avx2" (with FMA: x86-64-v3)
+/// or "baseline".
 const char* vector_isa();
 
 }  // namespace examoe::impl::host

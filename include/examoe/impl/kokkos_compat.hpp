@@ -7,6 +7,7 @@
 
 #include <examoe/impl/host_sync.hpp>
 
+#include <cmath>
 #include <string>
 #include <type_traits>
 
@@ -24,6 +25,7 @@ using Kokkos::cos;
 using Kokkos::erf;
 using Kokkos::exp;
 using Kokkos::fabs;
+using Kokkos::fma;
 using Kokkos::isfinite;
 using Kokkos::log;
 using Kokkos::sqrt;
@@ -37,6 +39,9 @@ using Kokkos::Experimental::isfinite;
 using Kokkos::Experimental::log;
 using Kokkos::Experimental::sqrt;
 using Kokkos::Experimental::tanh;
+/// a b + c, rounded once (Kokkos 3.4 has no fma; its builds here are host-only).
+inline float fma(float a, float b, float c) { return std::fma(a, b, c); }
+inline double fma(double a, double b, double c) { return std::fma(a, b, c); }
 #endif
 
 // ---- min/max: Kokkos::Experimental::min in 3.x (partially), Kokkos::min in 4.x ----
