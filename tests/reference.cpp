@@ -36,6 +36,14 @@ double round_to_bf16(double v) {
   return std::ldexp(r, e - 8);
 }
 
+double bf16_margin(double v) {
+  const double f = static_cast<double>(static_cast<float>(v));
+  if (f == 0.0 || !std::isfinite(f)) return std::numeric_limits<double>::infinity();
+  int e = 0;
+  const double scaled = std::fabs(std::ldexp(std::frexp(f, &e), 8));  // in [128, 256)
+  return std::fabs(scaled - std::floor(scaled) - 0.5) / scaled;
+}
+
 RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in, const RefWire* wire) {
   const int T = in.T, d = cfg.d_model, h = cfg.d_hidden, E = cfg.num_experts, k = cfg.top_k;
   const bool swiglu = cfg.activation == Activation::swiglu;
@@ -180,9 +188,13 @@ RefResult reference_moe(const MoEConfig& cfg, const RefInputs& in, const RefWire
 
   // Whether assignment (t, e) crosses ranks (only with `wire`), and row v as it arrives.
   auto crosses = [&](int t, int e) { return wire && wire->token_rank[t] != wire->expert_rank[e]; };
+  r.min_bf16_margin = std::numeric_limits<double>::infinity();
   auto arrive = [&](bool cross, std::vector<double>& v) {
     if (cross)
-      for (double& a : v) a = round_to_bf16(a);
+      for (double& a : v) {
+        r.min_bf16_margin = std::min(r.min_bf16_margin, bf16_margin(a));
+        a = round_to_bf16(a);
+      }
   };
   auto expert_input = [&](int t, int e) {
     std::vector<double> v(in.x.begin() + t * d, in.x.begin() + (t + 1) * d);

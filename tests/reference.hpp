@@ -46,6 +46,10 @@ struct RefResult {
   /// how far the top-k decision, and the order of the k chosen, is from flipping. With sigmoid scores, a bias or groups: in
   /// units of the selection key s + b, the group choice's gap included.
   double min_topk_gap = 0.0;
+  /// With a wire: min over the values rounded to bf16 of their distance to the nearest bf16
+  /// rounding boundary (a halfway point), relative to the value (infinity when none crosses):
+  /// how far a rounding is from going the other way when the value carries a relative error.
+  double min_bf16_margin = 0.0;
   // backward of L = <dout, out> + aux + z
   std::vector<double> dx;    ///< [T][d]
   std::vector<double> dWr;   ///< [d][E]
@@ -66,6 +70,8 @@ struct RefWire {
 /// bf16(float(v)) by frexp/ldexp arithmetic (round to nearest even, normal numbers), written
 /// apart from the library's bit-level conversion.
 double round_to_bf16(double v);
+/// |v - the nearest bf16 halfway point| / |v| for float(v) (infinity for 0 and non-finite).
+double bf16_margin(double v);
 
 /// Forward and backward of the dense reference; with `wire`, crossing rows rounded to bf16.
 /// Group-limited routing needs router.groups > 0 (the reference does not know the ranks).
