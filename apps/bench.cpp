@@ -123,31 +123,7 @@ class BareExpertGemms {
     }
     once();  // warm-up
   }
-  /// Seconds of one pass: every expert's forward and backward GEMMs.
-  double seconds() {
-    const auto t = Clock::now();
-    once();
-    return seconds_since(t);
-  }
-  /// Mean seconds of a pass over `steps` passes.
-  double mean_seconds(int steps) {
-    const auto t = Clock::now();
-    for (int s = 0; s < steps; ++s) once();
-    return seconds_since(t) / steps;
-  }
-
- private:
-  static auto rows(const Mat<S>& m, const std::pair<int, int>& r) {
-    return Kokkos::subview(m, Kokkos::make_pair(r.first, r.second), Kokkos::ALL);
-  }
-  void forward(std::size_t l) {
-    const auto sp = Kokkos::DefaultExecutionSpace();
-    for (const auto& r : ranges_[l]) {  // block by block
-      impl::kc::gemm(sp, "N", "N", S(1), rows(X[l], r), W1[l], S(0), rows(Hm[l], r));
-      if (swiglu_) impl::kc::gemm(sp, "N", "N", S(1), rows(X[l], r), W3[l], S(0), rows(U[l], r));
-      impl::kc::gemm(sp, "N", "N", S(1), rows(Hm[l], r), W2[l], S(0), rows(Y[l], r));
-    }
-  }
+  /// One pass: every expert's forward and backward GEMMs.
   void once() {
     const auto sp = Kokkos::DefaultExecutionSpace();
     if (layer_order_)
@@ -167,6 +143,18 @@ class BareExpertGemms {
     sp.fence();
   }
 
+ private:
+  static auto rows(const Mat<S>& m, const std::pair<int, int>& r) {
+    return Kokkos::subview(m, Kokkos::make_pair(r.first, r.second), Kokkos::ALL);
+  }
+  void forward(std::size_t l) {
+    const auto sp = Kokkos::DefaultExecutionSpace();
+    for (const auto& r : ranges_[l]) {  // block by block
+      impl::kc::gemm(sp, "N", "N", S(1), rows(X[l], r), W1[l], S(0), rows(Hm[l], r));
+      if (swiglu_) impl::kc::gemm(sp, "N", "N", S(1), rows(X[l], r), W3[l], S(0), rows(U[l], r));
+      impl::kc::gemm(sp, "N", "N", S(1), rows(Hm[l], r), W2[l], S(0), rows(Y[l], r));
+    }
+  }
   bool swiglu_, layer_order_;
   std::vector<std::vector<std::pair<int, int>>> ranges_;  // [begin, end) per block
   std::vector<Mat<S>> X, Hm, U, Y, W1, W2, W3, G1, G2, G3, DX;
@@ -186,18 +174,7 @@ class BareRouterGemms {
     fill_uniform(Wr, 13, 0);
     once();  // warm-up
   }
-  double seconds() {
-    const auto t = Clock::now();
-    once();
-    return seconds_since(t);
-  }
-  double mean_seconds(int steps) {
-    const auto t = Clock::now();
-    for (int s = 0; s < steps; ++s) once();
-    return seconds_since(t) / steps;
-  }
-
- private:
+  /// One pass: the three GEMMs.
   void once() {
     const auto sp = Kokkos::DefaultExecutionSpace();
     if (x.extent(0) == 0) return;
@@ -206,8 +183,25 @@ class BareRouterGemms {
     impl::kc::gemm(sp, "N", "T", S(1), z, Wr, S(0), dx);
     sp.fence();
   }
+
+ private:
   Mat<S> x, Wr, z, dWr, dx;
 };
+
+/// Seconds of one pass of bare GEMMs (BareExpertGemms, BareRouterGemms), and the mean over
+/// `steps` passes.
+template <class Bare>
+double one_pass_seconds(Bare&& bare) {
+  const auto t = Clock::now();
+  bare.once();
+  return seconds_since(t);
+}
+template <class Bare>
+double mean_pass_seconds(Bare&& bare, int steps) {
+  const auto t = Clock::now();
+  for (int s = 0; s < steps; ++s) bare.once();
+  return seconds_since(t) / steps;
+}
 
 /// One-way bytes per second of a device-to-device copy of n elements (the best of `steps`).
 template <class S>
@@ -323,8 +317,8 @@ PairedRounds paired_rounds(const BenchOptions& o, MPI_Comm comm, MoELayer<S>& la
     double mine[3] = {seconds_since(t), 0, 0}, slowest[3] = {0, 0, 0};
     layer.update_router_bias();
     MPI_Barrier(comm);
-    mine[1] = bare.seconds();
-    mine[2] = bare_router.seconds();
+    mine[1] = one_pass_seconds(bare);
+    mine[2] = one_pass_seconds(bare_router);
     MPI_Allreduce(mine, slowest, 3, MPI_DOUBLE, MPI_MAX, comm);
     if (slowest[0] > 0) fractions.push_back((slowest[1] + slowest[2]) / slowest[0]);
   }
@@ -427,12 +421,12 @@ int run(const BenchOptions& o) {
     whole[l] = {st.rows_per_local_expert[l]};
   }
   const bool swiglu = cfg.activation == Activation::swiglu;
-  const double gemm_whole = BareExpertGemms<S>(whole, o.d_model, o.d_hidden, swiglu, false).mean_seconds(o.steps);
-  const double gemm_ordered = BareExpertGemms<S>(blocks, o.d_model, o.d_hidden, swiglu, true).mean_seconds(o.steps);
+  const double gemm_whole = mean_pass_seconds(BareExpertGemms<S>(whole, o.d_model, o.d_hidden, swiglu, false), o.steps);
+  const double gemm_ordered = mean_pass_seconds(BareExpertGemms<S>(blocks, o.d_model, o.d_hidden, swiglu, true), o.steps);
   BareExpertGemms<S> bare(blocks, o.d_model, o.d_hidden, swiglu, false);
   BareRouterGemms<S> bare_router(o.tokens, o.d_model, o.num_experts);
-  const double gemm = bare.mean_seconds(o.steps);
-  const double router_gemm = bare_router.mean_seconds(o.steps);
+  const double gemm = mean_pass_seconds(bare, o.steps);
+  const double router_gemm = mean_pass_seconds(bare_router, o.steps);
   const PairedRounds paired = paired_rounds(o, comm, layer, x, out, dout, dx, bare, bare_router);
   // The slowest rank sets the pace of a collective step.
   double step_max = 0, gemm_max = 0, router_max = 0, whole_max = 0, ordered_max = 0;
