@@ -119,6 +119,19 @@ std::vector<float> activation_inputs(std::size_t n, unsigned seed) {
 }
 }  // namespace
 
+// The softmax's exponential (exp_nonpositive_or_nan) is exp_fast bit for bit wherever it
+// applies: every x <= 0, both signs of zero, -inf, the clamp at -87, and NaN.
+TEST(Kernels, SoftmaxExpIsExpFastBitwise) {
+  for (double x = -100; x <= 0; x += 0.0137)
+    ASSERT_EQ(bits_of(examoe::impl::exp_nonpositive_or_nan(static_cast<float>(x))),
+              bits_of(examoe::impl::exp_fast(static_cast<float>(x))))
+        << x;
+  for (const float x : {0.0f, -0.0f, -std::numeric_limits<float>::infinity(), -87.0f, -86.99999f,
+                        -std::numeric_limits<float>::denorm_min(), -std::numeric_limits<float>::max()})
+    EXPECT_EQ(bits_of(examoe::impl::exp_nonpositive_or_nan(x)), bits_of(examoe::impl::exp_fast(x))) << x;
+  EXPECT_TRUE(std::isnan(examoe::impl::exp_nonpositive_or_nan(std::nanf(""))));
+}
+
 TEST(HostVectorKernels, BitwiseTheElementFunctionsAtEveryLength) {
   using namespace examoe::impl;
   std::printf("host vector loops run with: %s\n", host::vector_isa());
@@ -205,7 +218,7 @@ TEST(HostVectorKernels, RouterRowLoopsMatchOneScalarPass) {
         }
       }
       std::vector<float> u = row;
-      const float shift = n > 0 && std::isfinite(m) ? m : 0.5f;
+      const float shift = m;  // the row's max, as the softmax shifts (inf - inf: NaN)
       host::exp_shifted(u.data(), shift, n);
       for (int e = 0; e < n; ++e) ASSERT_EQ(bits_of(u[e]), bits_of(exp_fast(row[e] - shift))) << what << " e " << e;
     }
@@ -669,6 +682,78 @@ void check_gate_grads_both_ways() {
 TEST(Kernels, GateGradsHostSumsMatchTheTeamKernelBitwise) {
   check_gate_grads_both_ways<float>();
   check_gate_grads_both_ways<double>();
+}
+
+// The combine on a host backend (a vector loop per token) against the team kernel and against
+// a plain loop per element, bit for bit (on a GPU, where both calls run the team kernel, the
+// same): dropped assignments, rows kept on this rank and rows come back, gates or none, into
+// a fresh output or added to it, d around the vector widths; float and double. Gates of 0 and
+// -0 (a product of -0 that the first row's 0 + w v turns into +0) are among the weights.
+template <class S>
+void check_combine_both_ways() {
+  using Space = Kokkos::DefaultExecutionSpace;
+  using M = Kokkos::View<S**, Kokkos::LayoutRight, Space::memory_space>;
+  std::mt19937 rng(17);
+  for (const int d : {1, 15, 16, 128, 131}) {
+    for (const int k : {1, 2, 3}) {
+      for (const int T : {0, 1, 9, 40}) {
+        for (const bool weighted : {true, false}) {
+          for (const bool accumulate : {false, true}) {
+            const int A = T * k, rows = A + 1;
+            M ye("test::ye", rows, d), back("test::back", rows, d), gates("test::gates", T, k);
+            M out_host("test::out_host", T, d), out_team("test::out_team", T, d);
+            Kokkos::View<int*, Space::memory_space> loc("test::loc", A);
+            fill_random(ye, rng);
+            fill_random(back, rng);
+            fill_random(gates, rng);
+            fill_random(out_host, rng);
+            Kokkos::deep_copy(out_team, out_host);
+            auto gh = on_host(gates);
+            if (T > 1) gh(1, 0) = S(-0.0);
+            if (T > 2) gh(2, k - 1) = S(0);
+            Kokkos::deep_copy(gates, gh);
+            auto before = Kokkos::create_mirror(out_host);  // a copy (on_host may alias a host view)
+            Kokkos::deep_copy(before, out_host);
+            auto loch = Kokkos::create_mirror_view(loc);
+            std::uniform_int_distribution<int> kind(0, 4), row(0, rows - 1);
+            for (int a = 0; a < A; ++a) {
+              const int c = kind(rng);
+              loch(a) = c == 0 ? examoe::impl::kDroppedRow : c <= 2 ? row(rng) : -1 - row(rng);
+            }
+            Kokkos::deep_copy(loc, loch);
+            examoe::impl::combine_rows(Space(), loc, k, gates, weighted, ye, back, accumulate, out_host);
+            examoe::impl::combine_rows(Space(), loc, k, gates, weighted, ye, back, accumulate, out_team,
+                                       /*team_kernel=*/true);
+            Kokkos::fence();
+            const auto yh = on_host(ye), bh = on_host(back), oh = on_host(out_host), ot = on_host(out_team);
+            for (int t = 0; t < T; ++t)
+              for (int c = 0; c < d; ++c) {
+                S want = before(t, c);
+                for (int j = 0; j < k; ++j) {
+                  const int l = loch(t * k + j);
+                  const S acc = j == 0 && !accumulate ? S(0) : want;
+                  if (l == examoe::impl::kDroppedRow) {
+                    want = acc;
+                    continue;
+                  }
+                  const S v = l >= 0 ? yh(l, c) : bh(-1 - l, c);
+                  want = acc + (weighted ? gh(t, j) * v : v);
+                }
+                ASSERT_EQ(std::memcmp(&oh(t, c), &want, sizeof(S)), 0)
+                    << "d=" << d << " k=" << k << " T=" << T << " weighted=" << weighted
+                    << " accumulate=" << accumulate << " out(" << t << ", " << c << "): " << oh(t, c) << " vs "
+                    << want;
+                ASSERT_EQ(std::memcmp(&oh(t, c), &ot(t, c), sizeof(S)), 0) << "host and team paths differ";
+              }
+          }
+        }
+      }
+    }
+  }
+}
+TEST(Kernels, CombineHostRowsMatchTheTeamKernelBitwise) {
+  check_combine_both_ways<float>();
+  check_combine_both_ways<double>();
 }
 
 // Router backward (softmax scores) on a host backend, tokens in blocks of kSumsInOrder,

@@ -153,16 +153,16 @@ void Experts<Scalar>::weight_grads(const DispatchPlan& plan) {
 template <class Scalar>
 void Experts<Scalar>::forward_kept(const DispatchPlan& plan) {
   if (by_expert_) {
-    if (!one_visit()) forward_chunks(plan, ExpertRows::kept);
+    if (!one_visit()) forward_chunks(plan, ExpertRows::kept, nullptr);
   } else {
     hidden(plan, ExpertRows::kept);
   }
 }
 
 template <class Scalar>
-void Experts<Scalar>::forward_arrived(const DispatchPlan& plan, ExpertRows which) {
+void Experts<Scalar>::forward_arrived(const DispatchPlan& plan, ExpertRows which, const matrix* send_back) {
   if (by_expert_) {
-    forward_chunks(plan, one_visit() ? ExpertRows::all : which);
+    forward_chunks(plan, one_visit() ? ExpertRows::all : which, send_back);
   } else {
     hidden(plan, which);
     activate(plan);
@@ -178,16 +178,17 @@ void Experts<Scalar>::forward_kept_rest(const DispatchPlan& plan) {
 template <class Scalar>
 void Experts<Scalar>::backward_kept(const DispatchPlan& plan) {
   if (by_expert_) {
-    if (!one_visit()) backward_chunks(plan, ExpertRows::kept, false);
+    if (!one_visit()) backward_chunks(plan, ExpertRows::kept, false, nullptr);
   } else {
     hidden_grad(plan, ExpertRows::kept);
   }
 }
 
 template <class Scalar>
-void Experts<Scalar>::backward_arrived(const DispatchPlan& plan, ExpertRows which) {
+void Experts<Scalar>::backward_arrived(const DispatchPlan& plan, ExpertRows which, const matrix* send_back) {
   if (by_expert_) {
-    backward_chunks(plan, one_visit() ? ExpertRows::all : which, true);  // and the weight gradients, expert after expert
+    // and the weight gradients, expert after expert
+    backward_chunks(plan, one_visit() ? ExpertRows::all : which, true, send_back);
   } else {
     hidden_grad(plan, which);
     activation_backward(plan);
@@ -247,6 +248,22 @@ void Experts<Scalar>::stream_weights(int l) const {
   if (swiglu_) host::stream_into_cache(W3_.data() + l * n, bytes);
 }
 
+/// Local expert l's weights as memory for the activation before to prefetch (host::CacheWarmup),
+/// where stream_weights would read them and the activation is a host vector loop (float);
+/// empty otherwise.
+template <class Scalar>
+host::CacheWarmup Experts<Scalar>::weights_warmup(int l) const {
+  host::CacheWarmup warm;
+  if constexpr (!host_vector_rows_v<Space, matrix>) return warm;
+  if (!weights_fit_in_cache()) return warm;
+  const std::size_t n = static_cast<std::size_t>(d_) * h_;
+  warm.region[0] = W1_.data() + l * n;
+  warm.region[1] = W2_.data() + l * n;
+  if (swiglu_) warm.region[2] = W3_.data() + l * n;
+  warm.bytes = sizeof(Scalar) * n;
+  return warm;
+}
+
 template <class Scalar>
 void Experts<Scalar>::reserve_forward(int rows) {
   ws_.reserve(hbuf_, "h", rows, h_);
@@ -272,6 +289,14 @@ template <class T3>
 auto expert_of(const T3& w, int l) {
   return detail::group_matrix(w, l);
 }
+/// Where rows [b, e) of group g write their results: rows of `own` (ye or dxe), or, for a
+/// received block (`send_back_row` >= 0) with a send buffer, that buffer's rows from the block's.
+template <class M>
+auto output_rows(const M& own, const M* send_back, int send_back_row, const RowGroup& g, int b, int e) {
+  if (send_back != nullptr && send_back_row >= 0)
+    return chunk_of(*send_back, send_back_row + (b - g.begin), send_back_row + (e - g.begin));
+  return chunk_of(own, b, e);
+}
 /// f(b, e) for the chunks [b, e) of at most `step` rows of group g, from its first row.
 template <class F>
 void for_each_chunk(const RowGroup& g, int step, const F& f) {
@@ -283,42 +308,55 @@ void for_each_chunk(const RowGroup& g, int step, const F& f) {
 }  // namespace
 
 template <class Scalar>
-void Experts<Scalar>::forward_chunks(const DispatchPlan& plan, ExpertRows which) {
+void Experts<Scalar>::forward_chunks(const DispatchPlan& plan, ExpertRows which, const matrix* send_back) {
   reserve_forward(plan.expert_rows());
   for (int p = 0; p < (swiglu_ ? 3 : 2); ++p) count_gemm_call();  // one grouped call per projection
   const int step = chunk_rows();
   const Scalar one(1), zero(0);
-  int streamed = -1;  // the groups are ordered by local expert
-  for (const RowGroup& g : plan.row_groups(which)) {
-    if (g.w != streamed) stream_weights(streamed = g.w);
+  const std::vector<RowGroup>& groups = plan.row_groups(which);  // ordered by local expert
+  const std::vector<int>& back = plan.row_group_send_back(which);
+  int streamed = -1, warmed = -1;
+  for (std::size_t i = 0; i < groups.size(); ++i) {
+    const RowGroup& g = groups[i];
+    if (g.w != streamed && g.w != warmed) stream_weights(g.w);
+    streamed = g.w;
+    // The next expert's weights come into the cache during this expert's last activation.
+    const int next = i + 1 < groups.size() && groups[i + 1].w != g.w ? groups[i + 1].w : -1;
+    const host::CacheWarmup warm = next >= 0 ? weights_warmup(next) : host::CacheWarmup{};
+    if (!warm.empty()) warmed = next;
     for_each_chunk(g, step, [&](int b, int e) {
       auto x = chunk_of(xe_, b, e), hc = chunk_of(hbuf_, b, e), ac = chunk_of(abuf_, b, e);
+      const host::CacheWarmup& during = e == g.end ? warm : host::CacheWarmup{};
       kc::gemm_uncounted(space_, "N", "N", one, x, expert_of(W1_, g.w), zero, hc);
       if (swiglu_) {
         auto uc = chunk_of(ubuf_, b, e);
         kc::gemm_uncounted(space_, "N", "N", one, x, expert_of(W3_, g.w), zero, uc);
-        swiglu_forward(space_, hc, uc, ac);
+        swiglu_forward(space_, hc, uc, ac, during);
       } else {
-        gelu_forward(space_, hc, ac);
+        gelu_forward(space_, hc, ac, during);
       }
-      kc::gemm_uncounted(space_, "N", "N", one, ac, expert_of(W2_, g.w), zero, chunk_of(ye_, b, e));
+      kc::gemm_uncounted(space_, "N", "N", one, ac, expert_of(W2_, g.w), zero,
+                         output_rows(ye_, send_back, back[i], g, b, e));
     });
   }
 }
 
 template <class Scalar>
-void Experts<Scalar>::backward_chunks(const DispatchPlan& plan, ExpertRows which, bool weight_grads) {
+void Experts<Scalar>::backward_chunks(const DispatchPlan& plan, ExpertRows which, bool weight_grads,
+                                      const matrix* send_back) {
   reserve_backward(plan.expert_rows());
   for (int p = 0; p < (swiglu_ ? 3 : 2) * (weight_grads ? 2 : 1); ++p) count_gemm_call();
   const int step = chunk_rows();
   const Scalar one(1), zero(0);
   const std::vector<RowGroup>& groups = plan.row_groups(which);  // ordered by local expert
+  const std::vector<int>& back = plan.row_group_send_back(which);
   std::size_t next = 0;
   for (int l = 0; l < nloc_; ++l) {
     if (next < groups.size() && groups[next].w == l) stream_weights(l);
     for (; next < groups.size() && groups[next].w == l; ++next) {
       for_each_chunk(groups[next], step, [&](int b, int e) {
-        auto hc = chunk_of(hbuf_, b, e), dac = chunk_of(dabuf_, b, e), dx = chunk_of(dxe_, b, e);
+        auto hc = chunk_of(hbuf_, b, e), dac = chunk_of(dabuf_, b, e);
+        auto dx = output_rows(dxe_, send_back, back[next], groups[next], b, e);
         kc::gemm_uncounted(space_, "N", "T", one, chunk_of(dye_, b, e), expert_of(W2_, l), zero, dac);
         if (swiglu_) {
           auto uc = chunk_of(ubuf_, b, e), duc = chunk_of(dubuf_, b, e);

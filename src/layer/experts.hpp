@@ -9,6 +9,7 @@
 
 #include <examoe/impl/collectives.hpp>
 #include <examoe/impl/grouped_gemm.hpp>
+#include <examoe/impl/host_vector_kernels.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/workspace.hpp>
 #include <examoe/moe_config.hpp>
@@ -67,15 +68,18 @@ class Experts {
   bool by_expert() const { return by_expert_; }
   /// Forward, while the dispatch travels: the kept rows (or their first GEMM).
   void forward_kept(const DispatchPlan& plan);
-  /// Forward of `which` rows (received, or all) once they have arrived.
-  void forward_arrived(const DispatchPlan& plan, ExpertRows which);
+  /// Forward of `which` rows (received, or all) once they have arrived. By expert, with
+  /// `send_back`, the received rows' outputs go straight into it (the combine's send buffer,
+  /// in the plan's layout: DispatchPlan::row_group_send_back) instead of into outputs().
+  void forward_arrived(const DispatchPlan& plan, ExpertRows which, const matrix* send_back = nullptr);
   /// Forward, while the combine travels: what forward_kept left of the kept rows.
   void forward_kept_rest(const DispatchPlan& plan);
   /// Backward, while dye travels: the kept rows' dh and dxe (or their first GEMM).
   void backward_kept(const DispatchPlan& plan);
   /// Backward of `which` rows once their dye has arrived: dh and dxe (by expert, then each
-  /// expert's weight gradients, while its last rows are in cache).
-  void backward_arrived(const DispatchPlan& plan, ExpertRows which);
+  /// expert's weight gradients, while its last rows are in cache). By expert, with
+  /// `send_back`, the received rows' dxe go straight into it (as forward_arrived's outputs).
+  void backward_arrived(const DispatchPlan& plan, ExpertRows which, const matrix* send_back = nullptr);
   /// Backward, while dxe travels (overlap) or after: what is left (by projection: the kept
   /// rows' dxe, then the weight gradients over every row).
   void backward_rest(const DispatchPlan& plan, bool overlap);
@@ -103,11 +107,12 @@ class Experts {
   // By expert (host backends): the same per expert, in cache-sized row chunks.
   void reserve_forward(int rows);
   void reserve_backward(int rows);
-  void forward_chunks(const DispatchPlan& plan, ExpertRows which);
-  void backward_chunks(const DispatchPlan& plan, ExpertRows which, bool weight_grads);
+  void forward_chunks(const DispatchPlan& plan, ExpertRows which, const matrix* send_back);
+  void backward_chunks(const DispatchPlan& plan, ExpertRows which, bool weight_grads, const matrix* send_back);
   void expert_weight_grads(const DispatchPlan& plan, int l);
   int chunk_rows() const;
   void stream_weights(int l) const;
+  host::CacheWarmup weights_warmup(int l) const;
   bool weights_fit_in_cache() const;
   bool one_visit() const;
   Space space_;

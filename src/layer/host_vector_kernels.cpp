@@ -55,7 +55,7 @@ EXAMOE_VECTOR_CLONES void swiglu_backward_loop(const float* __restrict g, const 
 }
 
 EXAMOE_VECTOR_CLONES void exp_shifted_loop(float* __restrict u, float m, int n) {
-  for (int e = 0; e < n; ++e) u[e] = exp_fast(u[e] - m);
+  for (int e = 0; e < n; ++e) u[e] = exp_nonpositive_or_nan(u[e] - m);  // m >= u[e]: exp_fast's value
 }
 
 // The router's loops for float and double: one body each, inlined into a multiversioned
@@ -113,6 +113,76 @@ EXAMOE_ALWAYS_INLINE std::size_t first_nonfinite_body(const S* __restrict v, std
         if (nonfinite(i)) return i;
   }
   return n;
+}
+
+/// combine_row's body. The first row (without accumulate) is added to a zero, as the team
+/// kernel does (0 + w v, which turns a product of -0 into +0); two rows, the common top-2,
+/// in one pass over out.
+template <class S>
+EXAMOE_ALWAYS_INLINE void combine_row_body(S* __restrict out, const S* const* rows, const S* w, int k, int d,
+                                           bool accumulate) {
+  int j = 0;
+  if (!accumulate && k >= 2 && rows[0] != nullptr && rows[1] != nullptr) {
+    const S* __restrict r0 = rows[0];
+    const S* __restrict r1 = rows[1];
+    if (w != nullptr) {
+      const S w0 = w[0], w1 = w[1];
+      for (int c = 0; c < d; ++c) out[c] = (S(0) + w0 * r0[c]) + w1 * r1[c];
+    } else {
+      for (int c = 0; c < d; ++c) out[c] = (S(0) + r0[c]) + r1[c];
+    }
+    j = 2;
+    accumulate = true;
+  }
+  for (; j < k; ++j) {
+    const S* __restrict r = rows[j];
+    const bool fresh = j == 0 && !accumulate;
+    if (r == nullptr) {
+      if (fresh)
+        for (int c = 0; c < d; ++c) out[c] = S(0);
+    } else if (w != nullptr) {
+      const S wj = w[j];
+      if (fresh)
+        for (int c = 0; c < d; ++c) out[c] = S(0) + wj * r[c];
+      else
+        for (int c = 0; c < d; ++c) out[c] = out[c] + wj * r[c];
+    } else {
+      if (fresh)
+        for (int c = 0; c < d; ++c) out[c] = S(0) + r[c];
+      else
+        for (int c = 0; c < d; ++c) out[c] = out[c] + r[c];
+    }
+  }
+}
+
+template <class S>
+EXAMOE_ALWAYS_INLINE void softmax_dz_row_body(const S* __restrict p, const double* __restrict aux, S dot, S zt,
+                                              double invtemp, S* __restrict dz, int E) {
+  if (invtemp == 1.0) {
+    for (int e = 0; e < E; ++e) dz[e] = p[e] * (static_cast<S>(aux[e]) - dot) + zt * p[e];
+  } else {
+    for (int e = 0; e < E; ++e) {
+      const S du = p[e] * (static_cast<S>(aux[e]) - dot) + zt * p[e];
+      dz[e] = static_cast<S>(du * invtemp);
+    }
+  }
+}
+EXAMOE_VECTOR_CLONES void softmax_dz_row_f(const float* p, const double* aux, float dot, float zt, double invtemp,
+                                           float* dz, int E) {
+  softmax_dz_row_body(p, aux, dot, zt, invtemp, dz, E);
+}
+EXAMOE_VECTOR_CLONES void softmax_dz_row_d(const double* p, const double* aux, double dot, double zt, double invtemp,
+                                           double* dz, int E) {
+  softmax_dz_row_body(p, aux, dot, zt, invtemp, dz, E);
+}
+
+EXAMOE_VECTOR_CLONES void combine_row_f(float* out, const float* const* rows, const float* w, int k, int d,
+                                        bool accumulate) {
+  combine_row_body(out, rows, w, k, d, accumulate);
+}
+EXAMOE_VECTOR_CLONES void combine_row_d(double* out, const double* const* rows, const double* w, int k, int d,
+                                        bool accumulate) {
+  combine_row_body(out, rows, w, k, d, accumulate);
 }
 
 EXAMOE_VECTOR_CLONES std::size_t first_nonfinite_f(const float* v, std::size_t n) { return first_nonfinite_body(v, n); }
@@ -187,6 +257,20 @@ int first_greater(const double* row, int begin, int end, double x) {
   return first_greater_d(row, begin, end, x);
 }
 
+void combine_row(float* out, const float* const* rows, const float* w, int k, int d, bool accumulate) {
+  combine_row_f(out, rows, w, k, d, accumulate);
+}
+void combine_row(double* out, const double* const* rows, const double* w, int k, int d, bool accumulate) {
+  combine_row_d(out, rows, w, k, d, accumulate);
+}
+
+void softmax_dz_row(const float* p, const double* aux, float dot, float zt, double invtemp, float* dz, int E) {
+  softmax_dz_row_f(p, aux, dot, zt, invtemp, dz, E);
+}
+void softmax_dz_row(const double* p, const double* aux, double dot, double zt, double invtemp, double* dz, int E) {
+  softmax_dz_row_d(p, aux, dot, zt, invtemp, dz, E);
+}
+
 std::size_t first_nonfinite(const float* v, std::size_t n) { return first_nonfinite_f(v, n); }
 std::size_t first_nonfinite(const double* v, std::size_t n) { return first_nonfinite_d(v, n); }
 
@@ -207,6 +291,25 @@ void stream_into_cache(const void* p, std::size_t bytes) {
   static volatile unsigned char sink;
   sink = acc;
 #endif
+}
+
+void CacheWarmup::row_share(int i, int n) const {
+  if (bytes == 0 || n <= 0) return;
+  constexpr std::size_t line = 64;
+  const std::size_t lines = (bytes + line - 1) / line;
+  const std::size_t from = lines * static_cast<std::size_t>(i) / static_cast<std::size_t>(n),
+                    to = lines * static_cast<std::size_t>(i + 1) / static_cast<std::size_t>(n);
+  for (const void* r : region) {
+    if (r == nullptr) continue;
+    const auto* c = static_cast<const unsigned char*>(r);
+    for (std::size_t l = from; l < to; ++l) {
+#if defined(__GNUC__) || defined(__clang__)
+      __builtin_prefetch(c + l * line, 0, 3);
+#else
+      (void)c;
+#endif
+    }
+  }
 }
 
 const char* vector_isa() {

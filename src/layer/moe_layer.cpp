@@ -346,13 +346,17 @@ struct MoELayer<Scalar>::Impl {
                              false, rows.recv, xe, overlap ? ExpertRows::received : ExpertRows::all);
     toc(Phase::pack);
 
-    // ---- experts (the received rows, or all of them)
-    experts->forward_arrived(plan, overlap ? ExpertRows::received : ExpertRows::all);
+    // ---- experts (the received rows, or all of them); by expert, in the layer's scalar, the
+    // received rows' outputs go straight into the combine's send buffer
+    rows.reserve_combine(plan, d);
+    const bool direct = sends_back_directly<W>();
+    experts->forward_arrived(plan, overlap ? ExpertRows::received : ExpertRows::all,
+                             send_back_buffer(rows, direct));
     toc(Phase::experts);
 
     // ---- combine
-    rows.reserve_combine(plan, d);
-    impl::pack_back_rows(space, plan.blocks(), plan.num_blocks(), nrows, experts->outputs(), rows.back_send);
+    if (!direct)
+      impl::pack_back_rows(space, plan.blocks(), plan.num_blocks(), nrows, experts->outputs(), rows.back_send);
     start_exchange("moe.combine", impl::Direction::reverse, rows.back_send, rows.back_recv);
     if (overlap) {
       experts->forward_kept_rest(plan);
@@ -404,6 +408,19 @@ struct MoELayer<Scalar>::Impl {
     stats.bytes_recv_dispatch = received * row_bytes;
     stats.bytes_sent_combine = received * row_bytes;
     stats.bytes_recv_combine = sent * row_bytes;
+  }
+
+  /// Whether the experts write the received rows' results (forward's outputs, backward's dxe)
+  /// straight into the combine's send buffer: by expert (the host schedule), with rows on the
+  /// wire in the layer's scalar. Otherwise they are packed into it (pack_back_rows).
+  template <class W>
+  bool sends_back_directly() const {
+    return std::is_same<W, Scalar>::value && experts->by_expert();
+  }
+  template <class W>
+  const typename impl::Experts<Scalar>::matrix* send_back_buffer(impl::RowWorkspace<W>& rows, bool direct) const {
+    if constexpr (std::is_same<W, Scalar>::value) return direct ? &rows.back_send : nullptr;
+    return nullptr;
   }
 
   /// Starts ONE variable-size all-to-all of rows through the plan: in the dispatch direction
@@ -474,12 +491,15 @@ struct MoELayer<Scalar>::Impl {
                              true, rows.recv, dye, overlap ? ExpertRows::received : ExpertRows::all);
     toc(Phase::bwd_combine);
 
-    // ---- experts (the received rows, or all of them)
-    experts->backward_arrived(plan, overlap ? ExpertRows::received : ExpertRows::all);
+    // ---- experts (the received rows, or all of them; their dxe as forward's outputs)
+    const bool direct = sends_back_directly<W>();
+    experts->backward_arrived(plan, overlap ? ExpertRows::received : ExpertRows::all,
+                              send_back_buffer(rows, direct));
     toc(Phase::bwd_experts);
 
     // ---- dispatch^T: dx rows go home
-    impl::pack_back_rows(space, plan.blocks(), plan.num_blocks(), nrows, experts->input_grads(), rows.back_send);
+    if (!direct)
+      impl::pack_back_rows(space, plan.blocks(), plan.num_blocks(), nrows, experts->input_grads(), rows.back_send);
     start_exchange("moe.dispatch_bwd", impl::Direction::reverse, rows.back_send, rows.back_recv);
     if (overlap) {
       experts->backward_rest(plan, true);

@@ -3,6 +3,7 @@
 // every result is a fixed-order sum, so results are bitwise reproducible.
 #pragma once
 #include <examoe/impl/bf16.hpp>
+#include <examoe/impl/host_vector_kernels.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/row_policy.hpp>
 #include <examoe/impl/sums_in_order.hpp>
@@ -184,13 +185,42 @@ void pack_back_rows(const Space& space, const BView& blocks, int nblocks, int nr
 /// with w = gates (forward) or 1 (backward dx); a dropped assignment (kDroppedRow) adds nothing.
 /// One team per token, its threads over the d
 /// elements; every element is summed in the same order j = 0..k-1 (the partial sum lives in
-/// out[t] between the k passes, which each thread makes over the same elements).
+/// out[t] between the k passes, which each thread makes over the same elements). On host
+/// backends with rows of one type, a vector loop per token (host::combine_row), bitwise the
+/// same (the team kernel with `team_kernel`: the tests compare the two).
 template <class Space, class LView, class GView, class BufView, class WireView, class OView>
 void combine_rows(const Space& space, const LView& loc, int k, const GView& gates, bool weighted,
-                  const BufView& ye, const WireView& back_recv, bool accumulate, const OView& out) {
+                  const BufView& ye, const WireView& back_recv, bool accumulate, const OView& out,
+                  bool team_kernel = false) {
   const int T = static_cast<int>(out.extent(0)), d = static_cast<int>(out.extent(1));
   using S = typename BufView::non_const_value_type;
   using O = typename OView::non_const_value_type;
+  using W = typename WireView::non_const_value_type;
+  constexpr bool host_rows = !kc::device_memory_v<Space> && std::is_same<S, O>::value && std::is_same<S, W>::value &&
+                             std::is_same<typename GView::non_const_value_type, S>::value &&
+                             (std::is_same<S, float>::value || std::is_same<S, double>::value) &&
+                             std::is_same<typename BufView::array_layout, Kokkos::LayoutRight>::value &&
+                             std::is_same<typename WireView::array_layout, Kokkos::LayoutRight>::value &&
+                             std::is_same<typename OView::array_layout, Kokkos::LayoutRight>::value;
+  if constexpr (host_rows) {  // host rows of one type: a vector loop per token (host::combine_row)
+    constexpr int kMax = 16;
+    if (!team_kernel && d > 0 && k <= kMax) {
+      {
+        Kokkos::parallel_for(
+            "examoe::combine::gather", Kokkos::RangePolicy<Space>(space, 0, T), [=](const int t) {
+              const S* rows[kMax];
+              S w[kMax];
+              for (int j = 0; j < k; ++j) {
+                const int l = loc(t * k + j);
+                rows[j] = l == kDroppedRow ? nullptr : l >= 0 ? &ye(l, 0) : &back_recv(-1 - l, 0);
+                w[j] = gates(t, j);
+              }
+              host::combine_row(&out(t, 0), rows, weighted ? w : nullptr, k, d, accumulate);
+            });
+        return;
+      }
+    }
+  }
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   Kokkos::parallel_for(
       "examoe::combine::gather", row_policy(space, T, d),

@@ -70,6 +70,24 @@ KOKKOS_FORCEINLINE_FUNCTION float exp_nonpositive(float x) {
   return detail::exp_reduced(x, static_cast<int>(t - 0.5f));  // round to nearest: t <= 0
 }
 
+/// exp(x) for float x <= 0 or NaN, bitwise exp_fast(x) there (NaN passes through), without
+/// exp_fast's work for positive arguments: the softmax's exp(u - max u).
+KOKKOS_FORCEINLINE_FUNCTION float exp_nonpositive_or_nan(float x_in) {
+  std::uint32_t u;  // NaN as in exp_fast: bit operations around a finite stand-in
+  std::memcpy(&u, &x_in, sizeof(u));
+  const std::uint32_t nan = 0u - static_cast<std::uint32_t>((u & 0x7fffffffu) > 0x7f800000u);
+  const std::uint32_t finite_bits = u & ~nan;
+  float x;
+  std::memcpy(&x, &finite_bits, sizeof(x));
+  std::uint32_t ue;
+  const float e = exp_nonpositive(x);
+  std::memcpy(&ue, &e, sizeof(ue));
+  ue = (ue & ~nan) | (u & nan);
+  float out;
+  std::memcpy(&out, &ue, sizeof(out));
+  return out;
+}
+
 /// erfcx(a) = exp(a^2) erfc(a) for float a >= 0 (also +inf: 0): a polynomial of degree 9 in
 /// t = 1 / (1 + 0.365 a), a relative minimax fit on [0, 9.4] (3.9e-9 in exact arithmetic; a few
 /// float ulps as evaluated). Beyond 9.4, exp(-a^2) is below float's normal range.

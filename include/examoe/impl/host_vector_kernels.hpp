@@ -21,11 +21,18 @@ void swiglu_backward(const float* g, const float* u, float* da, float* du, std::
 /// max(lowest, row[0..n)), NaN ignored (as the Max reduction joins: x > m ? x : m);
 float row_max(const float* row, int n);
 double row_max(const double* row, int n);
-/// u[e] = exp_fast(u[e] - m) (float; the softmax's exponentials);
+/// u[e] = exp_fast(u[e] - m) for m >= every u[e] but NaN, the row's max (float; the softmax's
+/// exponentials: exp_nonpositive_or_nan);
 void exp_shifted(float* u, float m, int n);
 /// the lowest e in [begin, end) with row[e] > x, or end (NaN is never greater).
 int first_greater(const float* row, int begin, int end, float x);
 int first_greater(const double* row, int begin, int end, double x);
+
+/// The router backward's row of dL/dz (softmax scores; softmax_dz in router_kernels.hpp):
+/// dz[e] = S(du_e * invtemp) with du_e = p[e] (S(aux[e]) - dot) + zt p[e] in S, the product by
+/// invtemp in double (none at temperature 1, where it is exact).
+void softmax_dz_row(const float* p, const double* aux, float dot, float zt, double invtemp, float* dz, int E);
+void softmax_dz_row(const double* p, const double* aux, double dot, double zt, double invtemp, double* dz, int E);
 
 /// The index of the first element of v[0..n) that is NaN or infinite (exponent bits all ones),
 /// or n (the layer's finite check of its inputs: a vectorized scan, block by block, that looks
@@ -37,6 +44,25 @@ std::size_t first_nonfinite(const double* v, std::size_t n);
 /// memory then comes into the cache as one stream (the experts' weights, before GEMMs that
 /// would otherwise fetch them line by line while packing them).
 void stream_into_cache(const void* p, std::size_t bytes);
+
+/// One token's combine (as combine_rows): out[c] = (accumulate ? out[c] : 0) + w[0] rows[0][c] +
+/// ... + w[k-1] rows[k-1][c], added in that order j = 0..k-1, each a rounded product and sum;
+/// rows[j] null adds nothing (a dropped assignment), w null weighs every row 1 (no product).
+void combine_row(float* out, const float* const* rows, const float* w, int k, int d, bool accumulate);
+void combine_row(double* out, const double* const* rows, const double* w, int k, int d, bool accumulate);
+
+/// Memory to bring into the cache while a loop over rows runs (the next expert's weights,
+/// during this expert's activation): up to three regions of `bytes` bytes each. Row i of n
+/// asks for its share of every region, lines [i L / n, (i + 1) L / n) of its L lines, with
+/// prefetch instructions, which do not wait for the memory: the lines arrive while the rows'
+/// arithmetic runs. Rows may run in any order or in parallel.
+struct CacheWarmup {
+  const void* region[3] = {nullptr, nullptr, nullptr};
+  std::size_t bytes = 0;
+  bool empty() const { return bytes == 0; }
+  /// Prefetches row i's share of every region.
+  void row_share(int i, int n) const;
+};
 
 /// The instruction set these loops run with on this CPU: "avx512f", "avx2" (with FMA: x86-64-v3)
 /// or "baseline".

@@ -463,6 +463,15 @@ void router_backward_softmax_on_host(const Space& space, const RouterParams& rp,
   const int k = static_cast<int>(topk.extent(1)), B = kSumsInOrder;
   const bool renorm = rp.renormalize;
   const double invtemp = rp.inv_temperature;
+  // The rows of dz as host vector loops where p's and dz's rows and aux are contiguous doubles.
+  constexpr bool rows_contiguous =
+      std::is_same<S, typename DView::non_const_value_type>::value &&
+      (std::is_same<S, float>::value || std::is_same<S, double>::value) &&
+      std::is_same<typename AView::non_const_value_type, double>::value &&
+      std::is_same<typename PView::array_layout, Kokkos::LayoutRight>::value &&
+      std::is_same<typename DView::array_layout, Kokkos::LayoutRight>::value &&
+      (std::is_same<typename AView::array_layout, Kokkos::LayoutRight>::value ||
+       std::is_same<typename AView::array_layout, Kokkos::LayoutLeft>::value);
   Kokkos::parallel_for(
       "examoe::router::backward", Kokkos::RangePolicy<Space>(space, 0, (T + B - 1) / B), [=](const int b) {
         const int t0 = b * B, m = T - t0 < B ? T - t0 : B;
@@ -473,7 +482,10 @@ void router_backward_softmax_on_host(const Space& space, const RouterParams& rp,
           const GatePart<S, PView, IView, GView> gate_part(p, topk, gates, dg, t, k, renorm);
           for (int i = 0; i < k; ++i) dot[j] += p(t, topk(t, i)) * gate_part(i);
           const S zt = static_cast<S>(zc) * lse(t), dt = dot[j];
-          for (int e = 0; e < E; ++e) dz(t, e) = softmax_dz(p(t, e), static_cast<S>(aux(e)), dt, zt, invtemp);
+          if constexpr (rows_contiguous)
+            host::softmax_dz_row(&p(t, 0), aux.data(), dt, zt, invtemp, &dz(t, 0), E);
+          else
+            for (int e = 0; e < E; ++e) dz(t, e) = softmax_dz(p(t, e), static_cast<S>(aux(e)), dt, zt, invtemp);
           for (int i = 0; i < k; ++i) {
             const int e = topk(t, i);
             dz(t, e) = softmax_dz(p(t, e), static_cast<S>(aux(e)) + gate_part(i), dt, zt, invtemp);
