@@ -176,6 +176,15 @@ EXAMOE_VECTOR_CLONES void softmax_dz_row_d(const double* p, const double* aux, d
   softmax_dz_row_body(p, aux, dot, zt, invtemp, dz, E);
 }
 
+template <class S>
+EXAMOE_ALWAYS_INLINE void scale_row_body(S* __restrict dst, const S* __restrict src, S g, int n) {
+  for (int c = 0; c < n; ++c) dst[c] = g * src[c];
+}
+EXAMOE_VECTOR_CLONES void scale_row_f(float* dst, const float* src, float g, int n) { scale_row_body(dst, src, g, n); }
+EXAMOE_VECTOR_CLONES void scale_row_d(double* dst, const double* src, double g, int n) {
+  scale_row_body(dst, src, g, n);
+}
+
 EXAMOE_VECTOR_CLONES void combine_row_f(float* out, const float* const* rows, const float* w, int k, int d,
                                         bool accumulate) {
   combine_row_body(out, rows, w, k, d, accumulate);
@@ -256,6 +265,9 @@ int first_greater(const double* row, int begin, int end, double x) {
 #endif
   return first_greater_d(row, begin, end, x);
 }
+
+void scale_row(float* dst, const float* src, float g, int n) { scale_row_f(dst, src, g, n); }
+void scale_row(double* dst, const double* src, double g, int n) { scale_row_d(dst, src, g, n); }
 
 void combine_row(float* out, const float* const* rows, const float* w, int k, int d, bool accumulate) {
   combine_row_f(out, rows, w, k, d, accumulate);

@@ -8,6 +8,7 @@
 #include <examoe/impl/row_policy.hpp>
 #include <examoe/impl/sums_in_order.hpp>
 
+#include <cstring>
 #include <type_traits>
 
 namespace examoe::impl {
@@ -94,6 +95,24 @@ void stable_counting_sort(const Space& space, const KView& keys, int K, int chun
       });
 }
 
+/// Whether a row kernel runs as host loops over rows of one type (the host paths below): a host
+/// backend, float or double rows, the same type on the wire (and in every view), contiguous rows.
+template <class Space, class S, class W, class... Views>
+inline constexpr bool host_row_loops_v =
+    !kc::device_memory_v<Space> && std::is_same<S, W>::value &&
+    (std::is_same<S, float>::value || std::is_same<S, double>::value) &&
+    (std::is_same<typename Views::non_const_value_type, S>::value && ...) &&
+    (std::is_same<typename Views::array_layout, Kokkos::LayoutRight>::value && ...);
+
+/// Row `from` of x into row `to` of `out`, times g where `scaled` (host row loops).
+template <class S>
+inline void copy_row_on_host(S* to, const S* from, bool scaled, S g, int d) {
+  if (scaled)
+    host::scale_row(to, from, g, d);
+  else
+    std::memcpy(to, from, sizeof(S) * static_cast<std::size_t>(d));  // = 1 * x
+}
+
 /// Index of the block holding expert row q (blocks sorted by dest; empty blocks skipped).
 template <class BView>
 KOKKOS_INLINE_FUNCTION int find_block(const BView& blocks, int nblocks, int q) {
@@ -114,6 +133,17 @@ void pack_rows(const Space& space, const XView& x, const PView& perm, int k, int
   const int n = static_cast<int>(send.extent(0)), d = static_cast<int>(send.extent(1));
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   using W = typename BufView::non_const_value_type;
+  using S = typename XView::non_const_value_type;
+  if constexpr (host_row_loops_v<Space, S, W, XView, BufView, GView>) {
+    // Host: a copy (or scaled copy) per row, the scattered source rows asked for ahead.
+    auto token = [=](const int p) { return perm(p < self_begin ? p : p + self_count) / k; };
+    Kokkos::parallel_for("examoe::dispatch::pack", Kokkos::RangePolicy<Space>(space, 0, n), [=](const int p) {
+      if (p + host::kRowsAhead < n) host::prefetch(&x(token(p + host::kRowsAhead), 0), sizeof(S) * d);
+      const int a = perm(p < self_begin ? p : p + self_count);
+      copy_row_on_host(&send(p, 0), &x(a / k, 0), scaled, scaled ? gates(a / k, a % k) : S(1), d);
+    });
+    return;
+  }
   Kokkos::parallel_for(
       "examoe::dispatch::pack", row_policy(space, n, d),
       KOKKOS_LAMBDA(const team& m) {
@@ -138,6 +168,29 @@ void gather_expert_rows(const Space& space, const BView& blocks, int nblocks, in
   using S = typename BufView::non_const_value_type;
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
   const int skip_local = which == ExpertRows::received ? 1 : 0, skip_remote = which == ExpertRows::kept ? 1 : 0;
+  using W = typename WireView::non_const_value_type;
+  if constexpr (host_row_loops_v<Space, S, W, XView, WireView, BufView, GView>) {
+    // Host: block by block (no search per row), a copy (or scaled copy) per row, the scattered
+    // rows of x asked for ahead.
+    (void)nrows;
+    Kokkos::parallel_for(
+        "examoe::dispatch::regroup", Kokkos::RangePolicy<Space>(space, 0, nblocks), [=](const int bi) {
+          const RowBlock b = blocks(bi);
+          if (b.count == 0 || (b.local ? skip_local : skip_remote)) return;
+          for (int r = 0; r < b.count; ++r) {
+            S* to = &xe(b.dest + r, 0);
+            if (!b.local) {
+              std::memcpy(to, &recv(b.from + r, 0), sizeof(S) * static_cast<std::size_t>(d));
+              continue;
+            }
+            if (r + host::kRowsAhead < b.count)
+              host::prefetch(&x(perm(b.from + r + host::kRowsAhead) / k, 0), sizeof(S) * d);
+            const int a = perm(b.from + r), t = a / k;
+            copy_row_on_host(to, &x(t, 0), scaled, scaled ? gates(t, a % k) : S(1), d);
+          }
+        });
+    return;
+  }
   Kokkos::parallel_for(
       "examoe::dispatch::regroup", row_policy(space, nrows, d),
       KOKKOS_LAMBDA(const team& m) {
@@ -208,11 +261,17 @@ void combine_rows(const Space& space, const LView& loc, int k, const GView& gate
       {
         Kokkos::parallel_for(
             "examoe::combine::gather", Kokkos::RangePolicy<Space>(space, 0, T), [=](const int t) {
+              auto row_of = [&](const int a) -> const S* {
+                const int l = loc(a);
+                return l == kDroppedRow ? nullptr : l >= 0 ? &ye(l, 0) : &back_recv(-1 - l, 0);
+              };
+              if (t + host::kRowsAhead < T)  // the rows are scattered: ask for later ones early
+                for (int j = 0; j < k; ++j)
+                  if (const S* r = row_of((t + host::kRowsAhead) * k + j)) host::prefetch(r, sizeof(S) * d);
               const S* rows[kMax];
               S w[kMax];
               for (int j = 0; j < k; ++j) {
-                const int l = loc(t * k + j);
-                rows[j] = l == kDroppedRow ? nullptr : l >= 0 ? &ye(l, 0) : &back_recv(-1 - l, 0);
+                rows[j] = row_of(t * k + j);
                 w[j] = gates(t, j);
               }
               host::combine_row(&out(t, 0), rows, weighted ? w : nullptr, k, d, accumulate);

@@ -45,11 +45,30 @@ std::size_t first_nonfinite(const double* v, std::size_t n);
 /// would otherwise fetch them line by line while packing them).
 void stream_into_cache(const void* p, std::size_t bytes);
 
+/// dst[c] = g src[c] for c in [0, n) (a row of the dispatch, scaled by its gate in backward).
+void scale_row(float* dst, const float* src, float g, int n);
+void scale_row(double* dst, const double* src, double g, int n);
+
 /// One token's combine (as combine_rows): out[c] = (accumulate ? out[c] : 0) + w[0] rows[0][c] +
 /// ... + w[k-1] rows[k-1][c], added in that order j = 0..k-1, each a rounded product and sum;
 /// rows[j] null adds nothing (a dropped assignment), w null weighs every row 1 (no product).
 void combine_row(float* out, const float* const* rows, const float* w, int k, int d, bool accumulate);
 void combine_row(double* out, const double* const* rows, const double* w, int k, int d, bool accumulate);
+
+/// Asks for the `bytes` bytes at p to come into the cache, one prefetch instruction per 64-byte
+/// line, without waiting for them: a host loop over scattered rows asks for the rows it will
+/// read a few iterations ahead.
+inline void prefetch(const void* p, std::size_t bytes) {
+#if defined(__GNUC__) || defined(__clang__)
+  const auto* c = static_cast<const char*>(p);
+  for (std::size_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+/// How many iterations ahead the host row loops prefetch their rows.
+inline constexpr int kRowsAhead = 4;
 
 /// Memory to bring into the cache while a loop over rows runs (the next expert's weights,
 /// during this expert's activation): up to three regions of `bytes` bytes each. Row i of n
