@@ -6,6 +6,7 @@
 #include <examoe/impl/expert_kernels.hpp>
 #include <examoe/impl/host_blas.hpp>
 #include <examoe/impl/router_kernels.hpp>
+#include <examoe/impl/sums_in_order.hpp>
 
 #include <gtest/gtest.h>
 
@@ -224,6 +225,45 @@ TEST(HostVectorKernels, RouterRowLoopsMatchOneScalarPass) {
     }
   }
   EXPECT_GT(cases, 1000);
+}
+
+// The eight sums at once (host::sums_in_order_8: AVX2 blocks of 8 x 8 terms where the CPU has
+// it) against sums_in_order, bit for bit: lengths around the block width, the three kinds of
+// term (a, a b, a float(w)), signed zeros, infinities and NaN among the values.
+TEST(HostVectorKernels, EightSumsInOrderMatchSumsInOrder) {
+  using namespace examoe::impl;
+  std::mt19937 rng(23);
+  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+  std::uniform_int_distribution<int> pick(0, 40);
+  for (const int n : {0, 1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 256, 259}) {
+    std::vector<std::vector<float>> a(8, std::vector<float>(n)), b(8, std::vector<float>(n));
+    std::vector<double> w(n);
+    for (int j = 0; j < 8; ++j)
+      for (int c = 0; c < n; ++c) {
+        const int r = pick(rng);
+        a[j][c] = r == 0 ? -0.0f : r == 1 ? std::numeric_limits<float>::infinity() : u(rng);
+        b[j][c] = r == 2 ? std::nanf("") : u(rng);
+      }
+    for (double& v : w) v = 1e-3 * static_cast<double>(u(rng)) + 1e-12;  // not a float: rounded per term
+    const float* ap[8];
+    const float* bp[8];
+    for (int j = 0; j < 8; ++j) {
+      ap[j] = a[j].data();
+      bp[j] = b[j].data();
+    }
+    for (int kind = 0; kind < 3; ++kind) {
+      float got[8], want[8];
+      host::sums_in_order_8(ap, kind == 1 ? bp : nullptr, kind == 2 ? w.data() : nullptr, n, got);
+      sums_in_order(
+          8, n,
+          [&](const int j, const int c) -> float {
+            return kind == 0 ? a[j][c] : kind == 1 ? a[j][c] * b[j][c] : a[j][c] * static_cast<float>(w[c]);
+          },
+          want);
+      for (int j = 0; j < 8; ++j)
+        ASSERT_EQ(bits_of(got[j]), bits_of(want[j])) << "n " << n << " kind " << kind << " sum " << j;
+    }
+  }
 }
 
 // The finite check's scan against std::isfinite element by element: one or two non-finite

@@ -354,23 +354,17 @@ void Experts<Scalar>::backward_chunks(const DispatchPlan& plan, ExpertRows which
   for (int l = 0; l < nloc_; ++l) {
     if (next < groups.size() && groups[next].w == l) stream_weights(l);
     for (; next < groups.size() && groups[next].w == l; ++next) {
-      // The next expert's weights head for the cache during this expert's last activation
-      // gradient. Its weight gradients run in between, so they are still streamed (from L3).
-      const bool last = next + 1 == groups.size() || groups[next + 1].w != l;
-      const host::CacheWarmup warm =
-          last && next + 1 < groups.size() ? weights_warmup(groups[next + 1].w) : host::CacheWarmup{};
       for_each_chunk(groups[next], step, [&](int b, int e) {
         auto hc = chunk_of(hbuf_, b, e), dac = chunk_of(dabuf_, b, e);
         auto dx = output_rows(dxe_, send_back, back[next], groups[next], b, e);
-        const host::CacheWarmup& during = e == groups[next].end ? warm : host::CacheWarmup{};
         kc::gemm_uncounted(space_, "N", "T", one, chunk_of(dye_, b, e), expert_of(W2_, l), zero, dac);
         if (swiglu_) {
           auto uc = chunk_of(ubuf_, b, e), duc = chunk_of(dubuf_, b, e);
-          swiglu_backward(space_, hc, uc, dac, duc, during);
+          swiglu_backward(space_, hc, uc, dac, duc);
           kc::gemm_uncounted(space_, "N", "T", one, dac, expert_of(W1_, l), zero, dx);
           kc::gemm_uncounted(space_, "N", "T", one, duc, expert_of(W3_, l), one, dx);
         } else {
-          gelu_backward(space_, hc, dac, during);
+          gelu_backward(space_, hc, dac);
           kc::gemm_uncounted(space_, "N", "T", one, dac, expert_of(W1_, l), zero, dx);
         }
       });

@@ -27,7 +27,7 @@
 #if defined(__x86_64__) && defined(__ELF__) && (defined(__GNUC__) || defined(__clang__)) && \
     !defined(__CUDACC__) && !defined(__NVCOMPILER)
 #define EXAMOE_VECTOR_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
-#define EXAMOE_AVX512_SEARCH 1
+#define EXAMOE_X86_INTRINSICS 1
 #include <immintrin.h>
 #else
 #define EXAMOE_VECTOR_CLONES
@@ -206,7 +206,7 @@ EXAMOE_VECTOR_CLONES int first_greater_d(const double* row, int begin, int end, 
   return first_greater_body(row, begin, end, x);
 }
 
-#ifdef EXAMOE_AVX512_SEARCH
+#ifdef EXAMOE_X86_INTRINSICS
 // The search with AVX-512 compares written out: GCC 12 keeps first_greater_body's blocks scalar
 // even in its AVX-512 clone (a loop with an early exit), and the router's top-k scans every row
 // with it (about 2.3x faster at E = 256). A compare into a mask, ordered and quiet (NaN is never
@@ -239,6 +239,57 @@ __attribute__((target("avx512f"))) int first_greater_avx512(const double* row, i
   }
   return end;
 }
+// sums_in_order_8 with AVX2: rows j = 0..7 are loaded 8 terms at a time, transposed, and the
+// columns added in order into one vector of the eight sums (lane j = sum j).
+__attribute__((target("avx2"))) inline __m256 term_row_avx2(const float* a, const float* b, const double* w,
+                                                            int c) {
+  const __m256 x = _mm256_loadu_ps(a + c);
+  if (b != nullptr) return _mm256_mul_ps(x, _mm256_loadu_ps(b + c));
+  if (w != nullptr)
+    return _mm256_mul_ps(x, _mm256_set_m128(_mm256_cvtpd_ps(_mm256_loadu_pd(w + c + 4)),
+                                            _mm256_cvtpd_ps(_mm256_loadu_pd(w + c))));
+  return x;
+}
+__attribute__((target("avx2"))) int sums_in_order_8_avx2(const float* const* a, const float* const* b,
+                                                          const double* w, int n, float* acc) {
+  __m256 sum = _mm256_setzero_ps();
+  int c = 0;
+  for (; c + 8 <= n; c += 8) {
+    __m256 r[8];
+    for (int j = 0; j < 8; ++j) r[j] = term_row_avx2(a[j], b != nullptr ? b[j] : nullptr, w, c);
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+    // column k: lane j = term(j, c + k); added k = 0..7, in order
+    sum = _mm256_add_ps(sum, _mm256_permute2f128_ps(s0, s4, 0x20));
+    sum = _mm256_add_ps(sum, _mm256_permute2f128_ps(s1, s5, 0x20));
+    sum = _mm256_add_ps(sum, _mm256_permute2f128_ps(s2, s6, 0x20));
+    sum = _mm256_add_ps(sum, _mm256_permute2f128_ps(s3, s7, 0x20));
+    sum = _mm256_add_ps(sum, _mm256_permute2f128_ps(s0, s4, 0x31));
+    sum = _mm256_add_ps(sum, _mm256_permute2f128_ps(s1, s5, 0x31));
+    sum = _mm256_add_ps(sum, _mm256_permute2f128_ps(s2, s6, 0x31));
+    sum = _mm256_add_ps(sum, _mm256_permute2f128_ps(s3, s7, 0x31));
+  }
+  _mm256_storeu_ps(acc, sum);
+  return c;  // the terms from c on are left to the caller's scalar loop
+}
+bool cpu_has_avx2() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0;
+  }();
+  return has;
+}
+
 bool cpu_has_avx512f() {
   static const bool has = [] {
     __builtin_cpu_init();
@@ -254,16 +305,28 @@ float row_max(const float* row, int n) { return row_max_f(row, n); }
 double row_max(const double* row, int n) { return row_max_d(row, n); }
 void exp_shifted(float* u, float m, int n) { exp_shifted_loop(u, m, n); }
 int first_greater(const float* row, int begin, int end, float x) {
-#ifdef EXAMOE_AVX512_SEARCH
+#ifdef EXAMOE_X86_INTRINSICS
   if (cpu_has_avx512f()) return first_greater_avx512(row, begin, end, x);
 #endif
   return first_greater_f(row, begin, end, x);
 }
 int first_greater(const double* row, int begin, int end, double x) {
-#ifdef EXAMOE_AVX512_SEARCH
+#ifdef EXAMOE_X86_INTRINSICS
   if (cpu_has_avx512f()) return first_greater_avx512(row, begin, end, x);
 #endif
   return first_greater_d(row, begin, end, x);
+}
+
+void sums_in_order_8(const float* const* a, const float* const* b, const double* w, int n, float* out) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int c = 0;
+#ifdef EXAMOE_X86_INTRINSICS
+  if (cpu_has_avx2()) c = sums_in_order_8_avx2(a, b, w, n, acc);
+#endif
+  for (; c < n; ++c)
+    for (int j = 0; j < 8; ++j)
+      acc[j] += b != nullptr ? a[j][c] * b[j][c] : w != nullptr ? a[j][c] * static_cast<float>(w[c]) : a[j][c];
+  for (int j = 0; j < 8; ++j) out[j] = acc[j];
 }
 
 void scale_row(float* dst, const float* src, float g, int n) { scale_row_f(dst, src, g, n); }

@@ -103,15 +103,12 @@ struct GeluBackward {
   V gelu_grad, da;
   KOKKOS_INLINE_FUNCTION void operator()(const int i, const int c) const { da(i, c) *= gelu_grad(i, c); }
 };
-/// On host backends, `warm` comes into the cache meanwhile (as gelu_forward's).
 template <class Space, class V>
-void gelu_backward(const Space& space, const V& gelu_grad, const V& da, const host::CacheWarmup& warm = {}) {
+void gelu_backward(const Space& space, const V& gelu_grad, const V& da) {
   const int n = static_cast<int>(da.extent(0)), h = static_cast<int>(da.extent(1));
   if constexpr (host_vector_rows_v<Space, V>) {
-    for_each_row_on_host("examoe::experts::gelu_bwd", space, n, [=](const int i) {
-      host::gelu_backward(&gelu_grad(i, 0), &da(i, 0), h);
-      warm.row_share(i, n);
-    });
+    for_each_row_on_host("examoe::experts::gelu_bwd", space, n,
+                         [=](const int i) { host::gelu_backward(&gelu_grad(i, 0), &da(i, 0), h); });
   } else {
     for_each_element("examoe::experts::gelu_bwd", space, n, h, GeluBackward<Space, V>{gelu_grad, da});
   }
@@ -145,15 +142,12 @@ struct SwigluBackward {
     swiglu_backward_element(g(i, c), u(i, c), da(i, c), du(i, c));
   }
 };
-/// On host backends, `warm` comes into the cache meanwhile (as gelu_forward's).
 template <class Space, class V>
-void swiglu_backward(const Space& space, const V& g, const V& u, const V& da, const V& du,
-                     const host::CacheWarmup& warm = {}) {
+void swiglu_backward(const Space& space, const V& g, const V& u, const V& da, const V& du) {
   const int n = static_cast<int>(g.extent(0)), h = static_cast<int>(g.extent(1));
   if constexpr (host_vector_rows_v<Space, V>) {
     for_each_row_on_host("examoe::experts::swiglu_bwd", space, n, [=](const int i) {
       host::swiglu_backward(&g(i, 0), &u(i, 0), &da(i, 0), &du(i, 0), h);
-      warm.row_share(i, n);
     });
   } else {
     for_each_element("examoe::experts::swiglu_bwd", space, n, h, SwigluBackward<Space, V>{g, u, da, du});

@@ -45,6 +45,12 @@ std::size_t first_nonfinite(const double* v, std::size_t n);
 /// would otherwise fetch them line by line while packing them).
 void stream_into_cache(const void* p, std::size_t bytes);
 
+/// Eight sums in order at once (sums_in_order.hpp), bit for bit: out[j] = term(j, 0) + ... +
+/// term(j, n - 1), added in that order from 0, with term(j, c) = a[j][c] (b and w null),
+/// a[j][c] * b[j][c] (b given) or a[j][c] * float(w[c]) (w given). With AVX2, blocks of 8 x 8
+/// terms are transposed so that one vector add carries the eight sums a step further.
+void sums_in_order_8(const float* const* a, const float* const* b, const double* w, int n, float* out);
+
 /// dst[c] = g src[c] for c in [0, n) (a row of the dispatch, scaled by its gate in backward).
 void scale_row(float* dst, const float* src, float g, int n);
 void scale_row(double* dst, const double* src, double g, int n);
