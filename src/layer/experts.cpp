@@ -248,22 +248,6 @@ void Experts<Scalar>::stream_weights(int l) const {
   if (swiglu_) host::stream_into_cache(W3_.data() + l * n, bytes);
 }
 
-/// Local expert l's weights as memory for the activation before to prefetch (host::CacheWarmup),
-/// where stream_weights would read them and the activation is a host vector loop (float);
-/// empty otherwise.
-template <class Scalar>
-host::CacheWarmup Experts<Scalar>::weights_warmup(int l) const {
-  host::CacheWarmup warm;
-  if constexpr (!host_vector_rows_v<Space, matrix>) return warm;
-  if (!weights_fit_in_cache()) return warm;
-  const std::size_t n = static_cast<std::size_t>(d_) * h_;
-  warm.region[0] = W1_.data() + l * n;
-  warm.region[1] = W2_.data() + l * n;
-  if (swiglu_) warm.region[2] = W3_.data() + l * n;
-  warm.bytes = sizeof(Scalar) * n;
-  return warm;
-}
-
 template <class Scalar>
 void Experts<Scalar>::reserve_forward(int rows) {
   ws_.reserve(hbuf_, "h", rows, h_);
@@ -315,25 +299,19 @@ void Experts<Scalar>::forward_chunks(const DispatchPlan& plan, ExpertRows which,
   const Scalar one(1), zero(0);
   const std::vector<RowGroup>& groups = plan.row_groups(which);  // ordered by local expert
   const std::vector<int>& back = plan.row_group_send_back(which);
-  int streamed = -1, warmed = -1;
+  int streamed = -1;
   for (std::size_t i = 0; i < groups.size(); ++i) {
     const RowGroup& g = groups[i];
-    if (g.w != streamed && g.w != warmed) stream_weights(g.w);
-    streamed = g.w;
-    // The next expert's weights come into the cache during this expert's last activation.
-    const int next = i + 1 < groups.size() && groups[i + 1].w != g.w ? groups[i + 1].w : -1;
-    const host::CacheWarmup warm = next >= 0 ? weights_warmup(next) : host::CacheWarmup{};
-    if (!warm.empty()) warmed = next;
+    if (g.w != streamed) stream_weights(streamed = g.w);
     for_each_chunk(g, step, [&](int b, int e) {
       auto x = chunk_of(xe_, b, e), hc = chunk_of(hbuf_, b, e), ac = chunk_of(abuf_, b, e);
-      const host::CacheWarmup& during = e == g.end ? warm : host::CacheWarmup{};
       kc::gemm_uncounted(space_, "N", "N", one, x, expert_of(W1_, g.w), zero, hc);
       if (swiglu_) {
         auto uc = chunk_of(ubuf_, b, e);
         kc::gemm_uncounted(space_, "N", "N", one, x, expert_of(W3_, g.w), zero, uc);
-        swiglu_forward(space_, hc, uc, ac, during);
+        swiglu_forward(space_, hc, uc, ac);
       } else {
-        gelu_forward(space_, hc, ac, during);
+        gelu_forward(space_, hc, ac);
       }
       kc::gemm_uncounted(space_, "N", "N", one, ac, expert_of(W2_, g.w), zero,
                          output_rows(ye_, send_back, back[i], g, b, e));

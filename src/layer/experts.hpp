@@ -9,7 +9,6 @@
 
 #include <examoe/impl/collectives.hpp>
 #include <examoe/impl/grouped_gemm.hpp>
-#include <examoe/impl/host_vector_kernels.hpp>
 #include <examoe/impl/kokkos_compat.hpp>
 #include <examoe/impl/workspace.hpp>
 #include <examoe/moe_config.hpp>
@@ -112,7 +111,6 @@ class Experts {
   void expert_weight_grads(const DispatchPlan& plan, int l);
   int chunk_rows() const;
   void stream_weights(int l) const;
-  host::CacheWarmup weights_warmup(int l) const;
   bool weights_fit_in_cache() const;
   bool one_visit() const;
   Space space_;

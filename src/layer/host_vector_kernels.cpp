@@ -368,25 +368,6 @@ void stream_into_cache(const void* p, std::size_t bytes) {
 #endif
 }
 
-void CacheWarmup::row_share(int i, int n) const {
-  if (bytes == 0 || n <= 0) return;
-  constexpr std::size_t line = 64;
-  const std::size_t lines = (bytes + line - 1) / line;
-  const std::size_t from = lines * static_cast<std::size_t>(i) / static_cast<std::size_t>(n),
-                    to = lines * static_cast<std::size_t>(i + 1) / static_cast<std::size_t>(n);
-  for (const void* r : region) {
-    if (r == nullptr) continue;
-    const auto* c = static_cast<const unsigned char*>(r);
-    for (std::size_t l = from; l < to; ++l) {
-#if defined(__GNUC__) || defined(__clang__)
-      __builtin_prefetch(c + l * line, 0, 3);
-#else
-      (void)c;
-#endif
-    }
-  }
-}
-
 const char* vector_isa() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__) && \
     !defined(__NVCOMPILER)

@@ -83,15 +83,12 @@ struct GeluForward {
     gelu_element(hpre(i, c), a(i, c), hpre(i, c));
   }
 };
-/// On host backends, `warm` comes into the cache meanwhile (host::CacheWarmup; GPUs ignore it).
 template <class Space, class V>
-void gelu_forward(const Space& space, const V& hpre, const V& a, const host::CacheWarmup& warm = {}) {
+void gelu_forward(const Space& space, const V& hpre, const V& a) {
   const int n = static_cast<int>(hpre.extent(0)), h = static_cast<int>(hpre.extent(1));
   if constexpr (host_vector_rows_v<Space, V>) {
-    for_each_row_on_host("examoe::experts::gelu", space, n, [=](const int i) {
-      host::gelu_forward(&hpre(i, 0), &a(i, 0), h);
-      warm.row_share(i, n);
-    });
+    for_each_row_on_host("examoe::experts::gelu", space, n,
+                         [=](const int i) { host::gelu_forward(&hpre(i, 0), &a(i, 0), h); });
   } else {
     for_each_element("examoe::experts::gelu", space, n, h, GeluForward<Space, V>{hpre, a});
   }
@@ -120,15 +117,12 @@ struct SwigluForward {
   V g, u, a;
   KOKKOS_INLINE_FUNCTION void operator()(const int i, const int c) const { a(i, c) = swiglu_element(g(i, c), u(i, c)); }
 };
-/// On host backends, `warm` comes into the cache meanwhile (as gelu_forward's).
 template <class Space, class V>
-void swiglu_forward(const Space& space, const V& g, const V& u, const V& a, const host::CacheWarmup& warm = {}) {
+void swiglu_forward(const Space& space, const V& g, const V& u, const V& a) {
   const int n = static_cast<int>(g.extent(0)), h = static_cast<int>(g.extent(1));
   if constexpr (host_vector_rows_v<Space, V>) {
-    for_each_row_on_host("examoe::experts::swiglu", space, n, [=](const int i) {
-      host::swiglu_forward(&g(i, 0), &u(i, 0), &a(i, 0), h);
-      warm.row_share(i, n);
-    });
+    for_each_row_on_host("examoe::experts::swiglu", space, n,
+                         [=](const int i) { host::swiglu_forward(&g(i, 0), &u(i, 0), &a(i, 0), h); });
   } else {
     for_each_element("examoe::experts::swiglu", space, n, h, SwigluForward<Space, V>{g, u, a});
   }

@@ -76,19 +76,6 @@ inline void prefetch(const void* p, std::size_t bytes) {
 /// How many iterations ahead the host row loops prefetch their rows.
 inline constexpr int kRowsAhead = 4;
 
-/// Memory to bring into the cache while a loop over rows runs (the next expert's weights,
-/// during this expert's activation): up to three regions of `bytes` bytes each. Row i of n
-/// asks for its share of every region, lines [i L / n, (i + 1) L / n) of its L lines, with
-/// prefetch instructions, which do not wait for the memory: the lines arrive while the rows'
-/// arithmetic runs. Rows may run in any order or in parallel.
-struct CacheWarmup {
-  const void* region[3] = {nullptr, nullptr, nullptr};
-  std::size_t bytes = 0;
-  bool empty() const { return bytes == 0; }
-  /// Prefetches row i's share of every region.
-  void row_share(int i, int n) const;
-};
-
 /// The instruction set these loops run with on this CPU: "avx512f", "avx2" (with FMA: x86-64-v3)
 /// or "baseline".
 const char* vector_isa();
