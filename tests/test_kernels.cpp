@@ -659,6 +659,18 @@ template <class V>
 auto on_host(const V& v) {
   return Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), v);
 }
+/// Random return locations of assignments (combine_rows, gate_grads) in a host mirror of loc:
+/// a fifth dropped, two fifths rows kept on this rank and two fifths rows come back, of `rows`.
+template <class L>
+auto random_return_locations(const L& loc, int rows, std::mt19937& rng) {
+  auto loch = Kokkos::create_mirror_view(loc);
+  std::uniform_int_distribution<int> kind(0, 4), row(0, rows - 1);
+  for (std::size_t a = 0; a < loch.extent(0); ++a) {
+    const int c = kind(rng);
+    loch(a) = c == 0 ? examoe::impl::kDroppedRow : c <= 2 ? row(rng) : -1 - row(rng);
+  }
+  return loch;
+}
 }  // namespace
 
 // Gate gradients on a host backend (kSumsInOrder assignments at once) against the team kernel
@@ -684,12 +696,7 @@ void check_gate_grads_both_ways() {
         auto douth = on_host(dout);
         if (T > 2) douth(2, 0) = std::numeric_limits<S>::infinity();  // must not reach a dropped one
         Kokkos::deep_copy(dout, douth);
-        auto loch = Kokkos::create_mirror_view(loc);
-        std::uniform_int_distribution<int> kind(0, 4), row(0, rows - 1);
-        for (int a = 0; a < A; ++a) {
-          const int c = kind(rng);
-          loch(a) = c == 0 ? examoe::impl::kDroppedRow : c <= 2 ? row(rng) : -1 - row(rng);
-        }
+        auto loch = random_return_locations(loc, rows, rng);
         if (T > 2) loch(2 * k) = examoe::impl::kDroppedRow;
         Kokkos::deep_copy(loc, loch);
         examoe::impl::gate_grads(Space(), loc, k, ye, back, dout, dg_host);
@@ -754,12 +761,7 @@ void check_combine_both_ways() {
             Kokkos::deep_copy(gates, gh);
             auto before = Kokkos::create_mirror(out_host);  // a copy (on_host may alias a host view)
             Kokkos::deep_copy(before, out_host);
-            auto loch = Kokkos::create_mirror_view(loc);
-            std::uniform_int_distribution<int> kind(0, 4), row(0, rows - 1);
-            for (int a = 0; a < A; ++a) {
-              const int c = kind(rng);
-              loch(a) = c == 0 ? examoe::impl::kDroppedRow : c <= 2 ? row(rng) : -1 - row(rng);
-            }
+            auto loch = random_return_locations(loc, rows, rng);
             Kokkos::deep_copy(loc, loch);
             examoe::impl::combine_rows(Space(), loc, k, gates, weighted, ye, back, accumulate, out_host);
             examoe::impl::combine_rows(Space(), loc, k, gates, weighted, ye, back, accumulate, out_team,
