@@ -136,10 +136,10 @@ void pack_rows(const Space& space, const XView& x, const PView& perm, int k, int
   using S = typename XView::non_const_value_type;
   if constexpr (host_row_loops_v<Space, S, W, XView, BufView, GView>) {
     // Host: a copy (or scaled copy) per row, the scattered source rows asked for ahead.
-    auto token = [=](const int p) { return perm(p < self_begin ? p : p + self_count) / k; };
+    auto assignment = [=](const int p) { return perm(p < self_begin ? p : p + self_count); };
     Kokkos::parallel_for("examoe::dispatch::pack", Kokkos::RangePolicy<Space>(space, 0, n), [=](const int p) {
-      if (p + host::kRowsAhead < n) host::prefetch(&x(token(p + host::kRowsAhead), 0), sizeof(S) * d);
-      const int a = perm(p < self_begin ? p : p + self_count);
+      if (p + host::kRowsAhead < n) host::prefetch(&x(assignment(p + host::kRowsAhead) / k, 0), sizeof(S) * d);
+      const int a = assignment(p);
       copy_row_on_host(&send(p, 0), &x(a / k, 0), scaled, scaled ? gates(a / k, a % k) : S(1), d);
     });
     return;
@@ -171,7 +171,7 @@ void gather_expert_rows(const Space& space, const BView& blocks, int nblocks, in
   using W = typename WireView::non_const_value_type;
   if constexpr (host_row_loops_v<Space, S, W, XView, WireView, BufView, GView>) {
     // Host: block by block (no search per row), a copy (or scaled copy) per row, the scattered
-    // rows of x asked for ahead.
+    // rows of x asked for ahead. The blocks cover the nrows rows.
     (void)nrows;
     Kokkos::parallel_for(
         "examoe::dispatch::regroup", Kokkos::RangePolicy<Space>(space, 0, nblocks), [=](const int bi) {
@@ -249,35 +249,28 @@ void combine_rows(const Space& space, const LView& loc, int k, const GView& gate
   using S = typename BufView::non_const_value_type;
   using O = typename OView::non_const_value_type;
   using W = typename WireView::non_const_value_type;
-  constexpr bool host_rows = !kc::device_memory_v<Space> && std::is_same<S, O>::value && std::is_same<S, W>::value &&
-                             std::is_same<typename GView::non_const_value_type, S>::value &&
-                             (std::is_same<S, float>::value || std::is_same<S, double>::value) &&
-                             std::is_same<typename BufView::array_layout, Kokkos::LayoutRight>::value &&
-                             std::is_same<typename WireView::array_layout, Kokkos::LayoutRight>::value &&
-                             std::is_same<typename OView::array_layout, Kokkos::LayoutRight>::value;
-  if constexpr (host_rows) {  // host rows of one type: a vector loop per token (host::combine_row)
+  if constexpr (host_row_loops_v<Space, S, W, BufView, WireView, OView, GView>) {
+    // Host rows of one type: a vector loop per token (host::combine_row).
     constexpr int kMax = 16;
     if (!team_kernel && d > 0 && k <= kMax) {
-      {
-        Kokkos::parallel_for(
-            "examoe::combine::gather", Kokkos::RangePolicy<Space>(space, 0, T), [=](const int t) {
-              auto row_of = [&](const int a) -> const S* {
-                const int l = loc(a);
-                return l == kDroppedRow ? nullptr : l >= 0 ? &ye(l, 0) : &back_recv(-1 - l, 0);
-              };
-              if (t + host::kRowsAhead < T)  // the rows are scattered: ask for later ones early
-                for (int j = 0; j < k; ++j)
-                  if (const S* r = row_of((t + host::kRowsAhead) * k + j)) host::prefetch(r, sizeof(S) * d);
-              const S* rows[kMax];
-              S w[kMax];
-              for (int j = 0; j < k; ++j) {
-                rows[j] = row_of(t * k + j);
-                w[j] = gates(t, j);
-              }
-              host::combine_row(&out(t, 0), rows, weighted ? w : nullptr, k, d, accumulate);
-            });
-        return;
-      }
+      Kokkos::parallel_for(
+          "examoe::combine::gather", Kokkos::RangePolicy<Space>(space, 0, T), [=](const int t) {
+            auto row_of = [&](const int a) -> const S* {
+              const int l = loc(a);
+              return l == kDroppedRow ? nullptr : l >= 0 ? &ye(l, 0) : &back_recv(-1 - l, 0);
+            };
+            if (t + host::kRowsAhead < T)  // the rows are scattered: ask for later ones early
+              for (int j = 0; j < k; ++j)
+                if (const S* r = row_of((t + host::kRowsAhead) * k + j)) host::prefetch(r, sizeof(S) * d);
+            const S* rows[kMax];
+            S w[kMax];
+            for (int j = 0; j < k; ++j) {
+              rows[j] = row_of(t * k + j);
+              w[j] = gates(t, j);
+            }
+            host::combine_row(&out(t, 0), rows, weighted ? w : nullptr, k, d, accumulate);
+          });
+      return;
     }
   }
   using team = typename Kokkos::TeamPolicy<Space>::member_type;
