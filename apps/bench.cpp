@@ -411,7 +411,8 @@ int run(const BenchOptions& o) {
   const double step_time = time_steps(o, comm, layer, x, out, dout, dx, phase);
   const StepWork work = count_step(layer, x, out, dout, dx);  // rank 0's counts are printed
 
-  const LayerStats& st = layer.stats();
+  // A copy: the paired rounds below run further steps, and what is printed is this step's.
+  const LayerStats st = layer.stats();
   // The bare GEMMs over the layer's blocks (the bound), and with one block per expert.
   const int nloc = static_cast<int>(st.rows_per_local_expert.size());
   std::vector<std::vector<std::int64_t>> blocks(nloc), whole(nloc);
