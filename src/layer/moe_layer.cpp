@@ -349,13 +349,12 @@ struct MoELayer<Scalar>::Impl {
     // ---- experts (the received rows, or all of them); by expert, in the layer's scalar, the
     // received rows' outputs go straight into the combine's send buffer
     rows.reserve_combine(plan, d);
-    const bool direct = sends_back_directly<W>();
-    experts->forward_arrived(plan, overlap ? ExpertRows::received : ExpertRows::all,
-                             send_back_buffer(rows, direct));
+    const auto* direct = direct_send_back(rows);
+    experts->forward_arrived(plan, overlap ? ExpertRows::received : ExpertRows::all, direct);
     toc(Phase::experts);
 
     // ---- combine
-    if (!direct)
+    if (direct == nullptr)
       impl::pack_back_rows(space, plan.blocks(), plan.num_blocks(), nrows, experts->outputs(), rows.back_send);
     start_exchange("moe.combine", impl::Direction::reverse, rows.back_send, rows.back_recv);
     if (overlap) {
@@ -410,16 +409,12 @@ struct MoELayer<Scalar>::Impl {
     stats.bytes_recv_combine = sent * row_bytes;
   }
 
-  /// Whether the experts write the received rows' results (forward's outputs, backward's dxe)
-  /// straight into the combine's send buffer: by expert (the host schedule), with rows on the
-  /// wire in the layer's scalar. Otherwise they are packed into it (pack_back_rows).
+  /// The combine's send buffer where the experts write the received rows' results (forward's
+  /// outputs, backward's dxe) straight into it: by expert (the host schedule), with rows on the
+  /// wire in the layer's scalar. Null otherwise: they are packed into it (pack_back_rows).
   template <class W>
-  bool sends_back_directly() const {
-    return std::is_same<W, Scalar>::value && experts->by_expert();
-  }
-  template <class W>
-  const typename impl::Experts<Scalar>::matrix* send_back_buffer(impl::RowWorkspace<W>& rows, bool direct) const {
-    if constexpr (std::is_same<W, Scalar>::value) return direct ? &rows.back_send : nullptr;
+  const typename impl::Experts<Scalar>::matrix* direct_send_back(impl::RowWorkspace<W>& rows) const {
+    if constexpr (std::is_same<W, Scalar>::value) return experts->by_expert() ? &rows.back_send : nullptr;
     return nullptr;
   }
 
@@ -492,13 +487,12 @@ struct MoELayer<Scalar>::Impl {
     toc(Phase::bwd_combine);
 
     // ---- experts (the received rows, or all of them; their dxe as forward's outputs)
-    const bool direct = sends_back_directly<W>();
-    experts->backward_arrived(plan, overlap ? ExpertRows::received : ExpertRows::all,
-                              send_back_buffer(rows, direct));
+    const auto* direct = direct_send_back(rows);
+    experts->backward_arrived(plan, overlap ? ExpertRows::received : ExpertRows::all, direct);
     toc(Phase::bwd_experts);
 
     // ---- dispatch^T: dx rows go home
-    if (!direct)
+    if (direct == nullptr)
       impl::pack_back_rows(space, plan.blocks(), plan.num_blocks(), nrows, experts->input_grads(), rows.back_send);
     start_exchange("moe.dispatch_bwd", impl::Direction::reverse, rows.back_send, rows.back_recv);
     if (overlap) {

@@ -332,14 +332,14 @@ void gate_grads(const Space& space, const LView& loc, int k, const BufView& ye,
               y[j] = l >= 0 ? &ye(l, 0) : dropped[j] ? x[j] : &back_recv(-1 - l, 0);  // dropped: any row, result 0
             }
             G s[kSumsInOrder];
+            bool summed = false;
             if constexpr (std::is_same<S, float>::value && std::is_same<G, float>::value) {
-              if (m == B)  // eight at once, vectorized (host::sums_in_order_8, the same sums)
+              if (m == B) {  // eight at once, vectorized (host::sums_in_order_8, the same sums)
                 host::sums_in_order_8(x, y, nullptr, d, s);
-              else
-                sums_in_order(m, d, [&](const int j, const int c) -> G { return x[j][c] * y[j][c]; }, s);
-            } else {
-              sums_in_order(m, d, [&](const int j, const int c) -> G { return x[j][c] * y[j][c]; }, s);
+                summed = true;
+              }
             }
+            if (!summed) sums_in_order(m, d, [&](const int j, const int c) -> G { return x[j][c] * y[j][c]; }, s);
             for (int j = 0; j < m; ++j) dg((a0 + j) / k, (a0 + j) % k) = dropped[j] ? G(0) : s[j];
           });
       return;

@@ -234,17 +234,16 @@ void router_softmax_topk_on_host(const Space& space, const RouterParams& r, cons
           else
             for (int e = 0; e < E; ++e) u[e] = exp_(u[e] - umax[j]);
         }
+        bool summed = false;
         if constexpr (std::is_same<S, float>::value) {
           if (m == B) {  // eight rows at once, vectorized (host::sums_in_order_8, the same sums)
             const float* rows[kSumsInOrder];
             for (int j = 0; j < B; ++j) rows[j] = &p(t0 + j, 0);
             host::sums_in_order_8(rows, nullptr, nullptr, E, sum);
-          } else {
-            sums_in_order(m, E, [&](const int j, const int e) { return p(t0 + j, e); }, sum);
+            summed = true;
           }
-        } else {
-          sums_in_order(m, E, [&](const int j, const int e) { return p(t0 + j, e); }, sum);
         }
+        if (!summed) sums_in_order(m, E, [&](const int j, const int e) { return p(t0 + j, e); }, sum);
         for (int j = 0; j < m; ++j) {
           const int t = t0 + j;
           S* u = &p(t, 0);
@@ -486,17 +485,17 @@ void router_backward_softmax_on_host(const Space& space, const RouterParams& rp,
       "examoe::router::backward", Kokkos::RangePolicy<Space>(space, 0, (T + B - 1) / B), [=](const int b) {
         const int t0 = b * B, m = T - t0 < B ? T - t0 : B;
         S dot[kSumsInOrder];  // sum_e p_e dp_e, the aux part first (as the team kernel)
+        bool summed = false;
         if constexpr (rows_contiguous && std::is_same<S, float>::value) {
           if (m == B) {  // eight rows at once, vectorized (host::sums_in_order_8, the same sums)
             const float* rows[kSumsInOrder];
             for (int j = 0; j < B; ++j) rows[j] = &p(t0 + j, 0);
             host::sums_in_order_8(rows, nullptr, aux.data(), E, dot);
-          } else {
-            sums_in_order(m, E, [&](const int j, const int e) { return p(t0 + j, e) * static_cast<S>(aux(e)); }, dot);
+            summed = true;
           }
-        } else {
-          sums_in_order(m, E, [&](const int j, const int e) { return p(t0 + j, e) * static_cast<S>(aux(e)); }, dot);
         }
+        if (!summed)
+          sums_in_order(m, E, [&](const int j, const int e) { return p(t0 + j, e) * static_cast<S>(aux(e)); }, dot);
         for (int j = 0; j < m; ++j) {
           const int t = t0 + j;
           const GatePart<S, PView, IView, GView> gate_part(p, topk, gates, dg, t, k, renorm);
