@@ -281,19 +281,19 @@ void DispatchPlan::lay_out_expert_rows() {
 /// two) nor the placement (which rank's block is the kept one). Both stay bitwise invariant.
 void DispatchPlan::lay_out_row_groups() {
   for (auto& g : groups_) g.clear();
-  for (auto& g : group_send_back_) g.clear();
-  auto add = [&](ExpertRows which, const RowGroup& g, int send_back) {
+  for (auto& g : group_wire_row_) g.clear();
+  auto add = [&](ExpertRows which, const RowGroup& g, int wire_row) {
     groups_[static_cast<int>(which)].push_back(g);
-    group_send_back_[static_cast<int>(which)].push_back(send_back);
+    group_wire_row_[static_cast<int>(which)].push_back(wire_row);
   };
   for (int lx = 0; lx < nloc_; ++lx)
     for (int src = 0; src < P_; ++src) {
       const RowBlock& b = blocks_h_(lx * P_ + src);
       if (b.count == 0) continue;
       const RowGroup g{b.dest, b.dest + b.count, lx};
-      const int send_back = src == me_ ? -1 : b.from;
-      add(ExpertRows::all, g, send_back);
-      add(src == me_ ? ExpertRows::kept : ExpertRows::received, g, send_back);
+      const int wire_row = src == me_ ? -1 : b.from;
+      add(ExpertRows::all, g, wire_row);
+      add(src == me_ ? ExpertRows::kept : ExpertRows::received, g, wire_row);
     }
 }
 

@@ -94,10 +94,11 @@ class DispatchPlan {
   /// rank) block: kept (source = this rank), received (the others) or all. Matrix index =
   /// local expert. The weight gradients group by expert_row_offsets(): one group per expert.
   const std::vector<RowGroup>& row_groups(ExpertRows which) const { return groups_[static_cast<int>(which)]; }
-  /// For each group of row_groups(which): the row where its rows start in the combine's send
-  /// buffer (a received block's rows go back in the layout they arrived in), or -1 for kept rows.
-  const std::vector<int>& row_group_send_back(ExpertRows which) const {
-    return group_send_back_[static_cast<int>(which)];
+  /// For each group of row_groups(which): the row where its rows start on the wire, or -1 for
+  /// kept rows. That is their row in the dispatch's receive buffer, and in the combine's send
+  /// buffer, since a received block's rows go back in the layout they arrived in.
+  const std::vector<int>& row_group_wire_row(ExpertRows which) const {
+    return group_wire_row_[static_cast<int>(which)];
   }
   int num_local() const { return nloc_; }
   /// Sorted slots of the rows that stay on this rank: [self_begin, self_begin + self_count).
@@ -142,7 +143,7 @@ class DispatchPlan {
   RowExchange exchange_;
   std::vector<int> expert_offset_;        // [nloc + 1]
   std::vector<RowGroup> groups_[3];       // row_groups(all), (kept), (received)
-  std::vector<int> group_send_back_[3];   // row_group_send_back(all), (kept), (received)
+  std::vector<int> group_wire_row_[3];    // row_group_wire_row(all), (kept), (received)
   Workspace ws_{"examoe::dispatch::"};
 };
 

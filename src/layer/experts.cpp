@@ -160,9 +160,9 @@ void Experts<Scalar>::forward_kept(const DispatchPlan& plan) {
 }
 
 template <class Scalar>
-void Experts<Scalar>::forward_arrived(const DispatchPlan& plan, ExpertRows which, const matrix* send_back) {
+void Experts<Scalar>::forward_arrived(const DispatchPlan& plan, ExpertRows which, const WireRows* wire) {
   if (by_expert_) {
-    forward_chunks(plan, one_visit() ? ExpertRows::all : which, send_back);
+    forward_chunks(plan, one_visit() ? ExpertRows::all : which, wire);
   } else {
     hidden(plan, which);
     activate(plan);
@@ -185,10 +185,10 @@ void Experts<Scalar>::backward_kept(const DispatchPlan& plan) {
 }
 
 template <class Scalar>
-void Experts<Scalar>::backward_arrived(const DispatchPlan& plan, ExpertRows which, const matrix* send_back) {
+void Experts<Scalar>::backward_arrived(const DispatchPlan& plan, ExpertRows which, const WireRows* wire) {
   if (by_expert_) {
     // and the weight gradients, expert after expert
-    backward_chunks(plan, one_visit() ? ExpertRows::all : which, true, send_back);
+    backward_chunks(plan, one_visit() ? ExpertRows::all : which, true, wire);
   } else {
     hidden_grad(plan, which);
     activation_backward(plan);
@@ -273,13 +273,26 @@ template <class T3>
 auto expert_of(const T3& w, int l) {
   return detail::group_matrix(w, l);
 }
-/// Where rows [b, e) of group g write their results: rows of `own` (ye or dxe), or, for a
-/// received block (`send_back_row` >= 0) with a send buffer, that buffer's rows from the block's.
+/// Rows [b, e) of group g on the wire: of `wire` (a buffer of the exchange), from the block's
+/// row there, `wire_row`.
 template <class M>
-auto output_rows(const M& own, const M* send_back, int send_back_row, const RowGroup& g, int b, int e) {
-  if (send_back != nullptr && send_back_row >= 0)
-    return chunk_of(*send_back, send_back_row + (b - g.begin), send_back_row + (e - g.begin));
+auto wire_chunk(const M& wire, int wire_row, const RowGroup& g, int b, int e) {
+  return chunk_of(wire, wire_row + (b - g.begin), wire_row + (e - g.begin));
+}
+/// Where rows [b, e) of group g write their results: rows of `own` (ye or dxe), or, for a
+/// received block (`wire_row` >= 0) with the exchange's buffers, the combine's send buffer.
+template <class M, class WireRows>
+auto output_rows(const M& own, const WireRows* wire, int wire_row, const RowGroup& g, int b, int e) {
+  if (wire != nullptr && wire_row >= 0) return wire_chunk(wire->send_back, wire_row, g, b, e);
   return chunk_of(own, b, e);
+}
+/// Copies a received block's rows [b, e) (wire_row >= 0) from the dispatch's receive buffer into
+/// `own` (xe or dye) where the experts read them from the wire (WireRows); else `own` has them.
+template <class Space, class M, class WireRows>
+void copy_arrived_rows(const Space& space, const M& own, const WireRows* wire, int wire_row, const RowGroup& g,
+                       int b, int e) {
+  if (wire != nullptr && wire_row >= 0)
+    Kokkos::deep_copy(space, chunk_of(own, b, e), wire_chunk(wire->arrived, wire_row, g, b, e));
 }
 /// f(b, e) for the chunks [b, e) of at most `step` rows of group g, from its first row.
 template <class F>
@@ -292,18 +305,19 @@ void for_each_chunk(const RowGroup& g, int step, const F& f) {
 }  // namespace
 
 template <class Scalar>
-void Experts<Scalar>::forward_chunks(const DispatchPlan& plan, ExpertRows which, const matrix* send_back) {
+void Experts<Scalar>::forward_chunks(const DispatchPlan& plan, ExpertRows which, const WireRows* wire) {
   reserve_forward(plan.expert_rows());
   for (int p = 0; p < (swiglu_ ? 3 : 2); ++p) count_gemm_call();  // one grouped call per projection
   const int step = chunk_rows();
   const Scalar one(1), zero(0);
   const std::vector<RowGroup>& groups = plan.row_groups(which);  // ordered by local expert
-  const std::vector<int>& back = plan.row_group_send_back(which);
+  const std::vector<int>& wire_row = plan.row_group_wire_row(which);
   int streamed = -1;
   for (std::size_t i = 0; i < groups.size(); ++i) {
     const RowGroup& g = groups[i];
     if (g.w != streamed) stream_weights(streamed = g.w);
     for_each_chunk(g, step, [&](int b, int e) {
+      copy_arrived_rows(space_, xe_, wire, wire_row[i], g, b, e);
       auto x = chunk_of(xe_, b, e), hc = chunk_of(hbuf_, b, e), ac = chunk_of(abuf_, b, e);
       kc::gemm_uncounted(space_, "N", "N", one, x, expert_of(W1_, g.w), zero, hc);
       if (swiglu_) {
@@ -314,27 +328,28 @@ void Experts<Scalar>::forward_chunks(const DispatchPlan& plan, ExpertRows which,
         gelu_forward(space_, hc, ac);
       }
       kc::gemm_uncounted(space_, "N", "N", one, ac, expert_of(W2_, g.w), zero,
-                         output_rows(ye_, send_back, back[i], g, b, e));
+                         output_rows(ye_, wire, wire_row[i], g, b, e));
     });
   }
 }
 
 template <class Scalar>
 void Experts<Scalar>::backward_chunks(const DispatchPlan& plan, ExpertRows which, bool weight_grads,
-                                      const matrix* send_back) {
+                                      const WireRows* wire) {
   reserve_backward(plan.expert_rows());
   for (int p = 0; p < (swiglu_ ? 3 : 2) * (weight_grads ? 2 : 1); ++p) count_gemm_call();
   const int step = chunk_rows();
   const Scalar one(1), zero(0);
   const std::vector<RowGroup>& groups = plan.row_groups(which);  // ordered by local expert
-  const std::vector<int>& back = plan.row_group_send_back(which);
+  const std::vector<int>& wire_row = plan.row_group_wire_row(which);
   std::size_t next = 0;
   for (int l = 0; l < nloc_; ++l) {
     if (next < groups.size() && groups[next].w == l) stream_weights(l);
     for (; next < groups.size() && groups[next].w == l; ++next) {
       for_each_chunk(groups[next], step, [&](int b, int e) {
+        copy_arrived_rows(space_, dye_, wire, wire_row[next], groups[next], b, e);
         auto hc = chunk_of(hbuf_, b, e), dac = chunk_of(dabuf_, b, e);
-        auto dx = output_rows(dxe_, send_back, back[next], groups[next], b, e);
+        auto dx = output_rows(dxe_, wire, wire_row[next], groups[next], b, e);
         kc::gemm_uncounted(space_, "N", "T", one, chunk_of(dye_, b, e), expert_of(W2_, l), zero, dac);
         if (swiglu_) {
           auto uc = chunk_of(ubuf_, b, e), duc = chunk_of(dubuf_, b, e);

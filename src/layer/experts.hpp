@@ -67,18 +67,26 @@ class Experts {
   bool by_expert() const { return by_expert_; }
   /// Forward, while the dispatch travels: the kept rows (or their first GEMM).
   void forward_kept(const DispatchPlan& plan);
-  /// Forward of `which` rows (received, or all) once they have arrived. By expert, with
-  /// `send_back`, the received rows' outputs go straight into it (the combine's send buffer,
-  /// in the plan's layout: DispatchPlan::row_group_send_back) instead of into outputs().
-  void forward_arrived(const DispatchPlan& plan, ExpertRows which, const matrix* send_back = nullptr);
+  /// The exchange's buffers of the received rows, in the layout they travel in
+  /// (DispatchPlan::row_group_wire_row): the dispatch's receive buffer (`arrived`) and the
+  /// combine's send buffer (`send_back`). By expert, with them, each received block's input
+  /// rows (xe forward, dye backward) are copied from `arrived` just before its GEMMs, which
+  /// then read them from cache, and its results (ye forward, dxe backward) go straight into
+  /// `send_back`. Without them, the layer has regrouped every row into inputs() or
+  /// output_grads(), and the results are in outputs() or input_grads().
+  struct WireRows {
+    matrix arrived, send_back;
+  };
+  /// Forward of `which` rows (received, or all) once they have arrived; by expert, with
+  /// `wire`, the received rows from and to the exchange's buffers.
+  void forward_arrived(const DispatchPlan& plan, ExpertRows which, const WireRows* wire = nullptr);
   /// Forward, while the combine travels: what forward_kept left of the kept rows.
   void forward_kept_rest(const DispatchPlan& plan);
   /// Backward, while dye travels: the kept rows' dh and dxe (or their first GEMM).
   void backward_kept(const DispatchPlan& plan);
   /// Backward of `which` rows once their dye has arrived: dh and dxe (by expert, then each
-  /// expert's weight gradients, while its last rows are in cache). By expert, with
-  /// `send_back`, the received rows' dxe go straight into it (as forward_arrived's outputs).
-  void backward_arrived(const DispatchPlan& plan, ExpertRows which, const matrix* send_back = nullptr);
+  /// expert's weight gradients, while its last rows are in cache); `wire` as forward_arrived's.
+  void backward_arrived(const DispatchPlan& plan, ExpertRows which, const WireRows* wire = nullptr);
   /// Backward, while dxe travels (overlap) or after: what is left (by projection: the kept
   /// rows' dxe, then the weight gradients over every row).
   void backward_rest(const DispatchPlan& plan, bool overlap);
@@ -106,8 +114,8 @@ class Experts {
   // By expert (host backends): the same per expert, in cache-sized row chunks.
   void reserve_forward(int rows);
   void reserve_backward(int rows);
-  void forward_chunks(const DispatchPlan& plan, ExpertRows which, const matrix* send_back);
-  void backward_chunks(const DispatchPlan& plan, ExpertRows which, bool weight_grads, const matrix* send_back);
+  void forward_chunks(const DispatchPlan& plan, ExpertRows which, const WireRows* wire);
+  void backward_chunks(const DispatchPlan& plan, ExpertRows which, bool weight_grads, const WireRows* wire);
   void expert_weight_grads(const DispatchPlan& plan, int l);
   int chunk_rows() const;
   void stream_weights(int l) const;

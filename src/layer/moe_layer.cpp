@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <optional>
 #include <sstream>
 #include <type_traits>
 
@@ -342,19 +343,21 @@ struct MoELayer<Scalar>::Impl {
     }
     finish_exchange("moe.dispatch");
     toc(Phase::alltoall);
-    impl::gather_expert_rows(space, plan.blocks(), plan.num_blocks(), nrows, x, plan.perm(), k, g,
-                             false, rows.recv, xe, overlap ? ExpertRows::received : ExpertRows::all);
+    rows.reserve_combine(plan, d);
+    const auto wire = wire_rows(rows);
+    const ExpertRows arrived = overlap ? ExpertRows::received : ExpertRows::all;
+    if (!wire || !overlap)  // the rows the experts do not read from the wire themselves
+      impl::gather_expert_rows(space, plan.blocks(), plan.num_blocks(), nrows, x, plan.perm(), k, g, false,
+                               rows.recv, xe, wire ? ExpertRows::kept : arrived);
     toc(Phase::pack);
 
     // ---- experts (the received rows, or all of them); by expert, in the layer's scalar, the
-    // received rows' outputs go straight into the combine's send buffer
-    rows.reserve_combine(plan, d);
-    const auto* direct = direct_send_back(rows);
-    experts->forward_arrived(plan, overlap ? ExpertRows::received : ExpertRows::all, direct);
+    // received rows from the receive buffer and their outputs into the combine's send buffer
+    experts->forward_arrived(plan, arrived, wire ? &*wire : nullptr);
     toc(Phase::experts);
 
     // ---- combine
-    if (direct == nullptr)
+    if (!wire)
       impl::pack_back_rows(space, plan.blocks(), plan.num_blocks(), nrows, experts->outputs(), rows.back_send);
     start_exchange("moe.combine", impl::Direction::reverse, rows.back_send, rows.back_recv);
     if (overlap) {
@@ -409,13 +412,15 @@ struct MoELayer<Scalar>::Impl {
     stats.bytes_recv_combine = sent * row_bytes;
   }
 
-  /// The combine's send buffer where the experts write the received rows' results (forward's
-  /// outputs, backward's dxe) straight into it: by expert (the host schedule), with rows on the
-  /// wire in the layer's scalar. Null otherwise: they are packed into it (pack_back_rows).
+  /// The exchange's buffers the experts read the received rows from and write their results
+  /// into (Experts::WireRows): by expert (the host schedule), with rows on the wire in the
+  /// layer's scalar. None otherwise: the layer regroups the rows (gather_expert_rows) and packs
+  /// the results (pack_back_rows).
   template <class W>
-  const typename impl::Experts<Scalar>::matrix* direct_send_back(impl::RowWorkspace<W>& rows) const {
-    if constexpr (std::is_same<W, Scalar>::value) return experts->by_expert() ? &rows.back_send : nullptr;
-    return nullptr;
+  std::optional<typename impl::Experts<Scalar>::WireRows> wire_rows(const impl::RowWorkspace<W>& rows) const {
+    if constexpr (std::is_same<W, Scalar>::value)
+      if (experts->by_expert()) return typename impl::Experts<Scalar>::WireRows{rows.recv, rows.back_send};
+    return std::nullopt;
   }
 
   /// Starts ONE variable-size all-to-all of rows through the plan: in the dispatch direction
@@ -482,17 +487,19 @@ struct MoELayer<Scalar>::Impl {
     }
     finish_exchange("moe.combine_bwd");
     toc(Phase::bwd_alltoall);
-    impl::gather_expert_rows(space, plan.blocks(), plan.num_blocks(), nrows, dout, plan.perm(), k, g,
-                             true, rows.recv, dye, overlap ? ExpertRows::received : ExpertRows::all);
+    const auto wire = wire_rows(rows);
+    const ExpertRows arrived = overlap ? ExpertRows::received : ExpertRows::all;
+    if (!wire || !overlap)  // as forward's
+      impl::gather_expert_rows(space, plan.blocks(), plan.num_blocks(), nrows, dout, plan.perm(), k, g, true,
+                               rows.recv, dye, wire ? ExpertRows::kept : arrived);
     toc(Phase::bwd_combine);
 
-    // ---- experts (the received rows, or all of them; their dxe as forward's outputs)
-    const auto* direct = direct_send_back(rows);
-    experts->backward_arrived(plan, overlap ? ExpertRows::received : ExpertRows::all, direct);
+    // ---- experts (the received rows, or all of them; their dye and dxe as forward's rows)
+    experts->backward_arrived(plan, arrived, wire ? &*wire : nullptr);
     toc(Phase::bwd_experts);
 
     // ---- dispatch^T: dx rows go home
-    if (direct == nullptr)
+    if (!wire)
       impl::pack_back_rows(space, plan.blocks(), plan.num_blocks(), nrows, experts->input_grads(), rows.back_send);
     start_exchange("moe.dispatch_bwd", impl::Direction::reverse, rows.back_send, rows.back_recv);
     if (overlap) {
