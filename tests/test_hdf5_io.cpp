@@ -23,12 +23,28 @@ namespace {
 using examoe::test::world_rank;
 using examoe::test::world_size;
 
-/// A fresh directory of this rank's own under a directory shared by the test's ranks.
-std::string rank_dir(const std::string& tag) {
-  const std::string d = examoe::test::make_shared_dir("hdf5io", tag) + "/r" + std::to_string(world_rank());
-  ::mkdir(d.c_str(), 0755);
-  return d;
-}
+/// The suite's tests work in directories of their own, removed after each test once every
+/// rank is done with them.
+class Hdf5Io : public ::testing::Test {
+ protected:
+  /// A fresh directory shared by the test's ranks.
+  std::string shared_dir(const std::string& tag) {
+    dirs_.push_back(examoe::test::make_shared_dir("hdf5io", tag));
+    return dirs_.back();
+  }
+  /// A fresh directory of this rank's own in one shared by the test's ranks.
+  std::string rank_dir(const std::string& tag) {
+    const std::string d = shared_dir(tag) + "/r" + std::to_string(world_rank());
+    ::mkdir(d.c_str(), 0755);
+    return d;
+  }
+  void TearDown() override {
+    for (const std::string& d : dirs_) examoe::test::remove_shared_dir(d);
+  }
+
+ private:
+  std::vector<std::string> dirs_;
+};
 
 /// The message of the examoe::Error `f` throws ("" if it throws none).
 template <class F>
@@ -45,7 +61,7 @@ std::string error_of(F&& f) {
 
 // ------------------------------------------------------------------ the directory scanner
 
-TEST(Hdf5Io, DirectoryScannerClassifiesAHandMadeDirectory) {
+TEST_F(Hdf5Io, DirectoryScannerClassifiesAHandMadeDirectory) {
   using examoe::io::DirEntryKind;
   const std::string dir = rank_dir("scan");
   for (const char* n : {"step-00000003.h5", "step-00000012.h5.tmp", "step-12.h5", "step-0000000x.h5", "examoe.lock",
@@ -132,7 +148,7 @@ std::vector<double> read_ranges(const std::string& path, const std::vector<hsize
 
 }  // namespace
 
-TEST(Hdf5Io, FlatRangesSelectExactlyTheirElements) {
+TEST_F(Hdf5Io, FlatRangesSelectExactlyTheirElements) {
   const std::string dir = rank_dir("ranges");
   using V = std::vector<double>;
   // Rank 1: [3, 8) of 10.
@@ -163,8 +179,8 @@ TEST(Hdf5Io, FlatRangesSelectExactlyTheirElements) {
 
 // Every rank writes its flat share of one [3][4][5] dataset through select_flat_range
 // (independent MPI-IO, as the checkpoint writes); rank 0 reads it back whole.
-TEST(Hdf5Io, RanksWriteTheirFlatSharesOfOneDataset) {
-  const std::string path = examoe::test::make_shared_dir("hdf5io", "shares") + "/shares.h5";
+TEST_F(Hdf5Io, RanksWriteTheirFlatSharesOfOneDataset) {
+  const std::string path = shared_dir("shares") + "/shares.h5";
   const std::vector<hsize_t> dims{3, 4, 5};
   const hsize_t n = 60, P = static_cast<hsize_t>(world_size()), r = static_cast<hsize_t>(world_rank());
   const hsize_t lo = n * r / P, hi = n * (r + 1) / P;
@@ -196,7 +212,7 @@ TEST(Hdf5Io, RanksWriteTheirFlatSharesOfOneDataset) {
   MPI_Barrier(MPI_COMM_WORLD);
 }
 
-TEST(Hdf5Io, AttributesRoundTrip) {
+TEST_F(Hdf5Io, AttributesRoundTrip) {
   const std::string path = rank_dir("attrs") + "/a.h5";
   Hid f(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), H5Fclose);
   ASSERT_TRUE(f.ok());
@@ -227,7 +243,7 @@ TEST(Hdf5Io, AttributesRoundTrip) {
   EXPECT_EQ(examoe::io::read_attr_string(rg, "model.d_model"), "16");
 }
 
-TEST(Hdf5Io, ErrorsNameTheAttributeWithThePrefixInForce) {
+TEST_F(Hdf5Io, ErrorsNameTheAttributeWithThePrefixInForce) {
   H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
   const std::string path = rank_dir("errors") + "/e.h5";
   Hid f(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), H5Fclose);
